@@ -1027,8 +1027,8 @@ inline poll_result memory_store::fetch(const std::vector<channel>& channels, std
         ids.insert(ids.end(), from, to);
     }
     std::sort(ids.begin(), ids.end());
-    if (limit && ids.size() > limit) {
-        ids.resize(limit);
+    if (limit && ids.size() >= limit) {
+        ids.resize(limit);  // a full page vouches only up to its last row
         result.horizon = ids.back();  // the rest comes with the next poll
     }
     result.notifications.reserve(ids.size());
@@ -1148,7 +1148,7 @@ struct sqlite_reader {
           begin(db, "BEGIN"), commit(db, "COMMIT"), rollback(db, "ROLLBACK"),
           poll(db, "SELECT id, message, create_date FROM bus_bus "
                    "WHERE channel = ?1 AND id > ?2 AND create_date >= ?3 ORDER BY id LIMIT ?4"),
-          first_since(db, "SELECT min(id) FROM bus_bus WHERE create_date >= ?1"),
+          first_since(db, "SELECT min(+id) FROM bus_bus WHERE create_date >= ?1"),
           newest(db, "SELECT seq FROM sqlite_sequence WHERE name = 'bus_bus'"),
           oldest(db, "SELECT min(id) FROM bus_bus"),
           exists(db, "SELECT 1 FROM bus_bus WHERE id = ?1") {}
@@ -1349,7 +1349,7 @@ inline poll_result sqlite_store::fetch(const std::vector<channel>& channels, std
         }
         std::sort(result.notifications.begin(), result.notifications.end(),
                   [](const notification& a, const notification& b) { return a.id < b.id; });
-        if (limit && result.notifications.size() > limit) {
+        if (limit && result.notifications.size() >= limit) {
             result.notifications.resize(limit);
             result.horizon = result.notifications.back().id;
         }

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Builds imbus and runs all tests.
+#   bash scripts/test.sh         g++, build/       (Debug)
+#   bash scripts/test.sh asan    clang++, build-asan/ (AddressSanitizer + UBSan)
+#   bash scripts/test.sh tsan    clang++, build-tsan/ (ThreadSanitizer)
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+mode=${1:-}
+case "$mode" in
+  "")   build=build      cxx=g++     sanitize="" ;;
+  asan) build=build-asan cxx=clang++ sanitize=address
+        export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1
+        export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 ;;
+  tsan) build=build-tsan cxx=clang++ sanitize=thread
+        export TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1 ;;
+  *)    echo "usage: $0 [asan|tsan]" >&2; exit 2 ;;
+esac
+
+bash scripts/setup.sh
+
+cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=Debug -DCMAKE_CXX_COMPILER="$cxx" \
+  -DIMBUS_SANITIZE="$sanitize" -DIMBUS_BUILD_BENCH=OFF -DCMAKE_EXPORT_COMPILE_COMMANDS=ON
+cmake --build "$build" -j2
+cd "$build"
+ctest --output-on-failure -j2
