@@ -64,6 +64,17 @@ std::int64_t count_rows(sqlite3* db, const char* table) {
     return n;
 }
 
+// A memory bus with one recording subscriber on channel "x".
+struct subscribed_bus {
+    imbus::memory_store store;
+    imbus::dispatcher dispatcher;
+    imbus::bus bus{store, dispatcher, {"db", imbus::stderr_logger()}};
+    recorder rec;
+    imbus::dispatcher::subscription sub = dispatcher.subscribe(rec.handler());
+    subscribed_bus() { sub.set_channels({bus.channel_for("x")}); }
+    std::tuple<imbus::memory_store&, imbus::bus&, recorder&> parts() { return {store, bus, rec}; }
+};
+
 void exec(sqlite3* db, const char* sql) { REQUIRE(sqlite3_exec(db, sql, nullptr, nullptr, nullptr) == SQLITE_OK); }
 
 } // namespace
@@ -100,12 +111,8 @@ TEST_CASE("sends on channel 1, 2, 1 give three rows and one wake-up naming two c
 
 // Rollback, and a transaction dropped without commit, store and send nothing.
 TEST_CASE("rollback stores and sends nothing") {
-    imbus::memory_store store;
-    imbus::dispatcher dispatcher;
-    imbus::bus bus(store, dispatcher, {"db", imbus::stderr_logger()});
-    recorder rec;
-    auto sub = dispatcher.subscribe(rec.handler());
-    sub.set_channels({bus.channel_for("x")});
+    subscribed_bus f;
+    auto [store, bus, rec] = f.parts();
     {
         imbus::transaction tx(bus);
         tx.send("x", "t", 1);
@@ -195,12 +202,8 @@ TEST_CASE("autocommit send reports invalid input without storing") {
 
 // A commit with nothing sent still commits (it is the application's transaction) but wakes nobody.
 TEST_CASE("an empty transaction wakes nobody") {
-    imbus::memory_store store;
-    imbus::dispatcher dispatcher;
-    imbus::bus bus(store, dispatcher, {"db", imbus::stderr_logger()});
-    recorder rec;
-    auto sub = dispatcher.subscribe(rec.handler());
-    sub.set_channels({bus.channel_for("x")});
+    subscribed_bus f;
+    auto [store, bus, rec] = f.parts();
     imbus::transaction tx(bus);
     CHECK(tx.commit().empty());
     CHECK(rec.runs == 0);
