@@ -64,6 +64,22 @@
 #define IMBUS_SQLITE_BUSY_TIMEOUT_MS 5000
 #endif
 
+#ifndef IMBUS_PROTOCOL_VERSION
+#define IMBUS_PROTOCOL_VERSION "19.0-2"  // the Odoo 19 bus protocol
+#endif
+
+#ifndef IMBUS_MAX_MESSAGE_BYTES
+#define IMBUS_MAX_MESSAGE_BYTES 1048576
+#endif
+
+#ifndef IMBUS_MAX_OUTBOUND_BYTES
+#define IMBUS_MAX_OUTBOUND_BYTES 4194304
+#endif
+
+#ifndef IMBUS_READ_BUFFER_BYTES
+#define IMBUS_READ_BUFFER_BYTES 4096
+#endif
+
 #ifndef IMBUS_SQLITE_GC_CHUNK
 #define IMBUS_SQLITE_GC_CHUNK 5000
 #endif
@@ -73,6 +89,9 @@
 // ============================================================================================
 
 #include <algorithm>     // sort, lower_bound, partition_point
+#include <array>         // digests
+#include <cctype>        // case-insensitive header names
+#include <condition_variable>  // client waits
 #include <atomic>        // manual_clock, subscriber state
 #include <chrono>        // created_at, windows, retention
 #include <cstdint>       // int64_t ids
@@ -82,6 +101,10 @@
 #include <limits>
 #include <memory>        // shared commit events, subscriber entries
 #include <mutex>
+#include <optional>
+#include <random>        // lifetime jitter
+#include <stdexcept>
+#include <thread>        // server and client I/O threads
 #include <shared_mutex>  // many pollers, one appender
 #include <string>
 #include <string_view>
@@ -96,6 +119,16 @@
 
 #ifdef IMBUS_WITH_SQLITE
 #include <sqlite3.h>
+#endif
+
+#ifdef IMBUS_WITH_WEBSOCKETPP
+#ifndef ASIO_STANDALONE
+#define ASIO_STANDALONE  // websocketpp on standalone Asio, not Boost
+#endif
+#include <websocketpp/client.hpp>
+#include <websocketpp/config/asio_no_tls.hpp>
+#include <websocketpp/config/asio_no_tls_client.hpp>
+#include <websocketpp/server.hpp>
 #endif
 
 // ============================================================================================
@@ -440,11 +473,35 @@ struct commit_event {
     std::int64_t last_id() const noexcept { return has_rows() ? notifications.back().id : 0; }
     /// Rows with ids first_id()..last_id() and nothing in between from any other commit.
     bool contiguous() const noexcept;
+
+    /// A transport's encoding of all the rows as one frame, made once by `make` and then
+    /// shared by every recipient: fan-out costs one encoding, not one per connection.
+    template <class T, class Make> std::shared_ptr<const T> shared_frame(Make&& make) const {
+        std::call_once(frame_once_, [&] { frame_ = std::shared_ptr<const void>(make()); });
+        return std::static_pointer_cast<const T>(frame_);
+    }
+
+private:
+    mutable std::once_flag frame_once_;
+    mutable std::shared_ptr<const void> frame_;
+};
+
+/// One event as one dispatcher delivered it. `epoch` changes whenever the dispatcher sees ids
+/// it was never told about (another process, a late or reordered notify): within one epoch,
+/// every row below an event's first id was delivered before it, which lets a follower skip
+/// the ids of other channels without asking the store.
+struct delivery {
+    std::shared_ptr<const commit_event> event;
+    std::uint64_t epoch = 0;  ///< 0: unknown, never trusted
+
+    const commit_event* operator->() const noexcept { return event.get(); }
+    const commit_event& operator*() const noexcept { return *event; }
+    operator std::shared_ptr<const commit_event>() const { return event; }
 };
 
 /// Everything that reached one subscriber since its handler last ran (coalesced wake-ups).
 struct wakeup {
-    std::vector<std::shared_ptr<const commit_event>> events;  ///< in notification order
+    std::vector<delivery> events;  ///< in notification order
     /// Events were dropped because the subscriber fell behind: catch up from the store.
     bool overflowed = false;
 };
@@ -499,6 +556,9 @@ public:
     /// The post-commit step: wakes every distinct subscriber of the event's channels once.
     void notify(std::shared_ptr<const commit_event> event);
 
+    /// The current epoch (see delivery); a follower reads it before it polls the store.
+    std::uint64_t epoch() const noexcept { return epoch_.load(std::memory_order_acquire); }
+
     std::size_t subscriber_count() const;
     std::size_t channel_count() const;
     std::size_t subscribers_of(const channel& c) const;
@@ -506,10 +566,13 @@ public:
 private:
     void set_channels(const std::shared_ptr<entry>& e, const std::vector<channel>& channels);
     void leave(const std::shared_ptr<entry>& e) noexcept;
-    void deliver(const std::shared_ptr<entry>& e, const std::shared_ptr<const commit_event>& event);
+    void deliver(const std::shared_ptr<entry>& e, const delivery& d);
     static void drain(const std::shared_ptr<entry>& e);
 
     dispatcher_options options_;
+    std::mutex notify_mutex_;          // one notify at a time: queues see events in epoch order
+    std::int64_t sequence_ = 0;        // last id of the rows notified so far (under notify_mutex_)
+    std::atomic<std::uint64_t> epoch_{1};
     mutable std::shared_mutex mutex_;
     std::unordered_map<std::string, std::unordered_set<std::shared_ptr<entry>>> by_channel_;
     std::size_t subscribers_ = 0;
@@ -522,6 +585,9 @@ private:
 class follower {
 public:
     follower(store& s, std::vector<channel> channels, std::int64_t last = 0);
+    /// Follows the events of `d`: within one of its epochs, ids of other channels are skipped
+    /// without a poll.
+    follower(store& s, const dispatcher& d, std::vector<channel> channels, std::int64_t last = 0);
 
     /// Replaces the channels; the position is kept (later subscribes keep the server cursor).
     void set_channels(std::vector<channel> channels);
@@ -531,17 +597,28 @@ public:
     void set_position(std::int64_t last) noexcept { position_ = last; }
 
     /// Polls the store from the position; calls on_row(notification, wire) for each new row.
+    /// With a limit, a full page leaves the follower behind(): call again.
     template <class OnRow> std::size_t catch_up(OnRow&& on_row, std::size_t limit = 0);
     /// Takes the rows of a wake-up that concern these channels; calls on_row for each new one.
-    template <class OnRow> std::size_t take(const wakeup& w, OnRow&& on_row);
+    template <class OnRow> std::size_t take(const wakeup& w, OnRow&& on_row, std::size_t limit = 0);
+    /// The same, but an event whose rows all concern these channels goes whole to
+    /// on_event(const commit_event&), so a server can send one shared frame for it.
+    template <class OnRow, class OnEvent>
+    std::size_t take(const wakeup& w, OnRow&& on_row, OnEvent&& on_event, std::size_t limit = 0);
+    /// The last catch-up stopped at its limit: rows may remain before the live events.
+    bool behind() const noexcept { return behind_; }
 
 private:
     bool wants(const channel& c) const { return keys_.count(c.key()) != 0; }
+    bool wants_all(const commit_event& e) const;
 
     store& store_;
+    const dispatcher* dispatcher_ = nullptr;
     std::vector<channel> channels_;
     std::unordered_set<std::string> keys_;
     std::int64_t position_;
+    std::uint64_t synced_epoch_ = 0;  // the dispatcher's epoch before the last complete poll
+    bool behind_ = false;
 };
 
 // --------------------------------------------------------------------------------------------
@@ -564,6 +641,9 @@ public:
 
     const std::string& db() const noexcept { return options_.db; }
     imbus::store& store() noexcept { return store_; }
+    bool has_dispatcher() const noexcept { return dispatcher_ != nullptr; }
+    /// The dispatcher the post-commit step tells; throws if the bus was made without one.
+    dispatcher& get_dispatcher() const;
     const logger& log() const noexcept { return options_.log; }
 
     template <class Target> channel channel_for(const Target& target) const {
@@ -624,6 +704,319 @@ private:
     std::vector<std::function<void()>> precommit_;
     std::vector<std::function<void()>> postcommit_;
 };
+
+// --------------------------------------------------------------------------------------------
+// Auth policies (Odoo: _build_bus_channels_list, _serve_ir_websocket, the session check)
+// --------------------------------------------------------------------------------------------
+
+/// An HTTP request as an auth policy or a route sees it: the WebSocket handshake, or a POST.
+struct http_request {
+    std::string method;
+    std::string path;    ///< without the query string, percent-decoded
+    std::string query;   ///< raw text after '?'
+    std::string body;
+    std::string remote;  ///< peer address, e.g. "127.0.0.1:53412"
+    std::vector<std::pair<std::string, std::string>> headers;
+
+    /// Case-insensitive; "" when absent.
+    std::string header(std::string_view name) const;
+    bool has_header(std::string_view name) const;
+    /// A query parameter, percent-decoded; "" when absent.
+    std::string param(std::string_view name) const;
+    /// A cookie from the Cookie header; "" when absent.
+    std::string cookie(std::string_view name) const;
+    /// The token of an `Authorization: Bearer <token>` header; "" when absent.
+    std::string bearer_token() const;
+};
+
+/// What a route answers.
+struct http_response {
+    int status = 200;
+    std::vector<std::pair<std::string, std::string>> headers;
+    std::string body;
+
+    /// A JSON body with its content type.
+    void set_json(int code, const json& value);
+};
+
+/// An auth policy's answer to a handshake: who the peer is, or the HTTP status to refuse with.
+template <class Identity>
+class admission {
+public:
+    static admission accept(Identity who) {
+        admission a;
+        a.identity_.emplace(std::move(who));
+        return a;
+    }
+    /// 401 (who are you?) or 403 (not you); the reason goes to the log and the response body.
+    static admission reject(int http_status, std::string reason = {}) {
+        admission a;
+        a.status_ = http_status;
+        a.reason_ = std::move(reason);
+        return a;
+    }
+    bool accepted() const noexcept { return identity_.has_value(); }
+    Identity& identity() { return *identity_; }
+    int status() const noexcept { return status_; }
+    const std::string& reason() const noexcept { return reason_; }
+
+private:
+    std::optional<Identity> identity_;
+    int status_ = 0;
+    std::string reason_;
+};
+
+// An auth policy decides who a peer is and what it may hear. Its shape (checked at compile
+// time by basic_server, members called from several I/O threads at once):
+//
+//   struct my_policy {
+//       using identity = ...;                                     // required: copyable
+//       admission<identity> authenticate(const http_request&);     // required: at the handshake
+//       // optional, with their defaults:
+//       std::vector<channel> channels(const identity&, std::vector<channel> requested);
+//                                         // the client's string channels as [db, s], unchanged
+//       bool still_valid(const identity&);            // true; false closes with 4001
+//       void on_event(const identity&, const std::string& name, const json& data);  // ignored
+//       void on_open(const identity&);  void on_close(const identity&);              // nothing
+//   };
+
+/// Admits everybody as one public identity, subscribed to `always` plus its string channels.
+class public_policy {
+public:
+    struct identity {};
+
+    explicit public_policy(std::vector<channel> always = {}) : always_(std::move(always)) {}
+
+    admission<identity> authenticate(const http_request&) const { return admission<identity>::accept({}); }
+    std::vector<channel> channels(const identity&, std::vector<channel> requested) const;
+
+private:
+    std::vector<channel> always_;
+};
+
+/// Who a signed token names, and until when.
+struct signed_identity {
+    std::string subject;
+    time_point expires{};
+};
+
+struct signed_token_options {
+    /// Where browsers carry the token (they cannot set headers on a WebSocket).
+    std::string cookie = "imbus_session";
+    clock_function clock = system_clock();
+    /// The identity's own channels, added to its string channels (e.g. a user's record channel).
+    std::function<std::vector<channel>(const signed_identity&)> own_channels;
+    /// Which string channels a client may ask for; empty: all of them.
+    std::function<bool(const signed_identity&, const channel&)> may_subscribe;
+};
+
+/// Admits peers that present a token this policy signed (HMAC-SHA256 with a server secret), in
+/// a cookie or an `Authorization: Bearer` header. Tokens expire; revoke() ends a subject's
+/// sessions at their next request or dispatch (4001). Thread-safe.
+class signed_token_policy {
+public:
+    using identity = signed_identity;
+
+    explicit signed_token_policy(std::string secret, signed_token_options options = {});
+
+    /// A token for `subject`, valid for `ttl`: base64url(subject) "." expiry "." base64url(mac).
+    std::string issue(std::string_view subject, std::chrono::seconds ttl) const;
+    /// The identity a token names, if this policy signed it and it has not expired.
+    std::optional<identity> verify(std::string_view token) const;
+    void revoke(std::string_view subject);
+    void reinstate(std::string_view subject);
+
+    admission<identity> authenticate(const http_request& request) const;
+    std::vector<channel> channels(const identity& who, std::vector<channel> requested) const;
+    bool still_valid(const identity& who) const;
+
+private:
+    std::string secret_;
+    signed_token_options options_;
+    mutable std::mutex mutex_;
+    std::unordered_set<std::string> revoked_;
+};
+
+#ifdef IMBUS_WITH_WEBSOCKETPP
+// --------------------------------------------------------------------------------------------
+// Server (Odoo: the /websocket controller, the Websocket class and its _serve_forever loop)
+// --------------------------------------------------------------------------------------------
+
+/// Every limit and timer of the protocol (PROTOCOL §4), with its defaults.
+struct server_options {
+    std::string version = IMBUS_PROTOCOL_VERSION;  ///< browsers with another one: OUTDATED_VERSION
+    std::string path = "/websocket";               ///< the socket; routes live under it
+    std::size_t threads = 1;                       ///< I/O threads of run() and start()
+    std::size_t max_message_bytes = IMBUS_MAX_MESSAGE_BYTES;  ///< beyond: close 1009
+    std::size_t rate_burst = 10;                      ///< at most this many frames...
+    std::chrono::milliseconds rate_delay{200};        ///< ...in any burst * delay: else 1013
+    std::chrono::milliseconds idle_ping{40000};       ///< ping after this long without a frame
+    std::chrono::milliseconds pong_timeout{15000};    ///< then drop the TCP connection
+    std::chrono::milliseconds lifetime{3600000};      ///< close 4002 after this...
+    std::chrono::milliseconds lifetime_jitter{1800000};  ///< ...plus up to this, at random
+    std::chrono::milliseconds open_handshake_timeout{5000};
+    std::chrono::milliseconds close_handshake_timeout{5000};
+    /// Bytes queued for one client before it counts as slow and is caught up from the store.
+    std::size_t max_outbound_bytes = IMBUS_MAX_OUTBOUND_BYTES;
+    std::chrono::milliseconds drain_check{20};  ///< how often a slow client's queue is looked at
+    std::size_t catch_up_rows = 1000;           ///< rows per frame when catching up from the store
+    std::size_t max_http_body_bytes = IMBUS_MAX_MESSAGE_BYTES;
+    /// Origins allowed to open a socket; empty: any. Browsers always send Origin, so this is
+    /// what stops another site from using a visitor's cookie on this server.
+    std::vector<std::string> allowed_origins;
+    /// Bearer key of POST /bus/send; empty: publishing over HTTP is refused.
+    std::string api_key;
+    /// How often the store's garbage is collected; 0: never (the application does it).
+    std::chrono::seconds gc_interval{3600};
+    logger log = stderr_logger();
+};
+
+/// One of the application's own HTTP routes: return false to answer 404.
+using http_route = std::function<bool(const http_request&, http_response&)>;
+
+namespace detail {
+template <class Identity> struct session_slot;
+template <class Identity> struct server_config;
+}
+
+/// The bus's WebSocket server: authenticates peers with AuthPolicy, subscribes them to the
+/// policy's channels, and pushes committed notifications to them (PROTOCOL §4-5).
+/// Thread-safe. Outlives every connection: stop(), then let run() return (or wait()).
+template <class AuthPolicy>
+class basic_server {
+public:
+    using policy_type = AuthPolicy;
+    using identity = typename AuthPolicy::identity;
+    using config = detail::server_config<identity>;
+    using endpoint_type = websocketpp::server<config>;
+    using connection_ptr = typename endpoint_type::connection_ptr;
+
+    basic_server(imbus::bus& b, AuthPolicy policy, server_options options = {});
+    ~basic_server();
+    basic_server(const basic_server&) = delete;
+    basic_server& operator=(const basic_server&) = delete;
+
+    /// Binds and starts accepting; port 0 picks a free one (see port()).
+    void listen(const std::string& address, std::uint16_t port, std::error_code& ec);
+    void listen(const std::string& address, std::uint16_t port);
+    std::uint16_t port() const noexcept { return port_; }
+
+    /// Serves on this thread and threads - 1 more until stop() and the last connection closes.
+    void run(std::error_code& ec);
+    void run();
+    /// Serves on `threads` background threads; wait() joins them.
+    void start();
+    /// Closes every connection with 1001 and stops accepting. From any thread, handlers included.
+    void stop() noexcept;
+    void wait();
+
+    /// Adds the application's routes (set before listen()); the bus routes come first.
+    void on_http(http_route route) { route_ = std::move(route); }
+    /// Closes with 4001 every connection whose identity the policy no longer finds valid.
+    void revalidate();
+
+    AuthPolicy& policy() noexcept { return policy_; }
+    imbus::bus& bus() noexcept { return bus_; }
+    std::size_t connection_count() const;
+    asio::io_context& io_context() noexcept { return io_; }
+
+private:
+    using message_ptr = typename config::message_type::ptr;
+    using state_type = detail::session_slot<identity>;
+
+    bool on_validate(websocketpp::connection_hdl h);
+    void on_open(websocketpp::connection_hdl h);
+    void on_message(websocketpp::connection_hdl h, message_ptr msg);
+    void on_close(websocketpp::connection_hdl h);
+    void on_http_request(websocketpp::connection_hdl h);
+    void on_subscribe(const connection_ptr& con, const json& data);
+    void on_wakeup(const connection_ptr& con, wakeup& w);
+    void catch_up(const connection_ptr& con, bool check_missed);
+    void lag(const connection_ptr& con);
+    void schedule_idle(const connection_ptr& con, std::chrono::milliseconds in);
+    bool still_valid(const connection_ptr& con);
+    void close(const connection_ptr& con, std::uint16_t code, const std::string& reason);
+    void send_text(const connection_ptr& con, const std::string& text);
+    void send_event(const connection_ptr& con, const commit_event& event);
+    void serve_route(const http_request& request, http_response& response);
+    void schedule_gc();
+    connection_ptr connection_of(websocketpp::connection_hdl h);
+
+    imbus::bus& bus_;
+    dispatcher& dispatcher_;
+    AuthPolicy policy_;
+    server_options options_;
+    http_route route_;
+    asio::io_context io_;
+    endpoint_type endpoint_;
+    asio::steady_timer gc_timer_;
+    std::uint16_t port_ = 0;
+    std::atomic<bool> stopping_{false};
+    std::vector<std::thread> threads_;
+    mutable std::mutex connections_mutex_;
+    std::unordered_map<const void*, std::weak_ptr<typename endpoint_type::connection_type>> connections_;
+};
+
+// --------------------------------------------------------------------------------------------
+// Client: for native programs and tests (the browser has js/)
+// --------------------------------------------------------------------------------------------
+
+struct client_options {
+    std::string version = IMBUS_PROTOCOL_VERSION;
+    /// Sent with every handshake, e.g. {"Cookie", "imbus_session=..."}, {"User-Agent", "..."}.
+    std::vector<std::pair<std::string, std::string>> headers;
+    /// Reconnect after a drop (not after 1000 or close()) and subscribe again from last_id().
+    bool reconnect = true;
+    std::chrono::milliseconds reconnect_delay{1000};  ///< then x1.5 per retry, at most 60 s
+    logger log = stderr_logger();
+};
+
+/// A bus client on its own I/O thread. Thread-safe.
+class client {
+public:
+    struct close_status {
+        int code = 0;  ///< 1006 when the connection dropped without a close frame
+        std::string reason;
+    };
+    using notification_handler = std::function<void(const json& notification)>;
+
+    explicit client(client_options options = {});
+    ~client();
+    client(const client&) = delete;
+    client& operator=(const client&) = delete;
+
+    /// Opens the socket, e.g. "ws://127.0.0.1:8080/websocket"; blocks until open or refused.
+    void connect(const std::string& url, std::error_code& ec);
+    void connect(const std::string& url);
+    /// The status of a refused handshake (401, 403, 426...); 0 when none was refused.
+    int handshake_status() const;
+
+    /// Subscribes; `last` < 0 means "from the last id received" (what a reconnect sends).
+    void subscribe(std::vector<std::string> channels, std::int64_t last = -1);
+    /// Any other event, e.g. send("update_presence", {{"inactivity_period", 0}}).
+    void send(std::string_view event_name, const json& data);
+    void close(std::uint16_t code = 1000, const std::string& reason = {});
+
+    /// Called on the client's thread for each notification {"id":..,"message":{..}}.
+    void on_notification(notification_handler handler);
+    /// Waits until `count` notifications arrived since the last take; returns and forgets them.
+    std::vector<json> take(std::size_t count, std::chrono::milliseconds timeout);
+    /// Waits until the connection is closed (by either side); nullopt on timeout.
+    std::optional<close_status> wait_closed(std::chrono::milliseconds timeout);
+    /// Waits until the connection is open (again); false on timeout.
+    bool wait_open(std::chrono::milliseconds timeout);
+
+    std::int64_t last_id() const;
+    bool is_open() const;
+    std::size_t connects() const;  ///< successful handshakes so far, reconnects included
+
+private:
+    struct impl;
+    std::unique_ptr<impl> impl_;
+};
+
+using server = basic_server<public_policy>;
+#endif // IMBUS_WITH_WEBSOCKETPP
 
 // ============================================================================================
 // Implementation
@@ -1417,7 +1810,7 @@ struct dispatcher::entry {
     std::vector<std::string> keys;  // guarded by the dispatcher's mutex
 
     std::mutex mutex;  // guards the fields below
-    std::vector<std::shared_ptr<const commit_event>> pending;
+    std::vector<delivery> pending;
     bool overflowed = false;
     bool scheduled = false;  // a drain is queued or running: later wake-ups join it
     bool closed = false;
@@ -1498,6 +1891,16 @@ inline void dispatcher::leave(const std::shared_ptr<entry>& e) noexcept {
 
 inline void dispatcher::notify(std::shared_ptr<const commit_event> event) {
     if (!event || event->channels.empty()) return;
+    std::lock_guard<std::mutex> order(notify_mutex_);  // queues must see events in epoch order
+    delivery d{event, 0};
+    if (event->has_rows()) {
+        // Rows that do not continue the notified sequence mean ids this dispatcher never saw:
+        // a new epoch tells followers to ask the store instead of skipping the gap.
+        if (!event->contiguous() || event->first_id() != sequence_ + 1 || sequence_ == 0)
+            epoch_.fetch_add(1, std::memory_order_acq_rel);
+        sequence_ = std::max(sequence_, event->last_id());
+        d.epoch = epoch();
+    }
     std::vector<std::shared_ptr<entry>> targets;
     {
         std::shared_lock<std::shared_mutex> lock(mutex_);
@@ -1510,10 +1913,10 @@ inline void dispatcher::notify(std::shared_ptr<const commit_event> event) {
         std::sort(targets.begin(), targets.end());
         targets.erase(std::unique(targets.begin(), targets.end()), targets.end());
     }
-    for (const auto& e : targets) deliver(e, event);  // outside the lock: handlers may resubscribe
+    for (const auto& e : targets) deliver(e, d);  // outside the map lock: handlers may resubscribe
 }
 
-inline void dispatcher::deliver(const std::shared_ptr<entry>& e, const std::shared_ptr<const commit_event>& event) {
+inline void dispatcher::deliver(const std::shared_ptr<entry>& e, const delivery& event) {
     {
         std::lock_guard<std::mutex> lock(e->mutex);
         if (e->closed) return;
@@ -1581,37 +1984,71 @@ inline follower::follower(store& s, std::vector<channel> channels, std::int64_t 
     set_channels(std::move(channels));
 }
 
+inline follower::follower(store& s, const dispatcher& d, std::vector<channel> channels, std::int64_t last)
+    : store_(s), dispatcher_(&d), position_(last) {
+    set_channels(std::move(channels));
+}
+
 inline void follower::set_channels(std::vector<channel> channels) {
     channels_ = detail::unique_channels(channels);
     keys_.clear();
     for (const auto& c : channels_) keys_.insert(c.key());
+    synced_epoch_ = 0;  // new channels: only a poll can vouch for their past
+}
+
+inline bool follower::wants_all(const commit_event& e) const {
+    for (const auto& c : e.channels)
+        if (!wants(c)) return false;
+    return true;
 }
 
 template <class OnRow> std::size_t follower::catch_up(OnRow&& on_row, std::size_t limit) {
+    // The epoch is read before the poll: any gap that opens later starts a newer epoch.
+    const std::uint64_t epoch_before = dispatcher_ ? dispatcher_->epoch() : 0;
     auto found = store_.fetch(channels_, position_, limit);
     for (const auto& n : found.notifications) on_row(n, std::string_view(n.wire()));
     // A reset store (position above its newest id) restarts from its horizon as well.
     position_ = found.horizon;
+    behind_ = limit != 0 && found.notifications.size() >= limit;
+    synced_epoch_ = behind_ ? 0 : epoch_before;
     return found.notifications.size();
 }
 
-template <class OnRow> std::size_t follower::take(const wakeup& w, OnRow&& on_row) {
-    if (w.overflowed) return catch_up(on_row);
+template <class OnRow> std::size_t follower::take(const wakeup& w, OnRow&& on_row, std::size_t limit) {
+    return take(w, on_row, [&](const commit_event& e) {
+        for (std::size_t i = 0; i < e.notifications.size(); ++i) on_row(e.notifications[i], std::string_view(e.wire[i]));
+    }, limit);
+}
+
+template <class OnRow, class OnEvent>
+std::size_t follower::take(const wakeup& w, OnRow&& on_row, OnEvent&& on_event, std::size_t limit) {
+    if (w.overflowed || behind_) return catch_up(on_row, limit);  // the events are incomplete
     std::size_t taken = 0;
-    for (const auto& event : w.events) {
-        if (event->has_rows() && event->last_id() <= position_) continue;  // already seen
-        if (!event->contiguous() || event->first_id() != position_ + 1) {
-            // Not the continuation of what we have. Every event here was sent after its
-            // commit, so one poll now covers this event and all the later ones.
-            return taken + catch_up(on_row);
+    for (const auto& d : w.events) {
+        const commit_event& event = *d.event;
+        if (event.has_rows() && event.last_id() <= position_) continue;  // already seen
+        // An event continues the position when it starts right after it, or when the same
+        // epoch vouches that every row in between was delivered here (or was not ours).
+        const bool continues = event.contiguous() && event.first_id() > position_ &&
+                               (event.first_id() == position_ + 1 ||
+                                (synced_epoch_ != 0 && d.epoch == synced_epoch_));
+        if (!continues) {
+            // Every event here was sent after its commit, so one poll now covers this event
+            // and all the later ones.
+            return taken + catch_up(on_row, limit);
         }
-        for (std::size_t i = 0; i < event->notifications.size(); ++i) {
-            const auto& n = event->notifications[i];
-            if (!wants(n.channel)) continue;
-            on_row(n, std::string_view(event->wire[i]));
-            ++taken;
+        if (wants_all(event)) {
+            on_event(event);
+            taken += event.notifications.size();
+        } else {
+            for (std::size_t i = 0; i < event.notifications.size(); ++i) {
+                const auto& n = event.notifications[i];
+                if (!wants(n.channel)) continue;
+                on_row(n, std::string_view(event.wire[i]));
+                ++taken;
+            }
         }
-        position_ = event->last_id();
+        position_ = event.last_id();
     }
     return taken;
 }
@@ -1622,6 +2059,11 @@ inline bus::bus(imbus::store& s, dispatcher& d, bus_options options)
     : store_(s), dispatcher_(&d), options_(std::move(options)) {}
 
 inline bus::bus(imbus::store& s, bus_options options) : store_(s), options_(std::move(options)) {}
+
+inline dispatcher& bus::get_dispatcher() const {
+    if (!dispatcher_) throw std::logic_error("imbus::bus: this bus was made without a dispatcher");
+    return *dispatcher_;
+}
 
 inline void bus::publish(std::shared_ptr<const commit_event> event) {
     if (dispatcher_) dispatcher_->notify(std::move(event));
@@ -1737,6 +2179,1261 @@ inline void transaction::rollback() noexcept {
     precommit_.clear();
     postcommit_.clear();
 }
+
+// --- auth policies --------------------------------------------------------------------------
+
+namespace detail {
+
+// Lets imbus hash and sign session tokens without linking OpenSSL or any other crypto library.
+inline std::array<std::uint8_t, 32> sha256(std::string_view data) {
+    static constexpr std::uint32_t k[64] = {
+        0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
+        0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174,
+        0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f, 0x4a7484aa, 0x5cb0a9dc, 0x76f988da,
+        0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7, 0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967,
+        0x27b70a85, 0x2e1b2138, 0x4d2c6dfc, 0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85,
+        0xa2bfe8a1, 0xa81a664b, 0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070,
+        0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
+        0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7, 0xc67178f2};
+    std::uint32_t h[8] = {0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a,
+                          0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19};
+    auto rotr = [](std::uint32_t x, int n) { return (x >> n) | (x << (32 - n)); };
+    // Padded message: data, 0x80, zeros, then the 64-bit big-endian bit length; total a multiple of 64.
+    const std::size_t total = (data.size() + 9 + 63) / 64 * 64;
+    const std::uint64_t bit_len = static_cast<std::uint64_t>(data.size()) * 8;
+    auto byte_at = [&](std::size_t i) -> std::uint8_t {
+        if (i < data.size()) return static_cast<std::uint8_t>(data[i]);
+        if (i == data.size()) return 0x80;
+        if (i >= total - 8) return static_cast<std::uint8_t>(bit_len >> (8 * (total - 1 - i)));
+        return 0;
+    };
+    for (std::size_t block = 0; block < total; block += 64) {
+        std::uint32_t w[64];
+        for (std::size_t t = 0; t < 16; ++t) {
+            w[t] = 0;
+            for (std::size_t b = 0; b < 4; ++b) w[t] = (w[t] << 8) | byte_at(block + 4 * t + b);
+        }
+        for (int t = 16; t < 64; ++t) {
+            std::uint32_t s0 = rotr(w[t - 15], 7) ^ rotr(w[t - 15], 18) ^ (w[t - 15] >> 3);
+            std::uint32_t s1 = rotr(w[t - 2], 17) ^ rotr(w[t - 2], 19) ^ (w[t - 2] >> 10);
+            w[t] = w[t - 16] + s0 + w[t - 7] + s1;
+        }
+        std::uint32_t a = h[0], b = h[1], c = h[2], d = h[3], e = h[4], f = h[5], g = h[6], hh = h[7];
+        for (int t = 0; t < 64; ++t) {
+            std::uint32_t s1 = rotr(e, 6) ^ rotr(e, 11) ^ rotr(e, 25);
+            std::uint32_t t1 = hh + s1 + ((e & f) ^ (~e & g)) + k[t] + w[t];
+            std::uint32_t t2 = (rotr(a, 2) ^ rotr(a, 13) ^ rotr(a, 22)) + ((a & b) ^ (a & c) ^ (b & c));
+            hh = g; g = f; f = e; e = d + t1; d = c; c = b; b = a; a = t1 + t2;
+        }
+        h[0] += a; h[1] += b; h[2] += c; h[3] += d; h[4] += e; h[5] += f; h[6] += g; h[7] += hh;
+    }
+    std::array<std::uint8_t, 32> out{};
+    for (std::size_t i = 0; i < 32; ++i) out[i] = static_cast<std::uint8_t>(h[i / 4] >> (24 - 8 * (i % 4)));
+    return out;
+}
+
+// Authenticates session tokens so clients cannot forge or alter them.
+inline std::array<std::uint8_t, 32> hmac_sha256(std::string_view key, std::string_view message) {
+    std::string block_key(key);
+    if (key.size() > 64) {
+        auto hashed = sha256(key);
+        block_key.assign(hashed.begin(), hashed.end());
+    }
+    block_key.resize(64, '\0');
+    std::string inner = block_key, outer = block_key;
+    for (char& c : inner) c = static_cast<char>(c ^ 0x36);
+    for (char& c : outer) c = static_cast<char>(c ^ 0x5c);
+    auto inner_hash = sha256(inner.append(message));
+    return sha256(outer.append(inner_hash.begin(), inner_hash.end()));
+}
+
+// Makes binary digests safe to carry in URLs, cookies and headers without escaping.
+inline std::string base64url_encode(std::string_view bytes) {
+    static constexpr char alphabet[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    std::string out;
+    out.reserve((bytes.size() * 4 + 2) / 3);
+    std::uint32_t acc = 0, bits = 0;
+    for (char ch : bytes) {
+        acc = (acc << 8) | static_cast<std::uint8_t>(ch);
+        for (bits += 8; bits >= 6; bits -= 6) out += alphabet[(acc >> (bits - 6)) & 0x3f];
+    }
+    if (bits > 0) out += alphabet[(acc << (6 - bits)) & 0x3f];
+    return out;
+}
+
+// Reads tokens back from untrusted input, so malformed text must fail cleanly rather than decode loosely.
+inline bool base64url_decode(std::string_view text, std::string& out) {
+    out.clear();
+    if (text.size() % 4 == 1) return false;
+    std::uint32_t acc = 0, bits = 0;
+    for (char ch : text) {
+        int v;
+        if (ch >= 'A' && ch <= 'Z') v = ch - 'A';
+        else if (ch >= 'a' && ch <= 'z') v = ch - 'a' + 26;
+        else if (ch >= '0' && ch <= '9') v = ch - '0' + 52;
+        else if (ch == '-') v = 62;
+        else if (ch == '_') v = 63;
+        else return out.clear(), false;
+        acc = (acc << 6) | static_cast<std::uint32_t>(v);
+        bits += 6;
+        if (bits >= 8) out += static_cast<char>((acc >> (bits -= 8)) & 0xff);
+    }
+    // Leftover bits must be zero, so every byte string has exactly one accepted encoding.
+    if ((acc & ((1u << bits) - 1)) != 0) return out.clear(), false;
+    return true;
+}
+
+// Compares secrets (e.g. signatures) without leaking the position of the first mismatch through timing.
+inline bool constant_time_equal(std::string_view a, std::string_view b) {
+    unsigned diff = a.size() == b.size() ? 0u : 1u;
+    // Walks all of `a` regardless of content; a short `b` is cycled so no index goes out of range.
+    for (std::size_t i = 0; i < a.size(); ++i) {
+        unsigned other = b.empty() ? 0u : static_cast<unsigned char>(b[i % b.size()]);
+        diff |= static_cast<unsigned char>(a[i]) ^ other;
+    }
+    return diff == 0;
+}
+
+inline bool iequals(std::string_view a, std::string_view b) {
+    if (a.size() != b.size()) return false;
+    for (std::size_t i = 0; i < a.size(); ++i)
+        if (std::tolower(static_cast<unsigned char>(a[i])) != std::tolower(static_cast<unsigned char>(b[i])))
+            return false;
+    return true;
+}
+
+inline std::string_view trim(std::string_view s) {
+    while (!s.empty() && (s.front() == ' ' || s.front() == '\t')) s.remove_prefix(1);
+    while (!s.empty() && (s.back() == ' ' || s.back() == '\t')) s.remove_suffix(1);
+    return s;
+}
+
+// Query strings arrive percent-encoded, with '+' for spaces in forms.
+inline std::string percent_decode(std::string_view s) {
+    std::string out;
+    out.reserve(s.size());
+    auto hex = [](char c) -> int {
+        if (c >= '0' && c <= '9') return c - '0';
+        if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+        if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+        return -1;
+    };
+    for (std::size_t i = 0; i < s.size(); ++i) {
+        if (s[i] == '%' && i + 2 < s.size() && hex(s[i + 1]) >= 0 && hex(s[i + 2]) >= 0) {
+            out += static_cast<char>(hex(s[i + 1]) * 16 + hex(s[i + 2]));
+            i += 2;
+        } else {
+            out += s[i] == '+' ? ' ' : s[i];
+        }
+    }
+    return out;
+}
+
+// Calls f(name, value) for each "name=value" between separators; stops when f returns true.
+template <class F> bool for_each_pair(std::string_view text, char separator, F&& f) {
+    while (!text.empty()) {
+        const auto end = text.find(separator);
+        const auto item = trim(text.substr(0, end));
+        const auto eq = item.find('=');
+        if (f(trim(item.substr(0, eq)), eq == std::string_view::npos ? std::string_view() : trim(item.substr(eq + 1))))
+            return true;
+        if (end == std::string_view::npos) break;
+        text.remove_prefix(end + 1);
+    }
+    return false;
+}
+
+} // namespace detail
+
+inline std::string http_request::header(std::string_view name) const {
+    for (const auto& h : headers)
+        if (detail::iequals(h.first, name)) return h.second;
+    return {};
+}
+
+inline bool http_request::has_header(std::string_view name) const {
+    for (const auto& h : headers)
+        if (detail::iequals(h.first, name)) return true;
+    return false;
+}
+
+inline std::string http_request::param(std::string_view name) const {
+    std::string found;
+    detail::for_each_pair(query, '&', [&](std::string_view k, std::string_view v) {
+        if (detail::percent_decode(k) != name) return false;
+        found = detail::percent_decode(v);
+        return true;
+    });
+    return found;
+}
+
+inline std::string http_request::cookie(std::string_view name) const {
+    std::string found;
+    const std::string cookies = header("Cookie");
+    detail::for_each_pair(cookies, ';', [&](std::string_view k, std::string_view v) {
+        if (k != name) return false;
+        if (v.size() >= 2 && v.front() == '"' && v.back() == '"') v = v.substr(1, v.size() - 2);
+        found = std::string(v);
+        return true;
+    });
+    return found;
+}
+
+inline std::string http_request::bearer_token() const {
+    const std::string value = header("Authorization");
+    if (value.size() < 7 || !detail::iequals(std::string_view(value).substr(0, 7), "Bearer ")) return {};
+    return std::string(detail::trim(std::string_view(value).substr(7)));
+}
+
+inline void http_response::set_json(int code, const json& value) {
+    status = code;
+    headers.emplace_back("Content-Type", "application/json");
+    body = value.dump();
+}
+
+inline std::vector<channel> public_policy::channels(const identity&, std::vector<channel> requested) const {
+    requested.insert(requested.end(), always_.begin(), always_.end());
+    return requested;
+}
+
+inline signed_token_policy::signed_token_policy(std::string secret, signed_token_options options)
+    : secret_(std::move(secret)), options_(std::move(options)) {
+    if (secret_.size() < 16)
+        throw std::invalid_argument("signed_token_policy: the secret needs at least 16 bytes");
+}
+
+inline std::string signed_token_policy::issue(std::string_view subject, std::chrono::seconds ttl) const {
+    const auto expires = std::chrono::duration_cast<std::chrono::seconds>(
+        (options_.clock() + ttl).time_since_epoch()).count();
+    std::string body = detail::base64url_encode(subject) + "." + std::to_string(expires);
+    const auto mac = detail::hmac_sha256(secret_, body);
+    return body + "." + detail::base64url_encode(std::string_view(reinterpret_cast<const char*>(mac.data()), mac.size()));
+}
+
+inline std::optional<signed_identity> signed_token_policy::verify(std::string_view token) const {
+    const auto dot2 = token.rfind('.');
+    if (dot2 == std::string_view::npos) return std::nullopt;
+    const auto body = token.substr(0, dot2);
+    const auto mac = detail::hmac_sha256(secret_, body);
+    const std::string expected =
+        detail::base64url_encode(std::string_view(reinterpret_cast<const char*>(mac.data()), mac.size()));
+    if (!detail::constant_time_equal(expected, token.substr(dot2 + 1))) return std::nullopt;
+    const auto dot1 = body.find('.');
+    if (dot1 == std::string_view::npos) return std::nullopt;
+    signed_identity who;
+    if (!detail::base64url_decode(body.substr(0, dot1), who.subject)) return std::nullopt;
+    std::int64_t seconds = 0;
+    for (char c : body.substr(dot1 + 1)) {
+        if (c < '0' || c > '9' || seconds > (std::numeric_limits<std::int64_t>::max() - 9) / 10) return std::nullopt;
+        seconds = seconds * 10 + (c - '0');
+    }
+    who.expires = time_point(std::chrono::duration_cast<clock_type::duration>(std::chrono::seconds(seconds)));
+    if (who.expires <= options_.clock()) return std::nullopt;
+    return who;
+}
+
+inline void signed_token_policy::revoke(std::string_view subject) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    revoked_.insert(std::string(subject));
+}
+
+inline void signed_token_policy::reinstate(std::string_view subject) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    revoked_.erase(std::string(subject));
+}
+
+inline admission<signed_identity> signed_token_policy::authenticate(const http_request& request) const {
+    std::string token = request.cookie(options_.cookie);
+    if (token.empty()) token = request.bearer_token();
+    if (token.empty()) return admission<identity>::reject(401, "no session token");
+    auto who = verify(token);
+    if (!who) return admission<identity>::reject(403, "invalid or expired session token");
+    if (!still_valid(*who)) return admission<identity>::reject(403, "session revoked");
+    return admission<identity>::accept(std::move(*who));
+}
+
+inline std::vector<channel> signed_token_policy::channels(const identity& who, std::vector<channel> requested) const {
+    std::vector<channel> out;
+    for (auto& c : requested)
+        if (!options_.may_subscribe || options_.may_subscribe(who, c)) out.push_back(std::move(c));
+    if (options_.own_channels)
+        for (auto& c : options_.own_channels(who)) out.push_back(std::move(c));
+    return out;
+}
+
+inline bool signed_token_policy::still_valid(const identity& who) const {
+    if (who.expires <= options_.clock()) return false;
+    std::lock_guard<std::mutex> lock(mutex_);
+    return revoked_.count(who.subject) == 0;
+}
+
+#ifdef IMBUS_WITH_WEBSOCKETPP
+// --- server ---------------------------------------------------------------------------------
+
+namespace detail {
+
+// websocketpp picks its handshake code from the version header and answers 400 to versions it
+// does not know, while it still speaks drafts 0, 7 and 8. Reporting "13" for every version
+// lets the server itself refuse all but 13 with 426, as RFC 6455 asks.
+class ws_request : public websocketpp::http::parser::request {
+public:
+    std::string const& get_header(std::string const& key) const {
+        std::string const& value = websocketpp::http::parser::request::get_header(key);
+        static const std::string thirteen = "13";
+        return iequals(key, "Sec-WebSocket-Version") ? thirteen : value;
+    }
+    std::string const& real_header(std::string const& key) const {
+        return websocketpp::http::parser::request::get_header(key);
+    }
+};
+
+// Each connection's bus state lives inside websocketpp's connection object (one allocation)
+// and is touched only on that connection's strand.
+template <class Identity> struct session_state {
+    std::optional<Identity> identity;
+    std::optional<follower> follow;  // set by the first subscribe
+    dispatcher::subscription subscription;
+    std::vector<std::chrono::steady_clock::time_point> recent;  // the rate window, a ring
+    std::size_t recent_next = 0;
+    std::chrono::steady_clock::time_point last_frame;
+    std::shared_ptr<asio::steady_timer> idle_timer, lifetime_timer, drain_timer;
+    bool open = false;
+    bool lagging = false;  // over max_outbound_bytes: wake-ups wait for a catch-up
+};
+
+template <class Identity> struct session_slot {
+    session_state<Identity> imbus_state;  // a name websocketpp's own members cannot hide
+};
+
+template <class Identity> struct server_config : websocketpp::config::asio {
+    using connection_base = session_slot<Identity>;
+    using request_type = ws_request;
+    // The read buffer is part of every connection: sized for small client requests.
+    static const std::size_t connection_read_buffer_size = IMBUS_READ_BUFFER_BYTES;
+    // imbus logs what matters itself; websocketpp's access log would cost a line per frame.
+    static const websocketpp::log::level alog_level = websocketpp::log::alevel::none;
+    static const websocketpp::log::level elog_level = websocketpp::log::elevel::none;
+};
+
+// A ready-to-write text frame (server frames are not masked), shared by every recipient.
+template <class Message> std::shared_ptr<Message> prepared_text_frame(std::string payload) {
+    auto message = std::make_shared<Message>(nullptr, websocketpp::frame::opcode::text, 0);
+    std::string header(1, char(0x81));  // FIN + text
+    const std::uint64_t n = payload.size();
+    if (n < 126) {
+        header += char(n);
+    } else if (n <= 0xffff) {
+        header += char(126);
+        for (int shift = 8; shift >= 0; shift -= 8) header += char((n >> shift) & 0xff);
+    } else {
+        header += char(127);
+        for (int shift = 56; shift >= 0; shift -= 8) header += char((n >> shift) & 0xff);
+    }
+    message->set_header(header);
+    message->get_raw_payload() = std::move(payload);
+    message->set_prepared(true);
+    return message;
+}
+
+// Rows after `position` were garbage-collected: the client must reload (PROTOCOL ext).
+inline bool rows_lost_after(store& s, std::int64_t position) {
+    if (position <= 0) return false;
+    const std::int64_t newest = s.newest_id();
+    if (position > newest) return true;  // the store was reset under the client
+    const std::int64_t oldest = s.oldest_id();
+    return oldest == 0 ? position < newest : oldest > position + 1;
+}
+
+// The in-band "missed notifications" signal: a frame element shaped like a notification,
+// carrying the client's own cursor as id so that clients tracking the last id stay put.
+inline std::string missed_marker(std::int64_t last) {
+    return "{\"id\":" + std::to_string(last) +
+           ",\"message\":{\"type\":\"bus/missed_notifications\",\"payload\":{\"last\":" + std::to_string(last) + "}}}";
+}
+
+// Builds one frame (a JSON array) from already serialized wire forms.
+struct frame_builder {
+    std::string text;
+    void add(std::string_view wire) {
+        text += text.empty() ? '[' : ',';
+        text += wire;
+    }
+    bool empty() const noexcept { return text.empty(); }
+    std::string finish() { return text.empty() ? std::string() : std::move(text += ']'); }
+};
+
+// Which optional members a policy has (by signature, so the defaults apply otherwise).
+template <class P, class = void> struct policy_has_identity : std::false_type {};
+template <class P> struct policy_has_identity<P, std::void_t<typename P::identity>> : std::true_type {};
+
+template <class P, class = void> struct policy_can_authenticate : std::false_type {};
+template <class P>
+struct policy_can_authenticate<P, std::void_t<decltype(std::declval<P&>().authenticate(std::declval<const http_request&>()))>>
+    : std::is_same<decltype(std::declval<P&>().authenticate(std::declval<const http_request&>())),
+                   admission<typename P::identity>> {};
+
+template <class P, class = void> struct policy_has_channels : std::false_type {};
+template <class P>
+struct policy_has_channels<P, std::void_t<decltype(std::declval<P&>().channels(
+                                  std::declval<const typename P::identity&>(), std::declval<std::vector<channel>>()))>>
+    : std::true_type {};
+
+template <class P, class = void> struct policy_has_still_valid : std::false_type {};
+template <class P>
+struct policy_has_still_valid<P, std::void_t<decltype(bool(std::declval<P&>().still_valid(
+                                     std::declval<const typename P::identity&>())))>> : std::true_type {};
+
+template <class P, class = void> struct policy_has_on_event : std::false_type {};
+template <class P>
+struct policy_has_on_event<P, std::void_t<decltype(std::declval<P&>().on_event(
+                                  std::declval<const typename P::identity&>(), std::declval<const std::string&>(),
+                                  std::declval<const json&>()))>> : std::true_type {};
+
+template <class P, class = void> struct policy_has_on_open : std::false_type {};
+template <class P>
+struct policy_has_on_open<P, std::void_t<decltype(std::declval<P&>().on_open(std::declval<const typename P::identity&>()))>>
+    : std::true_type {};
+
+template <class P, class = void> struct policy_has_on_close : std::false_type {};
+template <class P>
+struct policy_has_on_close<P, std::void_t<decltype(std::declval<P&>().on_close(std::declval<const typename P::identity&>()))>>
+    : std::true_type {};
+
+// The request as a policy sees it, copied out of websocketpp's connection.
+template <class Connection> http_request make_http_request(Connection& con) {
+    http_request r;
+    const auto& raw = con.get_request();
+    r.method = raw.get_method();
+    const std::string& target = raw.get_uri();
+    const auto q = target.find('?');
+    r.path = percent_decode(std::string_view(target).substr(0, q));
+    if (q != std::string::npos) r.query = target.substr(q + 1);
+    r.body = raw.get_body();
+    r.remote = con.get_remote_endpoint();
+    for (const auto& h : raw.get_headers()) r.headers.emplace_back(h.first, h.second);
+    return r;
+}
+
+// Odoo's HTTP routes speak JSON-RPC; plain JSON is accepted as well.
+inline json rpc_params(const json& body) {
+    if (body.is_object() && body.contains("jsonrpc") && body.contains("params")) return body.at("params");
+    return body;
+}
+
+inline std::string rpc_result(const json& body, std::string result) {
+    if (!(body.is_object() && body.contains("jsonrpc"))) return result;
+    return "{\"jsonrpc\":\"2.0\",\"id\":" + body.value("id", json()).dump() + ",\"result\":" + result + "}";
+}
+
+} // namespace detail
+
+template <class AuthPolicy>
+basic_server<AuthPolicy>::basic_server(imbus::bus& b, AuthPolicy policy, server_options options)
+    : bus_(b), dispatcher_(b.get_dispatcher()), policy_(std::move(policy)), options_(std::move(options)),
+      gc_timer_(io_) {
+    static_assert(detail::policy_has_identity<AuthPolicy>::value,
+                  "imbus::basic_server<AuthPolicy>: the policy must declare `using identity = ...;`, "
+                  "the type that says who a connection belongs to (see imbus::public_policy)");
+    static_assert(detail::policy_can_authenticate<AuthPolicy>::value,
+                  "imbus::basic_server<AuthPolicy>: the policy must have "
+                  "`imbus::admission<identity> authenticate(const imbus::http_request&)` "
+                  "(see imbus::public_policy)");
+    static_assert(std::is_copy_constructible<identity>::value,
+                  "imbus::basic_server<AuthPolicy>: AuthPolicy::identity must be copyable");
+    if (options_.threads == 0) options_.threads = 1;
+    if (options_.rate_burst == 0) options_.rate_burst = 1;
+    endpoint_.init_asio(&io_);
+    endpoint_.set_reuse_addr(true);
+    endpoint_.set_max_message_size(options_.max_message_bytes);
+    endpoint_.set_max_http_body_size(options_.max_http_body_bytes);
+    endpoint_.set_open_handshake_timeout(long(options_.open_handshake_timeout.count()));
+    endpoint_.set_close_handshake_timeout(long(options_.close_handshake_timeout.count()));
+    endpoint_.set_pong_timeout(long(options_.pong_timeout.count()));
+    using namespace std::placeholders;
+    endpoint_.set_validate_handler([this](websocketpp::connection_hdl h) { return on_validate(h); });
+    endpoint_.set_open_handler([this](websocketpp::connection_hdl h) { on_open(h); });
+    endpoint_.set_close_handler([this](websocketpp::connection_hdl h) { on_close(h); });
+    endpoint_.set_fail_handler([this](websocketpp::connection_hdl h) { on_close(h); });
+    endpoint_.set_http_handler([this](websocketpp::connection_hdl h) { on_http_request(h); });
+    endpoint_.set_message_handler([this](websocketpp::connection_hdl h, message_ptr m) { on_message(h, m); });
+    endpoint_.set_ping_handler([this](websocketpp::connection_hdl h, std::string) {
+        if (auto con = connection_of(h)) con->imbus_state.last_frame = std::chrono::steady_clock::now();
+        return true;  // websocketpp answers with a pong
+    });
+    endpoint_.set_pong_handler([this](websocketpp::connection_hdl h, std::string) {
+        if (auto con = connection_of(h)) con->imbus_state.last_frame = std::chrono::steady_clock::now();
+    });
+    endpoint_.set_pong_timeout_handler([this](websocketpp::connection_hdl h, std::string) {
+        auto con = connection_of(h);
+        if (!con) return;
+        if (options_.log) options_.log(log_level::info, "server: no pong from " + con->get_remote_endpoint() + ", dropped");
+        con->terminate(websocketpp::transport::error::make_error_code(websocketpp::transport::error::timeout));
+    });
+}
+
+template <class AuthPolicy> basic_server<AuthPolicy>::~basic_server() {
+    stop();
+    wait();
+}
+
+template <class AuthPolicy>
+void basic_server<AuthPolicy>::listen(const std::string& address, std::uint16_t port, std::error_code& ec) {
+    ec.clear();
+    asio::error_code aec;
+    const auto ip = asio::ip::make_address(address, aec);
+    if (aec) {
+        ec = aec;
+        return;
+    }
+    endpoint_.listen(asio::ip::tcp::endpoint(ip, port), ec);
+    if (ec) return;
+    const auto local = endpoint_.get_local_endpoint(aec);
+    if (aec) {
+        ec = aec;
+        return;
+    }
+    port_ = local.port();
+    endpoint_.start_accept(ec);
+    if (!ec) schedule_gc();
+}
+
+template <class AuthPolicy> void basic_server<AuthPolicy>::listen(const std::string& address, std::uint16_t port) {
+    std::error_code ec;
+    listen(address, port, ec);
+    if (ec) throw std::system_error(ec, "imbus server: cannot listen on " + address + ":" + std::to_string(port));
+}
+
+template <class AuthPolicy> void basic_server<AuthPolicy>::run(std::error_code& ec) {
+    ec.clear();
+    try {
+        for (std::size_t i = 1; i < options_.threads; ++i) threads_.emplace_back([this] { io_.run(); });
+        io_.run();
+        wait();
+    } catch (const std::system_error& e) {
+        ec = e.code();
+        stop();
+        wait();
+    }
+}
+
+template <class AuthPolicy> void basic_server<AuthPolicy>::run() {
+    for (std::size_t i = 1; i < options_.threads; ++i) threads_.emplace_back([this] { io_.run(); });
+    io_.run();
+    wait();
+}
+
+template <class AuthPolicy> void basic_server<AuthPolicy>::start() {
+    for (std::size_t i = 0; i < options_.threads; ++i) threads_.emplace_back([this] { io_.run(); });
+}
+
+template <class AuthPolicy> void basic_server<AuthPolicy>::wait() {
+    for (auto& t : threads_)
+        if (t.joinable() && t.get_id() != std::this_thread::get_id()) t.join();
+    threads_.clear();
+}
+
+template <class AuthPolicy> void basic_server<AuthPolicy>::stop() noexcept {
+    if (stopping_.exchange(true)) return;
+    asio::post(io_, [this] {
+        std::error_code ec;
+        if (endpoint_.is_listening()) endpoint_.stop_listening(ec);
+        gc_timer_.cancel();
+        std::vector<connection_ptr> open;
+        {
+            std::lock_guard<std::mutex> lock(connections_mutex_);
+            for (auto& entry : connections_)
+                if (auto con = entry.second.lock()) open.push_back(con);
+        }
+        for (auto& con : open)
+            asio::post(*con->get_strand(), [this, con] { close(con, 1001, "server shutdown"); });
+    });
+}
+
+template <class AuthPolicy> std::size_t basic_server<AuthPolicy>::connection_count() const {
+    std::lock_guard<std::mutex> lock(connections_mutex_);
+    return connections_.size();
+}
+
+template <class AuthPolicy> void basic_server<AuthPolicy>::revalidate() {
+    std::vector<connection_ptr> open;
+    {
+        std::lock_guard<std::mutex> lock(connections_mutex_);
+        for (auto& entry : connections_)
+            if (auto con = entry.second.lock()) open.push_back(con);
+    }
+    for (auto& con : open) asio::post(*con->get_strand(), [this, con] { still_valid(con); });
+}
+
+template <class AuthPolicy>
+typename basic_server<AuthPolicy>::connection_ptr basic_server<AuthPolicy>::connection_of(websocketpp::connection_hdl h) {
+    std::error_code ec;
+    auto con = endpoint_.get_con_from_hdl(h, ec);
+    return ec ? nullptr : con;
+}
+
+template <class AuthPolicy> void basic_server<AuthPolicy>::schedule_gc() {
+    if (options_.gc_interval.count() <= 0) return;
+    gc_timer_.expires_after(options_.gc_interval);
+    gc_timer_.async_wait([this](const asio::error_code& ec) {
+        if (ec || stopping_) return;
+        try {
+            bus_.store().collect_garbage();
+        } catch (const std::exception& e) {
+            if (options_.log) options_.log(log_level::error, std::string("server: garbage collection failed: ") + e.what());
+        }
+        schedule_gc();
+    });
+}
+
+template <class AuthPolicy> bool basic_server<AuthPolicy>::on_validate(websocketpp::connection_hdl h) {
+    auto con = connection_of(h);
+    if (!con) return false;
+    auto refuse = [&](int status, const std::string& why) {
+        con->set_status(static_cast<websocketpp::http::status_code::value>(status));
+        con->set_body(json({{"error", why}}).dump());
+        con->replace_header("Content-Type", "application/json");
+        if (options_.log) options_.log(log_level::info, "server: handshake from " + con->get_remote_endpoint() +
+                                                            " refused (" + std::to_string(status) + "): " + why);
+        return false;
+    };
+    if (stopping_) return refuse(503, "server shutting down");
+    http_request request = detail::make_http_request(*con);
+    if (request.path != options_.path) return refuse(404, "no WebSocket at " + request.path);
+    if (con->get_request().real_header("Sec-WebSocket-Version") != "13") {
+        con->replace_header("Sec-WebSocket-Version", "13");
+        return refuse(426, "WebSocket version 13 required");
+    }
+    if (!options_.allowed_origins.empty() &&
+        std::find(options_.allowed_origins.begin(), options_.allowed_origins.end(), request.header("Origin")) ==
+            options_.allowed_origins.end())
+        return refuse(403, "origin not allowed: " + request.header("Origin"));
+    try {
+        auto verdict = policy_.authenticate(request);
+        if (!verdict.accepted()) return refuse(verdict.status() ? verdict.status() : 403, verdict.reason());
+        con->imbus_state.identity.emplace(std::move(verdict.identity()));
+    } catch (const std::exception& e) {
+        return refuse(500, std::string("auth policy failed: ") + e.what());
+    }
+    return true;
+}
+
+template <class AuthPolicy> void basic_server<AuthPolicy>::on_open(websocketpp::connection_hdl h) {
+    auto con = connection_of(h);
+    if (!con) return;
+    auto& s = con->imbus_state;
+    s.open = true;
+    s.last_frame = std::chrono::steady_clock::now();
+    {
+        std::lock_guard<std::mutex> lock(connections_mutex_);
+        connections_.emplace(con.get(), con);
+    }
+    if (stopping_) return close(con, 1001, "server shutdown");
+    const auto& request = con->get_request();
+    if (!request.real_header("User-Agent").empty()) {
+        http_request r;
+        const std::string& target = request.get_uri();
+        const auto q = target.find('?');
+        if (q != std::string::npos) r.query = target.substr(q + 1);
+        if (r.param("version") != options_.version) return close(con, 1000, "OUTDATED_VERSION");
+    }
+    if constexpr (detail::policy_has_on_open<AuthPolicy>::value) {
+        try {
+            policy_.on_open(*s.identity);
+        } catch (const std::exception& e) {
+            if (options_.log) options_.log(log_level::error, std::string("server: on_open hook failed: ") + e.what());
+            return close(con, 1011, "server error");
+        }
+    }
+    schedule_idle(con, options_.idle_ping);
+    // The lifetime is spread so that clients connected together do not reconnect together.
+    thread_local std::mt19937_64 random(std::random_device{}());
+    const auto jitter_ms = options_.lifetime_jitter.count() > 0
+                               ? std::uniform_int_distribution<long long>(0, options_.lifetime_jitter.count())(random)
+                               : 0;
+    std::weak_ptr<typename endpoint_type::connection_type> weak = con;
+    s.lifetime_timer = con->set_timer(long(options_.lifetime.count() + jitter_ms), [this, weak](const std::error_code& ec) {
+        if (auto c = weak.lock(); c && !ec) close(c, 4002, "KEEP_ALIVE_TIMEOUT");
+    });
+}
+
+template <class AuthPolicy>
+void basic_server<AuthPolicy>::schedule_idle(const connection_ptr& con, std::chrono::milliseconds in) {
+    std::weak_ptr<typename endpoint_type::connection_type> weak = con;
+    con->imbus_state.idle_timer = con->set_timer(long(std::max<long long>(in.count(), 1)), [this, weak](const std::error_code& ec) {
+        auto c = weak.lock();
+        if (!c || ec || !c->imbus_state.open) return;
+        const auto quiet = std::chrono::duration_cast<std::chrono::milliseconds>(
+            std::chrono::steady_clock::now() - c->imbus_state.last_frame);
+        if (quiet < options_.idle_ping) return schedule_idle(c, options_.idle_ping - quiet);
+        std::error_code ping_ec;
+        c->ping("", ping_ec);  // websocketpp starts the pong deadline
+        schedule_idle(c, options_.idle_ping);
+    });
+}
+
+template <class AuthPolicy> void basic_server<AuthPolicy>::on_close(websocketpp::connection_hdl h) {
+    auto con = connection_of(h);
+    if (!con) return;
+    auto& s = con->imbus_state;
+    for (auto* timer : {&s.idle_timer, &s.lifetime_timer, &s.drain_timer})
+        if (*timer) (*timer)->cancel();
+    s.subscription.close();
+    s.follow.reset();
+    {
+        std::lock_guard<std::mutex> lock(connections_mutex_);
+        connections_.erase(con.get());
+    }
+    if (!s.open) return;
+    s.open = false;
+    if constexpr (detail::policy_has_on_close<AuthPolicy>::value) {
+        try {
+            policy_.on_close(*s.identity);
+        } catch (const std::exception& e) {
+            if (options_.log) options_.log(log_level::error, std::string("server: on_close hook failed: ") + e.what());
+        }
+    }
+}
+
+template <class AuthPolicy>
+void basic_server<AuthPolicy>::close(const connection_ptr& con, std::uint16_t code, const std::string& reason) {
+    std::error_code ec;
+    con->close(code, reason, ec);  // a connection already closing keeps its first code
+}
+
+template <class AuthPolicy> bool basic_server<AuthPolicy>::still_valid(const connection_ptr& con) {
+    if constexpr (detail::policy_has_still_valid<AuthPolicy>::value) {
+        auto& s = con->imbus_state;
+        if (!s.identity || !s.open) return false;
+        bool valid = false;
+        try {
+            valid = policy_.still_valid(*s.identity);
+        } catch (const std::exception& e) {
+            if (options_.log) options_.log(log_level::error, std::string("server: still_valid failed: ") + e.what());
+        }
+        if (!valid) {
+            if (options_.log) options_.log(log_level::info, "server: session of " + con->get_remote_endpoint() + " expired");
+            close(con, 4001, "SESSION_EXPIRED");
+        }
+        return valid;
+    } else {
+        return con->imbus_state.open;
+    }
+}
+
+template <class AuthPolicy>
+void basic_server<AuthPolicy>::on_message(websocketpp::connection_hdl h, message_ptr msg) {
+    auto con = connection_of(h);
+    if (!con || !con->imbus_state.open) return;
+    auto& s = con->imbus_state;
+    const auto now = std::chrono::steady_clock::now();
+    s.last_frame = now;
+    // At most rate_burst frames in any rate_burst * rate_delay (Odoo: burst 10, delay 0.2 s).
+    if (s.recent.size() < options_.rate_burst) {
+        s.recent.push_back(now);
+    } else {
+        if (now - s.recent[s.recent_next] < options_.rate_delay * options_.rate_burst) {
+            if (options_.log) options_.log(log_level::warning, "server: " + con->get_remote_endpoint() + " exceeded the rate limit");
+            return close(con, 1013, "rate limit exceeded");
+        }
+        s.recent[s.recent_next] = now;
+        s.recent_next = (s.recent_next + 1) % options_.rate_burst;
+    }
+    const std::string& text = msg->get_payload();
+    if (msg->get_opcode() == websocketpp::frame::opcode::binary && text.size() == 1 && text[0] == '\0') return;
+    if (!still_valid(con)) return;
+    try {
+        json request = json::parse(text, nullptr, false);
+        if (request.is_discarded() || !request.is_object() || !request.contains("event_name") ||
+            !request["event_name"].is_string()) {
+            if (options_.log) options_.log(log_level::warning, "server: " + con->get_remote_endpoint() +
+                                                                   " sent a request that is not {\"event_name\": ..., \"data\": ...}");
+            return;
+        }
+        const std::string name = request["event_name"].get<std::string>();
+        const json& data = request.contains("data") ? request["data"] : json();
+        if (name == "subscribe") return on_subscribe(con, data);
+        if constexpr (detail::policy_has_on_event<AuthPolicy>::value) policy_.on_event(*s.identity, name, data);
+    } catch (const std::exception& e) {
+        if (options_.log) options_.log(log_level::error, std::string("server: request failed: ") + e.what());
+        close(con, 1011, "server error");
+    }
+}
+
+template <class AuthPolicy> void basic_server<AuthPolicy>::on_subscribe(const connection_ptr& con, const json& data) {
+    auto& s = con->imbus_state;
+    auto reject = [&](const char* why) {
+        if (options_.log) options_.log(log_level::warning, "server: subscribe from " + con->get_remote_endpoint() +
+                                                               " rejected: " + why);
+    };
+    if (!data.is_object() || !data.contains("channels") || !data["channels"].is_array())
+        return reject("data.channels must be an array of strings");
+    std::int64_t last = 0;
+    if (data.contains("last") && !data["last"].is_null()) {
+        if (!data["last"].is_number_integer()) return reject("data.last must be an integer");
+        last = std::max<std::int64_t>(0, data["last"].get<std::int64_t>());
+    }
+    std::vector<channel> requested;
+    for (const auto& c : data["channels"]) {
+        if (!c.is_string()) return reject("channels sent by a client must be strings");
+        requested.emplace_back(bus_.db(), c.get<std::string>());
+    }
+    std::vector<channel> channels = requested;
+    if constexpr (detail::policy_has_channels<AuthPolicy>::value)
+        channels = policy_.channels(*s.identity, std::move(requested));
+    const bool first = !s.follow;
+    if (first) {
+        s.follow.emplace(bus_.store(), dispatcher_, std::vector<channel>(), last);
+        std::weak_ptr<typename endpoint_type::connection_type> weak = con;
+        auto strand = con->get_strand();
+        s.subscription = dispatcher_.subscribe(
+            [this, weak](wakeup& w) {
+                if (auto c = weak.lock()) on_wakeup(c, w);
+            },
+            [strand](std::function<void()> task) { asio::post(*strand, std::move(task)); });
+    }
+    // Subscribe before polling: whatever commits after the poll reaches us as an event.
+    s.subscription.set_channels(channels);
+    s.follow->set_channels(std::move(channels));
+    if (s.lagging) return;  // the catch-up after the drain covers the new channels
+    catch_up(con, first && last > 0);
+}
+
+template <class AuthPolicy> void basic_server<AuthPolicy>::catch_up(const connection_ptr& con, bool check_missed) {
+    auto& s = con->imbus_state;
+    bool missed = check_missed && detail::rows_lost_after(bus_.store(), s.follow->position());
+    if (missed && options_.log)
+        options_.log(log_level::info, "server: " + con->get_remote_endpoint() + " missed notifications after " +
+                                          std::to_string(s.follow->position()));
+    do {
+        if (con->get_buffered_amount() > options_.max_outbound_bytes) return lag(con);
+        detail::frame_builder frame;
+        if (missed) frame.add(detail::missed_marker(s.follow->position()));
+        missed = false;
+        s.follow->catch_up([&](const notification&, std::string_view wire) { frame.add(wire); },
+                           options_.catch_up_rows);
+        if (!frame.empty()) send_text(con, frame.finish());
+    } while (s.follow->behind());
+}
+
+template <class AuthPolicy> void basic_server<AuthPolicy>::lag(const connection_ptr& con) {
+    auto& s = con->imbus_state;
+    if (!s.lagging && options_.log)
+        options_.log(log_level::info, "server: " + con->get_remote_endpoint() + " is slow; it will be caught up from the store");
+    s.lagging = true;
+    std::weak_ptr<typename endpoint_type::connection_type> weak = con;
+    s.drain_timer = con->set_timer(long(std::max<long long>(options_.drain_check.count(), 1)), [this, weak](const std::error_code& ec) {
+        auto c = weak.lock();
+        if (!c || ec || !c->imbus_state.open) return;
+        if (c->get_buffered_amount() > options_.max_outbound_bytes / 2) return lag(c);
+        c->imbus_state.lagging = false;
+        catch_up(c, true);
+    });
+}
+
+template <class AuthPolicy> void basic_server<AuthPolicy>::on_wakeup(const connection_ptr& con, wakeup& w) {
+    auto& s = con->imbus_state;
+    if (!s.open || !s.follow || s.lagging) return;  // a lagging client is caught up after its drain
+    if (!still_valid(con)) return;
+    if (w.overflowed || s.follow->behind()) return catch_up(con, true);
+    if (con->get_buffered_amount() > options_.max_outbound_bytes) return lag(con);
+    detail::frame_builder frame;  // rows of events shared only in part, sent as one frame
+    s.follow->take(
+        w, [&](const notification&, std::string_view wire) { frame.add(wire); },
+        [&](const commit_event& event) {
+            if (!frame.empty()) send_text(con, frame.finish());
+            send_event(con, event);
+        },
+        options_.catch_up_rows);
+    if (!frame.empty()) send_text(con, frame.finish());
+    if (s.follow->behind()) catch_up(con, false);
+}
+
+template <class AuthPolicy> void basic_server<AuthPolicy>::send_text(const connection_ptr& con, const std::string& text) {
+    const auto ec = con->send(text, websocketpp::frame::opcode::text);
+    if (ec && options_.log) options_.log(log_level::debug, "server: send failed: " + ec.message());
+}
+
+template <class AuthPolicy>
+void basic_server<AuthPolicy>::send_event(const connection_ptr& con, const commit_event& event) {
+    using message_type = typename config::message_type;
+    // Encoded once for every recipient of the event; websocketpp only reads prepared frames.
+    auto frame = event.shared_frame<message_type>([&] {
+        detail::frame_builder b;
+        for (const auto& wire : event.wire) b.add(wire);
+        return detail::prepared_text_frame<message_type>(b.finish());
+    });
+    const auto ec = con->send(std::const_pointer_cast<message_type>(frame));
+    if (ec && options_.log) options_.log(log_level::debug, "server: send failed: " + ec.message());
+}
+
+template <class AuthPolicy> void basic_server<AuthPolicy>::on_http_request(websocketpp::connection_hdl h) {
+    auto con = connection_of(h);
+    if (!con) return;
+    http_response response;
+    try {
+        serve_route(detail::make_http_request(*con), response);
+    } catch (const std::exception& e) {
+        if (options_.log) options_.log(log_level::error, std::string("server: HTTP route failed: ") + e.what());
+        response = http_response();
+        response.set_json(500, {{"error", "internal error"}});
+    }
+    con->set_status(static_cast<websocketpp::http::status_code::value>(response.status));
+    for (const auto& h2 : response.headers) con->replace_header(h2.first, h2.second);
+    con->set_body(response.body);
+}
+
+template <class AuthPolicy>
+void basic_server<AuthPolicy>::serve_route(const http_request& request, http_response& response) {
+    const bool post = request.method == "POST";
+    auto bad_request = [&](const std::string& why) { response.set_json(400, {{"error", why}}); };
+    if (request.path == options_.path + "/health") {
+        response.set_json(200, {{"status", "pass"}});
+        response.headers.emplace_back("Cache-Control", "no-store");
+        return;
+    }
+    if (request.path == options_.path + "/peek_notifications" && post) {
+        const json body = json::parse(request.body, nullptr, false);
+        const json params = detail::rpc_params(body);
+        if (!params.is_object() || !params.contains("channels") || !params["channels"].is_array())
+            return bad_request("expected {\"channels\": [...], \"last\": N, \"is_first_poll\": bool}");
+        auto verdict = policy_.authenticate(request);
+        if (!verdict.accepted()) return response.set_json(verdict.status() ? verdict.status() : 403, {{"error", verdict.reason()}});
+        std::vector<channel> requested;
+        for (const auto& c : params["channels"]) {
+            if (!c.is_string()) return bad_request("channels must be strings");
+            requested.emplace_back(bus_.db(), c.get<std::string>());
+        }
+        std::vector<channel> channels = requested;
+        if constexpr (detail::policy_has_channels<AuthPolicy>::value)
+            channels = policy_.channels(verdict.identity(), std::move(requested));
+        channels = detail::unique_channels(channels);
+        const json last_json = params.value("last", json(0));
+        if (!last_json.is_number_integer()) return bad_request("last must be an integer");
+        std::string out = "{\"channels\":[";
+        for (std::size_t i = 0; i < channels.size(); ++i) out += (i ? "," : "") + channels[i].key();
+        out += "],\"notifications\":[";
+        bool comma = false;
+        for (const auto& n : bus_.store().poll(channels, std::max<std::int64_t>(0, last_json.get<std::int64_t>()))) {
+            out += comma ? "," : "";
+            out += n.wire();
+            comma = true;
+        }
+        response.status = 200;
+        response.headers.emplace_back("Content-Type", "application/json");
+        response.body = detail::rpc_result(body, out + "]}");
+        return;
+    }
+    if (request.path == "/bus/has_missed_notifications" && post) {
+        const json body = json::parse(request.body, nullptr, false);
+        const json params = detail::rpc_params(body);
+        if (!params.is_object() || !params.contains("last_notification_id") ||
+            !params["last_notification_id"].is_number_integer())
+            return bad_request("expected {\"last_notification_id\": N}");
+        const bool missed = bus_.store().has_missed(params["last_notification_id"].get<std::int64_t>());
+        response.status = 200;
+        response.headers.emplace_back("Content-Type", "application/json");
+        response.body = detail::rpc_result(body, missed ? "true" : "false");
+        return;
+    }
+    if (request.path == "/bus/send" && post) {
+        const std::string token = request.bearer_token();
+        if (token.empty()) return response.set_json(401, {{"error", "Authorization: Bearer <key> required"}});
+        if (options_.api_key.empty() || !detail::constant_time_equal(token, options_.api_key))
+            return response.set_json(403, {{"error", "wrong key"}});
+        const json body = json::parse(request.body, nullptr, false);
+        if (body.is_discarded()) return bad_request("the body is not JSON");
+        const json items = body.is_array() ? body : json::array({body});
+        if (items.empty()) return bad_request("nothing to send");
+        transaction tx(bus_);
+        for (const auto& item : items) {
+            if (!item.is_object() || !item.contains("channel") || !item.contains("type") || !item["type"].is_string())
+                return bad_request("each notification needs \"channel\", \"type\" (string) and \"payload\"");
+            std::error_code ec;
+            const json& c = item["channel"];
+            channel target;
+            if (c.is_string()) target = channel(bus_.db(), c.get<std::string>());
+            else target = channel::from_json(c, ec);
+            if (ec || target.empty()) return bad_request("channel must be a string or a channel array");
+            tx.send(target, item["type"].get<std::string>(), item.value("payload", json()), ec);
+            if (ec) return bad_request(ec.message());
+        }
+        std::error_code ec;
+        const auto ids = tx.commit(ec);
+        if (ec) return response.set_json(500, {{"error", ec.message()}});
+        return response.set_json(200, {{"ids", ids}});
+    }
+    if (route_ && route_(request, response)) return;
+    response.set_json(404, {{"error", "not found"}});
+}
+
+// --- client ---------------------------------------------------------------------------------
+
+struct client::impl {
+    using endpoint_type = websocketpp::client<websocketpp::config::asio_client>;
+    using message_ptr = endpoint_type::message_ptr;
+
+    client_options options;
+    asio::io_context io;
+    endpoint_type endpoint;
+    asio::executor_work_guard<asio::io_context::executor_type> work{io.get_executor()};
+    asio::steady_timer retry{io};
+    std::thread thread;
+
+    mutable std::mutex mutex;  // guards everything below
+    std::condition_variable changed;
+    websocketpp::connection_hdl hdl;
+    std::string url;
+    bool open = false;
+    bool attempt_done = false;
+    bool closing = false;  // close() was called: no reconnect
+    bool shutting_down = false;
+    std::error_code attempt_error;
+    int refused_status = 0;
+    std::optional<close_status> closed;
+    std::optional<std::vector<std::string>> channels;  // what to subscribe to after a reconnect
+    std::int64_t last = 0;
+    std::vector<json> received;
+    std::size_t connects = 0;
+    std::chrono::milliseconds delay;
+    notification_handler handler;
+
+    explicit impl(client_options o) : options(std::move(o)), delay(options.reconnect_delay) {
+        endpoint.clear_access_channels(websocketpp::log::alevel::all);
+        endpoint.clear_error_channels(websocketpp::log::elevel::all);
+        endpoint.init_asio(&io);
+        endpoint.set_open_handler([this](websocketpp::connection_hdl h) { on_open(h); });
+        endpoint.set_fail_handler([this](websocketpp::connection_hdl h) { on_fail(h); });
+        endpoint.set_close_handler([this](websocketpp::connection_hdl h) { on_close(h); });
+        endpoint.set_message_handler([this](websocketpp::connection_hdl, message_ptr m) { on_message(m); });
+        thread = std::thread([this] { io.run(); });
+    }
+
+    void log(log_level level, const std::string& text) const {
+        if (options.log) options.log(level, "client: " + text);
+    }
+
+    // On the I/O thread.
+    void start_attempt() {
+        std::error_code ec;
+        auto con = endpoint.get_connection(url, ec);
+        if (ec) {
+            std::lock_guard<std::mutex> lock(mutex);
+            attempt_error = ec;
+            attempt_done = true;
+            changed.notify_all();
+            return;
+        }
+        for (const auto& h : options.headers) con->replace_header(h.first, h.second);
+        endpoint.connect(con);
+    }
+
+    std::string subscribe_text() const {  // under mutex
+        return json({{"event_name", "subscribe"}, {"data", {{"channels", *channels}, {"last", last}}}}).dump();
+    }
+
+    void on_open(websocketpp::connection_hdl h) {
+        std::string subscribe;
+        {
+            std::lock_guard<std::mutex> lock(mutex);
+            hdl = h;
+            open = true;
+            attempt_done = true;
+            attempt_error.clear();
+            refused_status = 0;
+            ++connects;
+            delay = options.reconnect_delay;
+            if (channels) subscribe = subscribe_text();  // a reconnect resumes where it stood
+            changed.notify_all();
+        }
+        std::error_code ec;
+        if (!subscribe.empty()) endpoint.send(h, subscribe, websocketpp::frame::opcode::text, ec);
+    }
+
+    void on_fail(websocketpp::connection_hdl h) {
+        std::error_code ec;
+        auto con = endpoint.get_con_from_hdl(h, ec);
+        std::lock_guard<std::mutex> lock(mutex);
+        open = false;
+        attempt_done = true;
+        attempt_error = con ? con->get_ec() : ec;
+        refused_status = con ? int(con->get_response_code()) : 0;
+        if (!attempt_error) attempt_error = websocketpp::error::make_error_code(websocketpp::error::general);
+        changed.notify_all();
+        if (connects > 0) schedule_reconnect(false);  // only a client that was connected retries
+    }
+
+    void on_close(websocketpp::connection_hdl h) {
+        std::error_code ec;
+        auto con = endpoint.get_con_from_hdl(h, ec);
+        std::lock_guard<std::mutex> lock(mutex);
+        open = false;
+        close_status status;
+        if (con) {
+            status.code = con->get_remote_close_code();
+            status.reason = con->get_remote_close_reason();
+            if (status.code == websocketpp::close::status::no_status && con->get_ec()) status.code = 1006;
+        }
+        closed = status;
+        changed.notify_all();
+        // 1000 is final, 4001 waits for a new identity; everything else is retried (4002 at once).
+        if (status.code != 1000 && status.code != 4001) schedule_reconnect(status.code == 4002);
+    }
+
+    void schedule_reconnect(bool at_once) {  // under mutex
+        if (!options.reconnect || closing || shutting_down) return;
+        const auto wait = at_once ? std::chrono::milliseconds(0) : delay;
+        delay = std::min<std::chrono::milliseconds>(std::chrono::milliseconds(std::int64_t(double(delay.count()) * 1.5)),
+                                                    std::chrono::seconds(60));
+        retry.expires_after(wait);
+        retry.async_wait([this](const asio::error_code& ec) {
+            if (ec) return;
+            {
+                std::lock_guard<std::mutex> lock(mutex);
+                if (closing || shutting_down) return;
+            }
+            log(log_level::info, "reconnecting to " + url);
+            start_attempt();
+        });
+    }
+
+    void on_message(const message_ptr& m) {
+        json frame = json::parse(m->get_payload(), nullptr, false);
+        if (!frame.is_array()) return log(log_level::warning, "server sent a frame that is not an array");
+        notification_handler h;
+        {
+            std::lock_guard<std::mutex> lock(mutex);
+            for (const auto& n : frame) {
+                if (!n.is_object() || !n.contains("id") || !n["id"].is_number_integer()) continue;
+                last = std::max(last, n["id"].get<std::int64_t>());
+                received.push_back(n);
+            }
+            h = handler;
+            changed.notify_all();
+        }
+        if (h)
+            for (const auto& n : frame) h(n);
+    }
+
+    void send_text(const std::string& text) {
+        std::lock_guard<std::mutex> lock(mutex);
+        if (!open) return;  // subscribe is sent again on the next open
+        std::error_code ec;
+        endpoint.send(hdl, text, websocketpp::frame::opcode::text, ec);
+        if (ec) log(log_level::warning, "send failed: " + ec.message());
+    }
+};
+
+inline client::client(client_options options) : impl_(std::make_unique<impl>(std::move(options))) {}
+
+inline client::~client() {
+    {
+        std::lock_guard<std::mutex> lock(impl_->mutex);
+        impl_->shutting_down = true;
+    }
+    asio::post(impl_->io, [this] { impl_->retry.cancel(); });
+    if (is_open()) {
+        close(1000, "client shutdown");
+        wait_closed(std::chrono::seconds(2));
+    }
+    impl_->work.reset();
+    impl_->io.stop();
+    if (impl_->thread.joinable()) impl_->thread.join();
+}
+
+inline void client::connect(const std::string& url, std::error_code& ec) {
+    std::string target = url;
+    if (target.find("version=") == std::string::npos)
+        target += (target.find('?') == std::string::npos ? "?version=" : "&version=") + impl_->options.version;
+    std::unique_lock<std::mutex> lock(impl_->mutex);
+    impl_->url = target;
+    impl_->attempt_done = false;
+    impl_->closing = false;
+    lock.unlock();
+    asio::post(impl_->io, [this] { impl_->start_attempt(); });
+    lock.lock();
+    if (!impl_->changed.wait_for(lock, std::chrono::seconds(30), [&] { return impl_->attempt_done; })) {
+        ec = std::make_error_code(std::errc::timed_out);
+        return;
+    }
+    ec = impl_->open ? std::error_code() : impl_->attempt_error;
+}
+
+inline void client::connect(const std::string& url) {
+    std::error_code ec;
+    connect(url, ec);
+    if (ec) throw std::system_error(ec, "imbus client: cannot connect to " + url +
+                                            (handshake_status() ? " (HTTP " + std::to_string(handshake_status()) + ")" : ""));
+}
+
+inline int client::handshake_status() const {
+    std::lock_guard<std::mutex> lock(impl_->mutex);
+    return impl_->refused_status;
+}
+
+inline void client::subscribe(std::vector<std::string> channels, std::int64_t last) {
+    std::string text;
+    {
+        std::lock_guard<std::mutex> lock(impl_->mutex);
+        impl_->channels = std::move(channels);
+        if (last >= 0) impl_->last = last;
+        text = impl_->subscribe_text();
+    }
+    impl_->send_text(text);
+}
+
+inline void client::send(std::string_view event_name, const json& data) {
+    impl_->send_text(json({{"event_name", event_name}, {"data", data}}).dump());
+}
+
+inline void client::close(std::uint16_t code, const std::string& reason) {
+    std::lock_guard<std::mutex> lock(impl_->mutex);
+    impl_->closing = true;
+    if (!impl_->open) return;
+    std::error_code ec;
+    impl_->endpoint.close(impl_->hdl, code, reason, ec);
+}
+
+inline void client::on_notification(notification_handler handler) {
+    std::lock_guard<std::mutex> lock(impl_->mutex);
+    impl_->handler = std::move(handler);
+}
+
+inline std::vector<json> client::take(std::size_t count, std::chrono::milliseconds timeout) {
+    std::unique_lock<std::mutex> lock(impl_->mutex);
+    impl_->changed.wait_for(lock, timeout, [&] { return impl_->received.size() >= count; });
+    const auto n = std::min(count, impl_->received.size());
+    std::vector<json> out(impl_->received.begin(), impl_->received.begin() + std::ptrdiff_t(n));
+    impl_->received.erase(impl_->received.begin(), impl_->received.begin() + std::ptrdiff_t(n));
+    return out;
+}
+
+inline std::optional<client::close_status> client::wait_closed(std::chrono::milliseconds timeout) {
+    std::unique_lock<std::mutex> lock(impl_->mutex);
+    if (!impl_->changed.wait_for(lock, timeout, [&] { return !impl_->open && impl_->closed.has_value(); }))
+        return std::nullopt;
+    return impl_->closed;
+}
+
+inline bool client::wait_open(std::chrono::milliseconds timeout) {
+    std::unique_lock<std::mutex> lock(impl_->mutex);
+    return impl_->changed.wait_for(lock, timeout, [&] { return impl_->open; });
+}
+
+inline std::int64_t client::last_id() const {
+    std::lock_guard<std::mutex> lock(impl_->mutex);
+    return impl_->last;
+}
+
+inline bool client::is_open() const {
+    std::lock_guard<std::mutex> lock(impl_->mutex);
+    return impl_->open;
+}
+
+inline std::size_t client::connects() const {
+    std::lock_guard<std::mutex> lock(impl_->mutex);
+    return impl_->connects;
+}
+#endif // IMBUS_WITH_WEBSOCKETPP
 
 } // namespace imbus
 
