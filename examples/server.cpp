@@ -1,0 +1,86 @@
+// A standalone bus server: browsers connect as the public identity (subscribed to `broadcast`
+// plus the string channels they ask for), and any backend publishes with POST /bus/send.
+//
+//   example_server --port 8080 --store sqlite:bus.db --api-key secret
+//   curl -H 'Authorization: Bearer secret' http://127.0.0.1:8080/bus/send
+//        -d '{"channel":"broadcast","type":"hello","payload":1}'
+#include "imbus.hpp"
+
+#include <csignal>
+#include <cstdlib>
+#include <iostream>
+
+namespace {
+
+struct settings {
+    std::string host = "127.0.0.1";
+    std::uint16_t port = 8080;
+    std::string store = "memory";  // or sqlite:PATH
+    imbus::server_options server;
+    std::string db = "imbus";
+};
+
+[[noreturn]] void usage(const std::string& problem) {
+    std::cerr << "example_server: " << problem << "\n"
+              << "usage: example_server [--host ADDR] [--port N] [--store memory|sqlite:PATH] [--api-key KEY]\n"
+              << "                      [--db NAME] [--version STRING] [--threads N] [--origin URL]...\n";
+    std::exit(2);
+}
+
+settings parse(int argc, char** argv) {
+    settings s;
+    s.server.api_key = std::getenv("IMBUS_API_KEY") ? std::getenv("IMBUS_API_KEY") : "";
+    for (int i = 1; i < argc; ++i) {
+        const std::string flag = argv[i];
+        if (i + 1 >= argc) usage("missing value after " + flag);
+        const std::string value = argv[++i];
+        try {
+            if (flag == "--host") s.host = value;
+            else if (flag == "--port") s.port = static_cast<std::uint16_t>(std::stoul(value));
+            else if (flag == "--store") s.store = value;
+            else if (flag == "--api-key") s.server.api_key = value;
+            else if (flag == "--db") s.db = value;
+            else if (flag == "--version") s.server.version = value;
+            else if (flag == "--threads") s.server.threads = std::stoul(value);
+            else if (flag == "--origin") s.server.allowed_origins.push_back(value);
+            else usage("unknown option " + flag);
+        } catch (const std::logic_error&) {
+            usage("bad value for " + flag + ": " + value);
+        }
+    }
+    return s;
+}
+
+std::unique_ptr<imbus::store> open_store(const std::string& spec) {
+    if (spec == "memory") return std::make_unique<imbus::memory_store>();
+    if (spec.rfind("sqlite:", 0) == 0) return std::make_unique<imbus::sqlite_store>(spec.substr(7));
+    usage("unknown store " + spec);
+}
+
+} // namespace
+
+int main(int argc, char** argv) {
+    settings s = parse(argc, argv);
+    try {
+        auto store = open_store(s.store);
+        imbus::dispatcher dispatcher;
+        imbus::bus bus(*store, dispatcher, {s.db});
+        imbus::server server(bus, imbus::public_policy({bus.channel_for("broadcast")}), s.server);
+        server.listen(s.host, s.port);
+
+        // A server started in the background ignores SIGINT: SIGTERM must stop it too.
+        asio::signal_set signals(server.io_context(), SIGINT, SIGTERM);
+        signals.async_wait([&](const asio::error_code& ec, int) {
+            if (!ec) server.stop();
+        });
+        std::cout << "imbus server on ws://" << s.host << ":" << server.port() << s.server.path
+                  << " (store " << s.store << ", db " << s.db << ", " << s.server.threads << " thread(s))"
+                  << std::endl;
+        server.run();
+        signals.cancel();
+        std::cout << "imbus server stopped" << std::endl;
+    } catch (const std::exception& e) {
+        std::cerr << "example_server: " << e.what() << std::endl;
+        return 1;
+    }
+}
