@@ -566,7 +566,8 @@ public:
 private:
     void set_channels(const std::shared_ptr<entry>& e, const std::vector<channel>& channels);
     void leave(const std::shared_ptr<entry>& e) noexcept;
-    void deliver(const std::shared_ptr<entry>& e, const delivery& d);
+    bool enqueue(const std::shared_ptr<entry>& e, const delivery& d);  // true: needs a drain
+    void schedule(const std::shared_ptr<entry>& e);
     static void drain(const std::shared_ptr<entry>& e);
 
     dispatcher_options options_;
@@ -1891,43 +1892,51 @@ inline void dispatcher::leave(const std::shared_ptr<entry>& e) noexcept {
 
 inline void dispatcher::notify(std::shared_ptr<const commit_event> event) {
     if (!event || event->channels.empty()) return;
-    std::lock_guard<std::mutex> order(notify_mutex_);  // queues must see events in epoch order
-    delivery d{event, 0};
-    if (event->has_rows()) {
-        // Rows that do not continue the notified sequence mean ids this dispatcher never saw:
-        // a new epoch tells followers to ask the store instead of skipping the gap.
-        if (!event->contiguous() || event->first_id() != sequence_ + 1 || sequence_ == 0)
-            epoch_.fetch_add(1, std::memory_order_acq_rel);
-        sequence_ = std::max(sequence_, event->last_id());
-        d.epoch = epoch();
-    }
-    std::vector<std::shared_ptr<entry>> targets;
+    std::vector<std::shared_ptr<entry>> to_schedule;
     {
-        std::shared_lock<std::shared_mutex> lock(mutex_);
-        for (const auto& c : event->channels) {
-            auto it = by_channel_.find(c.key());
-            if (it != by_channel_.end()) targets.insert(targets.end(), it->second.begin(), it->second.end());
+        std::lock_guard<std::mutex> order(notify_mutex_);  // queues must see events in epoch order
+        delivery d{event, 0};
+        if (event->has_rows()) {
+            // Rows that do not continue the notified sequence mean ids this dispatcher never
+            // saw: a new epoch tells followers to ask the store instead of skipping the gap.
+            if (!event->contiguous() || event->first_id() != sequence_ + 1 || sequence_ == 0)
+                epoch_.fetch_add(1, std::memory_order_acq_rel);
+            sequence_ = std::max(sequence_, event->last_id());
+            d.epoch = epoch();
         }
+        std::vector<std::shared_ptr<entry>> targets;
+        {
+            std::shared_lock<std::shared_mutex> lock(mutex_);
+            for (const auto& c : event->channels) {
+                auto it = by_channel_.find(c.key());
+                if (it != by_channel_.end()) targets.insert(targets.end(), it->second.begin(), it->second.end());
+            }
+        }
+        if (event->channels.size() > 1) {  // a subscriber of several of the channels is woken once
+            std::sort(targets.begin(), targets.end());
+            targets.erase(std::unique(targets.begin(), targets.end()), targets.end());
+        }
+        for (auto& e : targets)
+            if (enqueue(e, d)) to_schedule.push_back(std::move(e));
     }
-    if (event->channels.size() > 1) {  // a subscriber of several of the channels is woken once
-        std::sort(targets.begin(), targets.end());
-        targets.erase(std::unique(targets.begin(), targets.end()), targets.end());
-    }
-    for (const auto& e : targets) deliver(e, d);  // outside the map lock: handlers may resubscribe
+    // Outside every lock: an inline handler may send, resubscribe or leave.
+    for (const auto& e : to_schedule) schedule(e);
 }
 
-inline void dispatcher::deliver(const std::shared_ptr<entry>& e, const delivery& event) {
-    {
-        std::lock_guard<std::mutex> lock(e->mutex);
-        if (e->closed) return;
-        if (e->pending.size() >= e->max_pending) {
-            e->pending.clear();  // a subscriber that fell behind must not grow memory
-            e->overflowed = true;
-        }
-        e->pending.push_back(event);
-        if (e->scheduled) return;  // coalesced into the run already queued
-        e->scheduled = true;
+inline bool dispatcher::enqueue(const std::shared_ptr<entry>& e, const delivery& event) {
+    std::lock_guard<std::mutex> lock(e->mutex);
+    if (e->closed) return false;
+    if (e->pending.size() >= e->max_pending) {
+        e->pending.clear();  // a subscriber that fell behind must not grow memory
+        e->overflowed = true;
     }
+    e->pending.push_back(event);
+    if (e->scheduled) return false;  // coalesced into the run already queued
+    e->scheduled = true;
+    return true;
+}
+
+inline void dispatcher::schedule(const std::shared_ptr<entry>& e) {
     if (!e->run) return drain(e);
     try {
         e->run([e] { drain(e); });

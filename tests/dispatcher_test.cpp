@@ -821,7 +821,7 @@ TEST_CASE("a follower catching up with a limit never skips a row") {
 // overflows, it must see exactly the store's ids for its channels, ascending, once each.
 // `on_thread`: the follower runs on an executor thread (a connection's strand); otherwise
 // inline on the committing threads, which makes out-of-order events frequent.
-static void run_randomized_follower(bool on_thread, std::size_t max_pending) {
+static void run_randomized_follower(bool on_thread, std::size_t max_pending, bool with_epochs = false) {
     constexpr int committers = 4;
     constexpr int total = 2000;
     imbus::manual_clock clock;
@@ -832,7 +832,7 @@ static void run_randomized_follower(bool on_thread, std::size_t max_pending) {
     const std::vector<channel> followed = {cb, channel("db", "d")};
 
     thread_executor ex;
-    imbus::follower f(store, followed);
+    imbus::follower f = with_epochs ? imbus::follower(store, d, followed) : imbus::follower(store, followed);
     // touched only by the handler, which never runs twice at once; read after the joins
     std::vector<std::int64_t> received;
     auto sub = d.subscribe(
@@ -876,6 +876,49 @@ TEST_CASE("randomized: a follower on an executor thread never skips or repeats a
 
 TEST_CASE("randomized: a follower run inline by concurrent committers never skips or repeats an id") {
     run_randomized_follower(false, 1024);
+}
+
+TEST_CASE("randomized: a follower trusting dispatcher epochs never skips or repeats an id") {
+    run_randomized_follower(true, 8, true);
+    run_randomized_follower(true, 1024, true);
+    run_randomized_follower(false, 1024, true);
+}
+
+// A connection on one channel must not poll the store because other channels' commits took
+// ids in between: within one dispatcher epoch, the gap is vouched for. Rows the dispatcher
+// never saw (another process, a plain append) start a new epoch and force one poll.
+TEST_CASE("a follower of a dispatcher skips other channels' ids without polling, and polls for unseen rows") {
+    imbus::manual_clock clock;
+    imbus::memory_store memory(store_options(clock));
+    counting_store store(memory);
+    imbus::dispatcher d(options_with(1024));
+    imbus::bus bus(store, d, bus_options());
+    bus.send(cb, "t", 0);  // id 1: history before the follower exists
+    imbus::follower f(store, d, {ca});
+    std::vector<std::int64_t> ids;
+    auto collect = [&](const imbus::notification& n, std::string_view) { ids.push_back(n.id); };
+    auto sub = d.subscribe([&](imbus::wakeup& w) { f.take(w, collect); });
+    sub.set_channels({ca});
+    f.catch_up(collect);  // subscribe, then poll: the server's order
+    CHECK(store.fetches == 1);
+    CHECK(f.position() == 1);
+
+    for (int i = 0; i < 5; ++i) {
+        bus.send(cb, "t", i);  // ids we never hear of
+        bus.send(ca, "t", i);
+    }
+    CHECK(ids == std::vector<std::int64_t>{3, 5, 7, 9, 11});
+    CHECK(store.fetches == 1);  // no poll for the gaps
+
+    store.append({message_on(ca, 100)});  // id 12: stored without a notify (as another process would)
+    bus.send(cb, "t", 0);                 // id 13: the dispatcher sees the gap, a new epoch
+    bus.send(ca, "t", 1);                 // id 14: cannot be trusted to follow 11
+    CHECK(store.fetches == 2);
+    CHECK(ids == std::vector<std::int64_t>{3, 5, 7, 9, 11, 12, 14});
+    bus.send(cb, "t", 2);
+    bus.send(ca, "t", 3);  // the poll re-synchronised the follower: skipping again
+    CHECK(store.fetches == 2);
+    CHECK(ids == std::vector<std::int64_t>{3, 5, 7, 9, 11, 12, 14, 16});
 }
 
 // --- linkage --------------------------------------------------------------------------------------
