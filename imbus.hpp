@@ -17,8 +17,19 @@
 //     sub.set_channels({bus.channel_for("broadcast")});
 //     bus.send("broadcast", "chat/message", {{"text", "hello"}});   // stored, then dispatched
 //
+// A server browsers connect to (PROTOCOL §4-5), with the public policy or your own:
+//
+//     #define IMBUS_WITH_WEBSOCKETPP
+//     #include "imbus.hpp"
+//
+//     imbus::server server(bus, imbus::public_policy({bus.channel_for("broadcast")}));
+//     server.listen("127.0.0.1", 8080);
+//     server.run();                    // server.stop() from any thread closes with 1001
+//
 // Opt-in parts (each only ADDS code; nothing changes layout when it is off):
-//     IMBUS_WITH_SQLITE     sqlite_store                     link: SQLite::SQLite3 / -lsqlite3
+//     IMBUS_WITH_SQLITE       sqlite_store                   link: SQLite::SQLite3 / -lsqlite3
+//     IMBUS_WITH_WEBSOCKETPP  basic_server, client           needs websocketpp + standalone Asio
+//                             (defines ASIO_STANDALONE)      link: -pthread
 //
 // Configuration macros (define before including to change a compile-time default; every
 // one of them is also a runtime option of the class that uses it):
@@ -27,6 +38,10 @@
 //     IMBUS_MAX_PENDING_WAKEUPS         1024   per subscriber; beyond it the subscriber re-polls
 //     IMBUS_SQLITE_BUSY_TIMEOUT_MS      5000   how long a SQLite connection waits for a lock
 //     IMBUS_SQLITE_GC_CHUNK             5000   rows deleted per garbage-collection transaction
+//     IMBUS_PROTOCOL_VERSION            "19.0-2"  clients with another version are told OUTDATED_VERSION
+//     IMBUS_MAX_MESSAGE_BYTES           1 MiB  a bigger client message closes with 1009
+//     IMBUS_MAX_OUTBOUND_BYTES          4 MiB  queued for one client before it is caught up from the store
+//     IMBUS_READ_BUFFER_BYTES           4096   per-connection read buffer (compile-time only: websocketpp)
 //
 // Threading model:
 //     channel, notification, commit_event: values; immutable once shared.
@@ -34,8 +49,11 @@
 //     transaction, follower: one thread at a time (a transaction is the unit of one caller).
 //     dispatcher handlers run on the subscriber's executor, never concurrently with themselves.
 //     Stores and dispatchers must outlive the buses, transactions and subscriptions using them.
+//     basic_server, client: thread-safe; a server's connections each live on their own strand,
+//     and the auth policy is called from every I/O thread at once (make it thread-safe).
 //
-// Dependencies: nlohmann/json (always); SQLite 3 (IMBUS_WITH_SQLITE).
+// Dependencies: nlohmann/json (always); SQLite 3 (IMBUS_WITH_SQLITE); websocketpp 0.8 and
+// standalone Asio (IMBUS_WITH_WEBSOCKETPP).
 
 #ifndef IMBUS_HPP
 #define IMBUS_HPP
