@@ -1,0 +1,177 @@
+// The imbus bus service of one tab (PROTOCOL §6). It talks to the shared worker that holds the
+// origin's single WebSocket, and hands notifications to the handlers subscribed by type.
+//
+//     import { BusService } from "/js/bus_service.js";
+//     const bus = new BusService({ websocketURL: "/websocket" });
+//     bus.subscribe("chat/message", (payload, { id }) => show(payload));
+//     bus.addEventListener("connect", () => console.log("live"));
+//     bus.addChannel("room:42");
+//     bus.start();
+
+const LAST_ID_KEY = "imbus.last_notification_id";  // shared by the tabs, kept across reloads
+const DEFAULT_VERSION = "19.0-2";
+
+export class BusService extends EventTarget {
+    constructor({
+        websocketURL = "/websocket",
+        workerURL = new URL("./websocket_worker.js", import.meta.url).href,
+        version = DEFAULT_VERSION,
+        storage = globalThis.localStorage,
+        useSharedWorker = true,
+    } = {}) {
+        super();
+        this.websocketURL = new URL(websocketURL, location.href).href.replace(/^http/, "ws");
+        this.workerURL = workerURL;
+        this.version = version;
+        this.storage = storage;
+        this.useSharedWorker = useSharedWorker && typeof SharedWorker !== "undefined";
+        this.handlers = new Map();  // type -> Set(handler)
+        this.worker = null;
+        this.port = null;  // where the tab posts: a MessagePort, or the dedicated Worker
+        this.workerState = null;
+        this.isOutdated = false;
+        this.channelCounts = new Map();  // this tab's adds, replayed if the worker is replaced
+        this.started = false;
+    }
+
+    // --- the tab API ----------------------------------------------------------------------------
+
+    /** Calls handler(payload, {id, type}) for each notification of `type`; returns an unsubscribe. */
+    subscribe(type, handler) {
+        if (!this.handlers.has(type)) this.handlers.set(type, new Set());
+        this.handlers.get(type).add(handler);
+        return () => this.unsubscribe(type, handler);
+    }
+
+    unsubscribe(type, handler) {
+        this.handlers.get(type)?.delete(handler);
+    }
+
+    addChannel(channel) {
+        channel = String(channel);
+        this.channelCounts.set(channel, (this.channelCounts.get(channel) || 0) + 1);
+        this._post("add_channel", channel);
+    }
+
+    deleteChannel(channel) {
+        channel = String(channel);
+        const left = (this.channelCounts.get(channel) || 0) - 1;
+        if (left < 0) return;
+        if (left === 0) this.channelCounts.delete(channel);
+        else this.channelCounts.set(channel, left);
+        this._post("delete_channel", channel);
+    }
+
+    /** Any request to the server, e.g. send("update_presence", {inactivity_period: 0}). */
+    send(eventName, data) {
+        this._post("send", { event_name: eventName, data });
+    }
+
+    start() {
+        this.started = true;
+        this._post("start");
+    }
+
+    stop() {
+        this.started = false;
+        this._post("stop");
+    }
+
+    get lastNotificationId() {
+        return Number(this.storage?.getItem(LAST_ID_KEY)) || 0;
+    }
+
+    // --- the worker ----------------------------------------------------------------------------
+
+    // One SharedWorker per origin; a dedicated Worker where SharedWorker is missing or fails.
+    startWorker() {
+        if (this.useSharedWorker) {
+            try {
+                this.worker = new SharedWorker(this.workerURL, { type: "module", name: "imbus" });
+                this.worker.addEventListener("error", () => this._fallBackToWorker());
+                this.port = this.worker.port;
+                this.port.addEventListener("message", (event) => this._onWorkerMessage(event.data));
+                this.port.start();
+                this._initialize();
+            } catch {
+                this._fallBackToWorker();
+            }
+        } else {
+            this._startDedicatedWorker();
+            this._initialize();
+        }
+        addEventListener("pagehide", () => this._post("leave"));
+        addEventListener("online", () => this._post("start"));
+        addEventListener("offline", () => this._post("stop"));
+        addEventListener("storage", (event) => {
+            if (event.key === LAST_ID_KEY) this._post("set_last_notification_id", Number(event.newValue) || 0);
+        });
+    }
+
+    _startDedicatedWorker() {
+        this.worker = new Worker(this.workerURL, { type: "module", name: "imbus" });
+        this.port = this.worker;
+        this.port.addEventListener("message", (event) => this._onWorkerMessage(event.data));
+    }
+
+    _fallBackToWorker() {
+        if (!this.useSharedWorker) return;  // already on a dedicated worker
+        this.useSharedWorker = false;
+        this._startDedicatedWorker();
+        this._initialize();
+        // what was posted to the failed SharedWorker is lost: replay this tab's state
+        for (const [channel, count] of this.channelCounts)
+            for (let i = 0; i < count; ++i) this.port.postMessage({ action: "add_channel", data: channel });
+        if (this.started) this.port.postMessage({ action: "start" });
+    }
+
+    _initialize() {
+        this.port.postMessage({
+            action: "initialize_connection",
+            data: { websocketURL: this.websocketURL, version: this.version, lastNotificationId: this.lastNotificationId },
+        });
+    }
+
+    _post(action, data) {
+        if (!this.port) this.startWorker();
+        this.port.postMessage({ action, data });
+    }
+
+    _emit(type, detail) {
+        this.dispatchEvent(new CustomEvent(type, { detail }));
+    }
+
+    _onWorkerMessage({ type, data }) {
+        switch (type) {
+            case "notification":
+                return this._onNotifications(data);
+            case "worker_state_updated":
+                this.workerState = data;
+                return this._emit(type, data);
+            case "outdated":
+                this.isOutdated = true;
+                return this._emit(type, data);
+            case "initialized":
+                this.workerState = data.state;
+                return;
+            default:  // connect, disconnect, reconnecting, reconnect, missed_notifications
+                return this._emit(type, data);
+        }
+    }
+
+    _onNotifications(notifications) {
+        let last = this.lastNotificationId;
+        for (const { id, message } of notifications) {
+            last = Math.max(last, id);
+            for (const handler of this.handlers.get(message.type) || []) {
+                try {
+                    handler(message.payload, { id, type: message.type });
+                } catch (error) {
+                    console.error("imbus: a notification handler failed", error);
+                }
+            }
+        }
+        this.storage?.setItem(LAST_ID_KEY, String(last));
+        this._emit("notification", notifications);
+    }
+}
