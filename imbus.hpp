@@ -114,6 +114,7 @@
 #include <chrono>        // created_at, windows, retention
 #include <cstdint>       // int64_t ids
 #include <deque>         // memory_store rows, trimmed at the front by garbage collection
+#include <fstream>       // static_files
 #include <functional>    // clocks, loggers, handlers, executors
 #include <iostream>      // stderr_logger
 #include <limits>
@@ -892,6 +893,10 @@ struct server_options {
 
 /// One of the application's own HTTP routes: return false to answer 404.
 using http_route = std::function<bool(const http_request&, http_response&)>;
+
+/// A route serving the files under `root` for GET requests (e.g. the page and js/), so a page
+/// and its bus client load from the bus's own origin. Paths with ".." are refused.
+http_route static_files(std::string root, std::string url_prefix = "/");
 
 namespace detail {
 template <class Identity> struct session_slot;
@@ -2653,6 +2658,33 @@ inline std::string rpc_result(const json& body, std::string result) {
 }
 
 } // namespace detail
+
+inline http_route static_files(std::string root, std::string url_prefix) {
+    return [root = std::move(root), prefix = std::move(url_prefix)](const http_request& request, http_response& response) {
+        if (request.method != "GET" || request.path.compare(0, prefix.size(), prefix) != 0) return false;
+        std::string relative = request.path.substr(prefix.size());
+        if (relative.empty() || relative.back() == '/') relative += "index.html";
+        if (relative.find("..") != std::string::npos || relative.find('\0') != std::string::npos) return false;
+        std::ifstream file(root + "/" + relative, std::ios::binary);
+        if (!file) return false;
+        static const std::pair<const char*, const char*> types[] = {
+            {".html", "text/html; charset=utf-8"}, {".js", "text/javascript; charset=utf-8"},
+            {".mjs", "text/javascript; charset=utf-8"}, {".css", "text/css; charset=utf-8"},
+            {".json", "application/json"}, {".svg", "image/svg+xml"}, {".png", "image/png"},
+            {".ico", "image/x-icon"}, {".txt", "text/plain; charset=utf-8"}};
+        std::string type = "application/octet-stream";
+        for (const auto& t : types) {
+            const std::string_view ext = t.first;
+            if (relative.size() >= ext.size() && relative.compare(relative.size() - ext.size(), ext.size(), ext) == 0)
+                type = t.second;
+        }
+        response.status = 200;
+        response.headers.emplace_back("Content-Type", type);
+        response.headers.emplace_back("Cache-Control", "no-cache");
+        response.body.assign(std::istreambuf_iterator<char>(file), std::istreambuf_iterator<char>());
+        return true;
+    };
+}
 
 template <class AuthPolicy>
 basic_server<AuthPolicy>::basic_server(imbus::bus& b, AuthPolicy policy, server_options options)

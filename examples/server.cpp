@@ -18,12 +18,14 @@ struct settings {
     std::string store = "memory";  // or sqlite:PATH
     imbus::server_options server;
     std::string db = "imbus";
+    std::string static_root;  // serve files from here (e.g. a page and js/)
 };
 
 [[noreturn]] void usage(const std::string& problem) {
     std::cerr << "example_server: " << problem << "\n"
               << "usage: example_server [--host ADDR] [--port N] [--store memory|sqlite:PATH] [--api-key KEY]\n"
-              << "                      [--db NAME] [--version STRING] [--threads N] [--origin URL]...\n";
+              << "                      [--db NAME] [--version STRING] [--threads N] [--origin URL]...\n"
+              << "                      [--static DIR]\n";
     std::exit(2);
 }
 
@@ -43,6 +45,7 @@ settings parse(int argc, char** argv) {
             else if (flag == "--version") s.server.version = value;
             else if (flag == "--threads") s.server.threads = std::stoul(value);
             else if (flag == "--origin") s.server.allowed_origins.push_back(value);
+            else if (flag == "--static") s.static_root = value;
             else usage("unknown option " + flag);
         } catch (const std::logic_error&) {
             usage("bad value for " + flag + ": " + value);
@@ -66,6 +69,7 @@ int main(int argc, char** argv) {
         imbus::dispatcher dispatcher;
         imbus::bus bus(*store, dispatcher, {s.db});
         imbus::server server(bus, imbus::public_policy({bus.channel_for("broadcast")}), s.server);
+        if (!s.static_root.empty()) server.on_http(imbus::static_files(s.static_root));
         server.listen(s.host, s.port);
 
         // A server started in the background ignores SIGINT: SIGTERM must stop it too.
