@@ -2530,7 +2530,8 @@ template <class Identity> struct session_state {
     std::chrono::steady_clock::time_point last_frame;
     std::shared_ptr<asio::steady_timer> idle_timer, lifetime_timer, drain_timer;
     bool open = false;
-    bool lagging = false;  // over max_outbound_bytes: wake-ups wait for a catch-up
+    bool lagging = false;           // over max_outbound_bytes: wake-ups wait for a catch-up
+    bool ping_outstanding = false;  // a new ping would restart websocketpp's pong deadline
 };
 
 template <class Identity> struct session_slot {
@@ -2565,6 +2566,17 @@ template <class Message> std::shared_ptr<Message> prepared_text_frame(std::strin
     message->get_raw_payload() = std::move(payload);
     message->set_prepared(true);
     return message;
+}
+
+// What a handler threw, for the log: anything may come out of an application's hook.
+inline std::string current_error() {
+    try {
+        throw;
+    } catch (const std::exception& e) {
+        return e.what();
+    } catch (...) {
+        return "an exception that is not a std::exception";
+    }
 }
 
 // Rows after `position` were garbage-collected: the client must reload (PROTOCOL ext).
@@ -2720,7 +2732,10 @@ basic_server<AuthPolicy>::basic_server(imbus::bus& b, AuthPolicy policy, server_
         return true;  // websocketpp answers with a pong
     });
     endpoint_.set_pong_handler([this](websocketpp::connection_hdl h, std::string) {
-        if (auto con = connection_of(h)) con->imbus_state.last_frame = std::chrono::steady_clock::now();
+        if (auto con = connection_of(h)) {
+            con->imbus_state.last_frame = std::chrono::steady_clock::now();
+            con->imbus_state.ping_outstanding = false;
+        }
     });
     endpoint_.set_pong_timeout_handler([this](websocketpp::connection_hdl h, std::string) {
         auto con = connection_of(h);
@@ -2870,8 +2885,8 @@ template <class AuthPolicy> bool basic_server<AuthPolicy>::on_validate(websocket
         auto verdict = policy_.authenticate(request);
         if (!verdict.accepted()) return refuse(verdict.status() ? verdict.status() : 403, verdict.reason());
         con->imbus_state.identity.emplace(std::move(verdict.identity()));
-    } catch (const std::exception& e) {
-        return refuse(500, std::string("auth policy failed: ") + e.what());
+    } catch (...) {
+        return refuse(500, "auth policy failed: " + detail::current_error());
     }
     return true;
 }
@@ -2898,8 +2913,8 @@ template <class AuthPolicy> void basic_server<AuthPolicy>::on_open(websocketpp::
     if constexpr (detail::policy_has_on_open<AuthPolicy>::value) {
         try {
             policy_.on_open(*s.identity);
-        } catch (const std::exception& e) {
-            if (options_.log) options_.log(log_level::error, std::string("server: on_open hook failed: ") + e.what());
+        } catch (...) {
+            if (options_.log) options_.log(log_level::error, "server: on_open hook failed: " + detail::current_error());
             return close(con, 1011, "server error");
         }
     }
@@ -2923,9 +2938,11 @@ void basic_server<AuthPolicy>::schedule_idle(const connection_ptr& con, std::chr
         if (!c || ec || !c->imbus_state.open) return;
         const auto quiet = std::chrono::duration_cast<std::chrono::milliseconds>(
             std::chrono::steady_clock::now() - c->imbus_state.last_frame);
-        if (quiet < options_.idle_ping) return schedule_idle(c, options_.idle_ping - quiet);
+        if (quiet < options_.idle_ping || c->imbus_state.ping_outstanding)
+            return schedule_idle(c, std::max(options_.idle_ping - quiet, std::chrono::milliseconds(1)));
         std::error_code ping_ec;
         c->ping("", ping_ec);  // websocketpp starts the pong deadline
+        c->imbus_state.ping_outstanding = !ping_ec;
         schedule_idle(c, options_.idle_ping);
     });
 }
@@ -2947,8 +2964,8 @@ template <class AuthPolicy> void basic_server<AuthPolicy>::on_close(websocketpp:
     if constexpr (detail::policy_has_on_close<AuthPolicy>::value) {
         try {
             policy_.on_close(*s.identity);
-        } catch (const std::exception& e) {
-            if (options_.log) options_.log(log_level::error, std::string("server: on_close hook failed: ") + e.what());
+        } catch (...) {
+            if (options_.log) options_.log(log_level::error, "server: on_close hook failed: " + detail::current_error());
         }
     }
 }
@@ -2966,8 +2983,8 @@ template <class AuthPolicy> bool basic_server<AuthPolicy>::still_valid(const con
         bool valid = false;
         try {
             valid = policy_.still_valid(*s.identity);
-        } catch (const std::exception& e) {
-            if (options_.log) options_.log(log_level::error, std::string("server: still_valid failed: ") + e.what());
+        } catch (...) {
+            if (options_.log) options_.log(log_level::error, "server: still_valid failed: " + detail::current_error());
         }
         if (!valid) {
             if (options_.log) options_.log(log_level::info, "server: session of " + con->get_remote_endpoint() + " expired");
@@ -3012,8 +3029,8 @@ void basic_server<AuthPolicy>::on_message(websocketpp::connection_hdl h, message
         const json& data = request.contains("data") ? request["data"] : json();
         if (name == "subscribe") return on_subscribe(con, data);
         if constexpr (detail::policy_has_on_event<AuthPolicy>::value) policy_.on_event(*s.identity, name, data);
-    } catch (const std::exception& e) {
-        if (options_.log) options_.log(log_level::error, std::string("server: request failed: ") + e.what());
+    } catch (...) {
+        if (options_.log) options_.log(log_level::error, "server: request failed: " + detail::current_error());
         close(con, 1011, "server error");
     }
 }
@@ -3085,7 +3102,7 @@ template <class AuthPolicy> void basic_server<AuthPolicy>::lag(const connection_
         if (!c || ec || !c->imbus_state.open) return;
         if (c->get_buffered_amount() > options_.max_outbound_bytes / 2) return lag(c);
         c->imbus_state.lagging = false;
-        catch_up(c, true);
+        if (still_valid(c)) catch_up(c, true);
     });
 }
 
@@ -3131,8 +3148,8 @@ template <class AuthPolicy> void basic_server<AuthPolicy>::on_http_request(webso
     http_response response;
     try {
         serve_route(detail::make_http_request(*con), response);
-    } catch (const std::exception& e) {
-        if (options_.log) options_.log(log_level::error, std::string("server: HTTP route failed: ") + e.what());
+    } catch (...) {
+        if (options_.log) options_.log(log_level::error, "server: HTTP route failed: " + detail::current_error());
         response = http_response();
         response.set_json(500, {{"error", "internal error"}});
     }

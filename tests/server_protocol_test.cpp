@@ -1,0 +1,799 @@
+// WebSocket endpoint rules (PROTOCOL §4): handshake, version check, requests, subscribe
+// semantics, limits, timers and close codes, over real sockets on 127.0.0.1.
+//
+// Every case builds its own memory store + dispatcher + bus + server (port 0, one I/O thread,
+// short timers, a capturing logger) and waits only with deadlines; a short fixed wait is used
+// only where a negative has to be shown.
+#define DOCTEST_CONFIG_IMPLEMENT_WITH_MAIN
+#include <doctest/doctest.h>
+
+#include "imbus.hpp"
+#include "support/raw_socket.hpp"
+
+#include <atomic>
+#include <chrono>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <string>
+#include <thread>
+#include <tuple>
+#include <vector>
+
+using namespace std::chrono_literals;
+using imbus::json;
+using imbus_test::raw_ws;
+using steady = std::chrono::steady_clock;
+
+namespace {
+
+constexpr auto wait_limit = 3000ms;  // how long any expected event may take
+constexpr auto quiet_time = 250ms;   // how long we watch for something that must not happen
+
+// --- logging ----------------------------------------------------------------------------------
+
+struct log_capture {
+    std::mutex m;
+    std::vector<std::pair<imbus::log_level, std::string>> lines;
+
+    imbus::logger logger() {
+        return [this](imbus::log_level level, const std::string& text) {
+            std::lock_guard<std::mutex> lock(m);
+            lines.emplace_back(level, text);
+        };
+    }
+    std::size_t at_least(imbus::log_level level) {
+        std::lock_guard<std::mutex> lock(m);
+        std::size_t n = 0;
+        for (const auto& line : lines) n += line.first >= level ? 1 : 0;
+        return n;
+    }
+    std::string dump() {
+        std::lock_guard<std::mutex> lock(m);
+        std::string out;
+        for (const auto& line : lines) out += "[" + std::to_string(int(line.first)) + "] " + line.second + "\n";
+        return out;
+    }
+};
+
+template <class Pred> bool wait_until(Pred pred, std::chrono::milliseconds timeout = wait_limit) {
+    const auto deadline = steady::now() + timeout;
+    while (!pred()) {
+        if (steady::now() > deadline) return pred();
+        std::this_thread::sleep_for(2ms);
+    }
+    return true;
+}
+
+// --- a test policy: identity from X-User, refusals from X-Reject, revocable, records events ---
+
+struct policy_state {
+    std::mutex m;
+    std::vector<std::tuple<std::string, std::string, json>> events;  // user, event name, data
+    std::set<std::string> invalid;
+
+    std::size_t event_count() {
+        std::lock_guard<std::mutex> lock(m);
+        return events.size();
+    }
+    void invalidate(const std::string& user) {
+        std::lock_guard<std::mutex> lock(m);
+        invalid.insert(user);
+    }
+};
+
+struct test_policy {
+    struct identity {
+        std::string user;
+    };
+
+    std::shared_ptr<policy_state> state = std::make_shared<policy_state>();
+
+    imbus::admission<identity> authenticate(const imbus::http_request& request) {
+        const std::string reject = request.header("X-Reject");
+        if (reject == "401") return imbus::admission<identity>::reject(401, "who are you?");
+        if (reject == "403") return imbus::admission<identity>::reject(403, "not you");
+        return imbus::admission<identity>::accept({request.header("X-User")});
+    }
+    bool still_valid(const identity& who) {
+        std::lock_guard<std::mutex> lock(state->m);
+        return state->invalid.count(who.user) == 0;
+    }
+    void on_event(const identity& who, const std::string& name, const json& data) {
+        if (name == "boom") throw std::runtime_error("on_event exploded");
+        std::lock_guard<std::mutex> lock(state->m);
+        state->events.emplace_back(who.user, name, data);
+    }
+};
+
+// --- the fixture ------------------------------------------------------------------------------
+
+using tweak_fn = std::function<void(imbus::server_options&)>;
+
+template <class Policy = imbus::public_policy>
+struct fixture {
+    imbus::manual_clock clock;
+    log_capture log;
+    imbus::memory_store store;
+    imbus::dispatcher dispatcher;
+    imbus::bus bus;
+    imbus::basic_server<Policy> server;
+
+    explicit fixture(const tweak_fn& tweak = {}, Policy policy = Policy())
+        : store(store_options()), dispatcher(dispatcher_options()), bus(store, dispatcher, bus_options()),
+          server(bus, std::move(policy), server_options(tweak)) {
+        server.listen("127.0.0.1", 0);
+        server.start();
+    }
+
+    std::uint16_t port() const { return server.port(); }
+    std::string url() const { return "ws://127.0.0.1:" + std::to_string(server.port()) + "/websocket"; }
+
+    std::int64_t send(const std::string& name, json payload = json::object(), const std::string& type = "test/note") {
+        auto ids = bus.send(name, type, payload);
+        REQUIRE(ids.size() == 1);
+        return ids[0];
+    }
+
+    // An imbus::client that does not reconnect; connected, not yet subscribed.
+    std::unique_ptr<imbus::client> client(std::vector<std::pair<std::string, std::string>> headers = {},
+                                          std::string version = IMBUS_PROTOCOL_VERSION) {
+        imbus::client_options o;
+        o.reconnect = false;
+        o.headers = std::move(headers);
+        o.version = std::move(version);
+        o.log = {};
+        auto c = std::make_unique<imbus::client>(o);
+        c->connect(url());
+        return c;
+    }
+
+    std::size_t subscribers_of(const std::string& name) const {
+        return dispatcher.subscribers_of(imbus::channel(bus.db(), name));
+    }
+
+private:
+    imbus::memory_store_options store_options() {
+        imbus::memory_store_options o;
+        o.clock = std::ref(clock);
+        o.log = log.logger();
+        return o;
+    }
+    imbus::dispatcher_options dispatcher_options() {
+        imbus::dispatcher_options o;
+        o.log = log.logger();
+        return o;
+    }
+    imbus::bus_options bus_options() {
+        imbus::bus_options o;
+        o.db = "db";
+        o.log = log.logger();
+        return o;
+    }
+    imbus::server_options server_options(const tweak_fn& tweak) {
+        imbus::server_options o;
+        o.threads = 1;
+        o.idle_ping = 60s;  // no pings unless a case asks for them
+        o.pong_timeout = 60s;
+        o.lifetime = 60s;
+        o.lifetime_jitter = 0ms;
+        o.open_handshake_timeout = 2000ms;
+        o.close_handshake_timeout = 1000ms;
+        o.gc_interval = std::chrono::seconds(0);
+        o.log = log.logger();
+        if (tweak) tweak(o);
+        return o;
+    }
+};
+
+// --- helpers ----------------------------------------------------------------------------------
+
+std::vector<std::int64_t> ids_of(const std::vector<json>& notifications) {
+    std::vector<std::int64_t> ids;
+    for (const auto& n : notifications) ids.push_back(n.at("id").get<std::int64_t>());
+    return ids;
+}
+
+std::vector<std::int64_t> ids_of(const json& frame) {
+    std::vector<std::int64_t> ids;
+    for (const auto& n : frame) ids.push_back(n.at("id").get<std::int64_t>());
+    return ids;
+}
+
+std::string subscribe_text(const std::vector<std::string>& channels, std::int64_t last) {
+    return json({{"event_name", "subscribe"}, {"data", {{"channels", channels}, {"last", last}}}}).dump();
+}
+
+// One server frame, parsed; it must be a non-empty JSON array.
+json read_frame_json(raw_ws& ws) {
+    json frame = json::parse(ws.read_text(wait_limit));
+    REQUIRE(frame.is_array());
+    REQUIRE(!frame.empty());
+    return frame;
+}
+
+// `other`, subscribed to "a", still receives a new notification on "a".
+template <class F> void check_receives(F& f, imbus::client& other) {
+    const auto id = f.send("a", {{"check", "other"}});
+    auto got = other.take(1, wait_limit);
+    REQUIRE(got.size() == 1);
+    CHECK(got[0]["id"] == id);
+}
+
+// A client subscribed to "a" that has received everything stored so far (synchronised).
+template <class F> std::unique_ptr<imbus::client> subscribed_other(F& f) {
+    auto other = f.client({{"X-User", "other"}});
+    other->subscribe({"a"}, 0);
+    const auto id = f.send("a", {{"sync", "other"}});
+    auto got = other->take(1, wait_limit);
+    REQUIRE(got.size() == 1);
+    REQUIRE(got[0]["id"] == id);
+    return other;
+}
+
+// After a malformed request on `bad`: `bad` is still open, a valid subscribe on it brings the
+// rows already stored, live rows follow, and `other` keeps receiving.
+template <class F> void check_both_still_work(F& f, raw_ws& bad, imbus::client& other) {
+    const auto stored = f.send("a", {{"n", "stored"}});
+    auto got = other.take(1, wait_limit);
+    REQUIRE(got.size() == 1);
+    CHECK(got[0]["id"] == stored);
+
+    bad.send_text(subscribe_text({"a"}, 0));
+    json frame = read_frame_json(bad);
+    CHECK(frame.back()["id"] == stored);
+
+    const auto live = f.send("a", {{"n", "live"}});
+    frame = read_frame_json(bad);
+    CHECK(ids_of(frame) == std::vector<std::int64_t>{live});
+    got = other.take(1, wait_limit);
+    REQUIRE(got.size() == 1);
+    CHECK(got[0]["id"] == live);
+}
+
+} // namespace
+
+// ============================================================================================
+// Handshake
+// ============================================================================================
+
+TEST_CASE("handshake: a path other than options.path is 404") {
+    fixture<> f;
+    CHECK(raw_ws::handshake_reply(f.port(), "/nowhere?version=19.0-2").status == 404);
+    CHECK(raw_ws::handshake_reply(f.port(), "/websocket/x?version=19.0-2").status == 404);
+    CHECK(raw_ws::handshake_reply(f.port(), "/websocketx?version=19.0-2").status == 404);
+    CHECK(raw_ws::handshake_reply(f.port(), "/websocket?version=19.0-2").status == 101);
+}
+
+TEST_CASE("handshake: Sec-WebSocket-Version other than 13 or missing is 426 with Sec-WebSocket-Version: 13") {
+    fixture<> f;
+    for (const std::string version : {"8", "99", ""}) {
+        CAPTURE(version);
+        auto reply = raw_ws::handshake_reply(f.port(), "/websocket?version=19.0-2", {{"Sec-WebSocket-Version", version}});
+        CHECK(reply.status == 426);
+        CHECK(reply.header("sec-websocket-version") == "13");
+    }
+    CHECK(raw_ws::handshake_reply(f.port(), "/websocket?version=19.0-2", {{"Sec-WebSocket-Version", "13"}}).status == 101);
+}
+
+TEST_CASE("handshake: Origin allow-list") {
+    fixture<> f([](imbus::server_options& o) { o.allowed_origins = {"https://app.example"}; });
+    auto ok = raw_ws::connect(f.port(), "/websocket?version=19.0-2", {{"Origin", "https://app.example"}});
+    f.send("a", {{"n", 1}});
+    ok.send_text(subscribe_text({"a"}, 0));
+    CHECK(read_frame_json(ok).size() == 1);
+
+    CHECK(raw_ws::handshake_reply(f.port(), "/websocket?version=19.0-2", {{"Origin", "https://evil.example"}}).status == 403);
+    CHECK(raw_ws::handshake_reply(f.port(), "/websocket?version=19.0-2", {{"Origin", "https://app.example.evil"}}).status == 403);
+    CHECK(raw_ws::handshake_reply(f.port(), "/websocket?version=19.0-2").status == 403);  // no Origin
+}
+
+TEST_CASE("handshake: a policy rejection answers the policy's status") {
+    fixture<test_policy> f;
+    CHECK(raw_ws::handshake_reply(f.port(), "/websocket?version=19.0-2", {{"X-Reject", "401"}}).status == 401);
+    CHECK(raw_ws::handshake_reply(f.port(), "/websocket?version=19.0-2", {{"X-Reject", "403"}}).status == 403);
+    CHECK(raw_ws::handshake_reply(f.port(), "/websocket?version=19.0-2", {{"X-User", "alice"}}).status == 101);
+
+    imbus::client_options o;
+    o.reconnect = false;
+    o.log = {};
+    o.headers = {{"X-Reject", "401"}};
+    imbus::client refused(o);
+    std::error_code ec;
+    refused.connect(f.url(), ec);
+    CHECK(ec);
+    CHECK(refused.handshake_status() == 401);
+}
+
+// ============================================================================================
+// OUTDATED_VERSION
+// ============================================================================================
+
+TEST_CASE("version: with a User-Agent, a wrong or missing version is closed 1000 OUTDATED_VERSION") {
+    fixture<> f;
+    for (const std::string target : {"/websocket?version=18.0-1", "/websocket", "/websocket?other=1"}) {
+        CAPTURE(target);
+        auto ws = raw_ws::connect(f.port(), target);  // raw_ws sends a User-Agent
+        auto closed = ws.wait_close(wait_limit);
+        CHECK(closed.code == 1000);
+        CHECK(closed.reason == "OUTDATED_VERSION");
+    }
+    auto old = f.client({}, "18.0-1");  // imbus::client always sends websocketpp's User-Agent
+    auto status = old->wait_closed(wait_limit);
+    REQUIRE(status);
+    CHECK(status->code == 1000);
+    CHECK(status->reason == "OUTDATED_VERSION");
+
+    // The right version with a User-Agent stays open.
+    auto current = f.client();
+    current->subscribe({"a"}, 0);
+    check_receives(f, *current);
+}
+
+TEST_CASE("version: without a User-Agent the version is not checked") {
+    fixture<> f;
+    for (const std::string target : {"/websocket?version=18.0-1", "/websocket"}) {
+        CAPTURE(target);
+        auto ws = raw_ws::connect(f.port(), target, {}, /*user_agent=*/false);
+        const auto stored = f.send("a", {{"target", target}});
+        ws.send_text(subscribe_text({"a"}, stored - 1));
+        CHECK(ids_of(read_frame_json(ws)) == std::vector<std::int64_t>{stored});
+        const auto live = f.send("a");
+        CHECK(ids_of(read_frame_json(ws)) == std::vector<std::int64_t>{live});
+    }
+}
+
+// ============================================================================================
+// subscribe
+// ============================================================================================
+
+TEST_CASE("subscribe: the first subscribe adopts the client's last") {
+    fixture<> f;
+    const auto a1 = f.send("a"), a2 = f.send("a"), a3 = f.send("a");
+    auto c = f.client();
+    c->subscribe({"a"}, a1);
+    CHECK(ids_of(c->take(2, wait_limit)) == std::vector<std::int64_t>{a2, a3});
+    const auto a4 = f.send("a");
+    CHECK(ids_of(c->take(1, wait_limit)) == std::vector<std::int64_t>{a4});
+    CHECK(c->take(1, quiet_time).empty());
+}
+
+TEST_CASE("subscribe: a later subscribe keeps the server's cursor, not the client's last") {
+    fixture<> f;
+    f.send("a");
+    f.send("a");
+    f.send("a");
+    auto c = f.client();
+    c->subscribe({"a"}, 0);
+    REQUIRE(c->take(3, wait_limit).size() == 3);  // the server's cursor is now at 3
+    const auto b4 = f.send("b");                  // not subscribed to b yet: not delivered
+    c->subscribe({"a", "b"}, 1);                  // a lower last: must not repeat 2 and 3
+    auto got = c->take(1, wait_limit);            // the re-subscribe's dispatch
+    CHECK(ids_of(got) == std::vector<std::int64_t>{b4});
+    CHECK(c->take(1, quiet_time).empty());
+    const auto a5 = f.send("a");
+    CHECK(ids_of(c->take(1, wait_limit)) == std::vector<std::int64_t>{a5});
+}
+
+TEST_CASE("subscribe: a channel left is no longer delivered") {
+    fixture<> f;
+    auto c = f.client();
+    c->subscribe({"a", "b"}, 0);
+    const auto a1 = f.send("a");
+    CHECK(ids_of(c->take(1, wait_limit)) == std::vector<std::int64_t>{a1});
+    c->subscribe({"b"});
+    REQUIRE(wait_until([&] { return f.subscribers_of("a") == 0; }));
+    f.send("a");  // must not arrive
+    const auto b3 = f.send("b");
+    CHECK(ids_of(c->take(1, wait_limit)) == std::vector<std::int64_t>{b3});
+    CHECK(c->take(1, quiet_time).empty());
+    CHECK(f.subscribers_of("b") == 1);
+}
+
+TEST_CASE("subscribe: every subscribe dispatches at once what the store holds after the cursor") {
+    fixture<> f;
+    const auto a1 = f.send("a"), a2 = f.send("a");
+    auto c = f.client();
+    c->subscribe({"a"}, 0);  // first subscribe: rows stored before it arrive without a new send
+    CHECK(ids_of(c->take(2, wait_limit)) == std::vector<std::int64_t>{a1, a2});
+
+    const auto b3 = f.send("b"), b4 = f.send("b");  // after the cursor, on a channel not yet followed
+    c->subscribe({"a", "b"});  // a later subscribe: they arrive without a new send
+    CHECK(ids_of(c->take(2, wait_limit)) == std::vector<std::int64_t>{b3, b4});
+    CHECK(c->take(1, quiet_time).empty());
+}
+
+TEST_CASE("subscribe: last == 0 uses the 50 s first-poll window") {
+    fixture<> f;
+    f.send("a", {{"age", "55 s"}});
+    f.clock.advance(10s);
+    const auto mid = f.send("a", {{"age", "45 s"}});
+    f.clock.advance(45s);
+    const auto fresh = f.send("a", {{"age", "0 s"}});
+    auto c = f.client();
+    c->subscribe({"a"}, 0);
+    CHECK(ids_of(c->take(2, wait_limit)) == std::vector<std::int64_t>{mid, fresh});
+    const auto next = f.send("a");
+    CHECK(ids_of(c->take(1, wait_limit)) == std::vector<std::int64_t>{next});
+}
+
+TEST_CASE("subscribe: last above the newest id counts as 0 (first-poll window)") {
+    fixture<> f;
+    f.send("a", {{"age", "old"}});
+    f.clock.advance(60s);
+    const auto a2 = f.send("a"), a3 = f.send("a");
+    auto ws = raw_ws::connect(f.port());
+    ws.send_text(subscribe_text({"a"}, 1000));
+    json frame = read_frame_json(ws);
+    // The in-band missed signal (brief: last beyond newest) comes first, carrying the client's last.
+    REQUIRE(frame.size() == 3);
+    CHECK(frame[0]["id"] == 1000);
+    CHECK(frame[0]["message"]["type"] == "bus/missed_notifications");
+    CHECK(frame[0]["message"]["payload"]["last"] == 1000);
+    CHECK(ids_of(json(json::array({frame[1], frame[2]}))) == std::vector<std::int64_t>{a2, a3});
+    const auto a4 = f.send("a");
+    CHECK(ids_of(read_frame_json(ws)) == std::vector<std::int64_t>{a4});
+}
+
+// ============================================================================================
+// Requests: probe, malformed requests, events
+// ============================================================================================
+
+TEST_CASE("request: the binary 0x00 probe is ignored") {
+    fixture<> f;
+    auto other = subscribed_other(f);
+    auto ws = raw_ws::connect(f.port());
+    ws.send_binary(std::string(1, '\0'));
+    ws.send_binary(std::string(1, '\0'));
+    // Nothing answers the probes: the first frame is the subscribe's dispatch.
+    check_both_still_work(f, ws, *other);
+    CHECK(f.log.at_least(imbus::log_level::warning) == 0);
+}
+
+TEST_CASE("request: invalid JSON is logged, the connection stays open") {
+    fixture<> f;
+    auto other = subscribed_other(f);
+    auto ws = raw_ws::connect(f.port());
+    ws.send_text("{\"event_name\": \"subscribe\", ");
+    ws.send_text("not json at all");
+    ws.send_binary("\xff\xfe");  // binary messages are not UTF-8 checked: just not JSON
+    REQUIRE(wait_until([&] { return f.log.at_least(imbus::log_level::warning) >= 3; }));
+    check_both_still_work(f, ws, *other);
+}
+
+TEST_CASE("request: a missing or non-string event_name is logged, the connection stays open") {
+    fixture<> f;
+    auto other = subscribed_other(f);
+    auto ws = raw_ws::connect(f.port());
+    ws.send_text(R"({"data":{"channels":["a"],"last":0}})");
+    ws.send_text(R"({"event_name":7,"data":{"channels":["a"],"last":0}})");
+    ws.send_text(R"(["subscribe"])");
+    REQUIRE(wait_until([&] { return f.log.at_least(imbus::log_level::warning) >= 3; }));
+    CHECK(f.subscribers_of("a") == 1);  // only `other`: nothing was subscribed
+    check_both_still_work(f, ws, *other);
+}
+
+TEST_CASE("request: a subscribe with a non-string channel is rejected, the connection stays open") {
+    fixture<> f;
+    auto other = subscribed_other(f);
+    auto ws = raw_ws::connect(f.port());
+    ws.send_text(R"({"event_name":"subscribe","data":{"channels":["a",1],"last":0}})");
+    ws.send_text(R"({"event_name":"subscribe","data":{"channels":["a",["db","b"]],"last":0}})");
+    REQUIRE(wait_until([&] { return f.log.at_least(imbus::log_level::warning) >= 2; }));
+    CHECK(f.subscribers_of("a") == 1);
+    check_both_still_work(f, ws, *other);
+}
+
+TEST_CASE("request: a subscribe with a non-integer last is rejected, the connection stays open") {
+    fixture<> f;
+    auto other = subscribed_other(f);
+    auto ws = raw_ws::connect(f.port());
+    ws.send_text(R"({"event_name":"subscribe","data":{"channels":["a"],"last":"1"}})");
+    ws.send_text(R"({"event_name":"subscribe","data":{"channels":["a"],"last":1.5}})");
+    REQUIRE(wait_until([&] { return f.log.at_least(imbus::log_level::warning) >= 2; }));
+    CHECK(f.subscribers_of("a") == 1);
+    check_both_still_work(f, ws, *other);
+}
+
+TEST_CASE("request: custom events reach policy.on_event with the identity, name and data") {
+    fixture<test_policy> f;
+    auto state = f.server.policy().state;
+    auto alice = f.client({{"X-User", "alice"}});
+    alice->send("update_presence", {{"inactivity_period", 1234}});
+    alice->send("my_app/typing", json::array({1, "two"}));
+    REQUIRE(wait_until([&] { return state->event_count() == 2; }));
+    std::lock_guard<std::mutex> lock(state->m);
+    CHECK(std::get<0>(state->events[0]) == "alice");
+    CHECK(std::get<1>(state->events[0]) == "update_presence");
+    CHECK(std::get<2>(state->events[0]) == json({{"inactivity_period", 1234}}));
+    CHECK(std::get<1>(state->events[1]) == "my_app/typing");
+    CHECK(std::get<2>(state->events[1]) == json::array({1, "two"}));
+}
+
+TEST_CASE("request: unknown events with the default policy are accepted silently") {
+    fixture<> f;
+    auto other = subscribed_other(f);
+    auto ws = raw_ws::connect(f.port());
+    ws.send_text(R"({"event_name":"update_presence","data":{"inactivity_period":0}})");
+    ws.send_text(R"({"event_name":"no_such_event"})");
+    check_both_still_work(f, ws, *other);
+    CHECK(f.log.at_least(imbus::log_level::warning) == 0);
+}
+
+TEST_CASE("request: an exception from policy.on_event closes 1011") {
+    fixture<test_policy> f;
+    auto other = subscribed_other(f);
+    auto alice = f.client({{"X-User", "alice"}});
+    alice->send("boom", json::object());
+    auto status = alice->wait_closed(wait_limit);
+    REQUIRE(status);
+    CHECK(status->code == 1011);
+    CHECK(f.log.at_least(imbus::log_level::error) >= 1);
+    check_receives(f, *other);
+}
+
+// ============================================================================================
+// Limits and close codes
+// ============================================================================================
+
+TEST_CASE("close 1009: a message over max_message_bytes, whole or in fragments") {
+    fixture<> f([](imbus::server_options& o) { o.max_message_bytes = 1024; });
+    auto other = subscribed_other(f);
+
+    auto whole = raw_ws::connect(f.port());
+    whole.send_text(std::string(2000, 'x'));
+    CHECK(whole.wait_close(wait_limit).code == 1009);
+
+    auto fragmented = raw_ws::connect(f.port());
+    fragmented.send_frame(raw_ws::op_text, std::string(600, ' '), /*fin=*/false);
+    fragmented.send_frame(raw_ws::op_continuation, std::string(600, ' '), /*fin=*/true);
+    CHECK(fragmented.wait_close(wait_limit).code == 1009);
+
+    // Under the limit, a fragmented request is reassembled and served.
+    auto fine = raw_ws::connect(f.port());
+    std::string request = subscribe_text({"a"}, 0);
+    request += std::string(900 - request.size(), ' ');
+    fine.send_frame(raw_ws::op_text, request.substr(0, 450), false);
+    fine.send_frame(raw_ws::op_continuation, request.substr(450), true);
+    CHECK(read_frame_json(fine).size() >= 1);
+
+    check_receives(f, *other);
+}
+
+TEST_CASE("close 1013: more than rate_burst frames within rate_burst * rate_delay") {
+    fixture<> f([](imbus::server_options& o) {
+        o.rate_burst = 5;
+        o.rate_delay = 100ms;  // window 500 ms
+    });
+    auto other = subscribed_other(f);
+
+    auto ws = raw_ws::connect(f.port());
+    const std::string probe(1, '\0');
+    for (int i = 0; i < 4; ++i) ws.send_binary(probe);
+    ws.send_text(subscribe_text({"a"}, 0));  // the 5th frame is still served
+    CHECK(read_frame_json(ws).size() >= 1);
+    ws.send_binary(probe);  // the 6th within the window
+    CHECK(ws.wait_close(wait_limit).code == 1013);
+
+    // Frames spread over more than the window are fine.
+    auto slow = raw_ws::connect(f.port());
+    for (int i = 0; i < 5; ++i) slow.send_binary(probe);
+    std::this_thread::sleep_for(600ms);
+    for (int i = 0; i < 4; ++i) slow.send_binary(probe);
+    slow.send_text(subscribe_text({"a"}, 0));
+    CHECK(read_frame_json(slow).size() >= 1);
+
+    check_receives(f, *other);
+}
+
+TEST_CASE("close 1007: invalid UTF-8 in a text message") {
+    fixture<> f;
+    auto other = subscribed_other(f);
+    auto ws = raw_ws::connect(f.port());
+    ws.send_text("{\"event_name\":\"\xc3\x28\"}");
+    CHECK(ws.wait_close(wait_limit).code == 1007);
+    check_receives(f, *other);
+}
+
+TEST_CASE("close 1002: unmasked frame, reserved bits, reserved opcode") {
+    fixture<> f;
+    auto other = subscribed_other(f);
+    const std::string request = subscribe_text({"a"}, 0);
+
+    auto unmasked = raw_ws::connect(f.port());
+    unmasked.send_frame(raw_ws::op_text, request, true, /*mask=*/false);
+    CHECK(unmasked.wait_close(wait_limit).code == 1002);
+
+    for (std::uint8_t rsv : {4, 2, 1}) {
+        CAPTURE(int(rsv));
+        auto reserved = raw_ws::connect(f.port());
+        reserved.send_frame(raw_ws::op_text, request, true, true, rsv);
+        CHECK(reserved.wait_close(wait_limit).code == 1002);
+    }
+
+    auto opcode = raw_ws::connect(f.port());
+    opcode.send_frame(0x3, request);
+    CHECK(opcode.wait_close(wait_limit).code == 1002);
+
+    check_receives(f, *other);
+}
+
+TEST_CASE("idle: a ping after idle_ping; no pong within pong_timeout drops TCP without a close frame") {
+    fixture<> f([](imbus::server_options& o) {
+        o.idle_ping = 200ms;
+        o.pong_timeout = 150ms;
+    });
+    auto other = subscribed_other(f);  // imbus::client answers pings
+    const auto start = steady::now();
+    auto ws = raw_ws::connect(f.port());
+    ws.set_auto_pong(false);
+    auto frame = ws.read_frame(wait_limit);
+    REQUIRE(frame);
+    CHECK(frame->opcode == raw_ws::op_ping);
+    CHECK(steady::now() - start >= 200ms);
+    auto closed = ws.wait_close(wait_limit);
+    CHECK(closed.tcp_closed_without_close_frame);
+    CHECK(closed.code == 1006);
+    // Measured from before the connection opened, so both bounds hold however late we read.
+    CHECK(steady::now() - start >= 200ms + 150ms);
+    CHECK(other->is_open());
+    check_receives(f, *other);
+}
+
+// Exposes a bug: with pong_timeout >= idle_ping, the idle timer sends the next ping before the
+// pong deadline, and websocketpp's ping() cancels the pending pong timer, so a peer that never
+// answers is never dropped (it lives until its lifetime ends).
+TEST_CASE("idle: a peer that never answers is dropped even when pong_timeout > idle_ping") {
+    fixture<> f([](imbus::server_options& o) {
+        o.idle_ping = 100ms;
+        o.pong_timeout = 300ms;
+    });
+    auto other = subscribed_other(f);
+    auto ws = raw_ws::connect(f.port());
+    ws.set_auto_pong(false);
+    int pings = 0;
+    const auto deadline = steady::now() + 1500ms;  // ping at ~100 ms, pong due by ~400 ms
+    while (!ws.closed_by_peer() && steady::now() < deadline) {
+        auto frame = ws.read_frame(std::chrono::duration_cast<std::chrono::milliseconds>(deadline - steady::now()) + 1ms);
+        if (frame && frame->opcode == raw_ws::op_ping) ++pings;
+    }
+    CAPTURE(pings);
+    CHECK(ws.closed_by_peer());
+    check_receives(f, *other);
+}
+
+TEST_CASE("idle: a client that answers pings stays open past several idle periods") {
+    fixture<> f([](imbus::server_options& o) {
+        o.idle_ping = 150ms;
+        o.pong_timeout = 100ms;
+    });
+    auto c = f.client();
+    c->subscribe({"a"}, 0);
+    auto ws = raw_ws::connect(f.port());
+    ws.set_auto_pong(false);  // answered by hand below, to count the pings
+    int pings = 0;
+    const auto until = steady::now() + 1000ms;
+    while (steady::now() < until) {
+        auto frame = ws.read_frame(std::chrono::duration_cast<std::chrono::milliseconds>(until - steady::now()) + 1ms);
+        if (!frame) {
+            REQUIRE_FALSE(ws.closed_by_peer());
+            continue;
+        }
+        REQUIRE(frame->opcode == raw_ws::op_ping);
+        ++pings;
+        ws.send_frame(raw_ws::op_pong, frame->payload);
+    }
+    CHECK(pings >= 3);
+    ws.set_auto_pong(true);
+    const auto stored = f.send("a");
+    ws.send_text(subscribe_text({"a"}, 0));
+    CHECK(read_frame_json(ws).back()["id"] == stored);
+    CHECK(c->is_open());
+    CHECK(ids_of(c->take(1, wait_limit)) == std::vector<std::int64_t>{stored});
+}
+
+TEST_CASE("close 4002: after the lifetime (jitter 0)") {
+    fixture<> f([](imbus::server_options& o) {
+        o.lifetime = 300ms;
+        o.lifetime_jitter = 0ms;
+    });
+    const auto start = steady::now();
+    auto c = f.client();
+    c->subscribe({"a"}, 0);
+    auto status = c->wait_closed(wait_limit);
+    REQUIRE(status);
+    CHECK(status->code == 4002);
+    CHECK(status->reason == "KEEP_ALIVE_TIMEOUT");
+    CHECK(steady::now() - start >= 290ms);
+}
+
+TEST_CASE("close 4001: still_valid false before a request") {
+    fixture<test_policy> f;
+    auto state = f.server.policy().state;
+    auto other = subscribed_other(f);
+    auto alice = f.client({{"X-User", "alice"}});
+    alice->send("first", json::object());
+    REQUIRE(wait_until([&] { return state->event_count() == 1; }));
+    state->invalidate("alice");
+    alice->send("second", json::object());
+    auto status = alice->wait_closed(wait_limit);
+    REQUIRE(status);
+    CHECK(status->code == 4001);
+    CHECK(state->event_count() == 1);  // the request was not served
+    check_receives(f, *other);
+}
+
+TEST_CASE("close 4001: still_valid false before a dispatch") {
+    fixture<test_policy> f;
+    auto state = f.server.policy().state;
+    auto other = subscribed_other(f);
+    auto alice = f.client({{"X-User", "alice"}});
+    alice->subscribe({"a"}, 0);
+    REQUIRE(alice->take(1, wait_limit).size() == 1);  // the row stored by subscribed_other
+    state->invalidate("alice");
+    const auto id = f.send("a");
+    auto status = alice->wait_closed(wait_limit);
+    REQUIRE(status);
+    CHECK(status->code == 4001);
+    CHECK(alice->take(1, 0ms).empty());  // the row was not sent to alice
+    CHECK(ids_of(other->take(1, wait_limit)) == std::vector<std::int64_t>{id});
+}
+
+TEST_CASE("close 4001: server.revalidate() closes connections no longer valid") {
+    fixture<test_policy> f;
+    auto state = f.server.policy().state;
+    auto other = subscribed_other(f);
+    auto alice = f.client({{"X-User", "alice"}});
+    alice->subscribe({"a"}, 0);
+    REQUIRE(alice->take(1, wait_limit).size() == 1);
+    state->invalidate("alice");
+    CHECK_FALSE(alice->wait_closed(quiet_time));  // nothing happens by itself
+    f.server.revalidate();
+    auto status = alice->wait_closed(wait_limit);
+    REQUIRE(status);
+    CHECK(status->code == 4001);
+    CHECK(other->is_open());
+    check_receives(f, *other);
+}
+
+TEST_CASE("close 1001: stop() closes every connected client") {
+    fixture<> f;
+    auto c1 = f.client();
+    auto c2 = f.client();
+    c1->subscribe({"a"}, 0);
+    auto ws = raw_ws::connect(f.port());
+    REQUIRE(wait_until([&] { return f.server.connection_count() == 3; }));
+    f.server.stop();
+    CHECK(ws.wait_close(wait_limit).code == 1001);
+    for (auto* c : {c1.get(), c2.get()}) {
+        auto status = c->wait_closed(wait_limit);
+        REQUIRE(status);
+        CHECK(status->code == 1001);
+    }
+    f.server.wait();
+    CHECK(f.server.connection_count() == 0);
+    CHECK_THROWS(raw_ws::connect(f.port()));
+}
+
+// Exposes a bug: on_message catches std::exception only; anything else thrown by a policy hook
+// escapes into the I/O thread's io_context::run() and std::terminate()s the whole server.
+// Last in the file: when the bug is present this case aborts the process.
+namespace {
+struct odd_throw_policy {
+    using identity = imbus::public_policy::identity;
+    imbus::admission<identity> authenticate(const imbus::http_request&) { return imbus::admission<identity>::accept({}); }
+    void on_event(const identity&, const std::string&, const json&) { throw 42; }
+};
+} // namespace
+
+TEST_CASE("request: a non-std exception from policy.on_event also closes 1011") {
+    fixture<odd_throw_policy> f;
+    auto other = subscribed_other(f);
+    auto c = f.client();
+    c->send("anything", json::object());
+    auto status = c->wait_closed(wait_limit);
+    REQUIRE(status);
+    CHECK(status->code == 1011);
+    check_receives(f, *other);
+}
