@@ -881,8 +881,10 @@ struct server_options {
     std::chrono::milliseconds drain_check{20};  ///< how often a slow client's queue is looked at
     std::size_t catch_up_rows = 1000;           ///< rows per frame when catching up from the store
     std::size_t max_http_body_bytes = IMBUS_MAX_MESSAGE_BYTES;
-    /// Origins allowed to open a socket; empty: any. Browsers always send Origin, so this is
-    /// what stops another site from using a visitor's cookie on this server.
+    /// Origins allowed to open a socket, e.g. "https://app.example.com", or "self" for pages
+    /// this server serves; empty: any. Browsers always send Origin, so this is what stops
+    /// another site from using a visitor's cookie here. When set, a handshake without Origin
+    /// is refused too: native clients add the header themselves.
     std::vector<std::string> allowed_origins;
     /// Bearer key of POST /bus/send; empty: publishing over HTTP is refused.
     std::string api_key;
@@ -2530,6 +2532,7 @@ template <class Identity> struct session_state {
     std::chrono::steady_clock::time_point last_frame;
     std::shared_ptr<asio::steady_timer> idle_timer, lifetime_timer, drain_timer;
     bool open = false;
+    bool policy_opened = false;     // on_close only for connections the policy saw open
     bool lagging = false;           // over max_outbound_bytes: wake-ups wait for a catch-up
     bool ping_outstanding = false;  // a new ping would restart websocketpp's pong deadline
 };
@@ -2566,6 +2569,22 @@ template <class Message> std::shared_ptr<Message> prepared_text_frame(std::strin
     message->get_raw_payload() = std::move(payload);
     message->set_prepared(true);
     return message;
+}
+
+// "self" admits a page served by this very server (its Origin names the Host it asked), which
+// is what a server listening on port 0 cannot spell out in advance.
+inline bool origin_allowed(const std::vector<std::string>& allowed, const http_request& request) {
+    if (allowed.empty()) return true;
+    const std::string origin = request.header("Origin");
+    for (const auto& a : allowed) {
+        if (a == origin && !origin.empty()) return true;
+        if (a == "self" && !origin.empty()) {
+            const auto scheme_end = origin.find("://");
+            if (scheme_end != std::string::npos && iequals(origin.substr(scheme_end + 3), request.header("Host")))
+                return true;
+        }
+    }
+    return false;
 }
 
 // What a handler threw, for the log: anything may come out of an application's hook.
@@ -2877,9 +2896,7 @@ template <class AuthPolicy> bool basic_server<AuthPolicy>::on_validate(websocket
         con->replace_header("Sec-WebSocket-Version", "13");
         return refuse(426, "WebSocket version 13 required");
     }
-    if (!options_.allowed_origins.empty() &&
-        std::find(options_.allowed_origins.begin(), options_.allowed_origins.end(), request.header("Origin")) ==
-            options_.allowed_origins.end())
+    if (!detail::origin_allowed(options_.allowed_origins, request))
         return refuse(403, "origin not allowed: " + request.header("Origin"));
     try {
         auto verdict = policy_.authenticate(request);
@@ -2918,6 +2935,7 @@ template <class AuthPolicy> void basic_server<AuthPolicy>::on_open(websocketpp::
             return close(con, 1011, "server error");
         }
     }
+    s.policy_opened = true;
     schedule_idle(con, options_.idle_ping);
     // The lifetime is spread so that clients connected together do not reconnect together.
     thread_local std::mt19937_64 random(std::random_device{}());
@@ -2959,8 +2977,8 @@ template <class AuthPolicy> void basic_server<AuthPolicy>::on_close(websocketpp:
         std::lock_guard<std::mutex> lock(connections_mutex_);
         connections_.erase(con.get());
     }
-    if (!s.open) return;
     s.open = false;
+    if (!std::exchange(s.policy_opened, false)) return;
     if constexpr (detail::policy_has_on_close<AuthPolicy>::value) {
         try {
             policy_.on_close(*s.identity);

@@ -32,6 +32,7 @@ export class BusService extends EventTarget {
         this.isOutdated = false;
         this.channelCounts = new Map();  // this tab's adds, replayed if the worker is replaced
         this.started = false;
+        this.queued = [];  // posts made before start(): nothing connects until the page says so
     }
 
     // --- the tab API ----------------------------------------------------------------------------
@@ -69,6 +70,7 @@ export class BusService extends EventTarget {
 
     start() {
         this.started = true;
+        if (!this.port) this.startWorker();
         this._post("start");
     }
 
@@ -84,6 +86,7 @@ export class BusService extends EventTarget {
     // --- the worker ----------------------------------------------------------------------------
 
     // One SharedWorker per origin; a dedicated Worker where SharedWorker is missing or fails.
+    // Called by start(): a page that is not logged in yet has no reason to connect.
     startWorker() {
         if (this.useSharedWorker) {
             try {
@@ -100,6 +103,7 @@ export class BusService extends EventTarget {
             this._startDedicatedWorker();
             this._initialize();
         }
+        for (const message of this.queued.splice(0)) this.port.postMessage(message);
         addEventListener("pagehide", () => this._post("leave"));
         addEventListener("online", () => this._post("start"));
         addEventListener("offline", () => this._post("stop"));
@@ -133,7 +137,7 @@ export class BusService extends EventTarget {
     }
 
     _post(action, data) {
-        if (!this.port) this.startWorker();
+        if (!this.port) return this.queued.push({ action, data });
         this.port.postMessage({ action, data });
     }
 
