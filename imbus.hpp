@@ -348,7 +348,8 @@ public:
     virtual std::unique_ptr<write_transaction> begin() = 0;
 
     /// The notifications on `channels` after `last`, ascending ids (PROTOCOL §2): `last == 0`
-    /// means the first-poll window; `last` above the newest id (a reset store) counts as 0.
+    /// means the first-poll window, a negative `last` every row; `last` above the newest id
+    /// (a reset store) counts as 0.
     /// At most `limit` rows when limit > 0 (the oldest ones).
     virtual poll_result fetch(const std::vector<channel>& channels, std::int64_t last,
                               std::size_t limit = 0) = 0;
@@ -625,7 +626,12 @@ public:
     /// on_event(const commit_event&), so a server can send one shared frame for it.
     template <class OnRow, class OnEvent>
     std::size_t take(const wakeup& w, OnRow&& on_row, OnEvent&& on_event, std::size_t limit = 0);
-    /// The last catch-up stopped at its limit: rows may remain before the live events.
+    /// The same, asking stop() before each event: once it says true, the rest of the wake-up
+    /// is left for a later catch-up (a client whose queue is full gets no more).
+    template <class OnRow, class OnEvent, class Stop>
+    std::size_t take(const wakeup& w, OnRow&& on_row, OnEvent&& on_event, std::size_t limit, Stop&& stop);
+    /// The last catch-up stopped at its limit, or a take() was stopped: rows may remain
+    /// before the live events, and the next take() polls first.
     bool behind() const noexcept { return behind_; }
 
 private:
@@ -639,6 +645,7 @@ private:
     std::int64_t position_;
     std::uint64_t synced_epoch_ = 0;  // the dispatcher's epoch before the last complete poll
     bool behind_ = false;
+    bool polled_ = false;  // after the first poll, position 0 means "nothing yet", not "first poll"
 };
 
 // --------------------------------------------------------------------------------------------
@@ -832,7 +839,7 @@ struct signed_token_options {
 
 /// Admits peers that present a token this policy signed (HMAC-SHA256 with a server secret), in
 /// a cookie or an `Authorization: Bearer` header. Tokens expire; revoke() ends a subject's
-/// sessions at their next request or dispatch (4001). Thread-safe.
+/// sessions at their next request or dispatch (4001). Thread-safe; copies share revocations.
 class signed_token_policy {
 public:
     using identity = signed_identity;
@@ -853,8 +860,12 @@ public:
 private:
     std::string secret_;
     signed_token_options options_;
-    mutable std::mutex mutex_;
-    std::unordered_set<std::string> revoked_;
+    struct revocations {
+        std::mutex mutex;
+        std::unordered_set<std::string> subjects;
+    };
+    // Shared, so the policy stays copyable (a server holds its own copy) and copies agree.
+    std::shared_ptr<revocations> revoked_ = std::make_shared<revocations>();
 };
 
 #ifdef IMBUS_WITH_WEBSOCKETPP
@@ -2039,7 +2050,9 @@ inline bool follower::wants_all(const commit_event& e) const {
 template <class OnRow> std::size_t follower::catch_up(OnRow&& on_row, std::size_t limit) {
     // The epoch is read before the poll: any gap that opens later starts a newer epoch.
     const std::uint64_t epoch_before = dispatcher_ ? dispatcher_->epoch() : 0;
-    auto found = store_.fetch(channels_, position_, limit);
+    // Position 0 after a first poll (an empty store) means every row, not the first-poll window.
+    auto found = store_.fetch(channels_, position_ == 0 && polled_ ? -1 : position_, limit);
+    polled_ = true;
     for (const auto& n : found.notifications) on_row(n, std::string_view(n.wire()));
     // A reset store (position above its newest id) restarts from its horizon as well.
     position_ = found.horizon;
@@ -2056,10 +2069,20 @@ template <class OnRow> std::size_t follower::take(const wakeup& w, OnRow&& on_ro
 
 template <class OnRow, class OnEvent>
 std::size_t follower::take(const wakeup& w, OnRow&& on_row, OnEvent&& on_event, std::size_t limit) {
+    return take(w, on_row, on_event, limit, [] { return false; });
+}
+
+template <class OnRow, class OnEvent, class Stop>
+std::size_t follower::take(const wakeup& w, OnRow&& on_row, OnEvent&& on_event, std::size_t limit, Stop&& stop) {
     if (w.overflowed || behind_) return catch_up(on_row, limit);  // the events are incomplete
     std::size_t taken = 0;
     for (const auto& d : w.events) {
         const commit_event& event = *d.event;
+        if (stop()) {
+            behind_ = true;  // the rest of this wake-up comes from the store
+            synced_epoch_ = 0;
+            return taken;
+        }
         if (event.has_rows() && event.last_id() <= position_) continue;  // already seen
         // An event continues the position when it starts right after it, or when the same
         // epoch vouches that every row in between was delivered here (or was not ours).
@@ -2467,13 +2490,13 @@ inline std::optional<signed_identity> signed_token_policy::verify(std::string_vi
 }
 
 inline void signed_token_policy::revoke(std::string_view subject) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    revoked_.insert(std::string(subject));
+    std::lock_guard<std::mutex> lock(revoked_->mutex);
+    revoked_->subjects.insert(std::string(subject));
 }
 
 inline void signed_token_policy::reinstate(std::string_view subject) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    revoked_.erase(std::string(subject));
+    std::lock_guard<std::mutex> lock(revoked_->mutex);
+    revoked_->subjects.erase(std::string(subject));
 }
 
 inline admission<signed_identity> signed_token_policy::authenticate(const http_request& request) const {
@@ -2497,8 +2520,8 @@ inline std::vector<channel> signed_token_policy::channels(const identity& who, s
 
 inline bool signed_token_policy::still_valid(const identity& who) const {
     if (who.expires <= options_.clock()) return false;
-    std::lock_guard<std::mutex> lock(mutex_);
-    return revoked_.count(who.subject) == 0;
+    std::lock_guard<std::mutex> lock(revoked_->mutex);
+    return revoked_->subjects.count(who.subject) == 0;
 }
 
 #ifdef IMBUS_WITH_WEBSOCKETPP
@@ -2740,6 +2763,11 @@ basic_server<AuthPolicy>::basic_server(imbus::bus& b, AuthPolicy policy, server_
     endpoint_.set_close_handshake_timeout(long(options_.close_handshake_timeout.count()));
     endpoint_.set_pong_timeout(long(options_.pong_timeout.count()));
     using namespace std::placeholders;
+    // Frames are small and latency matters: no Nagle delay behind an unacknowledged segment.
+    endpoint_.set_socket_init_handler([](websocketpp::connection_hdl, asio::ip::tcp::socket& socket) {
+        asio::error_code ignored;
+        socket.set_option(asio::ip::tcp::no_delay(true), ignored);
+    });
     endpoint_.set_validate_handler([this](websocketpp::connection_hdl h) { return on_validate(h); });
     endpoint_.set_open_handler([this](websocketpp::connection_hdl h) { on_open(h); });
     endpoint_.set_close_handler([this](websocketpp::connection_hdl h) { on_close(h); });
@@ -3131,14 +3159,17 @@ template <class AuthPolicy> void basic_server<AuthPolicy>::on_wakeup(const conne
     if (w.overflowed || s.follow->behind()) return catch_up(con, true);
     if (con->get_buffered_amount() > options_.max_outbound_bytes) return lag(con);
     detail::frame_builder frame;  // rows of events shared only in part, sent as one frame
+    bool full = false;            // the queue bound holds per event, not per wake-up
     s.follow->take(
         w, [&](const notification&, std::string_view wire) { frame.add(wire); },
         [&](const commit_event& event) {
             if (!frame.empty()) send_text(con, frame.finish());
             send_event(con, event);
         },
-        options_.catch_up_rows);
+        options_.catch_up_rows,
+        [&] { return full = con->get_buffered_amount() + frame.text.size() > options_.max_outbound_bytes; });
     if (!frame.empty()) send_text(con, frame.finish());
+    if (full) return lag(con);
     if (s.follow->behind()) catch_up(con, false);
 }
 
