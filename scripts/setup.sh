@@ -1,39 +1,66 @@
 #!/usr/bin/env bash
-# Installs the Debian packages imbus needs. Idempotent: does nothing (and never calls
-# apt) when they are all installed already. Uses sudo when not run as root.
+# Installs what imbus's build and tests need: the Debian packages, then the browser tests'
+# npm package (playwright-core, from tests/browser/package-lock.json). Idempotent: calls apt
+# only for missing packages and npm only when tests/browser/node_modules is missing or older
+# than the lock file. Uses sudo when not run as root.
 set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 packages=(
   build-essential cmake clang libclang-rt-14-dev
   libasio-dev libwebsocketpp-dev nlohmann-json3-dev doctest-dev
   libsqlite3-dev libpq-dev
+  chromium  # the browser tests (tests/browser) drive /usr/bin/chromium
 )
+# Debian's nodejs/npm only where there is no node or npm at all: a node from elsewhere (e.g.
+# NodeSource) ships its own npm, which Debian's npm package would conflict with.
+command -v node >/dev/null 2>&1 || packages+=(nodejs)
+command -v npm >/dev/null 2>&1 || packages+=(npm)
+
+fail() {
+  echo "setup.sh: $*" >&2
+  exit 1
+}
 
 if ! command -v dpkg-query >/dev/null 2>&1 || ! command -v apt-get >/dev/null 2>&1; then
   echo "setup.sh: not a Debian/Ubuntu system; install the equivalents of:" >&2
   echo "  ${packages[*]}" >&2
-  exit 0
+else
+  missing=()
+  for p in "${packages[@]}"; do
+    status=$(dpkg-query -W -f='${db:Status-Abbrev}' "$p" 2>/dev/null || true)
+    [[ $status == ii* ]] || missing+=("$p")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    sudo=()
+    if [ "$(id -u)" -ne 0 ]; then
+      command -v sudo >/dev/null 2>&1 || fail "need root or sudo to install: ${missing[*]}"
+      sudo=(sudo)
+    fi
+    echo "setup.sh: installing ${missing[*]}"
+    log=$(mktemp)
+    trap 'rm -f "$log"' EXIT
+    if ! { "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -q &&
+           "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"; } >"$log" 2>&1; then
+      cat "$log" >&2
+      fail "package installation failed"
+    fi
+  fi
 fi
 
-missing=()
-for p in "${packages[@]}"; do
-  status=$(dpkg-query -W -f='${db:Status-Abbrev}' "$p" 2>/dev/null || true)
-  [[ $status == ii* ]] || missing+=("$p")
-done
-[ ${#missing[@]} -eq 0 ] && exit 0
-
-sudo=()
-if [ "$(id -u)" -ne 0 ]; then
-  command -v sudo >/dev/null 2>&1 || { echo "setup.sh: need root or sudo to install: ${missing[*]}" >&2; exit 1; }
-  sudo=(sudo)
-fi
-
-echo "setup.sh: installing ${missing[*]}"
-log=$(mktemp)
-trap 'rm -f "$log"' EXIT
-if ! { "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -q &&
-       "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"; } >"$log" 2>&1; then
-  cat "$log" >&2
-  echo "setup.sh: package installation failed" >&2
-  exit 1
+# playwright-core for the browser tests, exactly as locked. Without it CMake skips the browser
+# tests with a message (CI, which configures with IMBUS_REQUIRE_BROWSER_TESTS=ON, fails instead).
+browser="$root/tests/browser"
+if [ ! -f "$browser/node_modules/.package-lock.json" ] ||
+   [ "$browser/package-lock.json" -nt "$browser/node_modules/.package-lock.json" ]; then
+  if ! command -v npm >/dev/null 2>&1; then
+    [ "${CI:-}" = true ] && fail "npm not found: cannot install the browser tests' playwright-core"
+    echo "setup.sh: npm not found; the browser tests will be skipped" >&2
+  else
+    echo "setup.sh: npm ci in tests/browser (playwright-core)"
+    if ! (cd "$browser" && npm ci --no-audit --no-fund --loglevel=error); then
+      [ "${CI:-}" = true ] && fail "npm ci in tests/browser failed"
+      echo "setup.sh: npm ci in tests/browser failed; the browser tests will be skipped" >&2
+    fi
+  fi
 fi
