@@ -41,7 +41,7 @@
 //     IMBUS_PROTOCOL_VERSION            "19.0-2"  clients with another version are told OUTDATED_VERSION
 //     IMBUS_MAX_MESSAGE_BYTES           1 MiB  a bigger client message closes with 1009
 //     IMBUS_MAX_OUTBOUND_BYTES          4 MiB  queued for one client before it is caught up from the store
-//     IMBUS_READ_BUFFER_BYTES           4096   per-connection read buffer (compile-time only: websocketpp)
+//     IMBUS_READ_BUFFER_BYTES           2048   per-connection read buffer (compile-time only: websocketpp)
 //
 // Threading model:
 //     channel, notification, commit_event: values; immutable once shared.
@@ -95,7 +95,7 @@
 #endif
 
 #ifndef IMBUS_READ_BUFFER_BYTES
-#define IMBUS_READ_BUFFER_BYTES 4096
+#define IMBUS_READ_BUFFER_BYTES 2048
 #endif
 
 #ifndef IMBUS_SQLITE_GC_CHUNK
@@ -1985,12 +1985,14 @@ inline void dispatcher::schedule(const std::shared_ptr<entry>& e) {
 
 // Runs the handler until nothing is pending, so one subscriber's handler never runs twice at once.
 inline void dispatcher::drain(const std::shared_ptr<entry>& e) {
+    wakeup w;
     for (;;) {
-        wakeup w;
+        w.events.clear();  // keeps its capacity: the queue and this batch trade buffers
         {
             std::lock_guard<std::mutex> lock(e->mutex);
             if (e->closed || (e->pending.empty() && !e->overflowed)) {
                 e->scheduled = false;
+                if (e->pending.capacity() == 0) e->pending.swap(w.events);
                 return;
             }
             w.events.swap(e->pending);
@@ -2913,6 +2915,7 @@ template <class AuthPolicy> bool basic_server<AuthPolicy>::on_validate(websocket
         con->set_status(static_cast<websocketpp::http::status_code::value>(status));
         con->set_body(json({{"error", why}}).dump());
         con->replace_header("Content-Type", "application/json");
+        con->replace_header("Connection", "close");
         if (options_.log) options_.log(log_level::info, "server: handshake from " + con->get_remote_endpoint() +
                                                             " refused (" + std::to_string(status) + "): " + why);
         return false;
@@ -3111,7 +3114,11 @@ template <class AuthPolicy> void basic_server<AuthPolicy>::on_subscribe(const co
             [this, weak](wakeup& w) {
                 if (auto c = weak.lock()) on_wakeup(c, w);
             },
-            [strand](std::function<void()> task) { asio::post(*strand, std::move(task)); });
+            [this, strand](std::function<void()> task) {
+                // One I/O thread already running here serializes everything: no strand hop.
+                if (options_.threads == 1 && io_.get_executor().running_in_this_thread()) return task();
+                asio::post(*strand, std::move(task));
+            });
     }
     // Subscribe before polling: whatever commits after the poll reaches us as an event.
     s.subscription.set_channels(channels);
@@ -3157,7 +3164,6 @@ template <class AuthPolicy> void basic_server<AuthPolicy>::on_wakeup(const conne
     if (!s.open || !s.follow || s.lagging) return;  // a lagging client is caught up after its drain
     if (!still_valid(con)) return;
     if (w.overflowed || s.follow->behind()) return catch_up(con, true);
-    if (con->get_buffered_amount() > options_.max_outbound_bytes) return lag(con);
     detail::frame_builder frame;  // rows of events shared only in part, sent as one frame
     bool full = false;            // the queue bound holds per event, not per wake-up
     s.follow->take(
@@ -3205,6 +3211,7 @@ template <class AuthPolicy> void basic_server<AuthPolicy>::on_http_request(webso
     con->set_status(static_cast<websocketpp::http::status_code::value>(response.status));
     for (const auto& h2 : response.headers) con->replace_header(h2.first, h2.second);
     con->set_body(response.body);
+    con->replace_header("Connection", "close");  // websocketpp closes after every response
 }
 
 template <class AuthPolicy>

@@ -90,14 +90,19 @@ export class BusService extends EventTarget {
     startWorker() {
         if (this.useSharedWorker) {
             try {
-                this.worker = new SharedWorker(this.workerURL, { type: "module", name: "imbus" });
+                // One worker per protocol version: tabs of an old deploy must not pull new ones
+                // into their OUTDATED_VERSION state, nor the other way round.
+                this.worker = new SharedWorker(this.workerURL, { type: "module", name: `imbus@${this.version}` });
                 this.worker.addEventListener("error", () => this._fallBackToWorker());
                 this.port = this.worker.port;
                 this.port.addEventListener("message", (event) => this._onWorkerMessage(event.data));
                 this.port.start();
                 this._initialize();
             } catch {
-                this._fallBackToWorker();
+                // Nothing reached a worker yet: the queue below carries every post made so far.
+                this.useSharedWorker = false;
+                this._startDedicatedWorker();
+                this._initialize();
             }
         } else {
             this._startDedicatedWorker();
@@ -166,7 +171,7 @@ export class BusService extends EventTarget {
     _onNotifications(notifications) {
         let last = this.lastNotificationId;
         for (const { id, message } of notifications) {
-            last = Math.max(last, id);
+            last = id;  // ascending, and after a store reset lower than before: assign
             for (const handler of this.handlers.get(message.type) || []) {
                 try {
                     handler(message.payload, { id, type: message.type });

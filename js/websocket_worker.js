@@ -78,11 +78,15 @@ export class WebsocketWorker {
     }
 
     // The first tab decides the URL; every tab brings the last id it knows (kept across reloads).
+    // The first tab decides the URL (tabs of another version get a worker of their own, see
+    // bus_service.js); every tab brings the last id it knows, kept across reloads.
     initializeConnection(client, { websocketURL, version, lastNotificationId }) {
-        this.lastNotificationId = Math.max(this.lastNotificationId, Number(lastNotificationId) || 0);
+        if (!this.everConnected) {
+            this.lastNotificationId = Math.max(this.lastNotificationId, Number(lastNotificationId) || 0);
+        }
         this.sendToClient(client, "initialized", { state: this.state, active: this.active });
         if (!this.active) return this.sendToClient(client, "outdated");
-        if (this.websocketURL && this.websocketURL === websocketURL && this.version === version) {
+        if (this.websocketURL) {
             if (this.state === WORKER_STATE.CONNECTED) this.sendToClient(client, "connect");
             return;
         }
@@ -213,7 +217,8 @@ export class WebsocketWorker {
                 continue;
             }
             delivered.push(n);
-            if (typeof n.id === "number") this.lastNotificationId = Math.max(this.lastNotificationId, n.id);
+            // The server's ids are the truth: after a store reset they start over, lower.
+            if (typeof n.id === "number") this.lastNotificationId = n.id;
         }
         if (delivered.length) this.broadcast("notification", delivered);
     }

@@ -1,15 +1,24 @@
 #!/usr/bin/env bash
-# Builds and runs the demo (examples/outbox.cpp). Arguments go to the program.
+# The live demo: installs what is missing, builds the chat server (examples/chat/) and the outbox
+# example in build-demo/, then serves the chat on http://127.0.0.1:${PORT:-8080}/ (Ctrl-C stops it).
+# Arguments go to the chat server (e.g. --host 0.0.0.0). The session secret is kept in
+# build-demo/chat.secret, so logins survive a restart; the data is build-demo/chat.db.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-if [ ! -f examples/outbox.cpp ]; then
-  echo "demo.sh: examples/outbox.cpp does not exist yet" >&2
-  exit 1
+bash scripts/setup.sh
+cmake -S . -B build-demo -DCMAKE_BUILD_TYPE=Release -DCMAKE_CXX_COMPILER=g++ \
+      -DIMBUS_BUILD_TESTS=OFF -DIMBUS_BUILD_BENCH=OFF >/dev/null
+cmake --build build-demo -j2 --target example_chat example_outbox
+
+secret_file=build-demo/chat.secret
+if [ ! -s "$secret_file" ]; then
+  (umask 077 && head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$secret_file")
 fi
 
-bash scripts/setup.sh
-cmake -S . -B build -DCMAKE_BUILD_TYPE=Debug -DCMAKE_CXX_COMPILER=g++ -DIMBUS_BUILD_BENCH=OFF
-cmake --build build -j2 --target example_outbox
-cd build
-exec ./example_outbox "$@"
+echo "The outbox pattern on its own (a message row and its notification in one SQLite transaction):"
+echo "    build-demo/example_outbox"
+echo "Open the chat in two browsers (or a private window) to talk to yourself."
+# The secret goes through the environment, not the command line (where ps would show it).
+IMBUS_CHAT_SECRET="$(cat "$secret_file")" exec build-demo/example_chat \
+  --host 127.0.0.1 --port "${PORT:-8080}" --data build-demo/chat.db "$@"

@@ -57,9 +57,8 @@ function checkEqual(actual, expected, message) {
 
 // --- the server ---------------------------------------------------------------------------------
 
-// One request on a connection of its own (agent: false sends `Connection: close`). Not fetch():
-// its keep-alive pool reuses sockets that the server closes after each response without saying
-// so (see the http_connection_close bug), and a POST on such a socket fails now and then.
+// One request on a connection of its own (agent: false sends `Connection: close`): the server
+// closes after each response (it says so since http_connection_close), so pooling buys nothing.
 function http(method, url, body, headers = {}) {
     return new Promise((resolve, reject) => {
         const req = httpRequest(url, { method, headers, agent: false }, (res) => {
@@ -456,7 +455,7 @@ test("stop_start", async ({ harness, context }) => {
 
 // --- known bugs (DISABLED in ctest; run with --only NAME) -----------------------------------------
 
-bug("http_connection_close", async ({ harness }) => {
+test("http_connection_close", async ({ harness }) => {
     // websocketpp serves one HTTP request per connection and closes it after the response, but
     // the response does not say `Connection: close`. HTTP/1.1 clients (Node's fetch, keep-alive
     // pools of any backend calling POST /bus/send) then reuse the socket the server is closing,
@@ -480,7 +479,7 @@ bug("http_connection_close", async ({ harness }) => {
     check(!closed || saysClose, "the server closed a keep-alive connection after the response without `Connection: close`");
 });
 
-bug("outdated_worker_refuses_current_tab", async ({ harness, context }) => {
+test("outdated_worker_refuses_current_tab", async ({ harness, context }) => {
     // After a deploy, an old tab (old version) is told OUTDATED_VERSION and the shared worker
     // deactivates. The user reloads one tab (now the server's version) while another old tab is
     // still open: the reloaded tab joins the same SharedWorker (same URL and name), which is
@@ -495,7 +494,7 @@ bug("outdated_worker_refuses_current_tab", async ({ harness, context }) => {
     await waitReceived(current, ids);
 });
 
-bug("late_tab_version_switches_worker", async ({ harness, context, restart }) => {
+test("late_tab_version_switches_worker", async ({ harness, context, restart }) => {
     // websocket_worker.js says "the first tab decides the URL", but initializeConnection lets
     // every later tab overwrite websocketURL/version (without reconnecting). A stale tab joining
     // a current one thus makes the next reconnect use the stale version: OUTDATED_VERSION for
@@ -513,7 +512,7 @@ bug("late_tab_version_switches_worker", async ({ harness, context, restart }) =>
     check(!(await events(current)).includes("outdated"), "the current tab is not outdated after a reconnect");
 });
 
-bug("fallback_after_throw_doubles_channels", async ({ harness, context }) => {
+test("fallback_after_throw_doubles_channels", async ({ harness, context }) => {
     // new SharedWorker() can throw (e.g. a CSP worker-src refusal). startWorker() then falls back
     // to a dedicated Worker, and _fallBackToWorker() replays this tab's channelCounts; after
     // that, startWorker() also flushes `queued`, which holds the same add_channel posts made
@@ -531,7 +530,7 @@ bug("fallback_after_throw_doubles_channels", async ({ harness, context }) => {
     check(!await deliveredOn(harness, page, "dup"), "after the tab's only delete, 'dup' is unsubscribed");
 });
 
-bug("store_reset_stale_cursor", async ({ harness, context, restart }) => {
+test("store_reset_stale_cursor", async ({ harness, context, restart }) => {
     // PROTOCOL §2: a `last` above the store's newest id means the store was reset; the server
     // then starts the client over (and sends the missed-notifications marker). The client keeps
     // its old, higher last id (Math.max in websocket_worker.js and bus_service.js), so at the
