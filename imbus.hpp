@@ -943,7 +943,9 @@ public:
     void run();
     /// Serves on `threads` background threads; wait() joins them.
     void start();
-    /// Closes every connection with 1001 and stops accepting. From any thread, handlers included.
+    /// Closes every connection with 1001 and refuses new ones (503); the I/O threads return
+    /// once the last has closed, and wait() (or run()) closes the listening socket.
+    /// From any thread, handlers included.
     void stop() noexcept;
     void wait();
 
@@ -2853,19 +2855,24 @@ template <class AuthPolicy> void basic_server<AuthPolicy>::wait() {
     for (auto& t : threads_)
         if (t.joinable() && t.get_id() != std::this_thread::get_id()) t.join();
     threads_.clear();
+    // Only now, with no I/O thread left, is the acceptor safe to close: websocketpp restarts
+    // accepting from whichever thread took the last connection.
+    std::error_code ec;
+    if (stopping_ && io_.stopped() && endpoint_.is_listening()) endpoint_.stop_listening(ec);
 }
 
+// New handshakes are refused (503) from here on; once the last connection has closed its
+// handshake, the I/O threads return and wait() closes the acceptor.
 template <class AuthPolicy> void basic_server<AuthPolicy>::stop() noexcept {
     if (stopping_.exchange(true)) return;
     asio::post(io_, [this] {
-        std::error_code ec;
-        if (endpoint_.is_listening()) endpoint_.stop_listening(ec);
         gc_timer_.cancel();
         std::vector<connection_ptr> open;
         {
             std::lock_guard<std::mutex> lock(connections_mutex_);
             for (auto& entry : connections_)
                 if (auto con = entry.second.lock()) open.push_back(con);
+            if (open.empty()) io_.stop();
         }
         for (auto& con : open)
             asio::post(*con->get_strand(), [this, con] { close(con, 1001, "server shutdown"); });
@@ -3007,6 +3014,7 @@ template <class AuthPolicy> void basic_server<AuthPolicy>::on_close(websocketpp:
     {
         std::lock_guard<std::mutex> lock(connections_mutex_);
         connections_.erase(con.get());
+        if (stopping_ && connections_.empty()) io_.stop();  // the last one: run() may return
     }
     s.open = false;
     if (!std::exchange(s.policy_opened, false)) return;
