@@ -969,6 +969,7 @@ private:
     void on_close(websocketpp::connection_hdl h);
     void on_http_request(websocketpp::connection_hdl h);
     void on_subscribe(const connection_ptr& con, const json& data);
+    bool build_channels(const identity& who, const json& asked, std::vector<channel>& out);
     void on_wakeup(const connection_ptr& con, wakeup& w);
     void catch_up(const connection_ptr& con, bool check_missed);
     void lag(const connection_ptr& con);
@@ -3105,14 +3106,9 @@ template <class AuthPolicy> void basic_server<AuthPolicy>::on_subscribe(const co
         if (!data["last"].is_number_integer()) return reject("data.last must be an integer");
         last = std::max<std::int64_t>(0, data["last"].get<std::int64_t>());
     }
-    std::vector<channel> requested;
-    for (const auto& c : data["channels"]) {
-        if (!c.is_string()) return reject("channels sent by a client must be strings");
-        requested.emplace_back(bus_.db(), c.get<std::string>());
-    }
-    std::vector<channel> channels = requested;
-    if constexpr (detail::policy_has_channels<AuthPolicy>::value)
-        channels = policy_.channels(*s.identity, std::move(requested));
+    std::vector<channel> channels;
+    if (!build_channels(*s.identity, data["channels"], channels))
+        return reject("channels sent by a client must be strings");
     const bool first = !s.follow;
     if (first) {
         s.follow.emplace(bus_.store(), dispatcher_, std::vector<channel>(), last);
@@ -3133,6 +3129,19 @@ template <class AuthPolicy> void basic_server<AuthPolicy>::on_subscribe(const co
     s.follow->set_channels(std::move(channels));
     if (s.lagging) return;  // the catch-up after the drain covers the new channels
     catch_up(con, first && last > 0);
+}
+
+// Odoo's _build_bus_channels_list: the client's strings as [db, s], then the policy's say.
+template <class AuthPolicy>
+bool basic_server<AuthPolicy>::build_channels(const identity& who, const json& asked, std::vector<channel>& out) {
+    std::vector<channel> requested;
+    for (const auto& c : asked) {
+        if (!c.is_string()) return false;
+        requested.emplace_back(bus_.db(), c.get<std::string>());
+    }
+    if constexpr (detail::policy_has_channels<AuthPolicy>::value) out = policy_.channels(who, std::move(requested));
+    else out = std::move(requested);
+    return true;
 }
 
 template <class AuthPolicy> void basic_server<AuthPolicy>::catch_up(const connection_ptr& con, bool check_missed) {
@@ -3238,14 +3247,9 @@ void basic_server<AuthPolicy>::serve_route(const http_request& request, http_res
             return bad_request("expected {\"channels\": [...], \"last\": N, \"is_first_poll\": bool}");
         auto verdict = policy_.authenticate(request);
         if (!verdict.accepted()) return response.set_json(verdict.status() ? verdict.status() : 403, {{"error", verdict.reason()}});
-        std::vector<channel> requested;
-        for (const auto& c : params["channels"]) {
-            if (!c.is_string()) return bad_request("channels must be strings");
-            requested.emplace_back(bus_.db(), c.get<std::string>());
-        }
-        std::vector<channel> channels = requested;
-        if constexpr (detail::policy_has_channels<AuthPolicy>::value)
-            channels = policy_.channels(verdict.identity(), std::move(requested));
+        std::vector<channel> channels;
+        if (!build_channels(verdict.identity(), params["channels"], channels))
+            return bad_request("channels must be strings");
         channels = detail::unique_channels(channels);
         const json last_json = params.value("last", json(0));
         if (!last_json.is_number_integer()) return bad_request("last must be an integer");
