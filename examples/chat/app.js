@@ -106,14 +106,18 @@ function addMessage(m) {
     return !known;
 }
 
+async function loadHistory(room) {
+    const { messages } = await api("GET", `/chat/history?room=${encodeURIComponent(room)}`);
+    messages.forEach(addMessage);  // de-duplicated by id
+    if (state.current === room) renderMessages();
+}
+
 async function selectRoom(room) {
     state.current = room;
     state.unread.delete(room);
     renderRoom();
     try {
-        const { messages } = await api("GET", `/chat/history?room=${encodeURIComponent(room)}`);
-        messages.forEach(addMessage);
-        if (state.current === room) renderMessages();
+        await loadHistory(room);
     } catch (error) {
         showError("chat-error", error);
     }
@@ -125,6 +129,9 @@ function addRoom(room) {
     state.rooms = [...state.rooms, room].sort();
     bus.addChannel(`room:${room}`);
     renderRooms();
+    // The worker subscribes after a 300 ms debounce and the server keeps its cursor: a message
+    // sent in between reaches this tab through neither the history nor the bus. Ask once more.
+    setTimeout(() => loadHistory(room).catch(() => {}), 1000);
 }
 
 function removeRoom(room) {
