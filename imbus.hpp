@@ -2773,9 +2773,10 @@ basic_server<AuthPolicy>::basic_server(imbus::bus& b, AuthPolicy policy, server_
     endpoint_.set_pong_timeout(long(options_.pong_timeout.count()));
     using namespace std::placeholders;
     // Frames are small and latency matters: no Nagle delay behind an unacknowledged segment.
-    endpoint_.set_socket_init_handler([](websocketpp::connection_hdl, asio::ip::tcp::socket& socket) {
+    // (After the accept: websocketpp's socket_init handler sees the socket before it is open.)
+    endpoint_.set_tcp_post_init_handler([this](websocketpp::connection_hdl h) {
         asio::error_code ignored;
-        socket.set_option(asio::ip::tcp::no_delay(true), ignored);
+        if (auto con = connection_of(h)) con->get_raw_socket().set_option(asio::ip::tcp::no_delay(true), ignored);
     });
     endpoint_.set_validate_handler([this](websocketpp::connection_hdl h) { return on_validate(h); });
     endpoint_.set_open_handler([this](websocketpp::connection_hdl h) { on_open(h); });
