@@ -10,6 +10,10 @@
 // too).
 // A slow socket just queues. No store, no JSON parsing beyond a scan for the "payload" value,
 // no auth policy, no limits.
+// Channels (the bench's many-channels scenario): a handshake path with `channel=C` in its
+// query puts the socket on channel C only; a POST whose body has "channel":"C" then goes to
+// the sockets of C (a map lookup, a per-socket queue of the shared frame) and to every socket
+// that named no channel.
 //
 //   floor_server [--host 127.0.0.1] [--port 8090] [--api-key KEY]
 #ifndef ASIO_STANDALONE
@@ -26,6 +30,7 @@
 #include <iostream>
 #include <memory>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 using asio::ip::tcp;
@@ -41,7 +46,11 @@ struct ws_session {
     std::uint64_t next = 0;  // log index of the next frame to write
     std::uint64_t done = 0;  // log index up to which writes completed (frames still needed from here)
     std::vector<asio::const_buffer> buffers;  // of the current gather write
-    std::size_t index = 0;  // position in server::sessions_, npos once removed
+    std::size_t index = 0;  // position in server::sessions_ (or its channel's list), npos once removed
+    std::string channel;    // empty: every frame (the shared log); else only this channel's
+    std::deque<frame_ptr> own;  // a channel socket's frames not yet written
+    std::size_t own_writing = 0;  // how many of `own` the current write carries
+    bool dirty = false;           // in server::dirty_
     bool writing = false;
     bool alive = true;
 };
@@ -75,6 +84,29 @@ std::size_t value_end(std::string_view s, std::size_t i) {
     return i;
 }
 
+// The value of the first "channel":"..." in a body (no escapes expected), or "".
+std::string_view channel_of(std::string_view body) {
+    const std::size_t key = body.find("\"channel\":\"");
+    if (key == std::string_view::npos) return {};
+    const std::size_t start = key + 11;
+    const std::size_t end = body.find('"', start);
+    return end == std::string_view::npos ? std::string_view() : body.substr(start, end - start);
+}
+
+// The value of `name` in the query of a request target, or "".
+std::string_view query_value(std::string_view target, std::string_view name) {
+    std::size_t q = target.find('?');
+    while (q != std::string_view::npos) {
+        const std::size_t start = q + 1;
+        const std::size_t amp = target.find('&', start);
+        const std::string_view pair = target.substr(start, (amp == std::string_view::npos ? target.size() : amp) - start);
+        if (pair.size() > name.size() && pair.substr(0, name.size()) == name && pair[name.size()] == '=')
+            return pair.substr(name.size() + 1);
+        q = amp;
+    }
+    return {};
+}
+
 std::string_view payload_of(std::string_view body) {
     const std::size_t key = body.find("\"payload\"");
     if (key == std::string_view::npos) return "null";
@@ -104,6 +136,9 @@ public:
         acceptor_.close(ec);
         for (auto& s : sessions_) s->sock.close(ec);
         sessions_.clear();
+        for (auto& [name, list] : routed_)
+            for (auto& s : list) s->sock.close(ec);
+        routed_.clear();
     }
 
 private:
@@ -173,7 +208,7 @@ private:
         const std::string_view target = head.substr(sp1 + 1, sp2 - sp1 - 1);
         const std::string_view path = target.substr(0, target.find('?'));
         const auto key = wsmini::header_value(head, "Sec-WebSocket-Key");
-        if (method == "GET" && !key.empty()) return upgrade(c, key);
+        if (method == "GET" && !key.empty()) return upgrade(c, key, query_value(target, "channel"));
         if (method == "POST" && path == "/bus/send") {
             if (!api_key_.empty()) {
                 const auto auth = wsmini::header_value(head, "Authorization");
@@ -183,25 +218,28 @@ private:
             const std::string_view body(c->buf.data() + c->header_end, c->content_length);
             const std::uint64_t id = ++next_id_;
             respond(c, "200 OK", "{\"ids\":[" + std::to_string(id) + "]}");  // answer first, like a commit
-            return broadcast(id, payload_of(body));
+            return broadcast(id, payload_of(body), channel_of(body));
         }
         if (method == "GET" && path == "/websocket/health") return respond(c, "200 OK", "{\"status\":\"pass\"}");
         respond(c, "404 Not Found", "{\"error\":\"not found\"}");
     }
 
-    void upgrade(const std::shared_ptr<http_conn>& c, std::string_view key) {
+    void upgrade(const std::shared_ptr<http_conn>& c, std::string_view key, std::string_view channel) {
         auto s = std::make_shared<ws_session>(std::move(c->sock));
         s->handshake = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                        "Sec-WebSocket-Accept: " + wsmini::accept_key(key) + "\r\n\r\n";
         s->next = s->done = log_base_ + log_.size();  // only frames published from now on
-        s->index = sessions_.size();
-        sessions_.push_back(s);
+        s->channel = std::string(channel);
+        auto& list = s->channel.empty() ? sessions_ : routed_[s->channel];
+        s->index = list.size();
+        list.push_back(s);
         s->writing = true;
         asio::async_write(s->sock, asio::buffer(s->handshake), [this, s](const asio::error_code& ec, std::size_t) {
             s->writing = false;
             std::string().swap(s->handshake);
             if (ec || !s->alive) return remove(s);
-            write(s);
+            if (s->channel.empty()) write(s);
+            else write_own(s);
         });
         discard(s);
     }
@@ -214,11 +252,15 @@ private:
             s->sock.close(ignored);
         }
         if (s->writing || s->index == npos) return;
-        auto& last = sessions_.back();
+        auto routed = s->channel.empty() ? routed_.end() : routed_.find(s->channel);
+        auto& list = routed == routed_.end() ? sessions_ : routed->second;
+        auto& last = list.back();
         last->index = s->index;
-        std::swap(sessions_[s->index], last);
-        sessions_.pop_back();
+        std::swap(list[s->index], last);
+        list.pop_back();
         s->index = npos;
+        s->own.clear();
+        if (routed != routed_.end() && list.empty()) routed_.erase(routed);
     }
 
     // Reads and throws away what the client sends (its subscribe, probes, pongs...).
@@ -232,12 +274,25 @@ private:
     // Appends one frame to the shared log; one flush pass, after the handlers already queued
     // (other POSTs among them), starts the writes: a socket gets all frames that accumulated
     // in one gather write, as websocketpp does with its send queue.
-    void broadcast(std::uint64_t id, std::string_view payload) {
+    void broadcast(std::uint64_t id, std::string_view payload, std::string_view channel) {
         std::string text = "[{\"id\":" + std::to_string(id) + ",\"message\":{\"type\":\"b\",\"payload\":";
         text += payload;
         text += "}}]";
-        log_.push_back(std::make_shared<const std::string>(wsmini::frame_header(1, text.size()) + text));
+        auto frame = std::make_shared<const std::string>(wsmini::frame_header(1, text.size()) + text);
+        if (!sessions_.empty()) log_.push_back(frame);
+        if (!channel.empty() && !routed_.empty()) {
+            auto it = routed_.find(std::string(channel));
+            if (it != routed_.end())
+                for (const auto& s : it->second) {
+                    s->own.push_back(frame);
+                    mark_dirty(s);
+                }
+        }
         flush_due_ = true;
+    }
+
+    void mark_dirty(const std::shared_ptr<ws_session>& s) {
+        if (!s->dirty) s->dirty = true, dirty_.push_back(s);
     }
 
 public:
@@ -253,6 +308,12 @@ public:
             needed = std::min(needed, s->done);
         }
         while (log_base_ < needed) log_.pop_front(), ++log_base_;  // frames every socket has written
+        auto dirty = std::move(dirty_);
+        dirty_.clear();
+        for (const auto& s : dirty) {
+            s->dirty = false;
+            write_own(s);
+        }
     }
 
 private:
@@ -273,10 +334,27 @@ private:
         });
     }
 
+    // A channel socket: one gather write of its queued frames.
+    void write_own(const std::shared_ptr<ws_session>& s) {
+        if (s->writing || s->own.empty() || !s->alive) return;
+        s->writing = true;
+        s->buffers.clear();
+        s->own_writing = std::min<std::size_t>(s->own.size(), 64);
+        for (std::size_t i = 0; i < s->own_writing; ++i) s->buffers.push_back(asio::buffer(*s->own[i]));
+        asio::async_write(s->sock, s->buffers, [this, s](const asio::error_code& ec, std::size_t) {
+            s->writing = false;
+            if (ec || !s->alive) return remove(s);
+            s->own.erase(s->own.begin(), s->own.begin() + std::ptrdiff_t(s->own_writing));
+            if (!s->own.empty()) mark_dirty(s), flush_due_ = true;
+        });
+    }
+
     tcp::acceptor acceptor_;
     asio::steady_timer retry_;
     std::string api_key_;
-    std::vector<std::shared_ptr<ws_session>> sessions_;
+    std::vector<std::shared_ptr<ws_session>> sessions_;  // sockets that take every frame
+    std::unordered_map<std::string, std::vector<std::shared_ptr<ws_session>>> routed_;  // by channel
+    std::vector<std::shared_ptr<ws_session>> dirty_;  // channel sockets with frames to write
     std::deque<frame_ptr> log_;    // frames some socket still has to write
     std::uint64_t log_base_ = 0;   // log index of log_.front()
     bool flush_due_ = false;

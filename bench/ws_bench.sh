@@ -1,38 +1,48 @@
 #!/usr/bin/env bash
-# WebSocket benchmark of the imbus server against a "floor" (bench/floor_server.cpp: the least
-# work a server can do to deliver the same frames). See bench/README.md.
+# WebSocket benchmark: the imbus server side by side with the peers people would pick instead
+# (Node `ws`, Socket.IO, uWebSockets.js, nginx + nchan) and with a "floor" (bench/floor_server.cpp:
+# the least work a server can do to deliver the same frames). See bench/README.md.
 #
-#   bash bench/ws_bench.sh            # full run (~8 minutes), writes bench/WS_RESULTS.md
+#   bash bench/ws_bench.sh            # full run (~10 minutes on 2 cores), writes bench/RESULTS.md
 #   bash bench/ws_bench.sh --quick    # tiny sizes, a smoke test: exits 1 if any delivery failed
 #
 # Options:
-#   --quick              tiny sizes; results go to build-bench/WS_RESULTS.quick.md
-#   --seconds S          publishing time of the fan-out and latency runs (default 10; quick 2)
-#   --systems LIST       comma-separated subset of: floor,memory1,sqlite1,memory2
-#   --pin                pin the server to CPU 0 and the load generator to CPU 1 (taskset);
-#                        default: no pinning, both processes share both cores
-#   --out FILE           where to write the Markdown (default bench/WS_RESULTS.md)
+#   --quick              tiny sizes; results go to build-bench/RESULTS.quick.md
+#   --seconds S          publishing time of the fan-out, many-channels and latency runs (default 10; quick 2)
+#   --systems LIST       comma-separated subset of: floor,memory1,sqlite1,memory2,ws,socketio,uws,nchan
+#   --scenarios LIST     comma-separated subset of: fanout,channels,latency,idle,storm
+#   --no-pin             do not pin (default: server on CPU 0, load generator on CPU 1 with taskset;
+#                        imbus with 2 threads gets CPUs 0 and 1)
+#   --out FILE           where to write the Markdown (default bench/RESULTS.md)
 #   --no-build           use the binaries already in build-bench/
-# Exit status: 0 when every run delivered every notification exactly once, 1 otherwise.
+#   --no-install         do not install missing peers (npm ci in bench/peers, apt-get for nchan)
+# Exit status: 0 when every run delivered every notification exactly once (reconnect storm: every
+# client live again, nothing lost where the system resumes), 1 otherwise.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BUILD=$ROOT/build-bench
+PEERS=$ROOT/bench/peers
 QUICK=0
-PIN=0
+PIN=1
 BUILD_IT=1
+INSTALL=1
 RUN_SECONDS=""
-SYSTEMS="floor,memory1,sqlite1,memory2"
+SYSTEMS="floor,memory1,sqlite1,memory2,ws,socketio,uws,nchan"
+SCENARIOS="fanout,channels,latency,idle,storm"
 OUT=""
 while [[ $# -gt 0 ]]; do
   case $1 in
     --quick) QUICK=1 ;;
     --pin) PIN=1 ;;
+    --no-pin) PIN=0 ;;
     --no-build) BUILD_IT=0 ;;
+    --no-install) INSTALL=0 ;;
     --seconds) RUN_SECONDS=$2; shift ;;
     --systems) SYSTEMS=$2; shift ;;
+    --scenarios) SCENARIOS=$2; shift ;;
     --out) OUT=$2; shift ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
     *) echo "ws_bench.sh: unknown option $1" >&2; exit 2 ;;
   esac
   shift
@@ -40,12 +50,14 @@ done
 
 if [[ $QUICK == 1 ]]; then
   : "${RUN_SECONDS:=2}"
-  FANOUT_SIZES="50 200"; LAT_SUBS=50; LAT_RATE=200; LAT_LOW_RATE=20; IDLE_CONNS=500
-  : "${OUT:=$BUILD/WS_RESULTS.quick.md}"
+  FANOUT_SIZES="50 200"; CHANNEL_SUBS=200; LAT_SUBS=50; LAT_RATE=200; LAT_LOW_RATE=20; IDLE_CONNS=500
+  STORM_SUBS=200; STORM_AWAY=100
+  : "${OUT:=$BUILD/RESULTS.quick.md}"
 else
   : "${RUN_SECONDS:=10}"
-  FANOUT_SIZES="1000 10000"; LAT_SUBS=1000; LAT_RATE=1000; LAT_LOW_RATE=50; IDLE_CONNS=10000
-  : "${OUT:=$ROOT/bench/WS_RESULTS.md}"
+  FANOUT_SIZES="1000 10000"; CHANNEL_SUBS=10000; LAT_SUBS=1000; LAT_RATE=1000; LAT_LOW_RATE=50; IDLE_CONNS=10000
+  STORM_SUBS=10000; STORM_AWAY=1000
+  : "${OUT:=$ROOT/bench/RESULTS.md}"
 fi
 # Fan-out: enough POSTs in flight that the publisher's connect/answer round trips (each
 # behind the load generator's subscriber reads) do not limit the rate; --window bounds queues.
@@ -53,12 +65,19 @@ FANOUT_PUBLISHERS=16
 # ...and at most this many notifications per subscriber published but not yet delivered:
 # enough backlog to keep the server busy, bounded so that the latency is not just queueing.
 FANOUT_WINDOW=20
+# Many channels: one delivery per publish, so the rate is the publish rate: more POSTs in
+# flight, and at most this many notifications published but not yet delivered in all.
+CHANNEL_PUBLISHERS=32
+CHANNEL_WINDOW=1000
 # Latency: paced publishes; this many may be in flight, so that a slow answer delays the
 # next publish as little as possible (a publish that finds none free is late; see the table).
 LATENCY_PUBLISHERS=64
+# Reconnect storm: publishers of the notifications sent while the clients are away.
+STORM_PUBLISHERS=16
 KEY=bench-key-$$
 LOGS=$BUILD/ws_bench_logs
 WORK=$(mktemp -d /tmp/ws_bench.XXXXXX)
+chmod 711 "$WORK"  # nginx's worker runs unprivileged and keeps its temp files below it
 RESULTS=$WORK/results.jsonl
 : > "$RESULTS"
 
@@ -76,6 +95,17 @@ trap 'exit 130' INT TERM
 
 say() { echo "ws_bench: $*" >&2; }
 
+IFS=, read -r -a SYSTEM_LIST <<< "$SYSTEMS"
+IFS=, read -r -a SCENARIO_LIST <<< "$SCENARIOS"
+for system in "${SYSTEM_LIST[@]}"; do
+  case $system in floor|memory1|sqlite1|memory2|ws|socketio|uws|nchan) ;; *) echo "ws_bench.sh: unknown system $system" >&2; exit 2 ;; esac
+done
+for scenario in "${SCENARIO_LIST[@]}"; do
+  case $scenario in fanout|channels|latency|idle|storm) ;; *) echo "ws_bench.sh: unknown scenario $scenario" >&2; exit 2 ;; esac
+done
+has_system() { [[ ",$SYSTEMS," == *",$1,"* ]]; }
+has_scenario() { [[ ",$SCENARIOS," == *",$1,"* ]]; }
+
 # --- build --------------------------------------------------------------------------------
 if [[ $BUILD_IT == 1 ]]; then
   say "building Release in $BUILD"
@@ -90,6 +120,62 @@ done
 mkdir -p "$LOGS"
 rm -f "$LOGS"/*.log
 
+# --- peers (installed from the registries, never committed) ------------------------------------
+NCHAN_MODULE=/usr/lib/nginx/modules/ngx_nchan_module.so
+UNAVAILABLE=""  # systems whose peer could not be installed
+
+# npm ci into bench/peers/node_modules, again only when package-lock.json changed.
+ensure_node_peers() {
+  if ! command -v node > /dev/null || ! command -v npm > /dev/null; then
+    say "node and npm are missing (Debian: apt-get install -y nodejs npm)"
+    return 1
+  fi
+  local stamp=$PEERS/node_modules/.imbus-bench-lock want
+  want=$(sha256sum "$PEERS/package-lock.json" | cut -d' ' -f1)
+  [[ -f $stamp && $(cat "$stamp") == "$want" ]] && return 0
+  [[ $INSTALL == 1 ]] || { say "bench/peers/node_modules is missing or stale (run without --no-install)"; return 1; }
+  say "installing the Node peers: npm ci in bench/peers"
+  if ! (cd "$PEERS" && npm ci --no-audit --no-fund --loglevel=error) > "$LOGS/npm-ci.log" 2>&1; then
+    cat "$LOGS/npm-ci.log" >&2
+    return 1
+  fi
+  echo "$want" > "$stamp"
+}
+
+# Debian nginx + nchan; the package must not leave its service running.
+ensure_nchan() {
+  command -v nginx > /dev/null && [[ -f $NCHAN_MODULE ]] && return 0
+  [[ $INSTALL == 1 ]] || { say "nginx or $NCHAN_MODULE is missing (run without --no-install)"; return 1; }
+  [[ $(id -u) == 0 ]] || { say "nginx + libnginx-mod-nchan are missing; installing them needs root"; return 1; }
+  say "installing nginx + libnginx-mod-nchan (apt-get)"
+  local policy=/usr/sbin/policy-rc.d made_policy=0 rc=0
+  if [[ ! -e $policy ]]; then  # tell the package scripts not to start the service
+    printf '#!/bin/sh\nexit 101\n' > "$policy" && chmod 755 "$policy" && made_policy=1
+  fi
+  {
+    DEBIAN_FRONTEND=noninteractive apt-get install -y nginx libnginx-mod-nchan ||
+      { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y nginx libnginx-mod-nchan; }
+  } > "$LOGS/apt-nchan.log" 2>&1 || rc=$?
+  [[ $made_policy == 1 ]] && rm -f "$policy"
+  # Should the service have started anyway (no policy-rc.d honoured), stop it.
+  if [[ -s /run/nginx.pid ]] && kill -0 "$(cat /run/nginx.pid)" 2> /dev/null; then
+    say "stopping the nginx service the package started"
+    nginx -s stop 2> /dev/null || true
+  fi
+  if [[ $rc != 0 ]] || [[ ! -f $NCHAN_MODULE ]]; then
+    tail -20 "$LOGS/apt-nchan.log" >&2
+    return 1
+  fi
+}
+
+if has_system ws || has_system socketio || has_system uws; then
+  if ! ensure_node_peers; then
+    for s in ws socketio uws; do has_system "$s" && UNAVAILABLE+=" $s"; done
+  fi
+fi
+if has_system nchan && ! ensure_nchan; then UNAVAILABLE+=" nchan"; fi
+[[ -n $UNAVAILABLE ]] && say "not available, counted as failed:$UNAVAILABLE"
+
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 NOFILE=$(ulimit -n)
 need=$(( IDLE_CONNS + 100 ))
@@ -97,14 +183,31 @@ if (( NOFILE < need )); then
   say "warning: ulimit -n is $NOFILE, the idle run needs about $need"
 fi
 
-SERVER_CPUS=""; LOADGEN_CPUS=""
-if [[ $PIN == 1 ]]; then SERVER_CPUS="taskset -c 0"; LOADGEN_CPUS="taskset -c 1"; fi
+if [[ $PIN == 1 ]] && ! { taskset -c 0 true && taskset -c 1 true; } 2>/dev/null; then
+  say "warning: taskset cannot pin to CPUs 0 and 1 here: running unpinned"
+  PIN=0
+fi
+server_cpus() {  # system
+  [[ $PIN == 1 ]] || return 0
+  if [[ $1 == memory2 ]]; then echo "taskset -c 0,1"; else echo "taskset -c 0"; fi
+}
+LOADGEN_CPUS=""
+[[ $PIN == 1 ]] && LOADGEN_CPUS="taskset -c 1"
+
+protocol_of() {
+  case $1 in
+    floor) echo floor ;;
+    memory1|sqlite1|memory2) echo imbus ;;
+    *) echo "$1" ;;
+  esac
+}
 
 LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 START_DATE=$(date -u '+%Y-%m-%d %H:%M UTC')
 
 # --- servers --------------------------------------------------------------------------------
 PORT=""
+METRIC_PID=""  # the process whose RSS and CPU time are measured (nginx: the worker)
 free_port() {
   local p
   for _ in $(seq 50); do
@@ -119,207 +222,151 @@ start_server() {  # system run-name
   for attempt in 1 2 3; do
     start_server_once "$@" && return 0
   done
-  echo "ws_bench.sh: $1 did not start, see $LOGS/$2.server.log" >&2
-  cat "$LOGS/$2.server.log" >&2
-  exit 1
-}
-
-start_server_once() {  # system run-name
-  local system=$1 name=$2 log=$LOGS/$2.server.log
-  PORT=$(free_port)
-  case $system in
-    floor)   $SERVER_CPUS "$BUILD/floor_server" --port "$PORT" --api-key "$KEY" > "$log" 2>&1 & ;;
-    memory1) $SERVER_CPUS "$BUILD/example_server" --port "$PORT" --api-key "$KEY" --store memory --threads 1 > "$log" 2>&1 & ;;
-    memory2) $SERVER_CPUS "$BUILD/example_server" --port "$PORT" --api-key "$KEY" --store memory --threads 2 > "$log" 2>&1 & ;;
-    sqlite1) rm -f "$WORK/$name.db"*
-             $SERVER_CPUS "$BUILD/example_server" --port "$PORT" --api-key "$KEY" --store "sqlite:$WORK/$name.db" --threads 1 > "$log" 2>&1 & ;;
-    *) echo "ws_bench.sh: unknown system $system" >&2; exit 2 ;;
-  esac
-  SERVER_PID=$!
-  for _ in $(seq 200); do
-    if (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; then return 0; fi
-    kill -0 "$SERVER_PID" 2>/dev/null || break
-    sleep 0.05
-  done
-  stop_server
+  say "$1 did not start, see $LOGS/$2.server.log"
+  tail -20 "$LOGS/$2.server.log" >&2 || true
   return 1
 }
 
-stop_server() {
+start_server_once() {  # system run-name
+  local system=$1 name=$2 log=$LOGS/$2.server.log cpus
+  cpus=$(server_cpus "$system")
+  PORT=$(free_port)
+  METRIC_PID=""
+  case $system in
+    floor)   $cpus "$BUILD/floor_server" --port "$PORT" --api-key "$KEY" > "$log" 2>&1 & ;;
+    memory1) $cpus "$BUILD/example_server" --port "$PORT" --api-key "$KEY" --store memory --threads 1 > "$log" 2>&1 & ;;
+    memory2) $cpus "$BUILD/example_server" --port "$PORT" --api-key "$KEY" --store memory --threads 2 > "$log" 2>&1 & ;;
+    sqlite1) rm -f "$WORK/$name.db"*
+             $cpus "$BUILD/example_server" --port "$PORT" --api-key "$KEY" --store "sqlite:$WORK/$name.db" --threads 1 > "$log" 2>&1 & ;;
+    ws|socketio|uws)
+             $cpus node "$PEERS/${system}_server.mjs" "$PORT" > "$log" 2>&1 & ;;
+    nchan)   local dir=$WORK/nginx.$name
+             rm -rf "$dir"; mkdir -p "$dir"; chmod 755 "$dir"
+             sed "s#@PREFIX@#$dir#g; s#@PORT@#$PORT#g; s#@NOFILE@#$NOFILE#g" "$PEERS/nchan.conf" > "$dir/nginx.conf"
+             $cpus nginx -c "$dir/nginx.conf" -p "$dir" > "$log" 2>&1 & ;;
+  esac
+  SERVER_PID=$!
+  local up=0
+  for _ in $(seq 200); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; then up=1; break; fi
+    kill -0 "$SERVER_PID" 2>/dev/null || break
+    sleep 0.05
+  done
+  if [[ $up == 1 && $system == nchan ]]; then  # measure the (single) worker, not the master
+    up=0
+    for _ in $(seq 100); do
+      METRIC_PID=$(cat "/proc/$SERVER_PID/task/$SERVER_PID/children" 2>/dev/null | awk '{print $1}')
+      [[ -n $METRIC_PID ]] && { up=1; break; }
+      sleep 0.05
+    done
+  fi
+  if [[ $up == 1 ]]; then
+    : "${METRIC_PID:=$SERVER_PID}"
+    return 0
+  fi
+  stop_server "$system" "$name"
+  return 1
+}
+
+stop_server() {  # system run-name
   [[ -n $SERVER_PID ]] || return 0
   kill -TERM "$SERVER_PID" 2>/dev/null || true
   for _ in $(seq 100); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 0.05; done
   kill -KILL "$SERVER_PID" 2>/dev/null || true
   wait "$SERVER_PID" 2>/dev/null || true
+  if [[ $1 == nchan && -f $WORK/nginx.$2/error.log ]]; then
+    cat "$WORK/nginx.$2/error.log" >> "$LOGS/$2.server.log"
+    rm -rf "$WORK/nginx.$2"
+  fi
   SERVER_PID=""
 }
 
-# One run: a fresh server (no leftovers in the 50 s first-poll window), one loadgen run.
+# One run: a fresh server (no leftovers in imbus's 50 s first-poll window), one loadgen run.
 run() {  # system scenario loadgen-args...
   local system=$1 scenario=$2; shift 2
-  local name=$scenario.$system line rc=0
-  start_server "$system" "$name"
+  local name=$scenario.$system line rc=0 mode=${scenario%%-*}
+  if [[ " $UNAVAILABLE " == *" $system "* ]]; then
+    echo "{\"system\":\"$system\",\"scenario\":\"$scenario\",\"mode\":\"$mode\",\"ok\":false,\"unavailable\":true}" >> "$RESULTS"
+    return
+  fi
+  if ! start_server "$system" "$name"; then
+    echo "{\"system\":\"$system\",\"scenario\":\"$scenario\",\"mode\":\"$mode\",\"ok\":false,\"no_server\":true}" >> "$RESULTS"
+    return
+  fi
   say "$system / $scenario: ws_loadgen $*"
-  $LOADGEN_CPUS "$BUILD/ws_loadgen" "$@" --port "$PORT" --api-key "$KEY" --server-pid "$SERVER_PID" \
-    --label "$system" > "$WORK/out" 2> "$LOGS/$name.loadgen.log" || rc=$?
-  stop_server
+  $LOADGEN_CPUS "$BUILD/ws_loadgen" "$@" --protocol "$(protocol_of "$system")" --port "$PORT" --api-key "$KEY" \
+    --server-pid "$METRIC_PID" --label "$system" > "$WORK/out" 2> "$LOGS/$name.loadgen.log" || rc=$?
+  stop_server "$system" "$name"
   line=$(grep '^{' "$WORK/out" | tail -1 || true)
   grep '^#' "$WORK/out" >&2 || true
   if [[ -z $line ]]; then
     say "$system / $scenario: no result (exit $rc), see $LOGS/$name.loadgen.log"
     tail -5 "$LOGS/$name.loadgen.log" >&2 || true
-    line="{\"mode\":\"${scenario%%-*}\",\"label\":\"$system\",\"ok\":false}"
+    line="{\"mode\":\"$mode\",\"label\":\"$system\",\"ok\":false}"
   fi
   echo "{\"system\":\"$system\",\"scenario\":\"$scenario\",${line#\{}" >> "$RESULTS"
 }
 
 # Scenario by scenario, every system in turn: a change in the machine's load during the run
 # then touches all systems of a table alike.
-IFS=, read -r -a SYSTEM_LIST <<< "$SYSTEMS"
-for n in $FANOUT_SIZES; do
-  for system in "${SYSTEM_LIST[@]}"; do
-    run "$system" "fanout-$n" fanout --subscribers "$n" --seconds "$RUN_SECONDS" --publishers "$FANOUT_PUBLISHERS" \
-      --window "$FANOUT_WINDOW"
+if has_scenario fanout; then
+  for n in $FANOUT_SIZES; do
+    for system in "${SYSTEM_LIST[@]}"; do
+      run "$system" "fanout-$n" fanout --subscribers "$n" --seconds "$RUN_SECONDS" --publishers "$FANOUT_PUBLISHERS" \
+        --window "$FANOUT_WINDOW"
+    done
   done
-done
-for rate in $LAT_RATE $LAT_LOW_RATE; do
+fi
+if has_scenario channels; then
   for system in "${SYSTEM_LIST[@]}"; do
-    run "$system" "latency-$LAT_SUBS-$rate" latency --subscribers "$LAT_SUBS" --rate "$rate" --seconds "$RUN_SECONDS" \
-      --publishers "$LATENCY_PUBLISHERS"
+    run "$system" "channels-$CHANNEL_SUBS" channels --subscribers "$CHANNEL_SUBS" --seconds "$RUN_SECONDS" \
+      --publishers "$CHANNEL_PUBLISHERS" --window "$CHANNEL_WINDOW"
   done
-done
-for system in "${SYSTEM_LIST[@]}"; do
-  run "$system" "idle-$IDLE_CONNS" idle --connections "$IDLE_CONNS" --settle 2
-done
+fi
+if has_scenario latency; then
+  for rate in $LAT_RATE $LAT_LOW_RATE; do
+    for system in "${SYSTEM_LIST[@]}"; do
+      run "$system" "latency-$LAT_SUBS-$rate" latency --subscribers "$LAT_SUBS" --rate "$rate" --seconds "$RUN_SECONDS" \
+        --publishers "$LATENCY_PUBLISHERS"
+    done
+  done
+fi
+if has_scenario idle; then
+  for system in "${SYSTEM_LIST[@]}"; do
+    run "$system" "idle-$IDLE_CONNS" idle --connections "$IDLE_CONNS" --settle 2
+  done
+fi
+if has_scenario storm; then
+  for system in "${SYSTEM_LIST[@]}"; do
+    run "$system" "storm-$STORM_SUBS" storm --subscribers "$STORM_SUBS" --away "$STORM_AWAY" --publishers "$STORM_PUBLISHERS"
+  done
+fi
 LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
 
 # --- report ---------------------------------------------------------------------------------
+peer_version() {  # npm package name in bench/peers/node_modules
+  local f=$PEERS/node_modules/$1/package.json
+  [[ -f $f ]] && sed -n 's/^ *"version": *"\([^"]*\)".*/\1/p' "$f" | head -1 || echo "?"
+}
 CPU_MODEL=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
 MEM_TOTAL=$(awk '/MemTotal/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo)
 COMMIT=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
 DIRTY=$(git -C "$ROOT" status --porcelain -- imbus.hpp 2>/dev/null | head -1)
-export ROOT RESULTS QUICK RUN_SECONDS FANOUT_PUBLISHERS FANOUT_WINDOW LATENCY_PUBLISHERS CPU_MODEL MEM_TOTAL COMMIT DIRTY LOAD_START LOAD_END START_DATE PIN NOFILE
+NODE_VERSION=$(node --version 2>/dev/null || echo none)
+NGINX_VERSION=$(nginx -v 2>&1 | sed 's#.*nginx/##' || echo none)
+NCHAN_VERSION=$(dpkg-query -W -f='${Version}' libnginx-mod-nchan 2>/dev/null || echo none)
+WS_VERSION=$(peer_version ws); SIO_VERSION=$(peer_version socket.io); UWS_VERSION=$(peer_version @trufflesuite/uws-js-unofficial)
+export RESULTS QUICK RUN_SECONDS FANOUT_PUBLISHERS FANOUT_WINDOW CHANNEL_PUBLISHERS CHANNEL_WINDOW LATENCY_PUBLISHERS
+export STORM_PUBLISHERS STORM_AWAY CPU_MODEL MEM_TOTAL COMMIT DIRTY LOAD_START LOAD_END START_DATE PIN NOFILE
+export NODE_VERSION NGINX_VERSION NCHAN_VERSION WS_VERSION SIO_VERSION UWS_VERSION
 export KERNEL="$(uname -r)" NPROC="$(nproc)"
-python3 - > "$WORK/report.md" <<'PY'
-import json, os
-rows = [json.loads(l) for l in open(os.environ["RESULTS"]) if l.strip()]
-E = os.environ
-names = {"floor": "floor (bench/floor_server)", "memory1": "imbus, memory store, 1 thread",
-         "sqlite1": "imbus, SQLite store, 1 thread", "memory2": "imbus, memory store, 2 threads"}
-out = []
-p = out.append
-p("# imbus WebSocket benchmark" + (" (quick smoke run)" if E["QUICK"] == "1" else ""))
-p("")
-p(f"Generated by `bash bench/ws_bench.sh{' --quick' if E['QUICK'] == '1' else ''}` on {E['START_DATE']}, "
-  f"imbus commit {E['COMMIT']}{' + local changes to imbus.hpp' if E['DIRTY'] else ''}, Release build.")
-p("")
-p(f"- Machine: {E['NPROC']} CPUs ({E['CPU_MODEL']}), {E['MEM_TOTAL']}, Linux {E['KERNEL']}, `ulimit -n` {E['NOFILE']}.")
-p(f"- Load average (1/5/15 min) at start: {E['LOAD_START']}; at end: {E['LOAD_END']}. Other work on the "
-  "machine takes CPU from both the server and the load generator: compare figures of one run only.")
-p(f"- Pinning: {'server on CPU 0, load generator on CPU 1' if E['PIN'] == '1' else 'none (server and load generator share both cores)'}.")
-p("- Every run starts a fresh server (SQLite: a new database file) on 127.0.0.1 and one `bench/ws_loadgen` "
-  "process (single-threaded Asio, hand-written client framing). Subscribers send "
-  "`{\"event_name\":\"subscribe\",\"data\":{\"channels\":[\"bench\"],\"last\":0}}`; a warm-up notification must "
-  "reach all of them before the timed phase. Publishers POST `/bus/send` (a new TCP connection per POST) "
-  "with a ~100-byte payload carrying the CLOCK_MONOTONIC send time. Server and load generator each run on "
-  "one thread (imbus 2 threads: two), so on 2 cores they compete with each other and with any other load.")
-p("- **ratio** = figure ÷ the floor's figure in the same scenario. Throughput: above 1 is better than the "
-  "floor. Latency and memory: above 1 is worse.")
-p("- **complete**: every subscriber received every published notification exactly once (ids checked: "
-  "no gap, no duplicate). Stragglers are awaited until everything arrived or nothing arrived for 3 s.")
-p("")
-
-by = {}
-for r in rows: by.setdefault(r["scenario"], []).append(r)
-def f(v, d=0):
-    if v is None: return "–"
-    return f"{v:,.{d}f}"
-def ratio(v, base):
-    if v is None or base in (None, 0): return "–"
-    return f"{v / base:.2f}"
-def floor_of(rs, key):
-    for r in rs:
-        if r["system"] == "floor": return r.get(key)
-    return None
-def complete(r):
-    if r.get("ok"): return "yes"
-    if "expected" not in r: return "**FAILED**"
-    return f"**NO** ({r.get('delivered', 0):,}/{r.get('expected', 0):,}, dup {r.get('duplicates', 0)}, closed {r.get('closed_by_server', 0)})"
-
-fail = False
-for scenario, rs in by.items():
-    kind = scenario.split("-")[0]
-    if kind == "fanout":
-        n = scenario.split("-")[1]
-        p(f"## Fan-out, {int(n):,} subscribers, publishing for {E['RUN_SECONDS']} s as fast as accepted")
-        p("")
-        p(f"{E['FANOUT_PUBLISHERS']} publisher connections at once. "
-          f"Publishers pause while more than {E['FANOUT_WINDOW']} notifications per subscriber are published but not yet "
-          f"delivered (`--window {E['FANOUT_WINDOW']}`), so queues stay bounded and the figure is a sustained rate; the "
-          "latency here is mostly time spent in that queue. deliveries/s = "
-          "notifications received by all subscribers ÷ (first publish → last delivery).")
-        p("")
-        p("| system | deliveries/s | ratio | published/s | ratio | latency p50 ms | ratio | p99 ms | ratio | max ms | notifications/frame | server CPU s | loadgen CPU s | complete |")
-        p("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
-        for r in rs:
-            p(f"| {names.get(r['system'], r['system'])} | {f(r.get('deliveries_per_s'))} | {ratio(r.get('deliveries_per_s'), floor_of(rs, 'deliveries_per_s'))} "
-              f"| {f(r.get('published_per_s'))} | {ratio(r.get('published_per_s'), floor_of(rs, 'published_per_s'))} "
-              f"| {f(r.get('lat_p50_ms'), 2)} | {ratio(r.get('lat_p50_ms'), floor_of(rs, 'lat_p50_ms'))} "
-              f"| {f(r.get('lat_p99_ms'), 2)} | {ratio(r.get('lat_p99_ms'), floor_of(rs, 'lat_p99_ms'))} "
-              f"| {f(r.get('lat_max_ms'), 1)} | {f(r.get('notifications_per_frame'), 2)} "
-              f"| {f(r.get('server_cpu_s'), 1)} | {f(r.get('loadgen_cpu_s'), 1)} | {complete(r)} |")
-            fail |= not r.get("ok")
-    elif kind == "latency":
-        _, n, rate = scenario.split("-")
-        p(f"## Latency, {int(n):,} subscribers, {int(rate):,} publishes/s for {E['RUN_SECONDS']} s "
-          f"({int(n) * int(rate):,} deliveries/s asked)")
-        p("")
-        p(f"Latency = receive time in the load generator − send time written by the publisher into the payload, "
-          f"over every delivery. Publishes are paced (up to {E['LATENCY_PUBLISHERS']} POSTs in flight); a publish due "
-          "while all are busy waits (**late**), and those still waiting at the end are dropped, so "
-          "published/s below the asked rate means the system (or the machine) could not keep up. Latency "
-          "is measured from the actual send, so waiting publishes are not in it. POST answer: connect + "
-          "request + answer of `/bus/send`, as the publisher sees it.")
-        p("")
-        p("| system | published/s | late | delivered/s | p50 ms | ratio | p99 ms | ratio | max ms | ratio | POST answer p50 / p99 ms | last delivery after last publish (s) | notifications/frame | server CPU s | complete |")
-        p("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
-        for r in rs:
-            p(f"| {names.get(r['system'], r['system'])} | {f(r.get('published_per_s'))} | {f(r.get('late_publishes'))} | {f(r.get('deliveries_per_s'))} "
-              f"| {f(r.get('lat_p50_ms'), 2)} | {ratio(r.get('lat_p50_ms'), floor_of(rs, 'lat_p50_ms'))} "
-              f"| {f(r.get('lat_p99_ms'), 2)} | {ratio(r.get('lat_p99_ms'), floor_of(rs, 'lat_p99_ms'))} "
-              f"| {f(r.get('lat_max_ms'), 1)} | {ratio(r.get('lat_max_ms'), floor_of(rs, 'lat_max_ms'))} "
-              f"| {f(r.get('post_p50_ms'), 1)} / {f(r.get('post_p99_ms'), 1)} "
-              f"| {f(r.get('drain_after_last_answer_s'), 2)} | {f(r.get('notifications_per_frame'), 2)} "
-              f"| {f(r.get('server_cpu_s'), 1)} | {complete(r)} |")
-            fail |= not r.get("ok")
-    elif kind == "idle":
-        n = scenario.split("-")[1]
-        p(f"## Idle memory, {int(n):,} subscribed connections")
-        p("")
-        p("Server VmRSS before the first connection and 2 s after all connections subscribed and received one "
-          "warm-up notification.")
-        p("")
-        p("| system | RSS before MiB | RSS after MiB | KiB per connection | ratio | connect time s | ok |")
-        p("|---|---:|---:|---:|---:|---:|---|")
-        for r in rs:
-            b, a = r.get("rss_before_kib"), r.get("rss_after_kib")
-            p(f"| {names.get(r['system'], r['system'])} | {f(b / 1024 if b else None, 1)} | {f(a / 1024 if a else None, 1)} "
-              f"| {f(r.get('kib_per_connection'), 2)} | {ratio(r.get('kib_per_connection'), floor_of(rs, 'kib_per_connection'))} "
-              f"| {f(r.get('connect_seconds'), 2)} | {'yes' if r.get('ok') else '**NO**'} |")
-            fail |= not r.get("ok")
-    p("")
-p("Raw results (one JSON line per run):")
-p("")
-p("```")
-for r in rows: p(json.dumps(r, separators=(",", ":")))
-p("```")
-print("\n".join(out))
-PY
+python3 "$ROOT/bench/ws_report.py" > "$WORK/report.md"
+mkdir -p "$(dirname "$OUT")"
 cp "$WORK/report.md" "$OUT"
 cat "$OUT"
 say "wrote $OUT (logs in $LOGS)"
 if grep -q '"ok":false' "$RESULTS"; then
-  say "FAILED: at least one run did not deliver every notification exactly once"
+  say "FAILED: at least one run did not deliver every notification exactly once (see the tables)"
   exit 1
 fi
 say "PASS: every run delivered every notification exactly once"

@@ -1,24 +1,45 @@
-// ws_loadgen: a lean WebSocket load generator for the imbus protocol (PROTOCOL.md §4-5).
+// ws_loadgen: a lean WebSocket load generator for the imbus protocol (PROTOCOL.md §4-5) and for
+// the peers of the bench (bench/peers/): Node `ws`, Socket.IO, uWebSockets.js, nchan.
 //
 // One thread, one io_context, many connections; hand-written client framing (handshake with
 // Sec-WebSocket-Key, masked client frames, server frames of any length), so that the load
 // generator is not the bottleneck. Subscribers bind to 127.0.0.1..127.0.0.k before connecting
 // (IP_BIND_ADDRESS_NO_PORT), publishers to 127.0.1.1..127.0.1.16: ephemeral ports do not run out.
 //
-//   ws_loadgen fanout  --port P --api-key K --subscribers N --seconds S [--window W]
-//   ws_loadgen latency --port P --api-key K --subscribers N --rate R --seconds S
-//   ws_loadgen idle    --port P [--api-key K] --connections N --server-pid PID
+//   ws_loadgen fanout   --protocol P --port N --subscribers N --seconds S [--window W]
+//   ws_loadgen latency  --protocol P --port N --subscribers N --rate R --seconds S
+//   ws_loadgen channels --protocol P --port N --subscribers N --seconds S [--window W]
+//   ws_loadgen idle     --protocol P --port N --connections N --server-pid PID
+//   ws_loadgen storm    --protocol P --port N --subscribers N --away M
 //
-// Each subscriber sends {"event_name":"subscribe","data":{"channels":["bench"],"last":0}}.
-// The publisher POSTs /bus/send (a new TCP connection per POST, P of them at once) with
-// {"channel":"bench","type":"b","payload":{"t":<CLOCK_MONOTONIC ns>,"pad":"xx..."}}.
-// Frames are not parsed as JSON: elements are found by `{"id":`, the latency by the first
-// `"t":` after it. Before the timed phase, one warm-up notification must reach every
-// subscriber (this proves that every subscribe was processed); only ids above it count.
+// Modes: fanout and latency put every subscriber on the channel "bench"; channels gives each
+// subscriber its own channel "u<i>" and publishes to random ones; idle measures the server's
+// resident memory; storm disconnects every subscriber, publishes M notifications, reconnects
+// all of them at once (each resubscribing with its last id where the protocol resumes) and
+// measures the time until every one has caught up, and how many notifications were lost.
+//
+// Protocols (--protocol; each is a small adapter: handshake path, subscribe message, publish
+// request, where the notification key and the send time are in a frame):
+//   imbus    GET /websocket?version=19.0-2, {"event_name":"subscribe","data":{"channels":[C],"last":L}},
+//            POST /bus/send (bearer key) -> {"ids":[N]}; frames [{"id":N,"message":{...}}], key = id
+//   floor    the same as imbus (bench/floor_server.cpp); channels mode adds &channel=C to the path
+//   ws, uws  GET /, the imbus subscribe message, POST /publish {"channel":C,"payload":P};
+//            frames {"channel":C,"payload":P}
+//   socketio GET /socket.io/?EIO=4&transport=websocket; answers the open packet `0{...}` with
+//            `40`, then emits `42["subscribe","C"]`; ping `2` -> pong `3`; frames `42["n",P]`
+//   nchan    GET /sub/C (storm: subprotocol ws+meta.nchan and Last-Event-ID to resume), no
+//            subscribe message; POST /pub/C with P as the body; frames are P
+// Every payload is {"s":<publisher's sequence number>,"t":<CLOCK_MONOTONIC ns>,"pad":"x..."}
+// (~100 bytes). The key of a notification is the server's id for imbus and the floor, and the
+// publisher's sequence number for the others; keys are checked per subscriber (no gap, no
+// duplicate). Frames are not parsed as JSON: the key and the time are found by memmem.
+// Before the timed phase, warm-up notifications must reach every subscriber (this proves that
+// every subscribe was processed).
 //
 // Output: one JSON line (starts with '{') and one human line (starts with '#') on stdout;
-// progress on stderr. Exit status 0 when the run completed (fanout/latency: every subscriber
-// got every published notification exactly once), 1 otherwise, 2 on bad usage.
+// progress on stderr. Exit status 0 when the run completed (every subscriber got every
+// published notification exactly once; storm: every client is live again, and none lost where
+// the protocol resumes), 1 otherwise, 2 on bad usage.
 #ifndef ASIO_STANDALONE
 #define ASIO_STANDALONE
 #endif
@@ -92,8 +113,12 @@ struct histogram {
     }
 };
 
+enum class protocol { imbus, floor, ws, socketio, uws, nchan };
+
 struct options {
     std::string mode;
+    protocol proto = protocol::imbus;
+    std::string proto_name = "imbus";
     std::string host = "127.0.0.1";
     std::uint16_t port = 8080;
     std::string target = "/websocket?version=19.0-2";
@@ -105,27 +130,40 @@ struct options {
     double rate = 1000;
     std::size_t publishers = 4;
     std::size_t payload_bytes = 100;
-    std::size_t window = 100;  // fanout: notifications published but not yet delivered everywhere
+    std::size_t window = 100;  // fanout: per subscriber; channels: in all
     std::size_t sources = 4;
     std::size_t connect_concurrency = 256;
+    std::size_t away = 1000;               // storm: notifications published while away
+    std::size_t storm_concurrency = 0;     // storm: connects at once (0 = all)
+    double probe_interval = 0.2;           // storm: seconds between live probes
+    double storm_timeout = 120;            // storm: give up after this long
     double drain = 3;       // give up after this long without a delivery...
     double drain_max = 300;  // ...or this long after the last publish answer
     double settle = 2;
     double warmup_timeout = 60;
     long server_pid = 0;
+    double trace_slow_ms = 0;  // print deliveries slower than this (0: none)
     bool window_given = false;
 };
 
+bool server_ids(protocol p) { return p == protocol::imbus || p == protocol::floor; }
+bool resumes(protocol p) { return p == protocol::imbus || p == protocol::nchan; }
+
 [[noreturn]] void usage(const std::string& problem) {
     std::cerr << "ws_loadgen: " << problem << "\n"
-              << "usage: ws_loadgen fanout  --subscribers N --seconds S [--window W] [common]\n"
-              << "       ws_loadgen latency --subscribers N --rate R --seconds S [common]\n"
-              << "       ws_loadgen idle    --connections N --server-pid PID [--settle S] [common]\n"
-              << "common: --host ADDR --port N --api-key KEY --target /websocket?version=19.0-2 --channel bench\n"
+              << "usage: ws_loadgen fanout   --subscribers N --seconds S [--window W] [common]\n"
+              << "       ws_loadgen latency  --subscribers N --rate R --seconds S [common]\n"
+              << "       ws_loadgen channels --subscribers N --seconds S [--window W] [common]\n"
+              << "       ws_loadgen idle     --connections N --server-pid PID [--settle S] [common]\n"
+              << "       ws_loadgen storm    --subscribers N --away M [--storm-concurrency C] [--probe-interval S]\n"
+              << "                           [--storm-timeout S] [common]\n"
+              << "common: --protocol imbus|floor|ws|socketio|uws|nchan --host ADDR --port N --api-key KEY (imbus, floor)\n"
+              << "        --target /websocket?version=19.0-2 (imbus, floor) --channel bench\n"
               << "        --publishers 4 --payload-bytes 100 --sources 4 --connect-concurrency 256\n"
-              << "        --drain 3 --drain-max 300 --warmup-timeout 60 --label TEXT --server-pid PID (fanout/latency: its CPU time)\n"
-              << "--window W (fanout, default 100; 0 = unlimited): publish only while fewer than W\n"
-              << "  notifications per subscriber are published but not yet delivered.\n";
+              << "        --drain 3 --drain-max 300 --warmup-timeout 60 --label TEXT --server-pid PID (its CPU time)\n"
+              << "        --trace-slow MS (print each delivery slower than MS to stderr)\n"
+              << "--window W: publish only while fewer than W notifications per subscriber (fanout, default 100)\n"
+              << "  or in all (channels, default 1000) are published but not yet delivered; 0 = unlimited.\n";
     std::exit(2);
 }
 
@@ -133,14 +171,24 @@ options parse(int argc, char** argv) {
     if (argc < 2) usage("missing mode");
     options o;
     o.mode = argv[1];
-    if (o.mode != "fanout" && o.mode != "latency" && o.mode != "idle") usage("unknown mode " + o.mode);
+    if (o.mode != "fanout" && o.mode != "latency" && o.mode != "idle" && o.mode != "channels" && o.mode != "storm")
+        usage("unknown mode " + o.mode);
     for (int i = 2; i < argc; ++i) {
         const std::string f = argv[i];
         if (i + 1 >= argc) usage("missing value after " + f);
         const std::string v = argv[++i];
         try {
             if (f == "--host") o.host = v;
-            else if (f == "--port") o.port = std::uint16_t(std::stoul(v));
+            else if (f == "--protocol") {
+                o.proto_name = v;
+                if (v == "imbus") o.proto = protocol::imbus;
+                else if (v == "floor") o.proto = protocol::floor;
+                else if (v == "ws") o.proto = protocol::ws;
+                else if (v == "socketio") o.proto = protocol::socketio;
+                else if (v == "uws") o.proto = protocol::uws;
+                else if (v == "nchan") o.proto = protocol::nchan;
+                else usage("unknown protocol " + v);
+            } else if (f == "--port") o.port = std::uint16_t(std::stoul(v));
             else if (f == "--target") o.target = v;
             else if (f == "--channel") o.channel = v;
             else if (f == "--api-key") o.api_key = v;
@@ -153,19 +201,26 @@ options parse(int argc, char** argv) {
             else if (f == "--window") o.window = std::stoul(v), o.window_given = true;
             else if (f == "--sources") o.sources = std::clamp<std::size_t>(std::stoul(v), 1, 254);
             else if (f == "--connect-concurrency") o.connect_concurrency = std::max<std::size_t>(1, std::stoul(v));
+            else if (f == "--away") o.away = std::max<std::size_t>(1, std::stoul(v));
+            else if (f == "--storm-concurrency") o.storm_concurrency = std::stoul(v);
+            else if (f == "--probe-interval") o.probe_interval = std::max(0.01, std::stod(v));
+            else if (f == "--storm-timeout") o.storm_timeout = std::stod(v);
             else if (f == "--drain") o.drain = std::stod(v);
             else if (f == "--drain-max") o.drain_max = std::stod(v);
             else if (f == "--settle") o.settle = std::stod(v);
             else if (f == "--warmup-timeout") o.warmup_timeout = std::stod(v);
             else if (f == "--server-pid") o.server_pid = std::stol(v);
+            else if (f == "--trace-slow") o.trace_slow_ms = std::stod(v);
             else usage("unknown option " + f);
         } catch (const std::logic_error&) {
             usage("bad value for " + f + ": " + v);
         }
     }
-    if (o.mode != "idle" && o.api_key.empty()) usage(o.mode + " needs --api-key");
+    if (o.mode != "idle" && server_ids(o.proto) && o.api_key.empty()) usage(o.mode + " needs --api-key for " + o.proto_name);
     if (o.mode == "idle" && o.server_pid <= 0) usage("idle needs --server-pid");
     if (o.mode == "latency" && !o.window_given) o.window = 0;
+    if (o.mode == "channels" && !o.window_given) o.window = 1000;
+    if (o.storm_concurrency == 0) o.storm_concurrency = o.connections;
     return o;
 }
 
@@ -195,6 +250,22 @@ double self_cpu_seconds() {
     rusage u{};
     getrusage(RUSAGE_SELF, &u);
     return double(u.ru_utime.tv_sec + u.ru_stime.tv_sec) + double(u.ru_utime.tv_usec + u.ru_stime.tv_usec) / 1e6;
+}
+
+// TcpExt ListenOverflows + ListenDrops (machine-wide): SYNs or handshakes a full accept queue dropped.
+long listen_drops() {
+    std::ifstream f("/proc/net/netstat");
+    std::string names, values;
+    while (std::getline(f, names) && std::getline(f, values)) {
+        if (names.rfind("TcpExt:", 0) != 0) continue;
+        std::istringstream n(names), v(values);
+        std::string name, value;
+        long sum = 0;
+        while (n >> name && v >> value)
+            if (name == "ListenOverflows" || name == "ListenDrops") sum += std::strtol(value.c_str(), nullptr, 10);
+        return sum;
+    }
+    return -1;
 }
 
 void raise_nofile() {
@@ -237,6 +308,28 @@ const char* find(const char* p, const char* end, std::string_view what) {
     return static_cast<const char*>(memmem(p, std::size_t(end - p), what.data(), what.size()));
 }
 
+// The integer after `key` in [p, end), or -1.
+std::int64_t int_after(const char* p, const char* end, std::string_view key) {
+    const char* k = find(p, end, key);
+    if (!k) return -1;
+    k += key.size();
+    return parse_int(k, end);
+}
+
+// A growable bitset of keys relative to a base key.
+struct keyset {
+    std::vector<std::uint64_t> words;
+    // Sets bit i; returns false if it was set already.
+    bool insert(std::size_t i) {
+        if (i / 64 >= words.size()) words.resize(i / 64 + 1 + words.size() / 2);
+        const std::uint64_t bit = std::uint64_t(1) << (i % 64);
+        if (words[i / 64] & bit) return false;
+        words[i / 64] |= bit;
+        return true;
+    }
+    void clear() { std::vector<std::uint64_t>().swap(words); }
+};
+
 struct subscriber {
     explicit subscriber(asio::io_context& io) : sock(io) {}
     tcp::socket sock;
@@ -244,13 +337,21 @@ struct subscriber {
     std::string message;  // a fragmented message being assembled
     std::string out, pending;
     std::string key;
-    std::int64_t last_id = 0;
-    std::int64_t first_run_id = 0;
-    std::uint32_t run_count = 0;
+    std::string resume_id;          // nchan: the id of the last message (ws+meta.nchan)
+    keyset seen;                    // fanout/latency: run keys - base; storm: away keys - lo
+    std::vector<std::int64_t> got;  // channels: keys received
+    std::vector<std::int64_t> want; // channels: keys published to this subscriber's channel
+    std::int64_t last_key = 0;      // highest key received (imbus: the id to resume from)
+    std::int64_t max_run_key = 0;
+    std::int64_t caught_up_at = 0;  // storm: when it was live again and had what it would get
+    std::uint32_t index = 0;
+    std::uint32_t gen = 0;          // bumped when the socket is dropped: old handlers ignore themselves
+    std::uint32_t run_count = 0;    // fanout/latency: distinct run keys; storm: distinct away keys
     std::uint32_t dups = 0;
-    enum : std::uint8_t { connecting, handshaking, open, closed } state = connecting;
+    enum : std::uint8_t { connecting, handshaking, subscribing, open, closed } state = connecting;
     bool writing = false;
-    bool warm = false;  // got at least one notification
+    bool warm = false;     // got a warm-up notification
+    bool probed = false;   // storm: got a notification published after the reconnect
     bool message_text = false;
 };
 
@@ -259,24 +360,30 @@ struct publish_request {
     tcp::socket sock;
     std::string request, response;
     std::int64_t start = 0;  // before connect
-    bool warm = false;
+    std::int64_t seq = 0;
+    std::size_t target = 0;  // channels: the subscriber whose channel this goes to
+    enum kind_t : std::uint8_t { warm, run, away, probe } kind = run;
 };
 
 class loadgen {
 public:
     explicit loadgen(options o)
         : o_(std::move(o)), server_(asio::ip::make_address(o_.host), o_.port), poll_(io_), deadline_(io_), pacer_(io_),
-          rng_(std::random_device{}()) {
+          prober_(io_), rng_(std::random_device{}()) {
         subs_.reserve(o_.connections);
-        for (std::size_t i = 0; i < o_.connections; ++i) subs_.push_back(std::make_unique<subscriber>(io_));
-        subscribe_text_ = "{\"event_name\":\"subscribe\",\"data\":{\"channels\":[\"" + o_.channel + "\"],\"last\":0}}";
-        const std::string bare = "{\"t\":" + std::to_string(now_ns()) + ",\"pad\":\"\"}";
+        for (std::size_t i = 0; i < o_.connections; ++i) {
+            subs_.push_back(std::make_unique<subscriber>(io_));
+            subs_.back()->index = std::uint32_t(i);
+        }
+        const std::string bare = "{\"s\":100000,\"t\":" + std::to_string(now_ns()) + ",\"pad\":\"\"}";
         pad_ = std::string(o_.payload_bytes > bare.size() ? o_.payload_bytes - bare.size() : 0, 'x');
+        channels_mode_ = o_.mode == "channels";
+        latency_mode_ = o_.mode == "latency";
     }
 
     int run() {
         if (o_.mode == "idle") rss_before_ = rss_kib(o_.server_pid);
-        progress("connecting " + std::to_string(o_.connections) + " subscribers");
+        progress("connecting " + std::to_string(o_.connections) + " subscribers (" + o_.proto_name + ")");
         connect_start_ = now_ns();
         open_more();
         wait_until([this] { return opened_ + failed_ == o_.connections; }, 60 + double(o_.connections) / 200,
@@ -286,29 +393,67 @@ public:
     }
 
 private:
+    std::string channel_of(std::size_t i) const { return channels_mode_ ? "u" + std::to_string(i) : o_.channel; }
+
     // --- phases ---------------------------------------------------------------------------
     void connected() {
         connect_seconds_ = double(now_ns() - connect_start_) / 1e9;
         progress("connected " + std::to_string(opened_) + ", failed " + std::to_string(failed_) + " in " +
                  fmt(connect_seconds_, 2) + " s");
-        if (o_.api_key.empty()) return settle();  // idle without a key: no warm-up possible
+        if (o_.mode == "idle" && server_ids(o_.proto) && o_.api_key.empty()) return settle();  // no warm-up possible
         progress("warm-up publish");
         warm_start_ = now_ns();
-        publish(true);
-        wait_until([this] { return warm_id_ != 0 && warm_subs_ >= opened_ - closed_unexpected_ && inflight_ == 0; },
+        warm_round();
+        wait_until([this] { return warm_answers_ > 0 && warm_subs_ >= opened_ - closed_unexpected_ && inflight_ == 0; },
                    o_.warmup_timeout, [this](bool ok) {
                        warm_ok_ = ok;
                        warm_seconds_ = double(now_ns() - warm_start_) / 1e9;
                        progress("warm-up " + std::string(ok ? "reached" : "did NOT reach") + " " +
                                 std::to_string(warm_subs_) + "/" + std::to_string(opened_) + " subscribers in " +
-                                fmt(warm_seconds_, 2) + " s");
+                                fmt(warm_seconds_, 2) + " s (" + std::to_string(warm_publishes_) + " warm-up publishes)");
                        if (o_.mode == "idle") return settle();
                        if (!ok) return finish();
+                       if (o_.mode == "storm") return storm_leave();
                        start_run();
                    });
     }
 
+    // One warm-up notification per channel (one channel but in channels mode), published again
+    // every second to the channels whose subscribers have not seen one yet: a subscribe still
+    // in flight when a peer without history got the first would otherwise wait forever.
+    void warm_round() {
+        if (warm_done_) return;
+        if (channels_mode_) {
+            for (std::size_t i = 0; i < subs_.size(); ++i)
+                if (subs_[i]->state == subscriber::open && !subs_[i]->warm) warm_queue_.push_back(i);
+            pump_warm();
+        } else if (warm_publishes_ == 0 || warm_subs_ < opened_ - closed_unexpected_) {
+            publish(publish_request::warm, 0);
+        }
+        auto t = std::make_shared<asio::steady_timer>(io_, std::chrono::seconds(1));
+        t->async_wait([this, t](const asio::error_code&) {
+            if (warm_subs_ < opened_ - closed_unexpected_ && warm_queue_.empty() && inflight_ == 0) warm_round();
+            else if (!warm_done_) warm_retry();
+        });
+    }
+    void warm_retry() {
+        auto t = std::make_shared<asio::steady_timer>(io_, std::chrono::milliseconds(200));
+        t->async_wait([this, t](const asio::error_code&) {
+            if (warm_done_) return;
+            if (warm_subs_ < opened_ - closed_unexpected_ && warm_queue_.empty() && inflight_ == 0) warm_round();
+            else warm_retry();
+        });
+    }
+    void pump_warm() {
+        while (!warm_queue_.empty() && inflight_ < std::max<std::size_t>(o_.publishers, 16)) {
+            const std::size_t i = warm_queue_.back();
+            warm_queue_.pop_back();
+            publish(publish_request::warm, i);
+        }
+    }
+
     void settle() {
+        warm_done_ = true;
         poll_.expires_after(std::chrono::milliseconds(std::int64_t(o_.settle * 1000)));
         poll_.async_wait([this](const asio::error_code&) {
             rss_after_ = rss_kib(o_.server_pid);
@@ -316,13 +461,20 @@ private:
         });
     }
 
+    void begin_measure() {
+        warm_done_ = true;
+        self_cpu_start_ = self_cpu_seconds();
+        if (o_.server_pid > 0) server_cpu_start_ = cpu_seconds(o_.server_pid);
+        // Keys at or below the warm-up's are leftovers; the run's keys start above them.
+        base_key_ = server_ids(o_.proto) ? warm_key_ + 1 : 1;
+    }
+
     void start_run() {
+        begin_measure();
         progress("publishing for " + fmt(o_.seconds, 1) + " s");
         run_phase_ = true;
         publishing_ = true;
         run_start_ = now_ns();
-        self_cpu_start_ = self_cpu_seconds();
-        if (o_.server_pid > 0) server_cpu_start_ = cpu_seconds(o_.server_pid);
         deadline_.expires_after(std::chrono::nanoseconds(std::int64_t(o_.seconds * 1e9)));
         deadline_.async_wait([this](const asio::error_code&) {
             publishing_ = false;
@@ -345,7 +497,7 @@ private:
     // Waits for stragglers: until everything is delivered, or nothing arrived for --drain
     // seconds (late deliveries are not lost ones: a backlog may take long), or --drain-max.
     void drain() {
-        const std::uint64_t expected = published_ok_ * (opened_ - closed_unexpected_);
+        const std::uint64_t expected = channels_mode_ ? published_ok_ : published_ok_ * (opened_ - closed_unexpected_);
         const std::int64_t now = now_ns();
         const std::int64_t quiet_since = std::max(last_delivery_, answers_done_);
         if (delivered_run_ >= expected || now - quiet_since > std::int64_t(o_.drain * 1e9) ||
@@ -355,12 +507,99 @@ private:
         poll_.async_wait([this](const asio::error_code&) { drain(); });
     }
 
+    // --- storm ----------------------------------------------------------------------------
+    // Every subscriber drops its connection; once the server had time to notice, --away
+    // notifications are published; then all reconnect at once.
+    void storm_leave() {
+        begin_measure();
+        progress("disconnecting " + std::to_string(opened_) + " subscribers");
+        for (auto& s : subs_) {
+            if (s->state != subscriber::open) continue;
+            drop(s.get());
+            left_++;
+        }
+        poll_.expires_after(std::chrono::seconds(1));
+        poll_.async_wait([this](const asio::error_code&) {
+            progress("publishing " + std::to_string(o_.away) + " notifications while they are away");
+            away_start_ = now_ns();
+            storm_phase_ = 1;
+            pump_away();
+            wait_until([this] { return away_requested_ == o_.away && inflight_ == 0; }, 300, [this](bool ok) {
+                away_seconds_ = double(now_ns() - away_start_) / 1e9;
+                if (!ok || away_ok_ != o_.away ||
+                    (server_ids(o_.proto) && away_hi_ - away_lo_ + 1 != std::int64_t(o_.away))) {
+                    note_error("away publishes: " + std::to_string(away_ok_) + " of " + std::to_string(o_.away) + " answered");
+                    away_failed_ = true;
+                    return finish();
+                }
+                if (!server_ids(o_.proto)) away_lo_ = 1, away_hi_ = std::int64_t(o_.away);
+                poll_.expires_after(std::chrono::milliseconds(500));
+                poll_.async_wait([this](const asio::error_code&) { storm_return(); });
+            });
+        });
+    }
+
+    void pump_away() {
+        while (away_requested_ < o_.away && inflight_ < o_.publishers) away_requested_++, publish(publish_request::away, 0);
+    }
+
+    void storm_return() {
+        progress("reconnect storm: " + std::to_string(left_) + " subscribers at once (" +
+                 std::to_string(std::min(o_.storm_concurrency, left_)) + " connects in flight at most)");
+        storm_phase_ = 2;
+        listen_drops_start_ = listen_drops();
+        if (o_.server_pid > 0) storm_cpu_start_ = cpu_seconds(o_.server_pid);
+        storm_start_ = now_ns();
+        opened_before_storm_ = opened_;
+        failed_before_storm_ = failed_;
+        opened_ = failed_ = 0;
+        next_open_ = 0;
+        reconnecting_ = true;
+        open_more();
+        wait_until([this] { return opened_ + failed_ == left_; }, o_.storm_timeout, [this](bool) {
+            storm_ready_ = now_ns();
+            progress("reconnected " + std::to_string(opened_) + " (failed " + std::to_string(failed_) + ") in " +
+                     fmt(double(storm_ready_ - storm_start_) / 1e9, 2) + " s; probing until every one is live");
+            probe();
+            // Done when every client caught up, or when every one is live again and nothing
+            // more arrived for --drain seconds (what a resuming server did not send is lost).
+            wait_until([this] {
+                           const std::size_t live = opened_ - closed_unexpected_;
+                           return caught_up_ >= live ||
+                                  (probed_ >= live && now_ns() - std::max(last_delivery_, first_all_probed_) > std::int64_t(o_.drain * 1e9));
+                       },
+                       std::max(1.0, o_.storm_timeout - double(now_ns() - storm_start_) / 1e9), [this](bool) {
+                           storm_end_ = now_ns();
+                           prober_.cancel();
+                           // Let the last probes' answers come in.
+                           wait_until([this] { return inflight_ == 0; }, 10, [this](bool) { finish(); });
+                       });
+        });
+    }
+
+    void probe() {
+        if (caught_up_ >= opened_ - closed_unexpected_ || probed_ >= opened_ - closed_unexpected_) return;
+        if (inflight_ < o_.publishers) probes_++, publish(publish_request::probe, 0);
+        prober_.expires_after(std::chrono::nanoseconds(std::int64_t(o_.probe_interval * 1e9)));
+        prober_.async_wait([this](const asio::error_code& ec) {
+            if (!ec) probe();
+        });
+    }
+
+    void check_caught_up(subscriber* s, std::int64_t now) {
+        if (s->caught_up_at || !s->probed) return;
+        if (resumes(o_.proto) && s->run_count < o_.away) return;
+        s->caught_up_at = now;
+        caught_up_++;
+    }
+
+    // --- publishing -----------------------------------------------------------------------
     void pace() {
         if (!publishing_) return;
         const auto now = std::chrono::steady_clock::now();
         const auto period = std::chrono::nanoseconds(std::int64_t(1e9 / o_.rate));
         while (next_due_ <= now) {
-            if (inflight_ < o_.publishers) publish(false);
+            if (inflight_ < o_.publishers) publish(publish_request::run, 0);
             else backlog_++, late_++, max_backlog_ = std::max(max_backlog_, backlog_);
             next_due_ += period;
         }
@@ -371,15 +610,17 @@ private:
     }
 
     void maybe_publish() {
+        if (!warm_done_) return pump_warm();
+        if (storm_phase_ == 1) return pump_away();
         if (!publishing_) return;
-        if (o_.mode == "latency") {
-            while (backlog_ > 0 && inflight_ < o_.publishers) backlog_--, publish(false);
+        if (latency_mode_) {
+            while (backlog_ > 0 && inflight_ < o_.publishers) backlog_--, publish(publish_request::run, 0);
             return;
         }
-        const std::uint64_t live = opened_ - closed_unexpected_;
+        const std::uint64_t live = channels_mode_ ? 1 : opened_ - closed_unexpected_;
         while (inflight_ < o_.publishers) {
             if (o_.window != 0 && (requested_ - publish_errors_) * live >= delivered_run_ + o_.window * live) break;
-            publish(false);
+            publish(publish_request::run, channels_mode_ ? std::size_t(rng_() % subs_.size()) : 0);
         }
     }
 
@@ -398,19 +639,61 @@ private:
 
     // --- subscribers ----------------------------------------------------------------------
     void open_more() {
-        while (next_open_ < o_.connections && connecting_ < o_.connect_concurrency) start_subscriber(next_open_++);
+        const std::size_t limit = reconnecting_ ? o_.storm_concurrency : o_.connect_concurrency;
+        while (next_open_ < subs_.size() && connecting_ < limit) {
+            subscriber* s = subs_[next_open_++].get();
+            if (reconnecting_ && s->state != subscriber::closed) continue;
+            if (reconnecting_ && !s->warm) continue;  // was never up: not part of the storm
+            start_subscriber(s);
+        }
     }
 
-    void start_subscriber(std::size_t i) {
-        subscriber* s = subs_[i].get();
+    std::string handshake_request(subscriber* s) {
+        std::string path, extra;
+        const std::string ch = channel_of(s->index);
+        switch (o_.proto) {
+        case protocol::imbus: path = o_.target; break;
+        case protocol::floor: path = o_.target + (channels_mode_ ? "&channel=" + ch : ""); break;
+        case protocol::ws:
+        case protocol::uws: path = "/"; break;
+        case protocol::socketio: path = "/socket.io/?EIO=4&transport=websocket"; break;
+        case protocol::nchan:
+            path = "/sub/" + ch;
+            if (o_.mode == "storm") {
+                extra = "Sec-WebSocket-Protocol: ws+meta.nchan\r\n";
+                if (reconnecting_ && !s->resume_id.empty()) extra += "Last-Event-ID: " + s->resume_id + "\r\n";
+            }
+            break;
+        }
+        return "GET " + path + " HTTP/1.1\r\nHost: " + o_.host + ":" + std::to_string(o_.port) +
+               "\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: " + s->key +
+               "\r\nSec-WebSocket-Version: 13\r\n" + extra + "\r\n";
+    }
+
+    std::string subscribe_message(subscriber* s) {
+        if (o_.proto == protocol::socketio) return "42[\"subscribe\",\"" + channel_of(s->index) + "\"]";
+        const std::int64_t last = reconnecting_ && o_.proto == protocol::imbus ? s->last_key : 0;
+        return "{\"event_name\":\"subscribe\",\"data\":{\"channels\":[\"" + channel_of(s->index) +
+               "\"],\"last\":" + std::to_string(last) + "}}";
+    }
+
+    void start_subscriber(subscriber* s) {
         connecting_++;
+        s->state = subscriber::connecting;
+        s->in.clear();
+        s->message.clear();
+        s->writing = false;
+        s->out.clear();
+        s->pending.clear();
+        const std::uint32_t gen = s->gen;
         try {
-            open_bound(s->sock, asio::ip::address_v4((127u << 24) | std::uint32_t(1 + i % o_.sources)));
+            open_bound(s->sock, asio::ip::address_v4((127u << 24) | std::uint32_t(1 + s->index % o_.sources)));
         } catch (const std::system_error& e) {
             note_error("subscriber socket: " + std::string(e.what()));
             return asio::post(io_, [this, s] { fail(s); });
         }
-        s->sock.async_connect(server_, [this, s](const asio::error_code& ec) {
+        s->sock.async_connect(server_, [this, s, gen](const asio::error_code& ec) {
+            if (gen != s->gen) return;
             if (ec) {
                 note_error("subscriber connect: " + ec.message());
                 return fail(s);
@@ -422,16 +705,23 @@ private:
             for (auto& c : raw) c = char(rng_());
             s->key = wsmini::base64(raw);
             s->state = subscriber::handshaking;
-            send(s, "GET " + o_.target + " HTTP/1.1\r\nHost: " + o_.host + ":" + std::to_string(o_.port) +
-                        "\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: " + s->key +
-                        "\r\nSec-WebSocket-Version: 13\r\n\r\n");
+            send(s, handshake_request(s));
             arm_read(s);
         });
+    }
+
+    // The WebSocket is open and the subscribe is sent (Socket.IO: after its connect packet).
+    void ready(subscriber* s) {
+        s->state = subscriber::open;
+        connecting_--;
+        opened_++;
+        open_more();
     }
 
     void fail(subscriber* s) {
         if (s->state == subscriber::closed) return;
         s->state = subscriber::closed;
+        s->gen++;
         asio::error_code ignored;
         s->sock.close(ignored);
         connecting_--;
@@ -442,10 +732,24 @@ private:
     void lost(subscriber* s, const std::string& why) {
         if (s->state != subscriber::open) return fail(s);
         s->state = subscriber::closed;
+        s->gen++;
         closed_unexpected_++;
         note_error("subscriber lost: " + why);
         asio::error_code ignored;
         s->sock.close(ignored);
+    }
+
+    // The client goes away on purpose (storm): no close handshake, like a dropped network.
+    void drop(subscriber* s) {
+        s->state = subscriber::closed;
+        s->gen++;
+        asio::error_code ignored;
+        s->sock.shutdown(tcp::socket::shutdown_both, ignored);
+        s->sock.close(ignored);
+        std::string().swap(s->in);
+        std::string().swap(s->message);
+        s->run_count = 0;
+        s->seen.clear();
     }
 
     void send(subscriber* s, std::string bytes) {
@@ -455,15 +759,21 @@ private:
         }
         s->writing = true;
         s->out = std::move(bytes);
-        asio::async_write(s->sock, asio::buffer(s->out), [this, s](const asio::error_code& ec, std::size_t) {
+        const std::uint32_t gen = s->gen;
+        asio::async_write(s->sock, asio::buffer(s->out), [this, s, gen](const asio::error_code& ec, std::size_t) {
+            if (gen != s->gen) return;
             s->writing = false;
             if (ec) return;  // the read side notices
             if (!s->pending.empty()) send(s, std::exchange(s->pending, std::string()));
         });
     }
 
+    void send_text(subscriber* s, std::string_view text) { send(s, wsmini::masked_frame(1, text, std::uint32_t(rng_()))); }
+
     void arm_read(subscriber* s) {
-        s->sock.async_wait(tcp::socket::wait_read, [this, s](const asio::error_code& ec) {
+        const std::uint32_t gen = s->gen;
+        s->sock.async_wait(tcp::socket::wait_read, [this, s, gen](const asio::error_code& ec) {
+            if (gen != s->gen) return;
             if (ec) {
                 if (ec != asio::error::operation_aborted) lost(s, ec.message());
                 return;
@@ -474,8 +784,9 @@ private:
 
     void readable(subscriber* s) {
         const std::int64_t now = now_ns();
+        const std::uint32_t gen = s->gen;
         for (int round = 0; round < 16; ++round) {
-            if (s->state == subscriber::closed) return;
+            if (s->state == subscriber::closed || gen != s->gen) return;
             asio::error_code ec;
             const std::size_t n = s->sock.read_some(asio::buffer(buf_), ec);
             if (ec == asio::error::would_block || ec == asio::error::try_again) return arm_read(s);
@@ -484,11 +795,13 @@ private:
             // A short read emptied the socket: the next arrival is a new edge, reported to the
             // wait armed here (before this handler returns). Saves the EAGAIN read.
             if (n < sizeof buf_) {
-                if (s->state != subscriber::closed) arm_read(s);
+                if (s->state != subscriber::closed && gen == s->gen) arm_read(s);
                 return;
             }
         }
-        asio::post(io_, [this, s] { readable(s); });  // let the other connections run
+        asio::post(io_, [this, s, gen] {
+            if (gen == s->gen) readable(s);
+        });  // let the other connections run
     }
 
     void feed(subscriber* s, const char* data, std::size_t n, std::int64_t now) {
@@ -505,18 +818,18 @@ private:
                 return fail(s);
             }
             s->in.erase(0, end + 4);
-            s->state = subscriber::open;
-            connecting_--;
-            opened_++;
-            send(s, wsmini::masked_frame(1, subscribe_text_, std::uint32_t(rng_())));
-            open_more();
+            s->state = subscriber::subscribing;
+            if (o_.proto != protocol::socketio) {
+                if (o_.proto != protocol::nchan) send_text(s, subscribe_message(s));
+                ready(s);
+            }
             const std::size_t used = frames(s, s->in.data(), s->in.size(), now);
             s->in.erase(0, used);
             return;
         }
         if (s->in.empty()) {
             const std::size_t used = frames(s, data, n, now);
-            if (used < n && s->state == subscriber::open) s->in.assign(data + used, n - used);
+            if (used < n && s->state != subscriber::closed) s->in.assign(data + used, n - used);
         } else {
             s->in.append(data, n);
             const std::size_t used = frames(s, s->in.data(), s->in.size(), now);
@@ -528,7 +841,8 @@ private:
     // Handles the complete frames in d[0, n); returns the bytes consumed.
     std::size_t frames(subscriber* s, const char* d, std::size_t n, std::int64_t now) {
         std::size_t off = 0;
-        while (n - off >= 2 && s->state == subscriber::open) {
+        const std::uint32_t gen = s->gen;
+        while (n - off >= 2 && (s->state == subscriber::open || s->state == subscriber::subscribing) && gen == s->gen) {
             const auto b0 = std::uint8_t(d[off]), b1 = std::uint8_t(d[off + 1]);
             std::uint64_t len = b1 & 0x7f;
             std::size_t h = 2;
@@ -551,8 +865,8 @@ private:
                 for (std::size_t i = 0; i < len; ++i) unmasked[i] ^= d[off + h + i % 4];
                 p = unmasked.data();
             }
-            frame(s, (b0 & 0x80) != 0, b0 & 0x0f, p, std::size_t(len), now);
             off += h + mask + len;
+            frame(s, (b0 & 0x80) != 0, b0 & 0x0f, p, std::size_t(len), now);
         }
         return off;
     }
@@ -589,47 +903,153 @@ private:
         }
     }
 
-    // One text message: a JSON array of {"id":N,"message":{...}} elements.
+    // One text message, by protocol.
     void text(subscriber* s, const char* p, std::size_t len, std::int64_t now) {
-        static constexpr std::string_view id_key = "{\"id\":";
         const char* end = p + len;
-        const char* e = find(p, end, id_key);
-        bool counted_frame = false;
-        while (e) {
-            const char* q = e + id_key.size();
-            const std::int64_t id = parse_int(q, end);
-            const char* next = find(q, end, id_key);
-            const char* element_end = next ? next : end;
-            if (!s->warm) s->warm = true, warm_subs_++;
-            if (id <= s->last_id) {
-                if (find(q, element_end, "bus/missed_notifications")) missed_markers_++;
-                else s->dups++, dups_++;
-            } else {
-                s->last_id = id;
-                if (run_phase_ && id > warm_id_) {
-                    if (!counted_frame) counted_frame = true, frames_++;
-                    s->run_count++;
-                    if (s->first_run_id == 0) s->first_run_id = id;
-                    delivered_run_++;
-                    last_delivery_ = now;
-                    if (const char* t = find(q, element_end, "\"t\":")) {
-                        t += 4;
-                        const std::int64_t sent = parse_int(t, element_end);
-                        latency_.add(std::uint64_t(std::max<std::int64_t>(0, now - sent)) / 1000);
-                    }
+        switch (o_.proto) {
+        case protocol::imbus:
+        case protocol::floor: {
+            // A JSON array of {"id":N,"message":{...}} elements.
+            static constexpr std::string_view id_key = "{\"id\":";
+            const char* e = find(p, end, id_key);
+            bool counted = false;
+            while (e) {
+                const char* q = e + id_key.size();
+                const std::int64_t id = parse_int(q, end);
+                const char* next = find(q, end, id_key);
+                const char* element_end = next ? next : end;
+                if (id <= s->last_key && find(q, element_end, "bus/missed_notifications")) {
+                    missed_markers_++;
+                } else {
+                    counted |= notification(s, id, q, element_end, now, !counted);
                 }
+                e = next;
             }
-            e = next;
+            break;
         }
-        if (run_phase_ && publishing_ && o_.mode == "fanout") maybe_publish();
+        case protocol::ws:
+        case protocol::uws:
+            notification(s, int_after(p, end, "\"s\":"), p, end, now, true);
+            break;
+        case protocol::nchan:
+            if (len >= 4 && std::memcmp(p, "id: ", 4) == 0) {  // ws+meta.nchan: "id: X\n[content-type: Y\n]\n<data>"
+                const char* nl = static_cast<const char*>(memchr(p, '\n', len));
+                if (nl) s->resume_id.assign(p + 4, nl);
+            }
+            notification(s, int_after(p, end, "\"s\":"), p, end, now, true);
+            break;
+        case protocol::socketio:
+            // Engine.IO packet types: 0 open, 1 close, 2 ping, 3 pong, 4 message (+ Socket.IO type).
+            if (len == 0) break;
+            if (p[0] == '2') {
+                send_text(s, "3");
+            } else if (p[0] == '0') {
+                send_text(s, "40");  // connect to the main namespace
+            } else if (len >= 2 && p[0] == '4' && p[1] == '0') {
+                if (s->state == subscriber::subscribing) {
+                    send_text(s, subscribe_message(s));
+                    ready(s);
+                }
+            } else if (len >= 2 && p[0] == '4' && p[1] == '2') {
+                notification(s, int_after(p, end, "\"s\":"), p, end, now, true);
+            } else if (p[0] == '1' || (len >= 2 && p[0] == '4' && (p[1] == '1' || p[1] == '4'))) {
+                lost(s, "socket.io closed: " + std::string(p, std::min<std::size_t>(len, 80)));
+            }
+            break;
+        }
+    }
+
+    // One notification with key `key`; its payload is somewhere in [p, end).
+    // Returns true if it counted as a delivery of the timed phase.
+    bool notification(subscriber* s, std::int64_t key, const char* p, const char* end, std::int64_t now, bool new_frame) {
+        if (key < 0) return false;
+        // A warm-up notification: any id on a fresh imbus (or floor) server, the sequence number 0
+        // elsewhere (nchan replays what it buffered to a new subscriber).
+        if (!s->warm && (server_ids(o_.proto) || key == 0)) s->warm = true, warm_subs_++;
+        const bool in_order = key > s->last_key;
+        if (in_order) s->last_key = key;
+        if (storm_phase_ == 2) return storm_notification(s, key, now), false;
+        if (!run_phase_ || key < base_key_) return false;
+        if (channels_mode_) {
+            s->got.push_back(key);
+        } else {
+            if (!s->seen.insert(std::size_t(key - base_key_))) {
+                s->dups++, dups_++;
+                return false;
+            }
+            if (!in_order && server_ids(o_.proto)) out_of_order_++;  // imbus promises ascending ids
+            s->run_count++;
+            s->max_run_key = std::max(s->max_run_key, key);
+        }
+        if (new_frame) frames_++;
+        delivered_run_++;
+        last_delivery_ = now;
+        const std::int64_t sent = int_after(p, end, "\"t\":");
+        if (sent > 0) {
+            const std::int64_t took = std::max<std::int64_t>(0, now - sent);
+            latency_.add(std::uint64_t(took) / 1000);
+            if (o_.trace_slow_ms > 0 && double(took) / 1e6 > o_.trace_slow_ms)
+                std::cerr << "slow: key " << key << " subscriber " << s->index << " " << fmt(double(took) / 1e6, 3)
+                          << " ms, sent " << fmt(double(sent - run_start_) / 1e6, 3) << " ms after the run's start\n";
+        }
+        if (publishing_ && !latency_mode_) maybe_publish();
+        return true;
+    }
+
+    void storm_notification(subscriber* s, std::int64_t key, std::int64_t now) {
+        if (key >= away_lo_ && key <= away_hi_) {
+            if (!s->seen.insert(std::size_t(key - away_lo_))) {
+                s->dups++, dups_++;
+                return;
+            }
+            s->run_count++;
+            storm_delivered_++;
+        } else if (key > away_hi_ && !s->probed) {
+            s->probed = true;
+            if (++probed_ == opened_ - closed_unexpected_) first_all_probed_ = now;
+        }
+        last_delivery_ = now;
+        check_caught_up(s, now);
     }
 
     // --- publisher ------------------------------------------------------------------------
-    void publish(bool warm) {
+    std::string payload(std::int64_t seq) const {
+        return "{\"s\":" + std::to_string(seq) + ",\"t\":" + std::to_string(now_ns()) + ",\"pad\":\"" + pad_ + "\"}";
+    }
+
+    std::string publish_request_text(const std::string& channel, std::int64_t seq) const {
+        std::string path, auth, body;
+        switch (o_.proto) {
+        case protocol::imbus:
+        case protocol::floor:
+            path = "/bus/send";
+            auth = "Authorization: Bearer " + o_.api_key + "\r\n";
+            body = "{\"channel\":\"" + channel + "\",\"type\":\"b\",\"payload\":" + payload(seq) + "}";
+            break;
+        case protocol::ws:
+        case protocol::socketio:
+        case protocol::uws:
+            path = "/publish";
+            body = "{\"channel\":\"" + channel + "\",\"payload\":" + payload(seq) + "}";
+            break;
+        case protocol::nchan:
+            path = "/pub/" + channel;
+            body = payload(seq);
+            break;
+        }
+        return "POST " + path + " HTTP/1.1\r\nHost: " + o_.host + ":" + std::to_string(o_.port) + "\r\n" + auth +
+               "Content-Type: application/json\r\nConnection: close\r\nContent-Length: " + std::to_string(body.size()) +
+               "\r\n\r\n" + body;
+    }
+
+    void publish(publish_request::kind_t kind, std::size_t target) {
         inflight_++;
-        if (!warm) requested_++;
+        if (kind == publish_request::run) requested_++;
+        if (kind == publish_request::warm) warm_publishes_++;
         auto r = std::make_shared<publish_request>(io_);
-        r->warm = warm;
+        r->kind = kind;
+        r->target = target;
+        r->seq = kind == publish_request::warm ? 0 : ++seq_;
         r->start = now_ns();
         try {
             open_bound(r->sock, asio::ip::address_v4((127u << 24) | (1u << 8) | std::uint32_t(1 + publish_counter_++ % 16)));
@@ -641,12 +1061,7 @@ private:
             if (ec) return published(r, "publisher connect: " + ec.message());
             asio::error_code ignored;
             r->sock.set_option(tcp::no_delay(true), ignored);
-            const std::string body = "{\"channel\":\"" + o_.channel + "\",\"type\":\"b\",\"payload\":{\"t\":" +
-                                     std::to_string(now_ns()) + ",\"pad\":\"" + pad_ + "\"}}";
-            r->request = "POST /bus/send HTTP/1.1\r\nHost: " + o_.host + ":" + std::to_string(o_.port) +
-                         "\r\nAuthorization: Bearer " + o_.api_key +
-                         "\r\nContent-Type: application/json\r\nContent-Length: " + std::to_string(body.size()) +
-                         "\r\n\r\n" + body;
+            r->request = publish_request_text(channel_of(r->target), r->seq);
             asio::async_write(r->sock, asio::buffer(r->request), [this, r](const asio::error_code& ec, std::size_t) {
                 if (ec) return published(r, "publisher write: " + ec.message());
                 read_answer(r);
@@ -660,13 +1075,12 @@ private:
         r->sock.async_read_some(asio::buffer(&r->response[old], 4096), [this, r, old](const asio::error_code& ec, std::size_t n) {
             r->response.resize(old + (ec ? 0 : n));
             if (ec) return published(r, "");  // EOF: the server closed after its answer
-            // Keep-alive answers are complete once Content-Length bytes are in.
+            // Answers are complete once Content-Length bytes are in.
             const std::size_t end = r->response.find("\r\n\r\n");
             if (end != std::string::npos) {
                 const std::string_view head(r->response.data(), end + 2);
-                const auto connection = wsmini::header_value(head, "Connection");
                 const auto length = wsmini::header_value(head, "Content-Length");
-                if (connection != "close" && !length.empty() &&
+                if (!length.empty() &&
                     r->response.size() >= end + 4 + std::strtoull(std::string(length).c_str(), nullptr, 10))
                     return published(r, "");
             }
@@ -678,24 +1092,44 @@ private:
         inflight_--;
         asio::error_code ignored;
         r->sock.close(ignored);
-        std::int64_t id = 0;
+        std::int64_t key = -1;
         if (error.empty()) {
-            const std::size_t ids = r->response.find("\"ids\":[");
-            if (r->response.rfind("HTTP/1.1 200", 0) == 0 && ids != std::string::npos) {
-                const char* p = r->response.data() + ids + 7;
-                id = parse_int(p, r->response.data() + r->response.size());
+            if (server_ids(o_.proto)) {
+                const std::size_t ids = r->response.find("\"ids\":[");
+                if (r->response.rfind("HTTP/1.1 200", 0) == 0 && ids != std::string::npos) {
+                    const char* p = r->response.data() + ids + 7;
+                    key = parse_int(p, r->response.data() + r->response.size());
+                    if (key <= 0) key = -1;
+                }
+            } else if (r->response.rfind("HTTP/1.1 2", 0) == 0) {
+                key = r->seq;
             }
         }
-        if (id <= 0) {
-            if (!r->warm) publish_errors_++;
+        if (key < 0) {
+            if (r->kind == publish_request::run) publish_errors_++;
+            if (r->kind == publish_request::away) away_errors_++;
             note_error(error.empty() ? "publish answered: " + r->response.substr(0, r->response.find("\r\n")) : error);
-        } else if (r->warm) {
-            warm_id_ = id;
         } else {
-            published_ok_++;
-            post_latency_.add(std::uint64_t(now_ns() - r->start) / 1000);
-            min_published_ = min_published_ == 0 ? id : std::min(min_published_, id);
-            max_published_ = std::max(max_published_, id);
+            switch (r->kind) {
+            case publish_request::warm:
+                warm_key_ = std::max(warm_key_, key);
+                warm_answers_++;
+                break;
+            case publish_request::run:
+                published_ok_++;
+                post_latency_.add(std::uint64_t(now_ns() - r->start) / 1000);
+                min_published_ = min_published_ == 0 ? key : std::min(min_published_, key);
+                max_published_ = std::max(max_published_, key);
+                if (channels_mode_) subs_[r->target]->want.push_back(key);
+                break;
+            case publish_request::away:
+                away_ok_++;
+                away_lo_ = away_lo_ == 0 ? key : std::min(away_lo_, key);
+                away_hi_ = std::max(away_hi_, key);
+                break;
+            case publish_request::probe:
+                break;
+            }
         }
         maybe_publish();
     }
@@ -711,65 +1145,29 @@ private:
         std::snprintf(b, sizeof b, "%.*f", digits, v);
         return b;
     }
+    static std::string ms(std::uint64_t us) { return fmt(double(us) / 1000.0, 3); }
 
     void finish() {
         const double self_cpu = self_cpu_seconds() - self_cpu_start_;
         const double server_cpu = o_.server_pid > 0 && server_cpu_start_ >= 0 ? cpu_seconds(o_.server_pid) - server_cpu_start_ : -1;
         std::ostringstream j, h;
-        j << "{\"mode\":\"" << o_.mode << "\",\"label\":\"" << json_escape(o_.label) << "\",\"connections\":" << o_.connections
-          << ",\"opened\":" << opened_ << ",\"connect_failures\":" << failed_ << ",\"connect_seconds\":" << fmt(connect_seconds_, 3)
+        j << "{\"mode\":\"" << o_.mode << "\",\"protocol\":\"" << o_.proto_name << "\",\"label\":\"" << json_escape(o_.label)
+          << "\",\"connections\":" << o_.connections << ",\"opened\":" << (o_.mode == "storm" ? opened_before_storm_ : opened_)
+          << ",\"connect_failures\":" << (o_.mode == "storm" ? failed_before_storm_ : failed_) << ",\"connect_seconds\":" << fmt(connect_seconds_, 3)
           << ",\"closed_by_server\":" << closed_unexpected_ << ",\"warmup_ok\":" << (warm_ok_ ? "true" : "false")
           << ",\"warmup_seconds\":" << fmt(warm_seconds_, 3);
         bool ok = failed_ == 0 && closed_unexpected_ == 0;
         if (o_.mode == "idle") {
-            ok = ok && rss_before_ > 0 && rss_after_ > 0 && (o_.api_key.empty() || warm_ok_);
+            ok = ok && rss_before_ > 0 && rss_after_ > 0 && (o_.api_key.empty() && server_ids(o_.proto) ? true : warm_ok_);
             const double per = opened_ ? double(rss_after_ - rss_before_) / double(opened_) : 0;
             j << ",\"rss_before_kib\":" << rss_before_ << ",\"rss_after_kib\":" << rss_after_
               << ",\"kib_per_connection\":" << fmt(per, 2);
             h << "# idle " << o_.label << ": " << opened_ << " connections, server RSS " << rss_before_ << " -> "
               << rss_after_ << " KiB = " << fmt(per, 2) << " KiB/connection";
+        } else if (o_.mode == "storm") {
+            report_storm(j, h, ok, server_cpu);
         } else {
-            const std::uint64_t live = opened_ - closed_unexpected_;
-            const std::uint64_t expected = published_ok_ * live;
-            std::uint64_t incomplete = 0;
-            for (const auto& s : subs_) {
-                if (s->state != subscriber::open) continue;
-                const bool exact = s->run_count == published_ok_ && s->dups == 0 &&
-                                   (published_ok_ == 0 || (s->first_run_id == min_published_ && s->last_id == max_published_));
-                if (!exact) incomplete++;
-            }
-            const bool contiguous = published_ok_ == 0 || std::uint64_t(max_published_ - min_published_ + 1) == published_ok_;
-            ok = ok && warm_ok_ && incomplete == 0 && dups_ == 0 && contiguous && published_ok_ > 0 && publish_errors_ == 0;
-            const double publish_s = double(run_end_ - run_start_) / 1e9;
-            const double deliver_s = double(std::max(last_delivery_, run_start_ + 1) - run_start_) / 1e9;
-            const double dps = double(delivered_run_) / deliver_s;
-            const double drain_s = last_delivery_ > answers_done_ ? double(last_delivery_ - answers_done_) / 1e9 : 0.0;
-            auto ms = [](std::uint64_t us) { return fmt(double(us) / 1000.0, 3); };
-            j << ",\"seconds\":" << fmt(o_.seconds, 1) << ",\"publishers\":" << o_.publishers;
-            if (o_.mode == "latency") j << ",\"rate\":" << fmt(o_.rate, 1) << ",\"late_publishes\":" << late_ << ",\"max_backlog\":" << max_backlog_;
-            else j << ",\"window\":" << o_.window;
-            j << ",\"published\":" << published_ok_ << ",\"publish_errors\":" << publish_errors_
-              << ",\"published_per_s\":" << fmt(double(published_ok_) / publish_s, 1) << ",\"expected\":" << expected
-              << ",\"delivered\":" << delivered_run_ << ",\"deliveries_per_s\":" << fmt(dps, 1)
-              << ",\"drain_after_last_answer_s\":" << fmt(drain_s, 3) << ",\"subscribers_incomplete\":" << incomplete
-              << ",\"duplicates\":" << dups_ << ",\"missed_markers\":" << missed_markers_
-              << ",\"ids_contiguous\":" << (contiguous ? "true" : "false") << ",\"lat_p50_ms\":" << ms(latency_.percentile(50))
-              << ",\"lat_p99_ms\":" << ms(latency_.percentile(99)) << ",\"lat_max_ms\":" << ms(latency_.max)
-              << ",\"lat_samples\":" << latency_.count << ",\"post_p50_ms\":" << ms(post_latency_.percentile(50))
-              << ",\"post_p99_ms\":" << ms(post_latency_.percentile(99)) << ",\"post_max_ms\":" << ms(post_latency_.max)
-              << ",\"frames\":" << frames_
-              << ",\"notifications_per_frame\":" << fmt(frames_ ? double(delivered_run_) / double(frames_) : 0.0, 2)
-              << ",\"loadgen_cpu_s\":" << fmt(self_cpu, 2) << ",\"server_cpu_s\":" << fmt(server_cpu, 2)
-              << ",\"elapsed_s\":" << fmt(double(now_ns() - run_start_) / 1e9, 2);
-            h << "# " << o_.mode << " " << o_.label << ": " << live << " subscribers, " << published_ok_ << " published ("
-              << fmt(double(published_ok_) / publish_s, 0) << "/s), " << delivered_run_ << "/" << expected << " delivered ("
-              << fmt(dps, 0) << "/s, last one " << fmt(drain_s, 2) << " s after the last publish answer), latency p50 " << ms(latency_.percentile(50)) << " ms, p99 "
-              << ms(latency_.percentile(99)) << " ms, max " << ms(latency_.max) << " ms, POST answered in p50 "
-              << ms(post_latency_.percentile(50)) << " ms, p99 " << ms(post_latency_.percentile(99)) << " ms, "
-              << (ok ? "every subscriber got every notification once" : "INCOMPLETE") << " (incomplete " << incomplete
-              << ", duplicates " << dups_ << ", publish errors " << publish_errors_ << ", closed " << closed_unexpected_
-              << "), " << fmt(frames_ ? double(delivered_run_) / double(frames_) : 0.0, 2) << " notifications/frame, CPU s: loadgen "
-              << fmt(self_cpu, 2) << ", server " << fmt(server_cpu, 2);
+            report_run(j, h, ok, self_cpu, server_cpu);
         }
         j << ",\"ok\":" << (ok ? "true" : "false") << "}";
         std::cout << j.str() << "\n" << h.str() << std::endl;
@@ -777,23 +1175,125 @@ private:
         io_.stop();
     }
 
+    void report_run(std::ostringstream& j, std::ostringstream& h, bool& ok, double self_cpu, double server_cpu) {
+        const std::uint64_t live = opened_ - closed_unexpected_;
+        const std::uint64_t expected = channels_mode_ ? published_ok_ : published_ok_ * live;
+        std::uint64_t incomplete = 0, lost = 0;
+        bool contiguous = true;
+        if (channels_mode_) {
+            // Per subscriber: the keys received are exactly those published to its channel.
+            for (auto& s : subs_) {
+                std::sort(s->got.begin(), s->got.end());
+                std::sort(s->want.begin(), s->want.end());
+                const std::size_t before = s->got.size();
+                s->got.erase(std::unique(s->got.begin(), s->got.end()), s->got.end());
+                dups_ += before - s->got.size();
+                if (s->got != s->want) {
+                    incomplete++;
+                    std::vector<std::int64_t> missing;
+                    std::set_difference(s->want.begin(), s->want.end(), s->got.begin(), s->got.end(), std::back_inserter(missing));
+                    lost += missing.size();
+                }
+            }
+        } else {
+            std::int64_t lo = min_published_, hi = max_published_;
+            contiguous = published_ok_ == 0 || std::uint64_t(hi - lo + 1) == published_ok_;
+            if (server_ids(o_.proto)) contiguous = contiguous && (published_ok_ == 0 || lo == base_key_);
+            else contiguous = contiguous && (published_ok_ == 0 || lo == 1);
+            for (const auto& s : subs_) {
+                if (s->state != subscriber::open) continue;
+                const bool exact = s->run_count == published_ok_ && s->dups == 0 && (published_ok_ == 0 || s->max_run_key == hi);
+                if (!exact) incomplete++, lost += published_ok_ > s->run_count ? published_ok_ - s->run_count : 0;
+            }
+        }
+        ok = ok && warm_ok_ && incomplete == 0 && dups_ == 0 && out_of_order_ == 0 && contiguous && published_ok_ > 0 &&
+             publish_errors_ == 0;
+        const double publish_s = double(run_end_ - run_start_) / 1e9;
+        const double deliver_s = double(std::max(last_delivery_, run_start_ + 1) - run_start_) / 1e9;
+        const double dps = double(delivered_run_) / deliver_s;
+        const double drain_s = last_delivery_ > answers_done_ ? double(last_delivery_ - answers_done_) / 1e9 : 0.0;
+        j << ",\"seconds\":" << fmt(o_.seconds, 1) << ",\"publishers\":" << o_.publishers;
+        if (o_.mode == "latency") j << ",\"rate\":" << fmt(o_.rate, 1) << ",\"late_publishes\":" << late_ << ",\"max_backlog\":" << max_backlog_;
+        else j << ",\"window\":" << o_.window;
+        j << ",\"published\":" << published_ok_ << ",\"publish_errors\":" << publish_errors_
+          << ",\"published_per_s\":" << fmt(double(published_ok_) / publish_s, 1) << ",\"expected\":" << expected
+          << ",\"delivered\":" << delivered_run_ << ",\"deliveries_per_s\":" << fmt(dps, 1)
+          << ",\"drain_after_last_answer_s\":" << fmt(drain_s, 3) << ",\"subscribers_incomplete\":" << incomplete
+          << ",\"lost\":" << lost << ",\"duplicates\":" << dups_ << ",\"out_of_order\":" << out_of_order_
+          << ",\"missed_markers\":" << missed_markers_ << ",\"keys_contiguous\":" << (contiguous ? "true" : "false")
+          << ",\"lat_p50_ms\":" << ms(latency_.percentile(50)) << ",\"lat_p99_ms\":" << ms(latency_.percentile(99))
+          << ",\"lat_max_ms\":" << ms(latency_.max) << ",\"lat_samples\":" << latency_.count
+          << ",\"post_p50_ms\":" << ms(post_latency_.percentile(50)) << ",\"post_p99_ms\":" << ms(post_latency_.percentile(99))
+          << ",\"post_max_ms\":" << ms(post_latency_.max) << ",\"frames\":" << frames_
+          << ",\"notifications_per_frame\":" << fmt(frames_ ? double(delivered_run_) / double(frames_) : 0.0, 2)
+          << ",\"loadgen_cpu_s\":" << fmt(self_cpu, 2) << ",\"server_cpu_s\":" << fmt(server_cpu, 2)
+          << ",\"elapsed_s\":" << fmt(double(now_ns() - run_start_) / 1e9, 2);
+        h << "# " << o_.mode << " " << o_.label << ": " << live << " subscribers, " << published_ok_ << " published ("
+          << fmt(double(published_ok_) / publish_s, 0) << "/s), " << delivered_run_ << "/" << expected << " delivered ("
+          << fmt(dps, 0) << "/s, last one " << fmt(drain_s, 2) << " s after the last publish answer), latency p50 "
+          << ms(latency_.percentile(50)) << " ms, p99 " << ms(latency_.percentile(99)) << " ms, max " << ms(latency_.max)
+          << " ms, POST answered in p50 " << ms(post_latency_.percentile(50)) << " ms, p99 " << ms(post_latency_.percentile(99))
+          << " ms, " << (ok ? "every subscriber got every notification once" : "INCOMPLETE") << " (incomplete " << incomplete
+          << ", lost " << lost << ", duplicates " << dups_ << ", out of order " << out_of_order_ << ", publish errors "
+          << publish_errors_ << ", closed " << closed_unexpected_ << "), "
+          << fmt(frames_ ? double(delivered_run_) / double(frames_) : 0.0, 2) << " notifications/frame, CPU s: loadgen "
+          << fmt(self_cpu, 2) << ", server " << fmt(server_cpu, 2);
+    }
+
+    void report_storm(std::ostringstream& j, std::ostringstream& h, bool& ok, double) {
+        const std::uint64_t live = opened_ - closed_unexpected_;
+        std::uint64_t lost = 0, not_live = 0, not_caught_up = 0;
+        std::vector<double> times;
+        for (const auto& s : subs_) {
+            if (!s->warm) continue;  // never was up
+            lost += o_.away > s->run_count ? o_.away - s->run_count : 0;
+            if (s->state != subscriber::open || !s->probed) not_live++;
+            else if (!s->caught_up_at) not_caught_up++;  // live, but the server did not send all it missed
+            else times.push_back(double(s->caught_up_at - storm_start_) / 1e9);
+        }
+        std::sort(times.begin(), times.end());
+        auto pct = [&](double p) { return times.empty() ? 0.0 : times[std::size_t(p / 100.0 * double(times.size() - 1))]; };
+        const double all_s = not_live == 0 && not_caught_up == 0 && !times.empty() ? times.back() : -1;
+        const double reconnect_s = storm_ready_ > storm_start_ ? double(storm_ready_ - storm_start_) / 1e9 : -1;
+        const long drops = listen_drops_start_ >= 0 ? listen_drops() - listen_drops_start_ : -1;
+        const double storm_cpu = o_.server_pid > 0 && storm_cpu_start_ >= 0 ? cpu_seconds(o_.server_pid) - storm_cpu_start_ : -1;
+        const bool resume = resumes(o_.proto);
+        ok = ok && warm_ok_ && !away_failed_ && left_ > 0 && live == left_ && not_live == 0 && dups_ == 0 &&
+             (!resume || lost == 0);
+        j << ",\"away\":" << o_.away << ",\"away_published\":" << away_ok_ << ",\"away_seconds\":" << fmt(away_seconds_, 3)
+          << ",\"reconnected\":" << opened_ << ",\"reconnect_failures\":" << failed_
+          << ",\"reconnect_s\":" << fmt(reconnect_s, 3) << ",\"resumes\":" << (resume ? "true" : "false")
+          << ",\"caught_up_p50_s\":" << fmt(pct(50), 3) << ",\"caught_up_p99_s\":" << fmt(pct(99), 3)
+          << ",\"caught_up_all_s\":" << fmt(all_s, 3) << ",\"not_live\":" << not_live << ",\"not_caught_up\":" << not_caught_up
+          << ",\"expected\":" << std::uint64_t(o_.away) * left_ << ",\"delivered\":" << storm_delivered_ << ",\"lost\":" << lost
+          << ",\"duplicates\":" << dups_ << ",\"probes\":" << probes_ << ",\"listen_drops\":" << drops
+          << ",\"server_cpu_s\":" << fmt(storm_cpu, 2) << ",\"elapsed_s\":" << fmt(double(storm_end_ - storm_start_) / 1e9, 2);
+        h << "# storm " << o_.label << ": " << left_ << " clients away while " << away_ok_ << " were published; "
+          << opened_ << " reconnected in " << fmt(reconnect_s, 2) << " s (listen drops " << drops << "), caught up p50 "
+          << fmt(pct(50), 2) << " s, all " << (all_s < 0 ? "NEVER (" + std::to_string(not_live) + " not live, " + std::to_string(not_caught_up) + " live but missing some)" : fmt(all_s, 2) + " s")
+          << ", lost " << lost << " of " << std::uint64_t(o_.away) * left_ << (resume ? "" : " (no resume)") << ", duplicates "
+          << dups_ << ", server CPU " << fmt(storm_cpu, 2) << " s" << (ok ? "" : "  FAILED");
+    }
+
     options o_;
     asio::io_context io_{1};
     tcp::endpoint server_;
-    asio::steady_timer poll_, deadline_, pacer_;
+    asio::steady_timer poll_, deadline_, pacer_, prober_;
     std::minstd_rand rng_;
     std::vector<std::unique_ptr<subscriber>> subs_;
-    std::string subscribe_text_, pad_;
+    std::string pad_;
+    bool channels_mode_ = false, latency_mode_ = false;
     char buf_[65536];
 
     std::size_t next_open_ = 0, connecting_ = 0, opened_ = 0, failed_ = 0, closed_unexpected_ = 0;
-    std::size_t warm_subs_ = 0;
-    std::int64_t warm_id_ = 0;
-    bool warm_ok_ = false, run_phase_ = false, publishing_ = false;
+    std::size_t warm_subs_ = 0, warm_answers_ = 0, warm_publishes_ = 0;
+    std::vector<std::size_t> warm_queue_;
+    std::int64_t warm_key_ = 0, base_key_ = 1, seq_ = 0;
+    bool warm_ok_ = false, warm_done_ = false, run_phase_ = false, publishing_ = false;
     std::size_t inflight_ = 0, publish_counter_ = 0;
     std::uint64_t requested_ = 0, published_ok_ = 0, publish_errors_ = 0;
     std::int64_t min_published_ = 0, max_published_ = 0;
-    std::uint64_t delivered_run_ = 0, dups_ = 0, missed_markers_ = 0;
+    std::uint64_t delivered_run_ = 0, dups_ = 0, out_of_order_ = 0, missed_markers_ = 0;
     std::uint64_t backlog_ = 0, max_backlog_ = 0, late_ = 0;
     std::chrono::steady_clock::time_point next_due_;
     std::int64_t connect_start_ = 0, warm_start_ = 0, run_start_ = 0, run_end_ = 0, answers_done_ = 0, last_delivery_ = 0;
@@ -805,6 +1305,17 @@ private:
     double self_cpu_start_ = 0, server_cpu_start_ = -1;
     std::size_t errors_shown_ = 0;
     int exit_code_ = 1;
+
+    // storm
+    int storm_phase_ = 0;  // 1: publishing while away, 2: reconnected
+    bool reconnecting_ = false, away_failed_ = false;
+    std::size_t left_ = 0, away_requested_ = 0, away_ok_ = 0, away_errors_ = 0, caught_up_ = 0, opened_before_storm_ = 0, failed_before_storm_ = 0;
+    std::uint64_t probes_ = 0, storm_delivered_ = 0;
+    std::size_t probed_ = 0;
+    std::int64_t first_all_probed_ = 0;
+    std::int64_t away_lo_ = 0, away_hi_ = 0, away_start_ = 0, storm_start_ = 0, storm_ready_ = 0, storm_end_ = 0;
+    double away_seconds_ = 0, storm_cpu_start_ = -1;
+    long listen_drops_start_ = -1;
 };
 
 } // namespace
