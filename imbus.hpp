@@ -912,6 +912,7 @@ using http_route = std::function<bool(const http_request&, http_response&)>;
 http_route static_files(std::string root, std::string url_prefix = "/");
 
 namespace detail {
+template <class Policy> struct checked_identity;  // the policy's identity, or a readable error
 template <class Identity> struct session_slot;
 template <class Identity> struct server_config;
 }
@@ -923,7 +924,7 @@ template <class AuthPolicy>
 class basic_server {
 public:
     using policy_type = AuthPolicy;
-    using identity = typename AuthPolicy::identity;
+    using identity = typename detail::checked_identity<AuthPolicy>::type;
     using config = detail::server_config<identity>;
     using endpoint_type = websocketpp::server<config>;
     using connection_ptr = typename endpoint_type::connection_ptr;
@@ -2409,6 +2410,16 @@ template <class F> bool for_each_pair(std::string_view text, char separator, F&&
     return false;
 }
 
+inline std::string query_param(std::string_view query, std::string_view name) {
+    std::string found;
+    for_each_pair(query, '&', [&](std::string_view k, std::string_view v) {
+        if (percent_decode(k) != name) return false;
+        found = percent_decode(v);
+        return true;
+    });
+    return found;
+}
+
 } // namespace detail
 
 inline std::string http_request::header(std::string_view name) const {
@@ -2423,15 +2434,7 @@ inline bool http_request::has_header(std::string_view name) const {
     return false;
 }
 
-inline std::string http_request::param(std::string_view name) const {
-    std::string found;
-    detail::for_each_pair(query, '&', [&](std::string_view k, std::string_view v) {
-        if (detail::percent_decode(k) != name) return false;
-        found = detail::percent_decode(v);
-        return true;
-    });
-    return found;
-}
+inline std::string http_request::param(std::string_view name) const { return detail::query_param(query, name); }
 
 inline std::string http_request::cookie(std::string_view name) const {
     std::string found;
@@ -2667,6 +2670,25 @@ struct policy_can_authenticate<P, std::void_t<decltype(std::declval<P&>().authen
     : std::is_same<decltype(std::declval<P&>().authenticate(std::declval<const http_request&>())),
                    admission<typename P::identity>> {};
 
+// The first thing basic_server asks of its policy, so a policy of the wrong shape stops the
+// build here, with these messages, before anything else fails on it.
+struct stand_in_policy {
+    struct identity {};
+};
+template <class P> struct lazy_can_authenticate : policy_can_authenticate<P> {};
+template <class Policy> struct checked_identity {
+    static_assert(policy_has_identity<Policy>::value,
+                  "imbus::basic_server<AuthPolicy>: the policy must declare `using identity = ...;`, "
+                  "the type that says who a connection belongs to (see imbus::public_policy)");
+    using type = typename std::conditional_t<policy_has_identity<Policy>::value, Policy, stand_in_policy>::identity;
+    static_assert(std::disjunction<std::negation<policy_has_identity<Policy>>, lazy_can_authenticate<Policy>>::value,
+                  "imbus::basic_server<AuthPolicy>: the policy must have "
+                  "`imbus::admission<identity> authenticate(const imbus::http_request&)` "
+                  "(see imbus::public_policy)");
+    static_assert(std::is_copy_constructible<type>::value,
+                  "imbus::basic_server<AuthPolicy>: AuthPolicy::identity must be copyable");
+};
+
 template <class P, class = void> struct policy_has_channels : std::false_type {};
 template <class P>
 struct policy_has_channels<P, std::void_t<decltype(std::declval<P&>().channels(
@@ -2753,15 +2775,6 @@ template <class AuthPolicy>
 basic_server<AuthPolicy>::basic_server(imbus::bus& b, AuthPolicy policy, server_options options)
     : bus_(b), dispatcher_(b.get_dispatcher()), policy_(std::move(policy)), options_(std::move(options)),
       gc_timer_(io_) {
-    static_assert(detail::policy_has_identity<AuthPolicy>::value,
-                  "imbus::basic_server<AuthPolicy>: the policy must declare `using identity = ...;`, "
-                  "the type that says who a connection belongs to (see imbus::public_policy)");
-    static_assert(detail::policy_can_authenticate<AuthPolicy>::value,
-                  "imbus::basic_server<AuthPolicy>: the policy must have "
-                  "`imbus::admission<identity> authenticate(const imbus::http_request&)` "
-                  "(see imbus::public_policy)");
-    static_assert(std::is_copy_constructible<identity>::value,
-                  "imbus::basic_server<AuthPolicy>: AuthPolicy::identity must be copyable");
     if (options_.threads == 0) options_.threads = 1;
     if (options_.rate_burst == 0) options_.rate_burst = 1;
     endpoint_.init_asio(&io_);
@@ -2964,12 +2977,11 @@ template <class AuthPolicy> void basic_server<AuthPolicy>::on_open(websocketpp::
     }
     if (stopping_) return close(con, 1001, "server shutdown");
     const auto& request = con->get_request();
-    if (!request.real_header("User-Agent").empty()) {
-        http_request r;
+    if (!request.real_header("User-Agent").empty()) {  // browsers send one; Odoo checks only them
         const std::string& target = request.get_uri();
         const auto q = target.find('?');
-        if (q != std::string::npos) r.query = target.substr(q + 1);
-        if (r.param("version") != options_.version) return close(con, 1000, "OUTDATED_VERSION");
+        const std::string_view query = q == std::string::npos ? std::string_view() : std::string_view(target).substr(q + 1);
+        if (detail::query_param(query, "version") != options_.version) return close(con, 1000, "OUTDATED_VERSION");
     }
     if constexpr (detail::policy_has_on_open<AuthPolicy>::value) {
         try {

@@ -9,8 +9,7 @@
 // starts the chat demo (examples/chat, --chat PATH) itself, as often as it needs; without --chat
 // it is skipped (exit 77, which ctest reports as skipped when no other test ran).
 // ctest registers one entry per `test("name", ...)` line below (browser/<name>, running
-// `--only name`), and each `bug("name", ...)` (a test that shows a known bug) as a DISABLED
-// entry. Without --only, all tests but the bugs run.
+// `--only name`). Without --only, all tests run.
 // Waits are on conditions (events, ids, server stats) with timeouts; the only fixed sleeps are
 // short ones that prove a negative (nothing reconnects during them).
 import { spawn } from "node:child_process";
@@ -263,12 +262,6 @@ function test(name, ...args) {
     const fn = args.pop();
     tests.push({ name, fn, chat: Boolean(args[0]?.chat) });
 }
-// A test that shows a known bug of js/ or imbus.hpp: registered in ctest as DISABLED, run with
-// --only NAME.
-function bug(name, ...args) {
-    const fn = args.pop();
-    tests.push({ name, fn, chat: Boolean(args[0]?.chat), knownBug: true });
-}
 
 test("shared_socket", async ({ harness, context }) => {
     // Two tabs of one browser context: one SharedWorker, one WebSocket, both tabs notified.
@@ -476,7 +469,7 @@ test("stop_start", async ({ harness, context }) => {
     checkEqual(await receivedIds(page), [...first, ...whileStopped], "resumed from the last id, nothing repeated");
 });
 
-// --- known bugs (DISABLED in ctest; run with --only NAME) -----------------------------------------
+// --- regressions: bugs of js/ and imbus.hpp this suite found ------------------------------------
 
 test("http_connection_close", async ({ harness }) => {
     // websocketpp serves one HTTP request per connection and closes it after the response, but
@@ -937,7 +930,7 @@ test("chat_join_sees_message_sent_meanwhile", { chat: true }, async ({ newContex
 // --- runner ---------------------------------------------------------------------------------------
 
 const selected = options.only.length ? tests.filter((t) => options.only.includes(t.name))
-                                      : tests.filter((t) => !t.knownBug);
+                                      : tests;
 for (const name of options.only)
     if (!tests.some((t) => t.name === name)) usage(`no test named ${name} (have: ${tests.map((t) => t.name).join(", ")})`);
 
