@@ -168,6 +168,15 @@ ensure_nchan() {
   fi
 }
 
+# python3 writes the report (bench/ws_report.py); a minimal Debian may lack it.
+if ! command -v python3 > /dev/null; then
+  [[ $INSTALL == 1 && $(id -u) == 0 ]] || { echo "ws_bench.sh: python3 is missing" >&2; exit 1; }
+  say "installing python3 (apt-get)"
+  { DEBIAN_FRONTEND=noninteractive apt-get install -y python3 ||
+    { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y python3; }; } > "$LOGS/apt-python.log" 2>&1 ||
+    { tail -20 "$LOGS/apt-python.log" >&2; exit 1; }
+fi
+
 if has_system ws || has_system socketio || has_system uws; then
   if ! ensure_node_peers; then
     for s in ws socketio uws; do has_system "$s" && UNAVAILABLE+=" $s"; done
