@@ -564,7 +564,11 @@ TEST_CASE_TEMPLATE("fan-out: 50 clients on one channel each get all 200 sends in
                    Env, STORES) {
     harness<Env> h;
     auto o = h.options();
-    o.threads = 2;
+    SUBCASE("two I/O threads: one task per connection strand") { o.threads = 2; }
+    SUBCASE("one I/O thread: wake-ups served 3 connections per turn of the loop") {
+        o.threads = 1;
+        o.delivery_slice = 3;
+    }
     h.start(o);
     constexpr std::size_t clients = 50;
     std::vector<std::unique_ptr<imbus::client>> c;
