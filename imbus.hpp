@@ -113,11 +113,13 @@
 #include <atomic>        // manual_clock, subscriber state
 #include <chrono>        // created_at, windows, retention
 #include <cstdint>       // int64_t ids
+#include <cstdio>        // snprintf of metric values
 #include <deque>         // memory_store rows, trimmed at the front by garbage collection
 #include <fstream>       // static_files
 #include <functional>    // clocks, loggers, handlers, executors
 #include <iostream>      // stderr_logger
 #include <limits>
+#include <map>           // labelled metrics
 #include <memory>        // shared commit events, subscriber entries
 #include <mutex>
 #include <optional>
@@ -482,6 +484,8 @@ struct commit_event {
     std::vector<channel> channels;            ///< de-duplicated, in first-send order
     std::vector<notification> notifications; ///< the stored rows, ascending; empty for a bare wake-up
     std::vector<std::string> wire;            ///< wire form of each row, serialized once for everybody
+    /// When this process learned of the commit: the start of the publish-to-send latency.
+    std::chrono::steady_clock::time_point noticed_at = std::chrono::steady_clock::now();
 
     /// A wake-up naming channels only (e.g. from another process): subscribers poll the store.
     static std::shared_ptr<const commit_event> wake_up(std::vector<channel> channels);
@@ -904,11 +908,51 @@ struct server_options {
     std::string api_key;
     /// How often the store's garbage is collected; 0: never (the application does it).
     std::chrono::seconds gc_interval{3600};
+    /// Open sockets at most, overall and per peer address (0: no limit); beyond, the handshake
+    /// gets 503, so one misbehaving host cannot take every file descriptor.
+    std::size_t max_connections = 0;
+    std::size_t max_connections_per_address = 0;
+    /// GET here answers the counters in Prometheus text format; empty: no such route.
+    std::string metrics_path = "/metrics";
+    /// When set, /metrics wants "Authorization: Bearer <token>".
+    std::string metrics_token;
     logger log = stderr_logger();
 };
 
 /// One of the application's own HTTP routes: return false to answer 404.
 using http_route = std::function<bool(const http_request&, http_response&)>;
+
+/// What a server counts for GET /metrics (and for tests). Thread-safe: atomics, and a mutex
+/// for the labelled counters, which are touched once per connection.
+class server_metrics {
+public:
+    std::atomic<std::uint64_t> connections_opened{0};   ///< handshakes completed
+    std::atomic<std::int64_t> subscribed{0};            ///< open connections that subscribed
+    std::atomic<std::uint64_t> frames_sent{0};
+    std::atomic<std::uint64_t> notifications_sent{0};   ///< rows in those frames
+    std::atomic<std::uint64_t> slow_consumer_catch_ups{0};
+    std::atomic<std::uint64_t> missed_signals{0};       ///< bus/missed_notifications markers sent
+
+    void count_refusal(int status);
+    void count_close(std::uint16_t code);
+    /// From the commit event's arrival at this process's dispatcher to its frame's send.
+    void observe_publish_to_send(std::chrono::steady_clock::duration d);
+    /// Each labelled counter and the histogram, in Prometheus text format.
+    std::string prometheus_text() const;
+    std::uint64_t closes(std::uint16_t code) const;
+    std::uint64_t refusals(int status) const;
+
+    /// Upper bounds of the latency histogram's buckets, in seconds.
+    static constexpr std::array<double, 12> latency_bounds{0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
+                                                           0.05,   0.1,   0.25,   0.5,   1.0,  2.5};
+
+private:
+    std::array<std::atomic<std::uint64_t>, latency_bounds.size() + 1> latency_buckets_{};  // last: +Inf
+    std::atomic<std::uint64_t> latency_sum_ns_{0};
+    mutable std::mutex mutex_;
+    std::map<std::uint16_t, std::uint64_t> closes_;                   // by close code
+    std::map<int, std::uint64_t> refusals_;                           // by HTTP status
+};
 
 /// A route serving the files under `root` for GET requests (e.g. the page and js/), so a page
 /// and its bus client load from the bus's own origin. Paths with ".." are refused.
@@ -916,6 +960,7 @@ http_route static_files(std::string root, std::string url_prefix = "/");
 
 namespace detail {
 template <class Policy> struct checked_identity;  // the policy's identity, or a readable error
+struct frame_builder;
 template <class Identity> struct session_slot;
 template <class Identity> struct server_config;
 }
@@ -961,6 +1006,7 @@ public:
     AuthPolicy& policy() noexcept { return policy_; }
     imbus::bus& bus() noexcept { return bus_; }
     std::size_t connection_count() const;
+    const server_metrics& metrics() const noexcept { return metrics_; }
     asio::io_context& io_context() noexcept { return io_; }
 
 private:
@@ -982,9 +1028,12 @@ private:
     void schedule_idle(const connection_ptr& con, std::chrono::milliseconds in);
     bool still_valid(const connection_ptr& con);
     void close(const connection_ptr& con, std::uint16_t code, const std::string& reason);
-    void send_text(const connection_ptr& con, const std::string& text);
+    void send_frame(const connection_ptr& con, detail::frame_builder& frame,
+                    std::optional<std::chrono::steady_clock::time_point> noticed_at);
     void send_event(const connection_ptr& con, const commit_event& event);
     void serve_route(const http_request& request, http_response& response);
+    bool admit(const connection_ptr& con, std::string& why);
+    std::string metrics_text();
     void schedule_gc();
     connection_ptr connection_of(websocketpp::connection_hdl h);
 
@@ -1002,8 +1051,11 @@ private:
     std::mutex batch_mutex_;  // guards the two below
     std::deque<std::function<void()>> batch_;  // wake-ups waiting for their slice, in order
     bool batch_posted_ = false;
-    mutable std::mutex connections_mutex_;
+    mutable std::mutex connections_mutex_;  // guards the three below
     std::unordered_map<const void*, std::weak_ptr<typename endpoint_type::connection_type>> connections_;
+    std::size_t admitted_ = 0;                                // handshakes accepted and not yet closed
+    std::unordered_map<std::string, std::size_t> admitted_by_address_;
+    server_metrics metrics_;
 };
 
 // --------------------------------------------------------------------------------------------
@@ -2574,6 +2626,7 @@ template <class Identity> struct session_state {
     bool policy_opened = false;     // on_close only for connections the policy saw open
     bool lagging = false;           // over max_outbound_bytes: wake-ups wait for a catch-up
     bool ping_outstanding = false;  // a new ping would restart websocketpp's pong deadline
+    std::string admitted_address;   // set while the connection counts against the limits
 };
 
 template <class Identity> struct session_slot {
@@ -2656,9 +2709,11 @@ inline std::string missed_marker(std::int64_t last) {
 // Builds one frame (a JSON array) from already serialized wire forms.
 struct frame_builder {
     std::string text;
-    void add(std::string_view wire) {
+    std::size_t rows = 0;  // notifications in it (a missed marker is not one)
+    void add(std::string_view wire, bool is_row = true) {
         text += text.empty() ? '[' : ',';
         text += wire;
+        rows += is_row;
     }
     bool empty() const noexcept { return text.empty(); }
     std::string finish() { return text.empty() ? std::string() : std::move(text += ']'); }
@@ -2747,6 +2802,76 @@ inline std::string rpc_result(const json& body, std::string result) {
 }
 
 } // namespace detail
+
+inline void server_metrics::count_refusal(int status) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    ++refusals_[status];
+}
+
+inline void server_metrics::count_close(std::uint16_t code) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    ++closes_[code];
+}
+
+inline std::uint64_t server_metrics::closes(std::uint16_t code) const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto it = closes_.find(code);
+    return it == closes_.end() ? 0 : it->second;
+}
+
+inline std::uint64_t server_metrics::refusals(int status) const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto it = refusals_.find(status);
+    return it == refusals_.end() ? 0 : it->second;
+}
+
+inline void server_metrics::observe_publish_to_send(std::chrono::steady_clock::duration d) {
+    const double seconds = std::chrono::duration<double>(d).count();
+    const auto bucket = std::size_t(std::lower_bound(latency_bounds.begin(), latency_bounds.end(), seconds) - latency_bounds.begin());
+    latency_buckets_[bucket].fetch_add(1, std::memory_order_relaxed);
+    latency_sum_ns_.fetch_add(std::uint64_t(std::max<std::int64_t>(0, std::chrono::duration_cast<std::chrono::nanoseconds>(d).count())),
+                              std::memory_order_relaxed);
+}
+
+inline std::string server_metrics::prometheus_text() const {
+    std::string out;
+    auto counter = [&](const char* name, const char* help, std::uint64_t value) {
+        out += std::string("# HELP ") + name + " " + help + "\n# TYPE " + name + " counter\n" + name + " " +
+               std::to_string(value) + "\n";
+    };
+    counter("imbus_connections_opened_total", "WebSocket handshakes completed.", connections_opened.load());
+    counter("imbus_frames_sent_total", "Frames sent to clients.", frames_sent.load());
+    counter("imbus_notifications_sent_total", "Notifications sent to clients (a row sent to two clients counts twice).",
+            notifications_sent.load());
+    counter("imbus_slow_consumer_catch_ups_total", "Times a client's queue went over max_outbound_bytes.",
+            slow_consumer_catch_ups.load());
+    counter("imbus_missed_notifications_signals_total", "bus/missed_notifications markers sent.", missed_signals.load());
+    {
+        std::lock_guard<std::mutex> lock(mutex_);
+        out += "# HELP imbus_closes_total WebSocket connections closed, by close code (1006: dropped without one).\n"
+               "# TYPE imbus_closes_total counter\n";
+        for (const auto& c : closes_)
+            out += "imbus_closes_total{code=\"" + std::to_string(c.first) + "\"} " + std::to_string(c.second) + "\n";
+        out += "# HELP imbus_handshakes_refused_total Handshakes answered with an HTTP error, by status.\n"
+               "# TYPE imbus_handshakes_refused_total counter\n";
+        for (const auto& r : refusals_)
+            out += "imbus_handshakes_refused_total{status=\"" + std::to_string(r.first) + "\"} " + std::to_string(r.second) + "\n";
+    }
+    out += "# HELP imbus_publish_to_send_seconds From a commit reaching this process to its frame's send.\n"
+           "# TYPE imbus_publish_to_send_seconds histogram\n";
+    std::uint64_t cumulative = 0;
+    char bound[32];
+    for (std::size_t i = 0; i <= latency_bounds.size(); ++i) {
+        cumulative += latency_buckets_[i].load(std::memory_order_relaxed);
+        if (i < latency_bounds.size()) std::snprintf(bound, sizeof bound, "%g", latency_bounds[i]);
+        out += std::string("imbus_publish_to_send_seconds_bucket{le=\"") + (i < latency_bounds.size() ? bound : "+Inf") +
+               "\"} " + std::to_string(cumulative) + "\n";
+    }
+    std::snprintf(bound, sizeof bound, "%.9f", double(latency_sum_ns_.load()) / 1e9);
+    out += std::string("imbus_publish_to_send_seconds_sum ") + bound + "\n";
+    out += "imbus_publish_to_send_seconds_count " + std::to_string(cumulative) + "\n";
+    return out;
+}
 
 inline http_route static_files(std::string root, std::string url_prefix) {
     return [root = std::move(root), prefix = std::move(url_prefix)](const http_request& request, http_response& response) {
@@ -2948,6 +3073,7 @@ template <class AuthPolicy> bool basic_server<AuthPolicy>::on_validate(websocket
         con->replace_header("Connection", "close");
         if (options_.log) options_.log(log_level::info, "server: handshake from " + con->get_remote_endpoint() +
                                                             " refused (" + std::to_string(status) + "): " + why);
+        metrics_.count_refusal(status);
         return false;
     };
     if (stopping_) return refuse(503, "server shutting down");
@@ -2966,6 +3092,45 @@ template <class AuthPolicy> bool basic_server<AuthPolicy>::on_validate(websocket
     } catch (...) {
         return refuse(500, "auth policy failed: " + detail::current_error());
     }
+    std::string why;
+    if (!admit(con, why)) return refuse(503, why);
+    return true;
+}
+
+// The counters, plus the gauges read at scrape time.
+template <class AuthPolicy> std::string basic_server<AuthPolicy>::metrics_text() {
+    std::string out = metrics_.prometheus_text();
+    auto gauge = [&](const char* name, const char* help, std::int64_t value) {
+        out += std::string("# HELP ") + name + " " + help + "\n# TYPE " + name + " gauge\n" + name + " " +
+               std::to_string(value) + "\n";
+    };
+    gauge("imbus_connections_open", "Open WebSocket connections.", std::int64_t(connection_count()));
+    gauge("imbus_connections_subscribed", "Open connections that subscribed.", metrics_.subscribed.load());
+    gauge("imbus_channels", "Channels with at least one local subscriber.", std::int64_t(dispatcher_.channel_count()));
+    gauge("imbus_store_newest_id", "The newest notification id in the store (ids count the notifications stored).",
+          bus_.store().newest_id());
+    return out;
+}
+
+// Takes a place under max_connections and max_connections_per_address; on_close gives it back.
+template <class AuthPolicy> bool basic_server<AuthPolicy>::admit(const connection_ptr& con, std::string& why) {
+    std::error_code ec;
+    const auto peer = con->get_raw_socket().remote_endpoint(ec);
+    std::string address = ec ? std::string("?") : peer.address().to_string();
+    std::lock_guard<std::mutex> lock(connections_mutex_);
+    if (options_.max_connections && admitted_ >= options_.max_connections) {
+        why = "too many connections";
+        return false;
+    }
+    auto& mine = admitted_by_address_[address];
+    if (options_.max_connections_per_address && mine >= options_.max_connections_per_address) {
+        if (mine == 0) admitted_by_address_.erase(address);
+        why = "too many connections from " + address;
+        return false;
+    }
+    ++mine;
+    ++admitted_;
+    con->imbus_state.admitted_address = std::move(address);
     return true;
 }
 
@@ -2979,6 +3144,7 @@ template <class AuthPolicy> void basic_server<AuthPolicy>::on_open(websocketpp::
         std::lock_guard<std::mutex> lock(connections_mutex_);
         connections_.emplace(con.get(), con);
     }
+    metrics_.connections_opened.fetch_add(1, std::memory_order_relaxed);
     if (stopping_) return close(con, 1001, "server shutdown");
     const auto& request = con->get_request();
     if (!request.real_header("User-Agent").empty()) {  // browsers send one; Odoo checks only them
@@ -3032,10 +3198,21 @@ template <class AuthPolicy> void basic_server<AuthPolicy>::on_close(websocketpp:
     for (auto* timer : {&s.idle_timer, &s.lifetime_timer, &s.drain_timer})
         if (*timer) (*timer)->cancel();
     s.subscription.close();
+    if (s.follow) metrics_.subscribed.fetch_sub(1, std::memory_order_relaxed);
     s.follow.reset();
     {
         std::lock_guard<std::mutex> lock(connections_mutex_);
-        connections_.erase(con.get());
+        if (connections_.erase(con.get()) != 0) {  // the first code sent wins; an echo repeats it
+            using websocketpp::close::status::blank;
+            const auto local = con->get_local_close_code(), remote = con->get_remote_close_code();
+            metrics_.count_close(local != blank ? local : remote != blank ? remote : std::uint16_t(1006));
+        }
+        if (!s.admitted_address.empty()) {
+            --admitted_;
+            auto it = admitted_by_address_.find(s.admitted_address);
+            if (it != admitted_by_address_.end() && --it->second == 0) admitted_by_address_.erase(it);
+            s.admitted_address.clear();
+        }
         if (stopping_ && connections_.empty()) io_.stop();  // the last one: run() may return
     }
     s.open = false;
@@ -3132,6 +3309,7 @@ template <class AuthPolicy> void basic_server<AuthPolicy>::on_subscribe(const co
         return reject("channels sent by a client must be strings");
     const bool first = !s.follow;
     if (first) {
+        metrics_.subscribed.fetch_add(1, std::memory_order_relaxed);
         s.follow.emplace(bus_.store(), dispatcher_, std::vector<channel>(), last);
         std::weak_ptr<typename endpoint_type::connection_type> weak = con;
         auto strand = con->get_strand();
@@ -3173,11 +3351,11 @@ template <class AuthPolicy> void basic_server<AuthPolicy>::catch_up(const connec
     do {
         if (con->get_buffered_amount() > options_.max_outbound_bytes) return lag(con);
         detail::frame_builder frame;
-        if (missed) frame.add(detail::missed_marker(s.follow->position()));
+        if (missed) frame.add(detail::missed_marker(s.follow->position()), false), metrics_.missed_signals.fetch_add(1);
         missed = false;
         s.follow->catch_up([&](const notification&, std::string_view wire) { frame.add(wire); },
                            options_.catch_up_rows);
-        if (!frame.empty()) send_text(con, frame.finish());
+        if (!frame.empty()) send_frame(con, frame, {});
     } while (s.follow->behind());
 }
 
@@ -3209,8 +3387,11 @@ template <class AuthPolicy> void basic_server<AuthPolicy>::run_batch_slice() {
 
 template <class AuthPolicy> void basic_server<AuthPolicy>::lag(const connection_ptr& con) {
     auto& s = con->imbus_state;
-    if (!s.lagging && options_.log)
-        options_.log(log_level::info, "server: " + con->get_remote_endpoint() + " is slow; it will be caught up from the store");
+    if (!s.lagging) {
+        metrics_.slow_consumer_catch_ups.fetch_add(1, std::memory_order_relaxed);
+        if (options_.log)
+            options_.log(log_level::info, "server: " + con->get_remote_endpoint() + " is slow; it will be caught up from the store");
+    }
     s.lagging = true;
     std::weak_ptr<typename endpoint_type::connection_type> weak = con;
     s.drain_timer = con->set_timer(long(std::max<long long>(options_.drain_check.count(), 1)), [this, weak](const std::error_code& ec) {
@@ -3229,21 +3410,28 @@ template <class AuthPolicy> void basic_server<AuthPolicy>::on_wakeup(const conne
     if (w.overflowed || s.follow->behind()) return catch_up(con, true);
     detail::frame_builder frame;  // rows of events shared only in part, sent as one frame
     bool full = false;            // the queue bound holds per event, not per wake-up
+    std::optional<std::chrono::steady_clock::time_point> oldest;  // of the events in `frame`
+    if (!w.events.empty() && w.events.front().event) oldest = w.events.front()->noticed_at;
     s.follow->take(
         w, [&](const notification&, std::string_view wire) { frame.add(wire); },
         [&](const commit_event& event) {
-            if (!frame.empty()) send_text(con, frame.finish());
+            if (!frame.empty()) send_frame(con, frame, oldest);
             send_event(con, event);
         },
         options_.catch_up_rows,
         [&] { return full = con->get_buffered_amount() + frame.text.size() > options_.max_outbound_bytes; });
-    if (!frame.empty()) send_text(con, frame.finish());
+    if (!frame.empty()) send_frame(con, frame, oldest);
     if (full) return lag(con);
     if (s.follow->behind()) catch_up(con, false);
 }
 
-template <class AuthPolicy> void basic_server<AuthPolicy>::send_text(const connection_ptr& con, const std::string& text) {
-    const auto ec = con->send(text, websocketpp::frame::opcode::text);
+template <class AuthPolicy>
+void basic_server<AuthPolicy>::send_frame(const connection_ptr& con, detail::frame_builder& frame,
+                                          std::optional<std::chrono::steady_clock::time_point> noticed_at) {
+    metrics_.frames_sent.fetch_add(1, std::memory_order_relaxed);
+    metrics_.notifications_sent.fetch_add(frame.rows, std::memory_order_relaxed);
+    if (noticed_at) metrics_.observe_publish_to_send(std::chrono::steady_clock::now() - *noticed_at);
+    const auto ec = con->send(frame.finish(), websocketpp::frame::opcode::text);
     if (ec && options_.log) options_.log(log_level::debug, "server: send failed: " + ec.message());
 }
 
@@ -3256,6 +3444,9 @@ void basic_server<AuthPolicy>::send_event(const connection_ptr& con, const commi
         for (const auto& wire : event.wire) b.add(wire);
         return detail::prepared_text_frame<message_type>(b.finish());
     });
+    metrics_.frames_sent.fetch_add(1, std::memory_order_relaxed);
+    metrics_.notifications_sent.fetch_add(event.notifications.size(), std::memory_order_relaxed);
+    metrics_.observe_publish_to_send(std::chrono::steady_clock::now() - event.noticed_at);
     const auto ec = con->send(std::const_pointer_cast<message_type>(frame));
     if (ec && options_.log) options_.log(log_level::debug, "server: send failed: " + ec.message());
 }
@@ -3281,6 +3472,15 @@ template <class AuthPolicy>
 void basic_server<AuthPolicy>::serve_route(const http_request& request, http_response& response) {
     const bool post = request.method == "POST";
     auto bad_request = [&](const std::string& why) { response.set_json(400, {{"error", why}}); };
+    if (!options_.metrics_path.empty() && request.path == options_.metrics_path && request.method == "GET") {
+        if (!options_.metrics_token.empty() && !detail::constant_time_equal(request.bearer_token(), options_.metrics_token))
+            return response.set_json(401, {{"error", "Authorization: Bearer <metrics token> required"}});
+        response.status = 200;
+        response.headers.emplace_back("Content-Type", "text/plain; version=0.0.4");
+        response.headers.emplace_back("Cache-Control", "no-store");
+        response.body = metrics_text();
+        return;
+    }
     if (request.path == options_.path + "/health") {
         response.set_json(200, {{"status", "pass"}});
         response.headers.emplace_back("Cache-Control", "no-store");

@@ -797,3 +797,126 @@ TEST_CASE("request: a non-std exception from policy.on_event also closes 1011") 
     CHECK(status->code == 1011);
     check_receives(f, *other);
 }
+
+// --- admission limits (issue 7) ------------------------------------------------------------
+
+TEST_CASE("limits: beyond max_connections a handshake is 503, and a closed connection frees its place") {
+    fixture<> f([](imbus::server_options& o) { o.max_connections = 2; });
+    auto a = raw_ws::connect(f.port());
+    auto b = raw_ws::connect(f.port());
+    CHECK(raw_ws::handshake_reply(f.port(), "/websocket?version=19.0-2").status == 503);
+    CHECK(f.server.metrics().refusals(503) == 1);
+    a.close(1000);
+    REQUIRE(wait_until([&] { return f.server.connection_count() == 1; }));
+    auto c = raw_ws::connect(f.port());  // a's place
+    f.send("a", {{"n", 1}});
+    c.send_text(subscribe_text({"a"}, 0));
+    CHECK(read_frame_json(c).size() == 1);
+}
+
+TEST_CASE("limits: beyond max_connections_per_address a handshake from that address is 503") {
+    fixture<> f([](imbus::server_options& o) { o.max_connections_per_address = 2; });
+    std::vector<raw_ws> open;
+    open.push_back(raw_ws::connect(f.port()));
+    open.push_back(raw_ws::connect(f.port()));
+    auto refused = raw_ws::handshake_reply(f.port(), "/websocket?version=19.0-2");
+    CHECK(refused.status == 503);
+    CHECK(refused.body.find("too many connections from 127.0.0.1") != std::string::npos);
+    CHECK(f.log.dump().find("refused (503)") != std::string::npos);
+    open.pop_back();  // dropped without a close frame: the place comes back all the same
+    REQUIRE(wait_until([&] { return f.server.connection_count() == 1; }));
+    CHECK(raw_ws::handshake_reply(f.port(), "/websocket?version=19.0-2").status == 101);
+}
+
+TEST_CASE("limits: a TCP connection that never completes a handshake is dropped after open_handshake_timeout") {
+    fixture<> f([](imbus::server_options& o) { o.open_handshake_timeout = 300ms; });
+    for (const std::string& sent : {std::string(), std::string("GET /websocket HTTP/1.1\r\nHost: x\r\n")}) {
+        CAPTURE(sent.size());
+        asio::io_context io;
+        asio::ip::tcp::socket s(io);
+        s.connect({asio::ip::make_address("127.0.0.1"), f.port()});
+        if (!sent.empty()) asio::write(s, asio::buffer(sent));
+        const auto start = steady::now();
+        char byte;
+        asio::error_code ec;
+        std::size_t got = 0;
+        // The server answers nothing useful and closes; a blocking read returns at the close.
+        while (!ec && steady::now() - start < 5s) got += s.read_some(asio::buffer(&byte, 1), ec);
+        CHECK(ec == asio::error::eof);
+        CHECK(steady::now() - start < 3s);
+        (void)got;
+    }
+    // Other clients are unaffected.
+    auto ok = raw_ws::connect(f.port());
+    f.send("a", {{"n", 1}});
+    ok.send_text(subscribe_text({"a"}, 0));
+    CHECK(read_frame_json(ok).size() == 1);
+}
+
+TEST_CASE("limits: a handshake with more than 16000 bytes of headers is refused") {
+    fixture<> f;
+    auto reply = raw_ws::handshake_reply(f.port(), "/websocket?version=19.0-2", {{"X-Padding", std::string(17000, 'x')}});
+    CHECK(reply.status >= 400);
+    CHECK(reply.status < 500);
+    CHECK(raw_ws::handshake_reply(f.port(), "/websocket?version=19.0-2").status == 101);
+}
+
+// --- metrics (issue 7) -----------------------------------------------------------------------
+
+// The value of one sample line "name{labels} value" of a Prometheus text page; -1 when absent.
+double metric(const std::string& page, const std::string& sample) {
+    const auto at = page.find("\n" + sample + " ");
+    if (at == std::string::npos) return -1;
+    return std::stod(page.substr(at + sample.size() + 2));
+}
+
+TEST_CASE("metrics: GET /metrics counts connections, subscriptions, sends, closes by code, refusals and latency") {
+    fixture<> f;
+    auto a = f.client();
+    auto b = f.client();
+    a->subscribe({"a"}, 0);
+    b->subscribe({"a"}, 0);
+    REQUIRE(wait_until([&] { return f.subscribers_of("a") == 2; }));
+    for (int i = 0; i < 3; ++i) f.send("a", {{"i", i}});
+    REQUIRE(a->take(3, wait_limit).size() == 3);
+    REQUIRE(b->take(3, wait_limit).size() == 3);
+    b->close(1000);
+    REQUIRE(wait_until([&] { return f.server.connection_count() == 1; }));
+    CHECK(raw_ws::handshake_reply(f.port(), "/nowhere").status == 404);
+
+    const auto reply = imbus_test::http_request(f.port(), "GET", "/metrics");
+    REQUIRE(reply.status == 200);
+    CHECK(reply.header("content-type").rfind("text/plain", 0) == 0);
+    const std::string page = "\n" + reply.body;
+    CAPTURE(reply.body);
+    CHECK(metric(page, "imbus_connections_open") == 1);
+    CHECK(metric(page, "imbus_connections_opened_total") == 2);
+    CHECK(metric(page, "imbus_connections_subscribed") == 1);
+    CHECK(metric(page, "imbus_channels") == 1);
+    CHECK(metric(page, "imbus_notifications_sent_total") == 6);
+    CHECK(metric(page, "imbus_frames_sent_total") >= 2);
+    CHECK(metric(page, "imbus_closes_total{code=\"1000\"}") == 1);
+    CHECK(f.server.metrics().closes(1000) == 1);
+    CHECK(metric(page, "imbus_handshakes_refused_total{status=\"404\"}") == 1);
+    CHECK(metric(page, "imbus_store_newest_id") == 3);
+    CHECK(metric(page, "imbus_missed_notifications_signals_total") == 0);
+    CHECK(metric(page, "imbus_slow_consumer_catch_ups_total") == 0);
+    // Every frame sent from a live event is in the histogram; the buckets are cumulative.
+    const double count = metric(page, "imbus_publish_to_send_seconds_count");
+    CHECK(count >= 2);
+    CHECK(count <= metric(page, "imbus_frames_sent_total"));
+    CHECK(metric(page, "imbus_publish_to_send_seconds_bucket{le=\"+Inf\"}") == count);
+    CHECK(metric(page, "imbus_publish_to_send_seconds_bucket{le=\"0.0005\"}") <=
+          metric(page, "imbus_publish_to_send_seconds_bucket{le=\"2.5\"}"));
+    CHECK(metric(page, "imbus_publish_to_send_seconds_sum") >= 0);
+}
+
+TEST_CASE("metrics: with a metrics_token, /metrics wants it; with an empty path there is no route") {
+    fixture<> f([](imbus::server_options& o) { o.metrics_token = "scrape"; });
+    CHECK(imbus_test::http_request(f.port(), "GET", "/metrics").status == 401);
+    CHECK(imbus_test::http_request(f.port(), "GET", "/metrics", "", {{"Authorization", "Bearer nope"}}).status == 401);
+    CHECK(imbus_test::http_request(f.port(), "GET", "/metrics", "", {{"Authorization", "Bearer scrape"}}).status == 200);
+
+    fixture<> off([](imbus::server_options& o) { o.metrics_path.clear(); });
+    CHECK(imbus_test::http_request(off.port(), "GET", "/metrics").status == 404);
+}
