@@ -872,6 +872,26 @@ private:
     std::shared_ptr<revocations> revoked_ = std::make_shared<revocations>();
 };
 
+// --------------------------------------------------------------------------------------------
+// Client requests (Odoo: the parsing in Websocket._process_next_message)
+// --------------------------------------------------------------------------------------------
+
+/// One text frame from a client, as PROTOCOL §4 reads it. Kept apart from the server so the
+/// rules are testable (and fuzzable) without a socket.
+struct client_request {
+    enum class kind { invalid, subscribe, event };
+    kind what = kind::invalid;
+    std::string error;                  ///< why it is invalid: logged, the connection stays open
+    std::string event_name;             ///< subscribe and events
+    json data;                          ///< events: the "data" member (null when absent)
+    std::vector<std::string> channels;  ///< subscribe: the strings the client asked for
+    std::int64_t last = 0;              ///< subscribe: the client's last id, at least 0
+};
+
+/// {"event_name": "subscribe", "data": {"channels": [strings], "last": int|null}} or any other
+/// {"event_name": string, "data": any}; anything else is invalid. Never throws.
+client_request parse_client_request(std::string_view text) noexcept;
+
 #ifdef IMBUS_WITH_WEBSOCKETPP
 // --------------------------------------------------------------------------------------------
 // Server (Odoo: the /websocket controller, the Websocket class and its _serve_forever loop)
@@ -1000,6 +1020,9 @@ public:
 
     /// Adds the application's routes (set before listen()); the bus routes come first.
     void on_http(http_route route) { route_ = std::move(route); }
+    /// Answers one HTTP request as the server would (bus routes, then the application's), for
+    /// an application that takes HTTP through a server of its own. Thread-safe; never throws.
+    http_response serve_http(const http_request& request);
     /// Closes with 4001 every connection whose identity the policy no longer finds valid.
     void revalidate();
 
@@ -1018,8 +1041,8 @@ private:
     void on_message(websocketpp::connection_hdl h, message_ptr msg);
     void on_close(websocketpp::connection_hdl h);
     void on_http_request(websocketpp::connection_hdl h);
-    void on_subscribe(const connection_ptr& con, const json& data);
-    bool build_channels(const identity& who, const json& asked, std::vector<channel>& out);
+    void on_subscribe(const connection_ptr& con, const client_request& request);
+    std::vector<channel> build_channels(const identity& who, const std::vector<std::string>& asked);
     void on_wakeup(const connection_ptr& con, wakeup& w);
     void catch_up(const connection_ptr& con, bool check_missed);
     void lag(const connection_ptr& con);
@@ -2592,6 +2615,53 @@ inline bool signed_token_policy::still_valid(const identity& who) const {
     return revoked_->subjects.count(who.subject) == 0;
 }
 
+inline client_request parse_client_request(std::string_view text) noexcept {
+    client_request r;
+    try {
+        json request = json::parse(text, nullptr, false);
+        if (request.is_discarded() || !request.is_object() || !request.contains("event_name") ||
+            !request["event_name"].is_string()) {
+            r.error = "a request is {\"event_name\": string, \"data\": ...}";
+            return r;
+        }
+        r.event_name = request["event_name"].get<std::string>();
+        if (request.contains("data")) r.data = std::move(request["data"]);
+        if (r.event_name != "subscribe") {
+            r.what = client_request::kind::event;
+            return r;
+        }
+        const json& data = r.data;
+        if (!data.is_object() || !data.contains("channels") || !data["channels"].is_array()) {
+            r.error = "data.channels must be an array of strings";
+            return r;
+        }
+        if (data.contains("last") && !data["last"].is_null()) {
+            if (!data["last"].is_number_integer()) {
+                r.error = "data.last must be an integer";
+                return r;
+            }
+            // An unsigned above int64 is no id of ours: it counts as a far future (first poll).
+            r.last = data["last"].is_number_unsigned() && data["last"].get<std::uint64_t>() > std::uint64_t(INT64_MAX)
+                         ? INT64_MAX
+                         : std::max<std::int64_t>(0, data["last"].get<std::int64_t>());
+        }
+        for (const auto& c : data["channels"]) {
+            if (!c.is_string()) {
+                r.error = "channels sent by a client must be strings";
+                r.channels.clear();
+                return r;
+            }
+            r.channels.push_back(c.get<std::string>());
+        }
+        r.data = json();
+        r.what = client_request::kind::subscribe;
+    } catch (const std::exception& e) {  // e.g. out of memory: still one invalid request
+        r = client_request();
+        r.error = std::string("unreadable request: ") + e.what();
+    }
+    return r;
+}
+
 #ifdef IMBUS_WITH_WEBSOCKETPP
 // --- server ---------------------------------------------------------------------------------
 
@@ -3274,39 +3344,26 @@ void basic_server<AuthPolicy>::on_message(websocketpp::connection_hdl h, message
     if (msg->get_opcode() == websocketpp::frame::opcode::binary && text.size() == 1 && text[0] == '\0') return;
     if (!still_valid(con)) return;
     try {
-        json request = json::parse(text, nullptr, false);
-        if (request.is_discarded() || !request.is_object() || !request.contains("event_name") ||
-            !request["event_name"].is_string()) {
-            if (options_.log) options_.log(log_level::warning, "server: " + con->get_remote_endpoint() +
-                                                                   " sent a request that is not {\"event_name\": ..., \"data\": ...}");
+        client_request request = parse_client_request(text);
+        if (request.what == client_request::kind::invalid) {
+            if (options_.log)
+                options_.log(log_level::warning, "server: request from " + con->get_remote_endpoint() + " ignored: " + request.error);
             return;
         }
-        const std::string name = request["event_name"].get<std::string>();
-        const json& data = request.contains("data") ? request["data"] : json();
-        if (name == "subscribe") return on_subscribe(con, data);
-        if constexpr (detail::policy_has_on_event<AuthPolicy>::value) policy_.on_event(*s.identity, name, data);
+        if (request.what == client_request::kind::subscribe) return on_subscribe(con, request);
+        if constexpr (detail::policy_has_on_event<AuthPolicy>::value)
+            policy_.on_event(*s.identity, request.event_name, request.data);
     } catch (...) {
         if (options_.log) options_.log(log_level::error, "server: request failed: " + detail::current_error());
         close(con, 1011, "server error");
     }
 }
 
-template <class AuthPolicy> void basic_server<AuthPolicy>::on_subscribe(const connection_ptr& con, const json& data) {
+template <class AuthPolicy>
+void basic_server<AuthPolicy>::on_subscribe(const connection_ptr& con, const client_request& request) {
     auto& s = con->imbus_state;
-    auto reject = [&](const char* why) {
-        if (options_.log) options_.log(log_level::warning, "server: subscribe from " + con->get_remote_endpoint() +
-                                                               " rejected: " + why);
-    };
-    if (!data.is_object() || !data.contains("channels") || !data["channels"].is_array())
-        return reject("data.channels must be an array of strings");
-    std::int64_t last = 0;
-    if (data.contains("last") && !data["last"].is_null()) {
-        if (!data["last"].is_number_integer()) return reject("data.last must be an integer");
-        last = std::max<std::int64_t>(0, data["last"].get<std::int64_t>());
-    }
-    std::vector<channel> channels;
-    if (!build_channels(*s.identity, data["channels"], channels))
-        return reject("channels sent by a client must be strings");
+    const std::int64_t last = request.last;
+    std::vector<channel> channels = build_channels(*s.identity, request.channels);
     const bool first = !s.follow;
     if (first) {
         metrics_.subscribed.fetch_add(1, std::memory_order_relaxed);
@@ -3331,15 +3388,12 @@ template <class AuthPolicy> void basic_server<AuthPolicy>::on_subscribe(const co
 
 // Odoo's _build_bus_channels_list: the client's strings as [db, s], then the policy's say.
 template <class AuthPolicy>
-bool basic_server<AuthPolicy>::build_channels(const identity& who, const json& asked, std::vector<channel>& out) {
+std::vector<channel> basic_server<AuthPolicy>::build_channels(const identity& who, const std::vector<std::string>& asked) {
     std::vector<channel> requested;
-    for (const auto& c : asked) {
-        if (!c.is_string()) return false;
-        requested.emplace_back(bus_.db(), c.get<std::string>());
-    }
-    if constexpr (detail::policy_has_channels<AuthPolicy>::value) out = policy_.channels(who, std::move(requested));
-    else out = std::move(requested);
-    return true;
+    requested.reserve(asked.size());
+    for (const auto& name : asked) requested.emplace_back(bus_.db(), name);
+    if constexpr (detail::policy_has_channels<AuthPolicy>::value) return policy_.channels(who, std::move(requested));
+    else return requested;
 }
 
 template <class AuthPolicy> void basic_server<AuthPolicy>::catch_up(const connection_ptr& con, bool check_missed) {
@@ -3454,18 +3508,23 @@ void basic_server<AuthPolicy>::send_event(const connection_ptr& con, const commi
 template <class AuthPolicy> void basic_server<AuthPolicy>::on_http_request(websocketpp::connection_hdl h) {
     auto con = connection_of(h);
     if (!con) return;
+    const http_response response = serve_http(detail::make_http_request(*con));
+    con->set_status(static_cast<websocketpp::http::status_code::value>(response.status));
+    for (const auto& h2 : response.headers) con->replace_header(h2.first, h2.second);
+    con->set_body(response.body);
+    con->replace_header("Connection", "close");  // websocketpp closes after every response
+}
+
+template <class AuthPolicy> http_response basic_server<AuthPolicy>::serve_http(const http_request& request) {
     http_response response;
     try {
-        serve_route(detail::make_http_request(*con), response);
+        serve_route(request, response);
     } catch (...) {
         if (options_.log) options_.log(log_level::error, "server: HTTP route failed: " + detail::current_error());
         response = http_response();
         response.set_json(500, {{"error", "internal error"}});
     }
-    con->set_status(static_cast<websocketpp::http::status_code::value>(response.status));
-    for (const auto& h2 : response.headers) con->replace_header(h2.first, h2.second);
-    con->set_body(response.body);
-    con->replace_header("Connection", "close");  // websocketpp closes after every response
+    return response;
 }
 
 template <class AuthPolicy>
@@ -3493,10 +3552,12 @@ void basic_server<AuthPolicy>::serve_route(const http_request& request, http_res
             return bad_request("expected {\"channels\": [...], \"last\": N, \"is_first_poll\": bool}");
         auto verdict = policy_.authenticate(request);
         if (!verdict.accepted()) return response.set_json(verdict.status() ? verdict.status() : 403, {{"error", verdict.reason()}});
-        std::vector<channel> channels;
-        if (!build_channels(verdict.identity(), params["channels"], channels))
-            return bad_request("channels must be strings");
-        channels = detail::unique_channels(channels);
+        std::vector<std::string> asked;
+        for (const auto& c : params["channels"]) {
+            if (!c.is_string()) return bad_request("channels must be strings");
+            asked.push_back(c.get<std::string>());
+        }
+        const auto channels = detail::unique_channels(build_channels(verdict.identity(), asked));
         const json last_json = params.value("last", json(0));
         if (!last_json.is_number_integer()) return bad_request("last must be an integer");
         std::string out = "{\"channels\":[";
