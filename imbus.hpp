@@ -150,6 +150,10 @@
 #include <websocketpp/config/asio_no_tls.hpp>
 #include <websocketpp/config/asio_no_tls_client.hpp>
 #include <websocketpp/server.hpp>
+#ifdef IMBUS_WITH_TLS
+#include <websocketpp/config/asio.hpp>         // wss:// (OpenSSL)
+#include <websocketpp/config/asio_client.hpp>
+#endif
 #endif
 
 // ============================================================================================
@@ -936,6 +940,10 @@ struct server_options {
     std::string metrics_path = "/metrics";
     /// When set, /metrics wants "Authorization: Bearer <token>".
     std::string metrics_token;
+    /// wss:// (basic_server<Policy, tls_transport>): PEM files of the certificate chain (the
+    /// server's first) and of its private key. TLS 1.2 and later only.
+    std::string tls_certificate_chain_file;
+    std::string tls_private_key_file;
     logger log = stderr_logger();
 };
 
@@ -978,22 +986,33 @@ private:
 /// and its bus client load from the bus's own origin. Paths with ".." are refused.
 http_route static_files(std::string root, std::string url_prefix = "/");
 
+/// How the server and the client carry WebSocket: plain TCP (ws://), or TLS (wss://, with
+/// IMBUS_WITH_TLS and OpenSSL; CMake target imbus::tls).
+struct plain_transport {};
+struct tls_transport {};
+struct client_options;
+
 namespace detail {
 template <class Policy> struct checked_identity;  // the policy's identity, or a readable error
 struct frame_builder;
 template <class Identity> struct session_slot;
-template <class Identity> struct server_config;
+template <class Identity, class Transport> struct server_config;
+// Give an endpoint its TLS context (defined with IMBUS_WITH_TLS, used only by tls_transport).
+template <class Endpoint> void use_server_tls(Endpoint& endpoint, const server_options& options);
+template <class Endpoint> void use_client_tls(Endpoint& endpoint, const client_options& options);
+template <class Connection> void check_server_name(Connection& con, const client_options& options);
 }
 
 /// The bus's WebSocket server: authenticates peers with AuthPolicy, subscribes them to the
 /// policy's channels, and pushes committed notifications to them (PROTOCOL §4-5).
 /// Thread-safe. Outlives every connection: stop(), then let run() return (or wait()).
-template <class AuthPolicy>
+template <class AuthPolicy, class Transport = plain_transport>
 class basic_server {
 public:
     using policy_type = AuthPolicy;
+    using transport = Transport;
     using identity = typename detail::checked_identity<AuthPolicy>::type;
-    using config = detail::server_config<identity>;
+    using config = detail::server_config<identity, Transport>;
     using endpoint_type = websocketpp::server<config>;
     using connection_ptr = typename endpoint_type::connection_ptr;
 
@@ -1092,11 +1111,17 @@ struct client_options {
     /// Reconnect after a drop (not after 1000 or close()) and subscribe again from last_id().
     bool reconnect = true;
     std::chrono::milliseconds reconnect_delay{1000};  ///< then x1.5 per retry, at most 60 s
+    /// wss:// (basic_client<tls_transport>): PEM file of the authorities trusted for the
+    /// server's certificate; empty: the system's. The host name is checked against it too.
+    std::string tls_ca_file;
+    bool tls_verify = true;  ///< false only for tests against a throwaway certificate
     logger log = stderr_logger();
 };
 
-/// A bus client on its own I/O thread. Thread-safe.
-class client {
+/// A bus client on its own I/O thread: ws:// URLs with plain_transport (imbus::client),
+/// wss:// with tls_transport. Thread-safe.
+template <class Transport = plain_transport>
+class basic_client {
 public:
     struct close_status {
         int code = 0;  ///< 1006 when the connection dropped without a close frame
@@ -1104,10 +1129,10 @@ public:
     };
     using notification_handler = std::function<void(const json& notification)>;
 
-    explicit client(client_options options = {});
-    ~client();
-    client(const client&) = delete;
-    client& operator=(const client&) = delete;
+    explicit basic_client(client_options options = {});
+    ~basic_client();
+    basic_client(const basic_client&) = delete;
+    basic_client& operator=(const basic_client&) = delete;
 
     /// Opens the socket, e.g. "ws://127.0.0.1:8080/websocket"; blocks until open or refused.
     void connect(const std::string& url, std::error_code& ec);
@@ -1140,6 +1165,7 @@ private:
 };
 
 using server = basic_server<public_policy>;
+using client = basic_client<plain_transport>;
 #endif // IMBUS_WITH_WEBSOCKETPP
 
 // ============================================================================================
@@ -2703,7 +2729,24 @@ template <class Identity> struct session_slot {
     session_state<Identity> imbus_state;  // a name websocketpp's own members cannot hide
 };
 
-template <class Identity> struct server_config : websocketpp::config::asio {
+// The websocketpp configurations of a transport; TLS's exist only with IMBUS_WITH_TLS.
+template <class T> struct always_false : std::false_type {};
+template <class Transport> struct websocketpp_configs {
+    static_assert(always_false<Transport>::value,
+                  "imbus: tls_transport needs IMBUS_WITH_TLS defined before including imbus.hpp (CMake: link imbus::tls)");
+};
+template <> struct websocketpp_configs<plain_transport> {
+    using server = websocketpp::config::asio;
+    using client = websocketpp::config::asio_client;
+};
+#ifdef IMBUS_WITH_TLS
+template <> struct websocketpp_configs<tls_transport> {
+    using server = websocketpp::config::asio_tls;
+    using client = websocketpp::config::asio_tls_client;
+};
+#endif
+
+template <class Identity, class Transport> struct server_config : websocketpp_configs<Transport>::server {
     using connection_base = session_slot<Identity>;
     using request_type = ws_request;
     // The read buffer is part of every connection: sized for small client requests.
@@ -2712,6 +2755,41 @@ template <class Identity> struct server_config : websocketpp::config::asio {
     static const websocketpp::log::level alog_level = websocketpp::log::alevel::none;
     static const websocketpp::log::level elog_level = websocketpp::log::elevel::none;
 };
+
+#ifdef IMBUS_WITH_TLS
+inline std::shared_ptr<asio::ssl::context> tls_context(asio::ssl::context::method method) {
+    auto context = std::make_shared<asio::ssl::context>(method);
+    context->set_options(asio::ssl::context::default_workarounds | asio::ssl::context::no_sslv2 |
+                         asio::ssl::context::no_sslv3 | asio::ssl::context::no_tlsv1 |
+                         asio::ssl::context::no_tlsv1_1 | asio::ssl::context::single_dh_use);
+    return context;
+}
+
+// One context for every connection: the certificate is read once, at construction (throws).
+template <class Endpoint> void use_server_tls(Endpoint& endpoint, const server_options& options) {
+    auto context = tls_context(asio::ssl::context::tls_server);
+    context->use_certificate_chain_file(options.tls_certificate_chain_file);
+    context->use_private_key_file(options.tls_private_key_file, asio::ssl::context::pem);
+    endpoint.set_tls_init_handler([context](websocketpp::connection_hdl) { return context; });
+}
+
+// The server's certificate must chain to a trusted authority and name the host of the URL.
+template <class Endpoint> void use_client_tls(Endpoint& endpoint, const client_options& options) {
+    auto context = tls_context(asio::ssl::context::tls_client);
+    if (options.tls_verify) {
+        context->set_verify_mode(asio::ssl::verify_peer);
+        if (options.tls_ca_file.empty()) context->set_default_verify_paths();
+        else context->load_verify_file(options.tls_ca_file);
+    } else {
+        context->set_verify_mode(asio::ssl::verify_none);
+    }
+    endpoint.set_tls_init_handler([context](websocketpp::connection_hdl) { return context; });
+}
+
+template <class Connection> void check_server_name(Connection& con, const client_options& options) {
+    if (options.tls_verify) con.get_socket().set_verify_callback(asio::ssl::host_name_verification(con.get_host()));
+}
+#endif
 
 // A ready-to-write text frame (server frames are not masked), shared by every recipient.
 template <class Message> std::shared_ptr<Message> prepared_text_frame(std::string payload) {
@@ -2970,13 +3048,14 @@ inline http_route static_files(std::string root, std::string url_prefix) {
     };
 }
 
-template <class AuthPolicy>
-basic_server<AuthPolicy>::basic_server(imbus::bus& b, AuthPolicy policy, server_options options)
+template <class AuthPolicy, class Transport>
+basic_server<AuthPolicy, Transport>::basic_server(imbus::bus& b, AuthPolicy policy, server_options options)
     : bus_(b), dispatcher_(b.get_dispatcher()), policy_(std::move(policy)), options_(std::move(options)),
       gc_timer_(io_) {
     if (options_.threads == 0) options_.threads = 1;
     if (options_.rate_burst == 0) options_.rate_burst = 1;
     endpoint_.init_asio(&io_);
+    if constexpr (!std::is_same_v<Transport, plain_transport>) detail::use_server_tls(endpoint_, options_);
     endpoint_.set_reuse_addr(true);
     endpoint_.set_max_message_size(options_.max_message_bytes);
     endpoint_.set_max_http_body_size(options_.max_http_body_bytes);
@@ -3014,13 +3093,13 @@ basic_server<AuthPolicy>::basic_server(imbus::bus& b, AuthPolicy policy, server_
     });
 }
 
-template <class AuthPolicy> basic_server<AuthPolicy>::~basic_server() {
+template <class AuthPolicy, class Transport> basic_server<AuthPolicy, Transport>::~basic_server() {
     stop();
     wait();
 }
 
-template <class AuthPolicy>
-void basic_server<AuthPolicy>::listen(const std::string& address, std::uint16_t port, std::error_code& ec) {
+template <class AuthPolicy, class Transport>
+void basic_server<AuthPolicy, Transport>::listen(const std::string& address, std::uint16_t port, std::error_code& ec) {
     ec.clear();
     asio::error_code aec;
     const auto ip = asio::ip::make_address(address, aec);
@@ -3040,13 +3119,13 @@ void basic_server<AuthPolicy>::listen(const std::string& address, std::uint16_t 
     if (!ec) schedule_gc();
 }
 
-template <class AuthPolicy> void basic_server<AuthPolicy>::listen(const std::string& address, std::uint16_t port) {
+template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Transport>::listen(const std::string& address, std::uint16_t port) {
     std::error_code ec;
     listen(address, port, ec);
     if (ec) throw std::system_error(ec, "imbus server: cannot listen on " + address + ":" + std::to_string(port));
 }
 
-template <class AuthPolicy> void basic_server<AuthPolicy>::run(std::error_code& ec) {
+template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Transport>::run(std::error_code& ec) {
     ec.clear();
     try {
         for (std::size_t i = 1; i < options_.threads; ++i) threads_.emplace_back([this] { io_.run(); });
@@ -3059,17 +3138,17 @@ template <class AuthPolicy> void basic_server<AuthPolicy>::run(std::error_code& 
     }
 }
 
-template <class AuthPolicy> void basic_server<AuthPolicy>::run() {
+template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Transport>::run() {
     for (std::size_t i = 1; i < options_.threads; ++i) threads_.emplace_back([this] { io_.run(); });
     io_.run();
     wait();
 }
 
-template <class AuthPolicy> void basic_server<AuthPolicy>::start() {
+template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Transport>::start() {
     for (std::size_t i = 0; i < options_.threads; ++i) threads_.emplace_back([this] { io_.run(); });
 }
 
-template <class AuthPolicy> void basic_server<AuthPolicy>::wait() {
+template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Transport>::wait() {
     for (auto& t : threads_)
         if (t.joinable() && t.get_id() != std::this_thread::get_id()) t.join();
     threads_.clear();
@@ -3081,7 +3160,7 @@ template <class AuthPolicy> void basic_server<AuthPolicy>::wait() {
 
 // New handshakes are refused (503) from here on; once the last connection has closed its
 // handshake, the I/O threads return and wait() closes the acceptor.
-template <class AuthPolicy> void basic_server<AuthPolicy>::stop() noexcept {
+template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Transport>::stop() noexcept {
     if (stopping_.exchange(true)) return;
     asio::post(io_, [this] {
         gc_timer_.cancel();
@@ -3097,12 +3176,12 @@ template <class AuthPolicy> void basic_server<AuthPolicy>::stop() noexcept {
     });
 }
 
-template <class AuthPolicy> std::size_t basic_server<AuthPolicy>::connection_count() const {
+template <class AuthPolicy, class Transport> std::size_t basic_server<AuthPolicy, Transport>::connection_count() const {
     std::lock_guard<std::mutex> lock(connections_mutex_);
     return connections_.size();
 }
 
-template <class AuthPolicy> void basic_server<AuthPolicy>::revalidate() {
+template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Transport>::revalidate() {
     std::vector<connection_ptr> open;
     {
         std::lock_guard<std::mutex> lock(connections_mutex_);
@@ -3112,14 +3191,14 @@ template <class AuthPolicy> void basic_server<AuthPolicy>::revalidate() {
     for (auto& con : open) asio::post(*con->get_strand(), [this, con] { still_valid(con); });
 }
 
-template <class AuthPolicy>
-typename basic_server<AuthPolicy>::connection_ptr basic_server<AuthPolicy>::connection_of(websocketpp::connection_hdl h) {
+template <class AuthPolicy, class Transport>
+typename basic_server<AuthPolicy, Transport>::connection_ptr basic_server<AuthPolicy, Transport>::connection_of(websocketpp::connection_hdl h) {
     std::error_code ec;
     auto con = endpoint_.get_con_from_hdl(h, ec);
     return ec ? nullptr : con;
 }
 
-template <class AuthPolicy> void basic_server<AuthPolicy>::schedule_gc() {
+template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Transport>::schedule_gc() {
     if (options_.gc_interval.count() <= 0) return;
     gc_timer_.expires_after(options_.gc_interval);
     gc_timer_.async_wait([this](const asio::error_code& ec) {
@@ -3133,7 +3212,7 @@ template <class AuthPolicy> void basic_server<AuthPolicy>::schedule_gc() {
     });
 }
 
-template <class AuthPolicy> bool basic_server<AuthPolicy>::on_validate(websocketpp::connection_hdl h) {
+template <class AuthPolicy, class Transport> bool basic_server<AuthPolicy, Transport>::on_validate(websocketpp::connection_hdl h) {
     auto con = connection_of(h);
     if (!con) return false;
     auto refuse = [&](int status, const std::string& why) {
@@ -3168,7 +3247,7 @@ template <class AuthPolicy> bool basic_server<AuthPolicy>::on_validate(websocket
 }
 
 // The counters, plus the gauges read at scrape time.
-template <class AuthPolicy> std::string basic_server<AuthPolicy>::metrics_text() {
+template <class AuthPolicy, class Transport> std::string basic_server<AuthPolicy, Transport>::metrics_text() {
     std::string out = metrics_.prometheus_text();
     auto gauge = [&](const char* name, const char* help, std::int64_t value) {
         out += std::string("# HELP ") + name + " " + help + "\n# TYPE " + name + " gauge\n" + name + " " +
@@ -3183,7 +3262,7 @@ template <class AuthPolicy> std::string basic_server<AuthPolicy>::metrics_text()
 }
 
 // Takes a place under max_connections and max_connections_per_address; on_close gives it back.
-template <class AuthPolicy> bool basic_server<AuthPolicy>::admit(const connection_ptr& con, std::string& why) {
+template <class AuthPolicy, class Transport> bool basic_server<AuthPolicy, Transport>::admit(const connection_ptr& con, std::string& why) {
     std::error_code ec;
     const auto peer = con->get_raw_socket().remote_endpoint(ec);
     std::string address = ec ? std::string("?") : peer.address().to_string();
@@ -3204,7 +3283,7 @@ template <class AuthPolicy> bool basic_server<AuthPolicy>::admit(const connectio
     return true;
 }
 
-template <class AuthPolicy> void basic_server<AuthPolicy>::on_open(websocketpp::connection_hdl h) {
+template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Transport>::on_open(websocketpp::connection_hdl h) {
     auto con = connection_of(h);
     if (!con) return;
     auto& s = con->imbus_state;
@@ -3244,8 +3323,8 @@ template <class AuthPolicy> void basic_server<AuthPolicy>::on_open(websocketpp::
     });
 }
 
-template <class AuthPolicy>
-void basic_server<AuthPolicy>::schedule_idle(const connection_ptr& con, std::chrono::milliseconds in) {
+template <class AuthPolicy, class Transport>
+void basic_server<AuthPolicy, Transport>::schedule_idle(const connection_ptr& con, std::chrono::milliseconds in) {
     std::weak_ptr<typename endpoint_type::connection_type> weak = con;
     con->imbus_state.idle_timer = con->set_timer(long(std::max<long long>(in.count(), 1)), [this, weak](const std::error_code& ec) {
         auto c = weak.lock();
@@ -3261,7 +3340,7 @@ void basic_server<AuthPolicy>::schedule_idle(const connection_ptr& con, std::chr
     });
 }
 
-template <class AuthPolicy> void basic_server<AuthPolicy>::on_close(websocketpp::connection_hdl h) {
+template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Transport>::on_close(websocketpp::connection_hdl h) {
     auto con = connection_of(h);
     if (!con) return;
     auto& s = con->imbus_state;
@@ -3296,13 +3375,13 @@ template <class AuthPolicy> void basic_server<AuthPolicy>::on_close(websocketpp:
     }
 }
 
-template <class AuthPolicy>
-void basic_server<AuthPolicy>::close(const connection_ptr& con, std::uint16_t code, const std::string& reason) {
+template <class AuthPolicy, class Transport>
+void basic_server<AuthPolicy, Transport>::close(const connection_ptr& con, std::uint16_t code, const std::string& reason) {
     std::error_code ec;
     con->close(code, reason, ec);  // a connection already closing keeps its first code
 }
 
-template <class AuthPolicy> bool basic_server<AuthPolicy>::still_valid(const connection_ptr& con) {
+template <class AuthPolicy, class Transport> bool basic_server<AuthPolicy, Transport>::still_valid(const connection_ptr& con) {
     if constexpr (detail::policy_has_still_valid<AuthPolicy>::value) {
         auto& s = con->imbus_state;
         if (!s.identity || !s.open) return false;
@@ -3322,8 +3401,8 @@ template <class AuthPolicy> bool basic_server<AuthPolicy>::still_valid(const con
     }
 }
 
-template <class AuthPolicy>
-void basic_server<AuthPolicy>::on_message(websocketpp::connection_hdl h, message_ptr msg) {
+template <class AuthPolicy, class Transport>
+void basic_server<AuthPolicy, Transport>::on_message(websocketpp::connection_hdl h, message_ptr msg) {
     auto con = connection_of(h);
     if (!con || !con->imbus_state.open) return;
     auto& s = con->imbus_state;
@@ -3359,8 +3438,8 @@ void basic_server<AuthPolicy>::on_message(websocketpp::connection_hdl h, message
     }
 }
 
-template <class AuthPolicy>
-void basic_server<AuthPolicy>::on_subscribe(const connection_ptr& con, const client_request& request) {
+template <class AuthPolicy, class Transport>
+void basic_server<AuthPolicy, Transport>::on_subscribe(const connection_ptr& con, const client_request& request) {
     auto& s = con->imbus_state;
     const std::int64_t last = request.last;
     std::vector<channel> channels = build_channels(*s.identity, request.channels);
@@ -3387,8 +3466,8 @@ void basic_server<AuthPolicy>::on_subscribe(const connection_ptr& con, const cli
 }
 
 // Odoo's _build_bus_channels_list: the client's strings as [db, s], then the policy's say.
-template <class AuthPolicy>
-std::vector<channel> basic_server<AuthPolicy>::build_channels(const identity& who, const std::vector<std::string>& asked) {
+template <class AuthPolicy, class Transport>
+std::vector<channel> basic_server<AuthPolicy, Transport>::build_channels(const identity& who, const std::vector<std::string>& asked) {
     std::vector<channel> requested;
     requested.reserve(asked.size());
     for (const auto& name : asked) requested.emplace_back(bus_.db(), name);
@@ -3396,7 +3475,7 @@ std::vector<channel> basic_server<AuthPolicy>::build_channels(const identity& wh
     else return requested;
 }
 
-template <class AuthPolicy> void basic_server<AuthPolicy>::catch_up(const connection_ptr& con, bool check_missed) {
+template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Transport>::catch_up(const connection_ptr& con, bool check_missed) {
     auto& s = con->imbus_state;
     bool missed = check_missed && detail::rows_lost_after(bus_.store(), s.follow->position());
     if (missed && options_.log)
@@ -3419,14 +3498,14 @@ template <class AuthPolicy> void basic_server<AuthPolicy>::catch_up(const connec
 // the commits they make join the queue's later connections, whose frames then leave in one
 // write (1,000 subscribers: a task per wake-up 141k deliveries/s, one batch 300k, slices of
 // 32 about 650k).
-template <class AuthPolicy> void basic_server<AuthPolicy>::batch(std::function<void()> task) {
+template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Transport>::batch(std::function<void()> task) {
     std::lock_guard<std::mutex> lock(batch_mutex_);
     batch_.push_back(std::move(task));
     if (std::exchange(batch_posted_, true)) return;
     asio::post(io_, [this] { asio::post(io_, [this] { run_batch_slice(); }); });
 }
 
-template <class AuthPolicy> void basic_server<AuthPolicy>::run_batch_slice() {
+template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Transport>::run_batch_slice() {
     std::vector<std::function<void()>> tasks;
     {
         std::lock_guard<std::mutex> lock(batch_mutex_);
@@ -3439,7 +3518,7 @@ template <class AuthPolicy> void basic_server<AuthPolicy>::run_batch_slice() {
     for (auto& t : tasks) t();
 }
 
-template <class AuthPolicy> void basic_server<AuthPolicy>::lag(const connection_ptr& con) {
+template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Transport>::lag(const connection_ptr& con) {
     auto& s = con->imbus_state;
     if (!s.lagging) {
         metrics_.slow_consumer_catch_ups.fetch_add(1, std::memory_order_relaxed);
@@ -3457,7 +3536,7 @@ template <class AuthPolicy> void basic_server<AuthPolicy>::lag(const connection_
     });
 }
 
-template <class AuthPolicy> void basic_server<AuthPolicy>::on_wakeup(const connection_ptr& con, wakeup& w) {
+template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Transport>::on_wakeup(const connection_ptr& con, wakeup& w) {
     auto& s = con->imbus_state;
     if (!s.open || !s.follow || s.lagging) return;  // a lagging client is caught up after its drain
     if (!still_valid(con)) return;
@@ -3479,8 +3558,8 @@ template <class AuthPolicy> void basic_server<AuthPolicy>::on_wakeup(const conne
     if (s.follow->behind()) catch_up(con, false);
 }
 
-template <class AuthPolicy>
-void basic_server<AuthPolicy>::send_frame(const connection_ptr& con, detail::frame_builder& frame,
+template <class AuthPolicy, class Transport>
+void basic_server<AuthPolicy, Transport>::send_frame(const connection_ptr& con, detail::frame_builder& frame,
                                           std::optional<std::chrono::steady_clock::time_point> noticed_at) {
     metrics_.frames_sent.fetch_add(1, std::memory_order_relaxed);
     metrics_.notifications_sent.fetch_add(frame.rows, std::memory_order_relaxed);
@@ -3489,8 +3568,8 @@ void basic_server<AuthPolicy>::send_frame(const connection_ptr& con, detail::fra
     if (ec && options_.log) options_.log(log_level::debug, "server: send failed: " + ec.message());
 }
 
-template <class AuthPolicy>
-void basic_server<AuthPolicy>::send_event(const connection_ptr& con, const commit_event& event) {
+template <class AuthPolicy, class Transport>
+void basic_server<AuthPolicy, Transport>::send_event(const connection_ptr& con, const commit_event& event) {
     using message_type = typename config::message_type;
     // Encoded once for every recipient of the event; websocketpp only reads prepared frames.
     auto frame = event.shared_frame<message_type>([&] {
@@ -3505,7 +3584,7 @@ void basic_server<AuthPolicy>::send_event(const connection_ptr& con, const commi
     if (ec && options_.log) options_.log(log_level::debug, "server: send failed: " + ec.message());
 }
 
-template <class AuthPolicy> void basic_server<AuthPolicy>::on_http_request(websocketpp::connection_hdl h) {
+template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Transport>::on_http_request(websocketpp::connection_hdl h) {
     auto con = connection_of(h);
     if (!con) return;
     const http_response response = serve_http(detail::make_http_request(*con));
@@ -3515,7 +3594,7 @@ template <class AuthPolicy> void basic_server<AuthPolicy>::on_http_request(webso
     con->replace_header("Connection", "close");  // websocketpp closes after every response
 }
 
-template <class AuthPolicy> http_response basic_server<AuthPolicy>::serve_http(const http_request& request) {
+template <class AuthPolicy, class Transport> http_response basic_server<AuthPolicy, Transport>::serve_http(const http_request& request) {
     http_response response;
     try {
         serve_route(request, response);
@@ -3527,8 +3606,8 @@ template <class AuthPolicy> http_response basic_server<AuthPolicy>::serve_http(c
     return response;
 }
 
-template <class AuthPolicy>
-void basic_server<AuthPolicy>::serve_route(const http_request& request, http_response& response) {
+template <class AuthPolicy, class Transport>
+void basic_server<AuthPolicy, Transport>::serve_route(const http_request& request, http_response& response) {
     const bool post = request.method == "POST";
     auto bad_request = [&](const std::string& why) { response.set_json(400, {{"error", why}}); };
     if (!options_.metrics_path.empty() && request.path == options_.metrics_path && request.method == "GET") {
@@ -3619,9 +3698,9 @@ void basic_server<AuthPolicy>::serve_route(const http_request& request, http_res
 
 // --- client ---------------------------------------------------------------------------------
 
-struct client::impl {
-    using endpoint_type = websocketpp::client<websocketpp::config::asio_client>;
-    using message_ptr = endpoint_type::message_ptr;
+template <class Transport> struct basic_client<Transport>::impl {
+    using endpoint_type = websocketpp::client<typename detail::websocketpp_configs<Transport>::client>;
+    using message_ptr = typename endpoint_type::message_ptr;
 
     client_options options;
     asio::io_context io;
@@ -3652,6 +3731,7 @@ struct client::impl {
         endpoint.clear_access_channels(websocketpp::log::alevel::all);
         endpoint.clear_error_channels(websocketpp::log::elevel::all);
         endpoint.init_asio(&io);
+        if constexpr (!std::is_same_v<Transport, plain_transport>) detail::use_client_tls(endpoint, options);
         endpoint.set_open_handler([this](websocketpp::connection_hdl h) { on_open(h); });
         endpoint.set_fail_handler([this](websocketpp::connection_hdl h) { on_fail(h); });
         endpoint.set_close_handler([this](websocketpp::connection_hdl h) { on_close(h); });
@@ -3675,6 +3755,7 @@ struct client::impl {
             return;
         }
         for (const auto& h : options.headers) con->replace_header(h.first, h.second);
+        if constexpr (!std::is_same_v<Transport, plain_transport>) detail::check_server_name(*con, options);
         endpoint.connect(con);
     }
 
@@ -3774,9 +3855,10 @@ struct client::impl {
     }
 };
 
-inline client::client(client_options options) : impl_(std::make_unique<impl>(std::move(options))) {}
+template <class Transport>
+basic_client<Transport>::basic_client(client_options options) : impl_(std::make_unique<impl>(std::move(options))) {}
 
-inline client::~client() {
+template <class Transport> basic_client<Transport>::~basic_client() {
     {
         std::lock_guard<std::mutex> lock(impl_->mutex);
         impl_->shutting_down = true;
@@ -3791,7 +3873,7 @@ inline client::~client() {
     if (impl_->thread.joinable()) impl_->thread.join();
 }
 
-inline void client::connect(const std::string& url, std::error_code& ec) {
+template <class Transport> void basic_client<Transport>::connect(const std::string& url, std::error_code& ec) {
     std::string target = url;
     if (target.find("version=") == std::string::npos)
         target += (target.find('?') == std::string::npos ? "?version=" : "&version=") + impl_->options.version;
@@ -3809,19 +3891,19 @@ inline void client::connect(const std::string& url, std::error_code& ec) {
     ec = impl_->open ? std::error_code() : impl_->attempt_error;
 }
 
-inline void client::connect(const std::string& url) {
+template <class Transport> void basic_client<Transport>::connect(const std::string& url) {
     std::error_code ec;
     connect(url, ec);
     if (ec) throw std::system_error(ec, "imbus client: cannot connect to " + url +
                                             (handshake_status() ? " (HTTP " + std::to_string(handshake_status()) + ")" : ""));
 }
 
-inline int client::handshake_status() const {
+template <class Transport> int basic_client<Transport>::handshake_status() const {
     std::lock_guard<std::mutex> lock(impl_->mutex);
     return impl_->refused_status;
 }
 
-inline void client::subscribe(std::vector<std::string> channels, std::int64_t last) {
+template <class Transport> void basic_client<Transport>::subscribe(std::vector<std::string> channels, std::int64_t last) {
     std::string text;
     {
         std::lock_guard<std::mutex> lock(impl_->mutex);
@@ -3832,11 +3914,11 @@ inline void client::subscribe(std::vector<std::string> channels, std::int64_t la
     impl_->send_text(text);
 }
 
-inline void client::send(std::string_view event_name, const json& data) {
+template <class Transport> void basic_client<Transport>::send(std::string_view event_name, const json& data) {
     impl_->send_text(json({{"event_name", event_name}, {"data", data}}).dump());
 }
 
-inline void client::close(std::uint16_t code, const std::string& reason) {
+template <class Transport> void basic_client<Transport>::close(std::uint16_t code, const std::string& reason) {
     std::lock_guard<std::mutex> lock(impl_->mutex);
     impl_->closing = true;
     if (!impl_->open) return;
@@ -3844,12 +3926,12 @@ inline void client::close(std::uint16_t code, const std::string& reason) {
     impl_->endpoint.close(impl_->hdl, code, reason, ec);
 }
 
-inline void client::on_notification(notification_handler handler) {
+template <class Transport> void basic_client<Transport>::on_notification(notification_handler handler) {
     std::lock_guard<std::mutex> lock(impl_->mutex);
     impl_->handler = std::move(handler);
 }
 
-inline std::vector<json> client::take(std::size_t count, std::chrono::milliseconds timeout) {
+template <class Transport> std::vector<json> basic_client<Transport>::take(std::size_t count, std::chrono::milliseconds timeout) {
     std::unique_lock<std::mutex> lock(impl_->mutex);
     impl_->changed.wait_for(lock, timeout, [&] { return impl_->received.size() >= count; });
     const auto n = std::min(count, impl_->received.size());
@@ -3858,29 +3940,30 @@ inline std::vector<json> client::take(std::size_t count, std::chrono::millisecon
     return out;
 }
 
-inline std::optional<client::close_status> client::wait_closed(std::chrono::milliseconds timeout) {
+template <class Transport>
+std::optional<typename basic_client<Transport>::close_status> basic_client<Transport>::wait_closed(std::chrono::milliseconds timeout) {
     std::unique_lock<std::mutex> lock(impl_->mutex);
     if (!impl_->changed.wait_for(lock, timeout, [&] { return !impl_->open && impl_->closed.has_value(); }))
         return std::nullopt;
     return impl_->closed;
 }
 
-inline bool client::wait_open(std::chrono::milliseconds timeout) {
+template <class Transport> bool basic_client<Transport>::wait_open(std::chrono::milliseconds timeout) {
     std::unique_lock<std::mutex> lock(impl_->mutex);
     return impl_->changed.wait_for(lock, timeout, [&] { return impl_->open; });
 }
 
-inline std::int64_t client::last_id() const {
+template <class Transport> std::int64_t basic_client<Transport>::last_id() const {
     std::lock_guard<std::mutex> lock(impl_->mutex);
     return impl_->last;
 }
 
-inline bool client::is_open() const {
+template <class Transport> bool basic_client<Transport>::is_open() const {
     std::lock_guard<std::mutex> lock(impl_->mutex);
     return impl_->open;
 }
 
-inline std::size_t client::connects() const {
+template <class Transport> std::size_t basic_client<Transport>::connects() const {
     std::lock_guard<std::mutex> lock(impl_->mutex);
     return impl_->connects;
 }

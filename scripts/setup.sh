@@ -10,6 +10,7 @@ packages=(
   build-essential cmake clang libclang-rt-14-dev
   libasio-dev libwebsocketpp-dev nlohmann-json3-dev doctest-dev
   libsqlite3-dev libpq-dev
+  libssl-dev openssl  # wss:// (imbus::tls) and the TLS tests' throwaway certificates
   chromium  # the browser tests (tests/browser) drive /usr/bin/chromium
 )
 # Debian's nodejs/npm only where there is no node or npm at all: a node from elsewhere (e.g.
