@@ -2,6 +2,8 @@
 // plus the string channels they ask for), and any backend publishes with POST /bus/send.
 //
 //   example_server --port 8080 --store sqlite:bus.db --api-key secret
+//   example_server --port 8081 --store 'postgres:host=db.internal dbname=app' (several servers, one bus)
+//   example_server --port 8443 --tls-cert chain.pem --tls-key key.pem          (wss://)
 //   curl -H 'Authorization: Bearer secret' http://127.0.0.1:8080/bus/send
 //        -d '{"channel":"broadcast","type":"hello","payload":1}'
 #include "imbus.hpp"
@@ -15,7 +17,7 @@ namespace {
 struct settings {
     std::string host = "127.0.0.1";
     std::uint16_t port = 8080;
-    std::string store = "memory";  // or sqlite:PATH
+    std::string store = "memory";  // or sqlite:PATH, postgres:CONNINFO
     imbus::server_options server;
     std::string db = "imbus";
     std::string static_root;  // serve files from here (e.g. a page and js/)
@@ -23,9 +25,9 @@ struct settings {
 
 [[noreturn]] void usage(const std::string& problem) {
     std::cerr << "example_server: " << problem << "\n"
-              << "usage: example_server [--host ADDR] [--port N] [--store memory|sqlite:PATH] [--api-key KEY]\n"
+              << "usage: example_server [--host ADDR] [--port N] [--store memory|sqlite:PATH|postgres:CONNINFO] [--api-key KEY]\n"
               << "                      [--db NAME] [--version STRING] [--threads N] [--origin URL]...\n"
-              << "                      [--static DIR]\n";
+              << "                      [--static DIR] [--tls-cert PEM --tls-key PEM]\n";
     std::exit(2);
 }
 
@@ -46,18 +48,44 @@ settings parse(int argc, char** argv) {
             else if (flag == "--threads") s.server.threads = std::stoul(value);
             else if (flag == "--origin") s.server.allowed_origins.push_back(value);
             else if (flag == "--static") s.static_root = value;
+            else if (flag == "--tls-cert") s.server.tls_certificate_chain_file = value;
+            else if (flag == "--tls-key") s.server.tls_private_key_file = value;
             else usage("unknown option " + flag);
         } catch (const std::logic_error&) {
             usage("bad value for " + flag + ": " + value);
         }
     }
+    if (s.server.tls_certificate_chain_file.empty() != s.server.tls_private_key_file.empty())
+        usage("--tls-cert and --tls-key go together");
     return s;
 }
 
 std::unique_ptr<imbus::store> open_store(const std::string& spec) {
     if (spec == "memory") return std::make_unique<imbus::memory_store>();
     if (spec.rfind("sqlite:", 0) == 0) return std::make_unique<imbus::sqlite_store>(spec.substr(7));
+#ifdef IMBUS_WITH_POSTGRES
+    if (spec.rfind("postgres:", 0) == 0) return std::make_unique<imbus::pg_store>(spec.substr(9));
+#endif
     usage("unknown store " + spec);
+}
+
+template <class Transport> void serve(const settings& s, imbus::bus& bus) {
+    imbus::basic_server<imbus::public_policy, Transport> server(bus, imbus::public_policy({bus.channel_for("broadcast")}),
+                                                                s.server);
+    if (!s.static_root.empty()) server.on_http(imbus::static_files(s.static_root));
+    server.listen(s.host, s.port);
+
+    // A server started in the background ignores SIGINT: SIGTERM must stop it too.
+    asio::signal_set signals(server.io_context(), SIGINT, SIGTERM);
+    signals.async_wait([&](const asio::error_code& ec, int) {
+        if (!ec) server.stop();
+    });
+    const bool tls = std::is_same_v<Transport, imbus::tls_transport>;
+    std::cout << "imbus server on " << (tls ? "wss" : "ws") << "://" << s.host << ":" << server.port() << s.server.path
+              << " (store " << s.store << ", db " << s.db << ", " << s.server.threads << " thread(s))" << std::endl;
+    server.run();
+    signals.cancel();
+    std::cout << "imbus server stopped" << std::endl;
 }
 
 } // namespace
@@ -67,22 +95,24 @@ int main(int argc, char** argv) {
     try {
         auto store = open_store(s.store);
         imbus::dispatcher dispatcher;
-        imbus::bus bus(*store, dispatcher, {s.db});
-        imbus::server server(bus, imbus::public_policy({bus.channel_for("broadcast")}), s.server);
-        if (!s.static_root.empty()) server.on_http(imbus::static_files(s.static_root));
-        server.listen(s.host, s.port);
-
-        // A server started in the background ignores SIGINT: SIGTERM must stop it too.
-        asio::signal_set signals(server.io_context(), SIGINT, SIGTERM);
-        signals.async_wait([&](const asio::error_code& ec, int) {
-            if (!ec) server.stop();
-        });
-        std::cout << "imbus server on ws://" << s.host << ":" << server.port() << s.server.path
-                  << " (store " << s.store << ", db " << s.db << ", " << s.server.threads << " thread(s))"
-                  << std::endl;
-        server.run();
-        signals.cancel();
-        std::cout << "imbus server stopped" << std::endl;
+        imbus::bus_options bus_options;
+        bus_options.db = s.db;
+#ifdef IMBUS_WITH_POSTGRES
+        // Every server on the database learns of every commit, its own included, through its
+        // one listener: one path keeps the dispatcher's rows in id order.
+        std::unique_ptr<imbus::pg_listener> listener;
+        if (auto* pg = dynamic_cast<imbus::pg_store*>(store.get())) {
+            listener = std::make_unique<imbus::pg_listener>(*pg, dispatcher);
+            bus_options.dispatch_on_commit = false;
+        }
+#endif
+        imbus::bus bus(*store, dispatcher, bus_options);
+        if (s.server.tls_certificate_chain_file.empty()) return serve<imbus::plain_transport>(s, bus), 0;
+#ifdef IMBUS_WITH_TLS
+        serve<imbus::tls_transport>(s, bus);
+#else
+        usage("this build has no TLS (configure with IMBUS_WITH_TLS=ON and OpenSSL)");
+#endif
     } catch (const std::exception& e) {
         std::cerr << "example_server: " << e.what() << std::endl;
         return 1;
