@@ -6,6 +6,7 @@
 //   GET /test/stats  ->  {"connections": N}   (open WebSocket connections)
 //
 //   browser_harness [--port N] [--data PATH] [--version V] [--api-key K] [--root DIR]
+//                   [--tls-cert PEM --tls-key PEM]   (https:// and wss://)
 //
 // --port 0 (the default) picks a free port. Once listening, it prints `PORT <n>` on one line
 // of stdout (flushed) for the test runner. SIGTERM or SIGINT stops it (close 1001 to clients).
@@ -30,7 +31,8 @@ struct settings {
 
 [[noreturn]] void usage(const std::string& problem) {
     std::cerr << "browser_harness: " << problem << "\n"
-              << "usage: browser_harness [--port N] [--data PATH] [--version V] [--api-key K] [--root DIR]\n";
+              << "usage: browser_harness [--port N] [--data PATH] [--version V] [--api-key K] [--root DIR]\n"
+              << "                       [--tls-cert PEM --tls-key PEM]\n";
     std::exit(2);
 }
 
@@ -48,12 +50,37 @@ settings parse(int argc, char** argv) {
             else if (flag == "--version") s.server.version = value;
             else if (flag == "--api-key") s.server.api_key = value;
             else if (flag == "--root") s.root = value;
+            else if (flag == "--tls-cert") s.server.tls_certificate_chain_file = value;
+            else if (flag == "--tls-key") s.server.tls_private_key_file = value;
             else usage("unknown option " + flag);
         } catch (const std::logic_error&) {
             usage("bad value for " + flag + ": " + value);
         }
     }
     return s;
+}
+
+template <class Transport> void serve(const settings& s, imbus::bus& bus) {
+    imbus::basic_server<imbus::public_policy, Transport> server(bus, imbus::public_policy({bus.channel_for("broadcast")}),
+                                                                s.server);
+    auto files = imbus::static_files(s.root);
+    server.on_http([&server, files](const imbus::http_request& request, imbus::http_response& response) {
+        if (request.method == "GET" && request.path == "/test/stats") {
+            response.set_json(200, {{"connections", server.connection_count()}});
+            response.headers.emplace_back("Cache-Control", "no-store");
+            return true;
+        }
+        return files(request, response);
+    });
+    server.listen("127.0.0.1", s.port);
+
+    asio::signal_set signals(server.io_context(), SIGINT, SIGTERM);
+    signals.async_wait([&](const asio::error_code& ec, int) {
+        if (!ec) server.stop();
+    });
+    std::cout << "PORT " << server.port() << std::endl;  // std::endl flushes
+    server.run();
+    signals.cancel();
 }
 
 } // namespace
@@ -66,26 +93,15 @@ int main(int argc, char** argv) {
         else store = std::make_unique<imbus::sqlite_store>(s.data);
         imbus::dispatcher dispatcher;
         imbus::bus bus(*store, dispatcher, {"imbus"});
-        imbus::server server(bus, imbus::public_policy({bus.channel_for("broadcast")}), s.server);
-
-        auto files = imbus::static_files(s.root);
-        server.on_http([&server, files](const imbus::http_request& request, imbus::http_response& response) {
-            if (request.method == "GET" && request.path == "/test/stats") {
-                response.set_json(200, {{"connections", server.connection_count()}});
-                response.headers.emplace_back("Cache-Control", "no-store");
-                return true;
-            }
-            return files(request, response);
-        });
-        server.listen("127.0.0.1", s.port);
-
-        asio::signal_set signals(server.io_context(), SIGINT, SIGTERM);
-        signals.async_wait([&](const asio::error_code& ec, int) {
-            if (!ec) server.stop();
-        });
-        std::cout << "PORT " << server.port() << std::endl;  // std::endl flushes
-        server.run();
-        signals.cancel();
+        if (s.server.tls_certificate_chain_file.empty()) {
+            serve<imbus::plain_transport>(s, bus);
+        } else {
+#ifdef IMBUS_WITH_TLS
+            serve<imbus::tls_transport>(s, bus);
+#else
+            usage("built without TLS (IMBUS_WITH_TLS)");
+#endif
+        }
     } catch (const std::exception& e) {
         std::cerr << "browser_harness: " << e.what() << std::endl;
         return 1;

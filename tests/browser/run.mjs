@@ -12,9 +12,10 @@
 // `--only name`). Without --only, all tests run.
 // Waits are on conditions (events, ids, server stats) with timeouts; the only fixed sleeps are
 // short ones that prove a negative (nothing reconnects during them).
-import { spawn } from "node:child_process";
-import { mkdtempSync, rmSync } from "node:fs";
+import { execFileSync, spawn } from "node:child_process";
+import { mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { request as httpRequest } from "node:http";
+import { request as httpsRequest } from "node:https";
 import { connect as tcpConnect } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -63,9 +64,11 @@ function checkEqual(actual, expected, message) {
 
 // One request on a connection of its own (agent: false sends `Connection: close`): the server
 // closes after each response (it says so since http_connection_close), so pooling buys nothing.
-function http(method, url, body, headers = {}) {
+// `ca`: the PEM an https:// server's certificate must chain to.
+function http(method, url, body, headers = {}, ca = undefined) {
     return new Promise((resolve, reject) => {
-        const req = httpRequest(url, { method, headers, agent: false }, (res) => {
+        const request = url.startsWith("https:") ? httpsRequest : httpRequest;
+        const req = request(url, { method, headers, agent: false, ca }, (res) => {
             let text = "";
             res.setEncoding("utf8");
             res.on("data", (chunk) => { text += chunk; });
@@ -138,17 +141,28 @@ class ServerProcess {
 }
 
 class Harness extends ServerProcess {
-    constructor({ data, port = 0, version }) {
+    /** tls: {cert, key} PEM paths to serve https:// and wss:// */
+    constructor({ data, port = 0, version, tls }) {
         super("harness", port);
         this.data = data;
         this.version = version;
+        this.tls = tls;
     }
 
     start() {
         const args = ["--port", String(this.requestedPort), "--data", this.data, "--api-key", API_KEY];
         if (this.version) args.push("--version", this.version);
         if (options.root) args.push("--root", options.root);
+        if (this.tls) args.push("--tls-cert", this.tls.cert, "--tls-key", this.tls.key);
         return this.launch(options.harness, args, /^PORT (\d+)$/);
+    }
+
+    url(path) {
+        return this.tls ? `https://127.0.0.1:${this.port}${path}` : super.url(path);
+    }
+
+    request(method, path, body, headers) {
+        return http(method, this.url(path), body, headers, this.tls ? readFileSync(this.tls.cert) : undefined);
     }
 
     page(query = "") {
@@ -157,8 +171,8 @@ class Harness extends ServerProcess {
 
     /** POST /bus/send: one {channel, type, payload} or an array (one transaction); returns the ids. */
     async publish(items) {
-        const { status, body } = await http("POST", this.url("/bus/send"), JSON.stringify(items),
-                                            { "Content-Type": "application/json", Authorization: `Bearer ${API_KEY}` });
+        const { status, body } = await this.request("POST", "/bus/send", JSON.stringify(items),
+                                                    { "Content-Type": "application/json", Authorization: `Bearer ${API_KEY}` });
         check(status === 200, `POST /bus/send answered ${status}: ${body}`);
         return JSON.parse(body).ids;
     }
@@ -171,7 +185,7 @@ class Harness extends ServerProcess {
     }
 
     async connections() {
-        const { status, body } = await http("GET", this.url("/test/stats"));
+        const { status, body } = await this.request("GET", "/test/stats");
         check(status === 200, `GET /test/stats answered ${status}`);
         return JSON.parse(body).connections;
     }
@@ -276,6 +290,40 @@ test("shared_socket", async ({ harness, context }) => {
     checkEqual(await receivedIds(a), ids, "tab A gets each notification once, in order");
     checkEqual(await receivedIds(b), ids, "tab B gets each notification once, in order");
     checkEqual(await harness.connections(), 1, "still one connection for two tabs");
+});
+
+test("wss_shared_socket", async () => {
+    // The page over https:// and the SharedWorker's socket over wss://, with a throwaway
+    // certificate: a browser of its own trusts that one key (by its SPKI hash), no other.
+    const dir = mkdtempSync(join(tmpdir(), "imbus-browser-tls-"));
+    const tls = { cert: join(dir, "cert.pem"), key: join(dir, "key.pem") };
+    let tlsBrowser, harness;
+    try {
+        execFileSync("openssl", ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-sha256", "-days", "1", "-subj", "/CN=imbus-test",
+                                 "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", tls.key, "-out", tls.cert], { stdio: "ignore" });
+        const spki = execFileSync("sh", ["-c", `openssl x509 -in '${tls.cert}' -pubkey -noout | openssl pkey -pubin -outform der |
+                                               openssl dgst -sha256 -binary | base64`]).toString().trim();
+        tlsBrowser = await chromium.launch({ executablePath: options.chromium, timeout: 30000,
+                                             args: [...CHROMIUM_ARGS, `--ignore-certificate-errors-spki-list=${spki}`] });
+        const context = await tlsBrowser.newContext();
+        harness = await new Harness({ data: join(dir, "bus.db"), tls }).start();
+        const a = await openPage(context, harness.page());
+        await waitEvent(a, "connect");
+        const b = await openPage(context, harness.page());
+        await waitEvent(b, "connect");
+        check(a.url().startsWith("https://"), `the page is served over https (${a.url()})`);
+        checkEqual(await a.evaluate(() => window.bus.websocketURL?.split(":")[0] ?? null), "wss", "the worker's socket is wss://");
+        await harness.waitConnections(1);
+        const ids = await harness.publishMany(3);
+        await waitReceived(a, ids);
+        await waitReceived(b, ids);
+        checkEqual(await receivedIds(a), ids, "tab A gets each notification once, in order, over wss");
+        checkEqual(await receivedIds(b), ids, "tab B too");
+    } finally {
+        if (tlsBrowser) await tlsBrowser.close();
+        if (harness) await harness.stop();
+        rmSync(dir, { recursive: true, force: true });
+    }
 });
 
 test("channel_refcount", async ({ harness, context }) => {
