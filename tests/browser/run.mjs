@@ -781,6 +781,31 @@ async function openRawSocket(channels) {
     socket.send(JSON.stringify({ event_name: "subscribe", data: { channels, last: 0 } }));
 }
 
+test("chat_cross_origin_socket_refused", { chat: true }, async ({ newContext, startChat }) => {
+    // A page of another origin (another port: the same site, so the browser sends alice's
+    // session cookie along) must not get a socket to the chat: the Origin allow-list refuses it.
+    const server = await startChat();
+    const context = await newContext();
+    const alice = await chatLogin(context, server, "alice");
+    const dir = mkdtempSync(join(tmpdir(), "imbus-browser-origin-"));
+    let other;
+    try {
+        other = await new Harness({ data: join(dir, "bus.db") }).start();
+        const stranger = await context.newPage();
+        await stranger.goto(other.url("/tests/browser/page.html"));
+        const tryOpen = (page) => page.evaluate((url) => new Promise((resolve) => {
+            const socket = new WebSocket(url);
+            socket.onopen = () => { resolve("open"); socket.close(); };
+            socket.onclose = ({ code }) => resolve(`closed ${code}`);
+        }), `ws://127.0.0.1:${server.port}/websocket`);  // "open" comes before any version check
+        checkEqual(await tryOpen(stranger), "closed 1006", "the other origin's handshake is refused");
+        checkEqual(await tryOpen(alice), "open", "the chat's own page opens one");
+    } finally {
+        if (other) await other.stop();
+        rmSync(dir, { recursive: true, force: true });
+    }
+});
+
 test("chat_two_users", { chat: true }, async ({ newContext, startChat }) => {
     // Two users (two contexts): live messages both ways, presence, typing, and offline on close.
     const server = await startChat();
