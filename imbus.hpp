@@ -17,6 +17,16 @@
 //     sub.set_channels({bus.channel_for("broadcast")});
 //     bus.send("broadcast", "chat/message", {{"text", "hello"}});   // stored, then dispatched
 //
+// Several processes on one PostgreSQL database: each has one listener that dispatches every
+// commit, its own included (PROTOCOL §3: NOTIFY imbus at commit):
+//
+//     #define IMBUS_WITH_POSTGRES
+//     imbus::pg_store store("host=... dbname=app");    // or pg_store(app_pgconn) for the outbox
+//     imbus::bus_options options;
+//     options.dispatch_on_commit = false;              // the listener is the one dispatch path
+//     imbus::bus bus(store, dispatcher, options);
+//     imbus::pg_listener listener(store, dispatcher);
+//
 // A server browsers connect to (PROTOCOL §4-5), with the public policy or your own:
 //
 //     #define IMBUS_WITH_WEBSOCKETPP
@@ -28,6 +38,7 @@
 //
 // Opt-in parts (each only ADDS code; nothing changes layout when it is off):
 //     IMBUS_WITH_SQLITE       sqlite_store                   link: SQLite::SQLite3 / -lsqlite3
+//     IMBUS_WITH_POSTGRES     pg_store, pg_listener          link: PostgreSQL::PostgreSQL / -lpq
 //     IMBUS_WITH_WEBSOCKETPP  basic_server, client           needs websocketpp + standalone Asio
 //                             (defines ASIO_STANDALONE)      link: -pthread
 //
@@ -45,15 +56,16 @@
 //
 // Threading model:
 //     channel, notification, commit_event: values; immutable once shared.
-//     memory_store, sqlite_store, dispatcher, bus: every member function is thread-safe.
+//     memory_store, sqlite_store, pg_store, pg_listener, dispatcher, bus: every member
+//     function is thread-safe.
 //     transaction, follower: one thread at a time (a transaction is the unit of one caller).
 //     dispatcher handlers run on the subscriber's executor, never concurrently with themselves.
 //     Stores and dispatchers must outlive the buses, transactions and subscriptions using them.
 //     basic_server, client: thread-safe; a server's connections each live on their own strand,
 //     and the auth policy is called from every I/O thread at once (make it thread-safe).
 //
-// Dependencies: nlohmann/json (always); SQLite 3 (IMBUS_WITH_SQLITE); websocketpp 0.8 and
-// standalone Asio (IMBUS_WITH_WEBSOCKETPP).
+// Dependencies: nlohmann/json (always); SQLite 3 (IMBUS_WITH_SQLITE); libpq 14 or later, for
+// pipeline mode (IMBUS_WITH_POSTGRES); websocketpp 0.8 and standalone Asio (IMBUS_WITH_WEBSOCKETPP).
 
 #ifndef IMBUS_HPP
 #define IMBUS_HPP
@@ -538,7 +550,9 @@ private:
 
     pg_store_options options_;
     std::string conninfo_;
-    std::mutex writer_mutex_;  // held by a borrowed connection's transaction from BEGIN to its end
+    // Held by a borrowed connection's transaction from BEGIN to its end; recursive, so a second
+    // begin() on the same thread gets the "already inside a transaction" error, not a deadlock.
+    std::recursive_mutex writer_mutex_;
     std::unique_ptr<detail::pg_connection> writer_;
     bool borrowed_ = false;   // the writer connection is the application's
     std::mutex readers_mutex_;
@@ -2019,15 +2033,12 @@ public:
 
     /// Before a statement is sent: an owned connection the server dropped meanwhile (restart,
     /// terminated backend) is reopened, which is safe because nothing of ours is in flight.
-    /// An idle connection has nothing to read unless it was dropped: its last error, then EOF.
+    /// An idle connection has nothing to read unless the server is ending it (its FATAL
+    /// message, then EOF), so anything waiting means: reconnect.
     void revive() {
         if (!owned_) return;
-        while (!broken()) {
-            pollfd waiting{PQsocket(conn_), POLLIN, 0};
-            if (::poll(&waiting, 1, 0) <= 0) return;
-            if (!PQconsumeInput(conn_)) break;
-            while (PGnotify* n = PQnotifies(conn_)) PQfreemem(n);  // parses what was read
-        }
+        pollfd waiting{PQsocket(conn_), POLLIN, 0};
+        if (!broken() && ::poll(&waiting, 1, 0) == 0) return;
         PQreset(conn_);
         if (broken()) throw_pg(conn_, "cannot reconnect");
     }
@@ -2128,7 +2139,7 @@ class pg_store::write_tx final : public store::write_transaction {
 public:
     explicit write_tx(pg_store& s) : store_(s) {
         if (borrowed()) {
-            lock_ = std::unique_lock<std::mutex>(s.writer_mutex_);
+            lock_ = std::unique_lock<std::recursive_mutex>(s.writer_mutex_);
             PGconn* c = s.writer_->get();
             if (PQtransactionStatus(c) != PQTRANS_IDLE)
                 detail::throw_error(errc::store_failure,
@@ -2143,12 +2154,13 @@ public:
     std::vector<notification> commit(std::vector<pending_message>& batch) override {
         if (!borrowed()) {
             if (batch.empty()) return {};
-            lock_ = std::unique_lock<std::mutex>(store_.writer_mutex_);
+            lock_ = std::unique_lock<std::recursive_mutex>(store_.writer_mutex_);
             store_.writer_->revive();
         }
         try {
             auto stored = run_commit(batch);
             open_ = false;
+            lock_.unlock();
             return stored;
         } catch (...) {
             rollback();
@@ -2226,6 +2238,9 @@ private:
             detail::throw_error(errc::store_failure, "postgres: connection lost during commit, outcome unknown: " + error);
         }
 
+        // The server answers in order: its error for a statement means that statement and the
+        // rest (the COMMIT) did not run. An error libpq makes up (no SQLSTATE: the connection
+        // ended) says nothing about what the server ran before it died.
         std::vector<std::int64_t> ids;
         std::string error;
         bool committed = false;
@@ -2233,6 +2248,7 @@ private:
             pg_result_holder r(PQgetResult(c));
             if (!r) break;  // the connection is gone
             const auto status = PQresultStatus(r.get());
+            if (status == PGRES_FATAL_ERROR && !PQresultErrorField(r.get(), PG_DIAG_SQLSTATE)) break;
             if (status == PGRES_FATAL_ERROR && error.empty()) error = std::string(statements[i].sql) + ": " + PQresultErrorMessage(r.get());
             if (status == PGRES_TUPLES_OK && i == insert_index && !batch.empty())
                 for (int row = 0; row < PQntuples(r.get()); ++row) ids.push_back(std::stoll(PQgetvalue(r.get(), row, 0)));
@@ -2271,7 +2287,7 @@ private:
     }
 
     pg_store& store_;
-    std::unique_lock<std::mutex> lock_;
+    std::unique_lock<std::recursive_mutex> lock_;
     bool open_ = false;  // BEGIN was sent on a borrowed connection
 };
 

@@ -10,6 +10,7 @@ packages=(
   build-essential cmake clang libclang-rt-14-dev
   libasio-dev libwebsocketpp-dev nlohmann-json3-dev doctest-dev
   libsqlite3-dev libpq-dev
+  postgresql  # the PostgreSQL tests run on a throwaway cluster (scripts/pg_cluster.sh)
   chromium  # the browser tests (tests/browser) drive /usr/bin/chromium
 )
 # Debian's nodejs/npm only where there is no node or npm at all: a node from elsewhere (e.g.

@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <poll.h>
 #include <random>
 #include <set>
 #include <thread>
@@ -158,6 +159,8 @@ TEST_CASE("application row and notifications commit together or not at all") {
     app.exec("BEGIN");
     CHECK_THROWS_AS(imbus::transaction{bus}, std::system_error);
     app.exec("ROLLBACK");
+    imbus::transaction outer(bus);
+    CHECK_THROWS_AS(imbus::transaction{bus}, std::system_error);  // nested on one thread: no deadlock
 }
 
 // The reason for the advisory lock. A transaction that took its id and has not committed yet
@@ -415,6 +418,11 @@ TEST_CASE("store connections killed by the server are reopened") {
     CHECK(store.poll({ch_a}, 0).size() == 1);
     test_connection admin(db.conninfo);
     terminate_backend(admin, std::to_string(PQbackendPID(store.connection())));
+    // until the end of the connection reached this side (it may trail the backend's exit)
+    CHECK(wait_until([&] {
+        pollfd waiting{PQsocket(store.connection()), POLLIN, 0};
+        return ::poll(&waiting, 1, 0) == 1;
+    }));
     CHECK(store.append(batch_of({{ch_a, 2}}))[0].id == 2);
     // every other connection of the store: its pooled readers
     admin.exec("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() "
