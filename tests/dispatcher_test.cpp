@@ -925,7 +925,7 @@ TEST_CASE("a follower of a dispatcher skips other channels' ids without polling,
 // from_range: ids missing from it were rolled back, so the dispatcher keeps its epoch and a
 // follower takes the rows without a poll. A range that does not start at the dispatcher's
 // sequence is still a gap the followers must poll for.
-TEST_CASE("complete ranges with rollback gaps keep the epoch; a range after unseen ids does not") {
+TEST_CASE("complete ranges with rollback gaps keep the epoch, a range after unseen ids does not") {
     imbus::manual_clock clock;
     imbus::memory_store memory(store_options(clock));
     counting_store store(memory);
