@@ -510,7 +510,8 @@ struct pg_store_options : store_options {
 /// A commit takes a transaction-level advisory lock before it takes ids, inserts the batch,
 /// NOTIFYs `imbus` with its channels and commits, all in one round trip (libpq pipeline
 /// mode): bus-writing transactions of every process commit in id order, so a poll vouches up
-/// to the newest id of its snapshot and needs no hold-back. Either owns its writer connection
+/// to the newest id of its snapshot and needs no hold-back (anything else writing bus_bus must
+/// take the same lock before its ids, as Odoo's own writers do not). Either owns its writer connection
 /// or borrows the application's PGconn* so bus rows commit atomically with the application's
 /// rows (the outbox pattern). Thread-safe: the writer connection is used under a mutex, polls
 /// use a pool of reader connections. A borrowed connection must outlive the store and must not
@@ -2216,7 +2217,7 @@ private:
             // NOTIFY inside the transaction is delivered at its commit and only then: a process
             // that dies right after committing cannot lose the wake-up.
             for (auto& payload : detail::notify_payloads(detail::unique_channels(touched)))
-                statements.push_back({"SELECT pg_notify('imbus', $1)", {std::move(payload)}});
+                statements.push_back({"SELECT pg_notify($1, $2)", {notify_channel, std::move(payload)}});
         }
         statements.push_back({"COMMIT", {}});
 
@@ -2470,7 +2471,7 @@ inline void pg_listener::connect() {
     connection_.reset();
     connected_ = false;
     auto c = detail::pg_connection::open(store_.conninfo(), store_.options().log, "imbus-listener");
-    c->exec("LISTEN imbus");
+    c->exec((std::string("LISTEN ") + pg_store::notify_channel).c_str());
     connection_ = std::move(c);
     connected_ = true;
 }
