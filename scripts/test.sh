@@ -5,6 +5,7 @@
 #   bash scripts/test.sh tsan    clang++, build-tsan/ (ThreadSanitizer)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+root=$PWD  # the exit trap below runs after the cd into the build directory
 
 mode=${1:-}
 case "$mode" in
@@ -32,7 +33,7 @@ require_postgres=OFF
 if [ -z "${IMBUS_PG_CONNINFO:-}" ]; then
   if cluster=$(bash scripts/pg_cluster.sh start); then
     eval "$cluster"
-    trap 'bash scripts/pg_cluster.sh stop "$IMBUS_PG_CLUSTER"' EXIT
+    trap 'status=$?; bash "$root/scripts/pg_cluster.sh" stop "$IMBUS_PG_CLUSTER"; exit $status' EXIT
   else
     echo "test.sh: could not start a PostgreSQL cluster" >&2
   fi
