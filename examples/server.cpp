@@ -2,6 +2,8 @@
 // plus the string channels they ask for), and any backend publishes with POST /bus/send.
 //
 //   example_server --port 8080 --store sqlite:bus.db --api-key secret
+//   example_server --port 8081 --store 'pg:host=127.0.0.1 dbname=app'   (built with
+//        IMBUS_WITH_POSTGRES: every server on that database sees every other's notifications)
 //   curl -H 'Authorization: Bearer secret' http://127.0.0.1:8080/bus/send
 //        -d '{"channel":"broadcast","type":"hello","payload":1}'
 #include "imbus.hpp"
@@ -15,7 +17,7 @@ namespace {
 struct settings {
     std::string host = "127.0.0.1";
     std::uint16_t port = 8080;
-    std::string store = "memory";  // or sqlite:PATH
+    std::string store = "memory";  // or sqlite:PATH, pg:CONNINFO
     imbus::server_options server;
     std::string db = "imbus";
     std::string static_root;  // serve files from here (e.g. a page and js/)
@@ -23,7 +25,7 @@ struct settings {
 
 [[noreturn]] void usage(const std::string& problem) {
     std::cerr << "example_server: " << problem << "\n"
-              << "usage: example_server [--host ADDR] [--port N] [--store memory|sqlite:PATH] [--api-key KEY]\n"
+              << "usage: example_server [--host ADDR] [--port N] [--store memory|sqlite:PATH|pg:CONNINFO] [--api-key KEY]\n"
               << "                      [--db NAME] [--version STRING] [--threads N] [--origin URL]...\n"
               << "                      [--static DIR]\n";
     std::exit(2);
@@ -57,6 +59,9 @@ settings parse(int argc, char** argv) {
 std::unique_ptr<imbus::store> open_store(const std::string& spec) {
     if (spec == "memory") return std::make_unique<imbus::memory_store>();
     if (spec.rfind("sqlite:", 0) == 0) return std::make_unique<imbus::sqlite_store>(spec.substr(7));
+#ifdef IMBUS_WITH_POSTGRES
+    if (spec.rfind("pg:", 0) == 0) return std::make_unique<imbus::pg_store>(spec.substr(3));
+#endif
     usage("unknown store " + spec);
 }
 
@@ -67,7 +72,17 @@ int main(int argc, char** argv) {
     try {
         auto store = open_store(s.store);
         imbus::dispatcher dispatcher;
-        imbus::bus bus(*store, dispatcher, {s.db});
+        imbus::bus_options bus_options;
+        bus_options.db = s.db;
+#ifdef IMBUS_WITH_POSTGRES
+        // One listener per process dispatches every commit on the database, this server's too.
+        std::unique_ptr<imbus::pg_listener> listener;
+        if (auto* pg = dynamic_cast<imbus::pg_store*>(store.get())) {
+            listener = std::make_unique<imbus::pg_listener>(*pg, dispatcher);
+            bus_options.dispatch_on_commit = false;
+        }
+#endif
+        imbus::bus bus(*store, dispatcher, bus_options);
         imbus::server server(bus, imbus::public_policy({bus.channel_for("broadcast")}), s.server);
         if (!s.static_root.empty()) server.on_http(imbus::static_files(s.static_root));
         server.listen(s.host, s.port);
