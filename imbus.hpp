@@ -2245,12 +2245,16 @@ private:
         std::vector<std::int64_t> ids;
         std::string error;
         bool committed = false;
+        bool commit_failed = false;  // the error came with the COMMIT itself
         for (std::size_t i = 0; i < statements.size(); ++i) {
             pg_result_holder r(PQgetResult(c));
             if (!r) break;  // the connection is gone
             const auto status = PQresultStatus(r.get());
             if (status == PGRES_FATAL_ERROR && !PQresultErrorField(r.get(), PG_DIAG_SQLSTATE)) break;
-            if (status == PGRES_FATAL_ERROR && error.empty()) error = std::string(statements[i].sql) + ": " + PQresultErrorMessage(r.get());
+            if (status == PGRES_FATAL_ERROR && error.empty()) {
+                error = std::string(statements[i].sql) + ": " + PQresultErrorMessage(r.get());
+                commit_failed = i + 1 == statements.size();
+            }
             if (status == PGRES_TUPLES_OK && i == insert_index && !batch.empty())
                 for (int row = 0; row < PQntuples(r.get()); ++row) ids.push_back(std::stoll(PQgetvalue(r.get(), row, 0)));
             if (i + 1 == statements.size() && status == PGRES_COMMAND_OK) {
@@ -2267,9 +2271,10 @@ private:
             PQexitPipelineMode(c);
         }
         if (!committed) {
-            if (error.empty()) {
-                // No statement failed, yet no COMMIT confirmation: the connection dropped after
-                // the COMMIT left. Retrying could store the batch twice: report it instead.
+            if (error.empty() || (commit_failed && store_.writer_->broken())) {
+                // No COMMIT confirmation and no earlier statement failed: the connection ended
+                // after the COMMIT left (a server dying at once may even have ended it just
+                // after committing). Retrying could store the batch twice: report it instead.
                 detail::throw_error(errc::store_failure, "postgres: connection lost during commit, outcome unknown: " +
                                                              detail::pg_error_text(c));
             }

@@ -433,6 +433,25 @@ TEST_CASE("store connections killed by the server are reopened") {
     CHECK(store.newest_id() == 2);
 }
 
+// A connection that ends during COMMIT leaves the outcome unknown: the commit is reported as
+// failed with that message and not retried (a retry could store the batch twice); the next
+// commit reconnects. Here the backend terminates itself from a trigger deferred to COMMIT.
+TEST_CASE("a commit whose connection ends during COMMIT is reported, never retried") {
+    pg_test_database db;
+    imbus::pg_store store(db.conninfo, quiet_options());
+    test_connection admin(db.conninfo);
+    admin.exec("CREATE FUNCTION die_at_commit() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+               "IF NEW.message LIKE '%die%' THEN PERFORM pg_terminate_backend(pg_backend_pid()); END IF; "
+               "RETURN NEW; END $$");
+    admin.exec("CREATE CONSTRAINT TRIGGER die_at_commit AFTER INSERT ON bus_bus DEFERRABLE INITIALLY DEFERRED "
+               "FOR EACH ROW EXECUTE FUNCTION die_at_commit()");
+    std::vector<pending_message> dying{{ch_a, imbus::make_message("t", "die")}};
+    CHECK_THROWS_WITH_AS(store.append(dying), doctest::Contains("outcome unknown"), std::system_error);
+    CHECK_FALSE(store.contains(1));  // here it did not commit, but the store could not know
+    CHECK(store.append(batch_of({{ch_a, 2}}))[0].id == 2);
+    CHECK(ids_of(store.poll({ch_a}, -1)) == std::vector<std::int64_t>{2});
+}
+
 // The table layout: Odoo's bus_bus columns, create_date the injected clock's UTC time.
 TEST_CASE("pg bus_bus table layout") {
     pg_test_database db;
