@@ -17,6 +17,16 @@
 //     sub.set_channels({bus.channel_for("broadcast")});
 //     bus.send("broadcast", "chat/message", {{"text", "hello"}});   // stored, then dispatched
 //
+// Several processes on one PostgreSQL database: each has one listener that dispatches every
+// commit, its own included (PROTOCOL §3: NOTIFY imbus at commit):
+//
+//     #define IMBUS_WITH_POSTGRES
+//     imbus::pg_store store("host=... dbname=app");    // or pg_store(app_pgconn) for the outbox
+//     imbus::bus_options options;
+//     options.dispatch_on_commit = false;              // the listener is the one dispatch path
+//     imbus::bus bus(store, dispatcher, options);
+//     imbus::pg_listener listener(store, dispatcher);
+//
 // A server browsers connect to (PROTOCOL §4-5), with the public policy or your own:
 //
 //     #define IMBUS_WITH_WEBSOCKETPP
@@ -28,6 +38,7 @@
 //
 // Opt-in parts (each only ADDS code; nothing changes layout when it is off):
 //     IMBUS_WITH_SQLITE       sqlite_store                   link: SQLite::SQLite3 / -lsqlite3
+//     IMBUS_WITH_POSTGRES     pg_store, pg_listener          link: PostgreSQL::PostgreSQL / -lpq
 //     IMBUS_WITH_WEBSOCKETPP  basic_server, client           needs websocketpp + standalone Asio
 //                             (defines ASIO_STANDALONE)      link: -pthread
 //
@@ -45,15 +56,16 @@
 //
 // Threading model:
 //     channel, notification, commit_event: values; immutable once shared.
-//     memory_store, sqlite_store, dispatcher, bus: every member function is thread-safe.
+//     memory_store, sqlite_store, pg_store, pg_listener, dispatcher, bus: every member
+//     function is thread-safe.
 //     transaction, follower: one thread at a time (a transaction is the unit of one caller).
 //     dispatcher handlers run on the subscriber's executor, never concurrently with themselves.
 //     Stores and dispatchers must outlive the buses, transactions and subscriptions using them.
 //     basic_server, client: thread-safe; a server's connections each live on their own strand,
 //     and the auth policy is called from every I/O thread at once (make it thread-safe).
 //
-// Dependencies: nlohmann/json (always); SQLite 3 (IMBUS_WITH_SQLITE); websocketpp 0.8 and
-// standalone Asio (IMBUS_WITH_WEBSOCKETPP).
+// Dependencies: nlohmann/json (always); SQLite 3 (IMBUS_WITH_SQLITE); libpq 14 or later, for
+// pipeline mode (IMBUS_WITH_POSTGRES); websocketpp 0.8 and standalone Asio (IMBUS_WITH_WEBSOCKETPP).
 
 #ifndef IMBUS_HPP
 #define IMBUS_HPP
@@ -109,6 +121,7 @@
 #include <algorithm>     // sort, lower_bound, partition_point
 #include <array>         // digests
 #include <cctype>        // case-insensitive header names
+#include <cerrno>        // pg_listener's poll()
 #include <condition_variable>  // client waits
 #include <atomic>        // manual_clock, subscriber state
 #include <chrono>        // created_at, windows, retention
@@ -140,6 +153,13 @@
 
 #ifdef IMBUS_WITH_SQLITE
 #include <sqlite3.h>
+#endif
+
+#ifdef IMBUS_WITH_POSTGRES
+#include <libpq-fe.h>
+#include <poll.h>         // pg_listener waits on its connection and its stop signal at once
+#include <sys/eventfd.h>  // pg_listener's stop signal
+#include <unistd.h>
 #endif
 
 #ifdef IMBUS_WITH_WEBSOCKETPP
@@ -478,6 +498,126 @@ private:
 };
 #endif // IMBUS_WITH_SQLITE
 
+#ifdef IMBUS_WITH_POSTGRES
+namespace detail { class pg_connection; }
+
+struct pg_store_options : store_options {
+    /// Where poll connections and pg_listener connect (a libpq conninfo string or URI). Empty:
+    /// like the writer connection (a borrowed connection's own parameters, from PQconninfo).
+    std::string conninfo;
+    /// Reader connections kept open for polls (more are opened under load, then closed).
+    std::size_t idle_readers = 4;
+    /// Rows deleted per garbage-collection statement, so a big backlog never holds locks long.
+    std::size_t gc_chunk = 5000;
+};
+
+/// Notifications in a PostgreSQL `bus_bus` table (id bigserial, channel, message, create_date
+/// as a UTC timestamp), indexed by (channel, id) and by create_date, created if missing.
+/// A commit takes a transaction-level advisory lock before it takes ids, inserts the batch,
+/// NOTIFYs `imbus` with its channels and commits, all in one round trip (libpq pipeline
+/// mode): bus-writing transactions of every process commit in id order, so a poll vouches up
+/// to the newest id of its snapshot and needs no hold-back (anything else writing bus_bus must
+/// take the same lock before its ids, as Odoo's own writers do not). Either owns its writer connection
+/// or borrows the application's PGconn* so bus rows commit atomically with the application's
+/// rows (the outbox pattern). Thread-safe: the writer connection is used under a mutex, polls
+/// use a pool of reader connections. A borrowed connection must outlive the store and must not
+/// be used by the application from another thread while an imbus transaction is open; the
+/// store never resets it (its own connections are reset when the server dropped them).
+class pg_store final : public store {
+public:
+    /// The key of the advisory lock every bus-writing transaction holds from its ids to its commit.
+    static constexpr std::int64_t advisory_lock_key = 0x696d627573;  // "imbus"
+    /// The NOTIFY channel; each payload is a JSON array of channel keys below 8000 bytes.
+    static constexpr const char* notify_channel = "imbus";
+
+    explicit pg_store(const std::string& conninfo, pg_store_options options = {});
+    explicit pg_store(PGconn* application_connection, pg_store_options options = {});
+    ~pg_store() override;
+    pg_store(const pg_store&) = delete;
+    pg_store& operator=(const pg_store&) = delete;
+
+    std::unique_ptr<write_transaction> begin() override;
+    poll_result fetch(const std::vector<channel>& channels, std::int64_t last,
+                      std::size_t limit = 0) override;
+    std::int64_t newest_id() override;
+    std::int64_t oldest_id() override;
+    bool contains(std::int64_t id) override;
+    std::size_t collect_garbage() override;
+
+    PGconn* connection() const noexcept;  ///< the writer connection
+    /// What reader connections and pg_listener connect with.
+    const std::string& conninfo() const noexcept { return conninfo_; }
+    const pg_store_options& options() const noexcept { return options_; }
+
+private:
+    class write_tx;
+    template <class F> auto with_reader(F&& f);
+    std::unique_ptr<detail::pg_connection> open_connection() const;
+    void create_schema();
+
+    pg_store_options options_;
+    std::string conninfo_;
+    // Held by a borrowed connection's transaction from BEGIN to its end; recursive, so a second
+    // begin() on the same thread gets the "already inside a transaction" error, not a deadlock.
+    std::recursive_mutex writer_mutex_;
+    std::unique_ptr<detail::pg_connection> writer_;
+    bool borrowed_ = false;   // the writer connection is the application's
+    std::mutex readers_mutex_;
+    std::vector<std::unique_ptr<detail::pg_connection>> idle_readers_;
+};
+
+class dispatcher;
+
+struct pg_listener_options {
+    /// Rows read per query while catching up.
+    std::size_t page_size = 1000;
+    /// Wait before reconnecting after the connection was lost, doubled after each failure.
+    std::chrono::milliseconds reconnect_min{50};
+    std::chrono::milliseconds reconnect_max{2000};
+};
+
+/// The process's one listener on PostgreSQL: a thread with its own connection that LISTENs
+/// on the store's NOTIFY channel and, per wake-up, reads the new rows once (every id after
+/// its cursor, ascending, in pages) and hands them to the dispatcher, so every commit of every
+/// process reaches local subscribers without a query per connection. With a listener, build
+/// the bus with dispatch_on_commit = false so this process's own commits come this way too.
+/// After a dropped connection or a server restart it reconnects with backoff and catches up
+/// from its cursor: nothing is lost, nothing repeated. Thread-safe; the store and the
+/// dispatcher must outlive it.
+class pg_listener {
+public:
+    /// Connects and LISTENs before it returns (throws if it cannot); the cursor starts at the
+    /// newest committed id, so every commit after the constructor is dispatched.
+    pg_listener(pg_store& store, dispatcher& d, pg_listener_options options = {});
+    ~pg_listener();  ///< stops the thread and closes the connection
+    pg_listener(const pg_listener&) = delete;
+    pg_listener& operator=(const pg_listener&) = delete;
+
+    std::int64_t cursor() const noexcept { return cursor_.load(); }  ///< the last id dispatched
+    std::uint64_t reads() const noexcept { return reads_.load(); }   ///< row queries so far
+    std::uint64_t reconnects() const noexcept { return reconnects_.load(); }
+    bool connected() const noexcept { return connected_.load(); }
+
+private:
+    void connect();  // throws
+    void run();
+    bool read_new_rows();  // false: the connection is gone
+    bool pause(std::chrono::milliseconds how_long);  // false: stop was asked
+    void log(log_level level, const std::string& text) const;
+
+    pg_store& store_;
+    dispatcher& dispatcher_;
+    pg_listener_options options_;
+    std::unique_ptr<detail::pg_connection> connection_;  // the thread's alone after construction
+    int stop_fd_ = -1;  // an eventfd: wakes the thread's poll() at once to stop
+    std::atomic<std::int64_t> cursor_{0};
+    std::atomic<std::uint64_t> reads_{0};
+    std::atomic<std::uint64_t> reconnects_{0};
+    std::atomic<bool> connected_{false};
+    std::thread thread_;
+};
+#endif // IMBUS_WITH_POSTGRES
+
 // --------------------------------------------------------------------------------------------
 // Dispatcher (Odoo: ImDispatch and _channels_to_ws)
 // --------------------------------------------------------------------------------------------
@@ -495,12 +635,21 @@ struct commit_event {
     static std::shared_ptr<const commit_event> wake_up(std::vector<channel> channels);
     /// The event for committed rows: channels and wire forms are derived from them.
     static std::shared_ptr<const commit_event> from_rows(std::vector<notification> rows);
+    /// The event for every row with an id in (after, rows.back().id], read in one snapshot
+    /// (pg_listener): ids missing from the rows were rolled back and will never exist.
+    static std::shared_ptr<const commit_event> from_range(std::int64_t after, std::vector<notification> rows);
 
     bool has_rows() const noexcept { return !notifications.empty(); }
     std::int64_t first_id() const noexcept { return has_rows() ? notifications.front().id : 0; }
     std::int64_t last_id() const noexcept { return has_rows() ? notifications.back().id : 0; }
     /// Rows with ids first_id()..last_id() and nothing in between from any other commit.
     bool contiguous() const noexcept;
+    /// Set by from_range; -1 for the rows of one commit, which vouch only for their own ids.
+    std::int64_t complete_after = -1;
+    /// The rows are every row that will ever exist with an id in (after(), last_id()]: they are
+    /// contiguous, or a complete range whose missing ids were rolled back.
+    bool complete() const noexcept { return has_rows() && (complete_after >= 0 || contiguous()); }
+    std::int64_t after() const noexcept { return complete_after >= 0 ? complete_after : first_id() - 1; }
 
     /// A transport's encoding of all the rows as one frame, made once by `make` and then
     /// shared by every recipient: fan-out costs one encoding, not one per connection.
@@ -663,6 +812,10 @@ private:
 struct bus_options {
     std::string db = "imbus";  ///< the first element of every channel this bus makes
     logger log = stderr_logger();
+    /// The post-commit step tells the dispatcher. False when a pg_listener dispatches every
+    /// row, this process's own included: one path keeps the dispatcher's sequence in id order
+    /// (rows from two paths interleave out of order, and each such event makes followers poll).
+    bool dispatch_on_commit = true;
 };
 
 class transaction;
@@ -680,6 +833,7 @@ public:
     /// The dispatcher the post-commit step tells; throws if the bus was made without one.
     dispatcher& get_dispatcher() const;
     const logger& log() const noexcept { return options_.log; }
+    bool dispatches_on_commit() const noexcept { return options_.dispatch_on_commit; }
 
     template <class Target> channel channel_for(const Target& target) const {
         return to_channel(options_.db, target);
@@ -1926,6 +2080,602 @@ inline std::size_t sqlite_store::collect_garbage() {
 }
 #endif // IMBUS_WITH_SQLITE
 
+// --- pg_store -------------------------------------------------------------------------------
+
+#ifdef IMBUS_WITH_POSTGRES
+namespace detail {
+
+struct pg_result_clear {
+    void operator()(PGresult* r) const noexcept { PQclear(r); }
+};
+using pg_result = std::unique_ptr<PGresult, pg_result_clear>;
+
+inline std::string pg_error_text(PGconn* c) {
+    std::string text = c ? PQerrorMessage(c) : "out of memory";
+    while (!text.empty() && (text.back() == '\n' || text.back() == ' ')) text.pop_back();
+    return text;
+}
+
+[[noreturn]] inline void throw_pg(PGconn* c, const std::string& what) {
+    throw_error(errc::store_failure, "postgres: " + what + ": " + pg_error_text(c));
+}
+
+// Server notices go to the store's logger instead of libpq's default, stderr.
+inline void pg_log_notice(void* log, const char* message) {
+    const auto& to = *static_cast<const logger*>(log);
+    std::string text = message;
+    while (!text.empty() && text.back() == '\n') text.pop_back();
+    if (to) to(log_level::info, "postgres: " + text);
+}
+
+// A connection: owned ones are closed with it, a borrowed one (the application's) is not.
+class pg_connection {
+public:
+    pg_connection(PGconn* c, bool owned) : conn_(c), owned_(owned) {}
+    ~pg_connection() {
+        if (owned_) PQfinish(conn_);
+    }
+    pg_connection(const pg_connection&) = delete;
+    pg_connection& operator=(const pg_connection&) = delete;
+
+    /// `application_name` shows in pg_stat_activity unless the conninfo names one itself.
+    static std::unique_ptr<pg_connection> open(const std::string& conninfo, const logger& log,
+                                               const char* application_name = "imbus") {
+        // expand_dbname: the "dbname" is the whole conninfo string or URI.
+        const char* keys[] = {"dbname", "fallback_application_name", nullptr};
+        const char* values[] = {conninfo.c_str(), application_name, nullptr};
+        PGconn* c = PQconnectdbParams(keys, values, 1);
+        if (!c || PQstatus(c) != CONNECTION_OK) {
+            const std::string error = pg_error_text(c);
+            PQfinish(c);
+            throw_error(errc::store_failure, "postgres: cannot connect: " + error);
+        }
+        PQsetNoticeProcessor(c, pg_log_notice, const_cast<logger*>(&log));
+        return std::make_unique<pg_connection>(c, true);
+    }
+
+    PGconn* get() const noexcept { return conn_; }
+    bool broken() const noexcept { return PQstatus(conn_) == CONNECTION_BAD; }
+
+    /// Before a statement is sent: an owned connection the server dropped meanwhile (restart,
+    /// terminated backend) is reopened, which is safe because nothing of ours is in flight.
+    /// An idle connection has nothing to read unless the server is ending it (its FATAL
+    /// message, then EOF), so anything waiting means: reconnect.
+    void revive() {
+        if (!owned_) return;
+        pollfd waiting{PQsocket(conn_), POLLIN, 0};
+        if (!broken() && ::poll(&waiting, 1, 0) == 0) return;
+        PQreset(conn_);
+        if (broken()) throw_pg(conn_, "cannot reconnect");
+    }
+
+    /// Runs one statement; throws with the server's message unless it succeeded.
+    pg_result exec(const char* sql, const std::vector<std::string>& params = {}) {
+        std::vector<const char*> values;
+        values.reserve(params.size());
+        for (const auto& p : params) values.push_back(p.c_str());
+        pg_result r(PQexecParams(conn_, sql, int(values.size()), nullptr, values.data(), nullptr, nullptr, 0));
+        const auto status = r ? PQresultStatus(r.get()) : PGRES_FATAL_ERROR;
+        if (status != PGRES_COMMAND_OK && status != PGRES_TUPLES_OK) throw_pg(conn_, sql);
+        return r;
+    }
+
+    /// A statement returning at most one integer; `fallback` for no row or NULL.
+    std::int64_t scalar(const char* sql, const std::vector<std::string>& params, std::int64_t fallback) {
+        auto r = exec(sql, params);
+        if (PQntuples(r.get()) == 0 || PQgetisnull(r.get(), 0, 0)) return fallback;
+        return std::stoll(PQgetvalue(r.get(), 0, 0));
+    }
+
+private:
+    PGconn* conn_;
+    bool owned_;
+};
+
+// A text[] literal: every element double-quoted, with " and \ escaped.
+inline std::string pg_text_array(const std::vector<std::string_view>& items) {
+    std::string out = "{";
+    for (const auto& item : items) {
+        if (out.size() > 1) out += ',';
+        out += '"';
+        for (char c : item) {
+            if (c == '"' || c == '\\') out += '\\';
+            out += c;
+        }
+        out += '"';
+    }
+    out += '}';
+    return out;
+}
+
+// PROTOCOL §3: JSON arrays of the channel keys, in order, each below PostgreSQL's 8000-byte
+// NOTIFY limit (a single key too long for it fails the commit with the server's message).
+inline std::vector<std::string> notify_payloads(const std::vector<channel>& channels,
+                                                std::size_t max_bytes = 7999) {
+    std::vector<std::string> payloads;
+    std::string current;
+    for (const auto& c : channels) {
+        if (!current.empty() && current.size() + 1 + c.key().size() + 1 > max_bytes) {
+            payloads.push_back(current + ']');
+            current.clear();
+        }
+        current += current.empty() ? '[' : ',';
+        current += c.key();
+    }
+    if (!current.empty()) payloads.push_back(current + ']');
+    return payloads;
+}
+
+// The parameters of a libpq connection as a conninfo string (what it was opened with).
+inline std::string pg_conninfo_of(PGconn* c) {
+    PQconninfoOption* options = PQconninfo(c);
+    if (!options) throw_error(errc::store_failure, "postgres: cannot read the connection's parameters");
+    std::string out;
+    for (auto* o = options; o->keyword; ++o) {
+        if (!o->val || !*o->val) continue;
+        if (!out.empty()) out += ' ';
+        out += o->keyword;
+        out += "='";
+        for (const char* v = o->val; *v; ++v) {
+            if (*v == '\'' || *v == '\\') out += '\\';
+            out += *v;
+        }
+        out += '\'';
+    }
+    PQconninfoFree(options);
+    return out;
+}
+
+inline notification pg_row(PGresult* r, int row, int first_column, channel c) {
+    return notification{std::stoll(PQgetvalue(r, row, first_column)), std::move(c),
+                        std::string(PQgetvalue(r, row, first_column + 2),
+                                    std::size_t(PQgetlength(r, row, first_column + 2))),
+                        from_micros(std::stoll(PQgetvalue(r, row, first_column + 3)))};
+}
+
+// The columns of a row as pg_row reads them: id, channel, message, create_date in microseconds.
+#define IMBUS_PG_ROW_COLUMNS "id, channel, message, (extract(epoch FROM create_date) * 1000000)::bigint"
+
+} // namespace detail
+
+// Own connection: nothing is sent before commit, which then does BEGIN, lock, insert, NOTIFY
+// and COMMIT in one round trip. Borrowed connection: BEGIN at once, so the application's own
+// writes on it join the transaction, and the writer mutex is held until its end.
+class pg_store::write_tx final : public store::write_transaction {
+public:
+    explicit write_tx(pg_store& s) : store_(s) {
+        if (borrowed()) {
+            lock_ = std::unique_lock<std::recursive_mutex>(s.writer_mutex_);
+            PGconn* c = s.writer_->get();
+            if (PQtransactionStatus(c) != PQTRANS_IDLE)
+                detail::throw_error(errc::store_failure,
+                                    "the PostgreSQL connection is busy or already inside a transaction: open "
+                                    "the imbus::transaction first and do the application's writes inside it");
+            s.writer_->exec("BEGIN");
+            open_ = true;
+        }
+    }
+    ~write_tx() override { rollback(); }
+
+    std::vector<notification> commit(std::vector<pending_message>& batch) override {
+        if (!borrowed()) {
+            if (batch.empty()) return {};
+            lock_ = std::unique_lock<std::recursive_mutex>(store_.writer_mutex_);
+            store_.writer_->revive();
+        }
+        try {
+            auto stored = run_commit(batch);
+            open_ = false;
+            lock_.unlock();
+            return stored;
+        } catch (...) {
+            rollback();
+            throw;
+        }
+    }
+
+    void rollback() noexcept override {
+        if (!open_ && !lock_.owns_lock()) return;
+        open_ = false;
+        PGconn* c = store_.writer_->get();
+        const auto status = PQtransactionStatus(c);
+        if (status == PQTRANS_INTRANS || status == PQTRANS_INERROR) {
+            pg_result_holder r(PQexec(c, "ROLLBACK"));
+            if (PQresultStatus(r.get()) != PGRES_COMMAND_OK && store_.options_.log)
+                store_.options_.log(log_level::error, "postgres: ROLLBACK: " + detail::pg_error_text(c));
+        }
+        if (lock_.owns_lock()) lock_.unlock();
+    }
+
+private:
+    using pg_result_holder = detail::pg_result;
+    bool borrowed() const noexcept { return store_.borrowed_; }
+
+    // One pipeline: [BEGIN,] lock, insert, NOTIFY..., COMMIT. The advisory lock is taken after
+    // the application's own work and held only while the server runs these statements.
+    std::vector<notification> run_commit(std::vector<pending_message>& batch) {
+        PGconn* c = store_.writer_->get();
+        struct statement {
+            const char* sql;
+            std::vector<std::string> params;
+        };
+        std::vector<statement> statements;
+        if (!borrowed()) statements.push_back({"BEGIN", {}});
+        std::size_t insert_index = 0;
+        const time_point now = store_.options_.clock();
+        if (!batch.empty()) {
+            std::vector<std::string_view> channels, messages;
+            std::vector<channel> touched;
+            for (const auto& m : batch) {
+                channels.push_back(m.channel.key());
+                messages.push_back(m.message);
+                touched.push_back(m.channel);
+            }
+            statements.push_back({"SELECT pg_advisory_xact_lock($1::bigint)", {std::to_string(advisory_lock_key)}});
+            insert_index = statements.size();
+            statements.push_back(
+                {"INSERT INTO bus_bus (channel, message, create_date) "
+                 "SELECT c, m, timestamp '1970-01-01' + $3::bigint * interval '1 microsecond' "
+                 "FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS b(c, m, n) ORDER BY n RETURNING id",
+                 {detail::pg_text_array(channels), detail::pg_text_array(messages),
+                  std::to_string(detail::to_micros(now))}});
+            // NOTIFY inside the transaction is delivered at its commit and only then: a process
+            // that dies right after committing cannot lose the wake-up.
+            for (auto& payload : detail::notify_payloads(detail::unique_channels(touched)))
+                statements.push_back({"SELECT pg_notify($1, $2)", {notify_channel, std::move(payload)}});
+        }
+        statements.push_back({"COMMIT", {}});
+
+        if (!PQenterPipelineMode(c)) detail::throw_pg(c, "cannot enter pipeline mode");
+        bool sent = true;
+        for (const auto& st : statements) {
+            std::vector<const char*> values;
+            for (const auto& p : st.params) values.push_back(p.c_str());
+            if (!PQsendQueryParams(c, st.sql, int(values.size()), nullptr, values.data(), nullptr, nullptr, 0)) {
+                sent = false;
+                break;
+            }
+        }
+        if (sent && !PQpipelineSync(c)) sent = false;
+        if (!sent) {
+            // The connection failed while we sent, so the COMMIT may or may not have left.
+            const std::string error = detail::pg_error_text(c);
+            PQexitPipelineMode(c);
+            detail::throw_error(errc::store_failure, "postgres: connection lost during commit, outcome unknown: " + error);
+        }
+
+        // The server answers in order: its error for a statement means that statement and the
+        // rest (the COMMIT) did not run. An error libpq makes up (no SQLSTATE: the connection
+        // ended) says nothing about what the server ran before it died.
+        std::vector<std::int64_t> ids;
+        std::string error;
+        bool committed = false;
+        bool commit_failed = false;  // the error came with the COMMIT itself
+        for (std::size_t i = 0; i < statements.size(); ++i) {
+            pg_result_holder r(PQgetResult(c));
+            if (!r) break;  // the connection is gone
+            const auto status = PQresultStatus(r.get());
+            if (status == PGRES_FATAL_ERROR && !PQresultErrorField(r.get(), PG_DIAG_SQLSTATE)) break;
+            if (status == PGRES_FATAL_ERROR && error.empty()) {
+                error = std::string(statements[i].sql) + ": " + PQresultErrorMessage(r.get());
+                commit_failed = i + 1 == statements.size();
+            }
+            if (status == PGRES_TUPLES_OK && i == insert_index && !batch.empty())
+                for (int row = 0; row < PQntuples(r.get()); ++row) ids.push_back(std::stoll(PQgetvalue(r.get(), row, 0)));
+            if (i + 1 == statements.size() && status == PGRES_COMMAND_OK) {
+                committed = std::string_view(PQcmdStatus(r.get())) == "COMMIT";
+                if (!committed && error.empty()) error = "COMMIT: the transaction had already failed";
+            }
+            while (pg_result_holder(PQgetResult(c))) {}  // the NULL that ends this statement's results
+        }
+        if (!store_.writer_->broken()) {
+            for (;;) {  // up to the sync point
+                pg_result_holder r(PQgetResult(c));
+                if (!r || PQresultStatus(r.get()) == PGRES_PIPELINE_SYNC) break;
+            }
+            PQexitPipelineMode(c);
+        }
+        if (!committed) {
+            if (error.empty() || (commit_failed && store_.writer_->broken())) {
+                // No COMMIT confirmation and no earlier statement failed: the connection ended
+                // after the COMMIT left (a server dying at once may even have ended it just
+                // after committing). Retrying could store the batch twice: report it instead.
+                detail::throw_error(errc::store_failure, "postgres: connection lost during commit, outcome unknown: " +
+                                                             detail::pg_error_text(c));
+            }
+            while (!error.empty() && (error.back() == '\n' || error.back() == ' ')) error.pop_back();
+            detail::throw_error(errc::store_failure, "postgres: " + error + " (rolled back)");
+        }
+        if (ids.size() != batch.size())
+            detail::throw_error(errc::store_failure, "postgres: the insert returned " + std::to_string(ids.size()) +
+                                                         " ids for " + std::to_string(batch.size()) + " rows");
+        std::sort(ids.begin(), ids.end());  // ids were taken in batch order
+        std::vector<notification> stored;
+        stored.reserve(batch.size());
+        for (std::size_t i = 0; i < batch.size(); ++i)
+            stored.push_back(notification{ids[i], batch[i].channel, std::move(batch[i].message), now});
+        return stored;
+    }
+
+    pg_store& store_;
+    std::unique_lock<std::recursive_mutex> lock_;
+    bool open_ = false;  // BEGIN was sent on a borrowed connection
+};
+
+inline pg_store::pg_store(const std::string& conninfo, pg_store_options options)
+    : options_(std::move(options)), conninfo_(options_.conninfo.empty() ? conninfo : options_.conninfo) {
+    writer_ = detail::pg_connection::open(conninfo, options_.log);
+    create_schema();
+}
+
+inline pg_store::pg_store(PGconn* application_connection, pg_store_options options)
+    : options_(std::move(options)), borrowed_(true) {
+    if (!application_connection || PQstatus(application_connection) != CONNECTION_OK)
+        detail::throw_error(errc::store_failure, "pg_store needs an open connection");
+    writer_ = std::make_unique<detail::pg_connection>(application_connection, false);
+    conninfo_ = options_.conninfo.empty() ? detail::pg_conninfo_of(application_connection) : options_.conninfo;
+    create_schema();
+}
+
+inline pg_store::~pg_store() = default;
+
+inline PGconn* pg_store::connection() const noexcept { return writer_->get(); }
+
+inline std::unique_ptr<detail::pg_connection> pg_store::open_connection() const {
+    return detail::pg_connection::open(conninfo_, options_.log);
+}
+
+// Runs f(connection) on a pooled reader connection; reads are safe to retry, so a connection
+// the server dropped is replaced and f runs once more.
+template <class F> auto pg_store::with_reader(F&& f) {
+    std::unique_ptr<detail::pg_connection> c;
+    {
+        std::lock_guard<std::mutex> lock(readers_mutex_);
+        if (!idle_readers_.empty()) {
+            c = std::move(idle_readers_.back());
+            idle_readers_.pop_back();
+        }
+    }
+    if (!c) c = open_connection();
+    auto give_back = [&] {
+        std::lock_guard<std::mutex> lock(readers_mutex_);
+        if (idle_readers_.size() < options_.idle_readers) idle_readers_.push_back(std::move(c));
+    };
+    try {
+        c->revive();
+        auto result = f(*c);
+        give_back();
+        return result;
+    } catch (const std::system_error&) {
+        if (!c->broken()) {
+            if (PQtransactionStatus(c->get()) != PQTRANS_IDLE) detail::pg_result(PQexec(c->get(), "ROLLBACK"));
+            give_back();
+            throw;
+        }
+    }
+    c = open_connection();
+    auto result = f(*c);
+    give_back();
+    return result;
+}
+
+inline void pg_store::create_schema() {
+    // On a connection of our own, so a borrowed one is never touched outside a transaction;
+    // the advisory lock serializes processes creating the table at the same moment.
+    with_reader([](detail::pg_connection& c) {
+        c.exec("BEGIN");
+        c.exec("SELECT pg_advisory_xact_lock($1::bigint)", {std::to_string(advisory_lock_key)});
+        c.exec("CREATE TABLE IF NOT EXISTS bus_bus ("
+               " id bigserial PRIMARY KEY,"
+               " channel text NOT NULL,"
+               " message text NOT NULL,"
+               " create_date timestamp NOT NULL)");  // UTC, like Odoo's column
+        c.exec("CREATE INDEX IF NOT EXISTS bus_bus_channel_id ON bus_bus (channel, id)");
+        c.exec("CREATE INDEX IF NOT EXISTS bus_bus_create_date ON bus_bus (create_date)");
+        c.exec("COMMIT");
+        return 0;
+    });
+}
+
+inline std::unique_ptr<store::write_transaction> pg_store::begin() { return std::make_unique<write_tx>(*this); }
+
+inline poll_result pg_store::fetch(const std::vector<channel>& channels, std::int64_t last, std::size_t limit) {
+    const std::int64_t since = detail::to_micros(options_.clock() - options_.first_poll_window);
+    const auto wanted = detail::unique_channels(channels);
+    std::unordered_map<std::string_view, const channel*> by_key;
+    std::vector<std::string_view> keys;
+    for (const auto& c : wanted) {
+        by_key.emplace(c.key(), &c);
+        keys.push_back(c.key());
+    }
+    // One statement, one snapshot: the rows and the newest id visible with them. Writers commit
+    // in id order (the advisory lock), so every id up to that newest one is already visible or
+    // will never exist: it is the horizon, with no hold-back.
+    static const char* const sql =
+        "WITH seq AS (SELECT CASE WHEN is_called THEN last_value ELSE 0 END AS assigned FROM bus_bus_id_seq),"
+        " params AS (SELECT CASE WHEN $2::bigint > seq.assigned THEN 0 ELSE $2::bigint END AS last FROM seq),"
+        " head AS (SELECT coalesce(max(id), 0) AS newest FROM bus_bus) "
+        "SELECT head.newest, params.last, r.* FROM head CROSS JOIN params LEFT JOIN LATERAL ("
+        " SELECT " IMBUS_PG_ROW_COLUMNS " FROM bus_bus"
+        " WHERE channel = ANY($1::text[]) AND id > params.last AND (params.last <> 0 OR create_date >="
+        "  timestamp '1970-01-01' + $3::bigint * interval '1 microsecond')"
+        " ORDER BY id LIMIT $4::bigint) r ON true";
+    const std::vector<std::string> params{detail::pg_text_array(keys), std::to_string(last), std::to_string(since),
+                                          limit ? std::to_string(limit) : std::string()};
+    return with_reader([&](detail::pg_connection& c) {
+        std::vector<const char*> values{params[0].c_str(), params[1].c_str(), params[2].c_str(),
+                                        limit ? params[3].c_str() : nullptr};
+        detail::pg_result r(PQexecParams(c.get(), sql, 4, nullptr, values.data(), nullptr, nullptr, 0));
+        if (PQresultStatus(r.get()) != PGRES_TUPLES_OK) detail::throw_pg(c.get(), "poll");
+        poll_result result;
+        const int rows = PQntuples(r.get());
+        if (rows == 0) return result;
+        // A reset store (last above every id ever assigned) counts as a first poll (params.last = 0).
+        result.horizon = std::max(std::stoll(PQgetvalue(r.get(), 0, 0)), std::stoll(PQgetvalue(r.get(), 0, 1)));
+        for (int i = 0; i < rows; ++i) {
+            if (PQgetisnull(r.get(), i, 2)) break;  // the LEFT JOIN's row without rows
+            const std::string_view key(PQgetvalue(r.get(), i, 3), std::size_t(PQgetlength(r.get(), i, 3)));
+            result.notifications.push_back(detail::pg_row(r.get(), i, 2, *by_key.at(key)));
+        }
+        if (limit && result.notifications.size() >= limit) result.horizon = result.notifications.back().id;
+        return result;
+    });
+}
+
+inline std::int64_t pg_store::newest_id() {
+    return with_reader([](detail::pg_connection& c) {
+        return c.scalar("SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM bus_bus_id_seq", {}, 0);
+    });
+}
+
+inline std::int64_t pg_store::oldest_id() {
+    return with_reader([](detail::pg_connection& c) { return c.scalar("SELECT min(id) FROM bus_bus", {}, 0); });
+}
+
+inline bool pg_store::contains(std::int64_t id) {
+    return with_reader([id](detail::pg_connection& c) {
+        return c.scalar("SELECT 1 FROM bus_bus WHERE id = $1::bigint", {std::to_string(id)}, 0) == 1;
+    });
+}
+
+inline std::size_t pg_store::collect_garbage() {
+    const std::string cutoff = std::to_string(detail::to_micros(options_.clock() - options_.retention));
+    const std::string chunk = std::to_string(options_.gc_chunk ? options_.gc_chunk : 5000);
+    std::size_t total = 0;
+    for (;;) {  // small statements on a reader connection: writers are never held up for long
+        const std::size_t n = with_reader([&](detail::pg_connection& c) {
+            auto r = c.exec("DELETE FROM bus_bus WHERE id IN (SELECT id FROM bus_bus WHERE create_date < "
+                            "timestamp '1970-01-01' + $1::bigint * interval '1 microsecond' ORDER BY id LIMIT $2::bigint)",
+                            {cutoff, chunk});
+            return std::size_t(std::stoull(PQcmdTuples(r.get())));
+        });
+        total += n;
+        if (n < std::stoull(chunk)) return total;
+    }
+}
+
+// --- pg_listener ----------------------------------------------------------------------------
+
+inline pg_listener::pg_listener(pg_store& store, dispatcher& d, pg_listener_options options)
+    : store_(store), dispatcher_(d), options_(std::move(options)) {
+    connect();
+    // LISTEN came first: a commit after this read is both above the cursor and notified.
+    cursor_ = connection_->scalar("SELECT max(id) FROM bus_bus", {}, 0);
+    stop_fd_ = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (stop_fd_ < 0) detail::throw_error(errc::store_failure, "pg_listener: eventfd failed");
+    thread_ = std::thread([this] { run(); });
+}
+
+inline pg_listener::~pg_listener() {
+    const std::uint64_t one = 1;
+    if (write(stop_fd_, &one, sizeof one) != ssize_t(sizeof one)) log(log_level::error, "pg_listener: cannot signal stop");
+    if (thread_.joinable()) thread_.join();
+    close(stop_fd_);
+}
+
+inline void pg_listener::log(log_level level, const std::string& text) const {
+    if (store_.options().log) store_.options().log(level, text);
+}
+
+inline void pg_listener::connect() {
+    connection_.reset();
+    connected_ = false;
+    auto c = detail::pg_connection::open(store_.conninfo(), store_.options().log, "imbus-listener");
+    c->exec((std::string("LISTEN ") + pg_store::notify_channel).c_str());
+    connection_ = std::move(c);
+    connected_ = true;
+}
+
+inline bool pg_listener::pause(std::chrono::milliseconds how_long) {
+    pollfd stop{stop_fd_, POLLIN, 0};
+    return ::poll(&stop, 1, int(how_long.count())) == 0;
+}
+
+// Every row after the cursor, in pages of one snapshot each: a page holds every row that will
+// ever exist in (cursor, its last id], since writers commit in id order.
+inline bool pg_listener::read_new_rows() {
+    const std::string page = std::to_string(options_.page_size ? options_.page_size : 1000);
+    for (;;) {
+        const std::int64_t after = cursor_;
+        detail::pg_result r;
+        try {
+            ++reads_;
+            r = connection_->exec("SELECT " IMBUS_PG_ROW_COLUMNS " FROM bus_bus WHERE id > $1::bigint ORDER BY id LIMIT $2::bigint",
+                                  {std::to_string(after), page});
+        } catch (const std::system_error& e) {
+            log(log_level::warning, std::string("pg_listener: ") + e.what());
+            return false;
+        }
+        const int rows = PQntuples(r.get());
+        std::vector<notification> found;
+        found.reserve(std::size_t(rows));
+        std::int64_t last = after;
+        for (int i = 0; i < rows; ++i) {
+            last = std::stoll(PQgetvalue(r.get(), i, 0));
+            std::error_code ec;
+            auto c = channel::from_key(std::string_view(PQgetvalue(r.get(), i, 1), std::size_t(PQgetlength(r.get(), i, 1))), ec);
+            if (ec) {  // no subscriber can follow a channel that is not canonical
+                log(log_level::warning, "pg_listener: skipped row " + std::to_string(last) + " on a non-canonical channel");
+                continue;
+            }
+            found.push_back(detail::pg_row(r.get(), i, 0, std::move(c)));
+        }
+        if (!found.empty()) dispatcher_.notify(commit_event::from_range(after, std::move(found)));
+        cursor_ = last;
+        if (std::size_t(rows) < std::stoull(page)) return true;
+    }
+}
+
+inline void pg_listener::run() {
+    auto backoff = options_.reconnect_min;
+    bool must_read = false;  // commits after the constructor's cursor are notified
+    for (;;) {
+        if (!connection_) {
+            if (!pause(backoff)) return;
+            try {
+                connect();
+                ++reconnects_;
+                log(log_level::info, "pg_listener: listening again; catching up after id " + std::to_string(cursor_));
+                backoff = options_.reconnect_min;
+                must_read = true;
+            } catch (const std::system_error& e) {
+                log(log_level::warning, std::string("pg_listener: ") + e.what());
+                backoff = std::min(backoff * 2, options_.reconnect_max);
+                continue;
+            }
+        }
+        PGconn* c = connection_->get();
+        // Drain every pending notification first: one read answers them all.
+        while (PGnotify* n = PQnotifies(c)) {
+            PQfreemem(n);
+            must_read = true;
+        }
+        if (must_read) {
+            must_read = false;
+            if (!read_new_rows()) {
+                connection_.reset();
+                connected_ = false;
+                continue;
+            }
+            continue;  // notifications that arrived during the read are already buffered
+        }
+        pollfd fds[2] = {{PQsocket(c), POLLIN, 0}, {stop_fd_, POLLIN, 0}};
+        if (::poll(fds, 2, -1) < 0) {
+            if (errno == EINTR) continue;
+            log(log_level::error, "pg_listener: poll failed");
+            return;
+        }
+        if (fds[1].revents) return;
+        if (fds[0].revents && (!PQconsumeInput(c) || connection_->broken())) {
+            log(log_level::warning, "pg_listener: connection lost: " + detail::pg_error_text(c));
+            connection_.reset();
+            connected_ = false;
+        }
+    }
+}
+#undef IMBUS_PG_ROW_COLUMNS
+#endif // IMBUS_WITH_POSTGRES
+
 // --- dispatcher -----------------------------------------------------------------------------
 
 inline std::shared_ptr<const commit_event> commit_event::wake_up(std::vector<channel> channels) {
@@ -1945,6 +2695,13 @@ inline std::shared_ptr<const commit_event> commit_event::from_rows(std::vector<n
     }
     e->channels = detail::unique_channels(touched);
     e->notifications = std::move(rows);
+    return e;
+}
+
+inline std::shared_ptr<const commit_event> commit_event::from_range(std::int64_t after,
+                                                                    std::vector<notification> rows) {
+    auto e = std::const_pointer_cast<commit_event>(from_rows(std::move(rows)));
+    e->complete_after = after;
     return e;
 }
 
@@ -2048,7 +2805,7 @@ inline void dispatcher::notify(std::shared_ptr<const commit_event> event) {
         if (event->has_rows()) {
             // Rows that do not continue the notified sequence mean ids this dispatcher never
             // saw: a new epoch tells followers to ask the store instead of skipping the gap.
-            if (!event->contiguous() || event->first_id() != sequence_ + 1 || sequence_ == 0)
+            if (!event->complete() || event->after() != sequence_ || sequence_ == 0)
                 epoch_.fetch_add(1, std::memory_order_acq_rel);
             sequence_ = std::max(sequence_, event->last_id());
             d.epoch = epoch();
@@ -2199,10 +2956,11 @@ std::size_t follower::take(const wakeup& w, OnRow&& on_row, OnEvent&& on_event, 
             return taken;
         }
         if (event.has_rows() && event.last_id() <= position_) continue;  // already seen
-        // An event continues the position when it starts right after it, or when the same
-        // epoch vouches that every row in between was delivered here (or was not ours).
-        const bool continues = event.contiguous() && event.first_id() > position_ &&
-                               (event.first_id() == position_ + 1 ||
+        // An event continues the position when its complete range starts at or before it, or
+        // when the same epoch vouches that every row in between was delivered here (or was
+        // not ours).
+        const bool continues = event.complete() && event.first_id() > position_ &&
+                               (event.after() <= position_ ||
                                 (synced_epoch_ != 0 && d.epoch == synced_epoch_));
         if (!continues) {
             // Every event here was sent after its commit, so one poll now covers this event
@@ -2324,7 +3082,7 @@ inline std::vector<std::int64_t> transaction::commit(std::error_code& ec) {
     std::vector<std::int64_t> ids;
     ids.reserve(stored.size());
     for (const auto& n : stored) ids.push_back(n.id);
-    if (!stored.empty()) bus_->publish(commit_event::from_rows(std::move(stored)));
+    if (!stored.empty() && bus_->dispatches_on_commit()) bus_->publish(commit_event::from_rows(std::move(stored)));
     for (auto& hook : postcommit_) {
         try {
             hook();

@@ -11,6 +11,7 @@ packages=(
   libasio-dev libwebsocketpp-dev nlohmann-json3-dev doctest-dev
   libsqlite3-dev libpq-dev
   libssl-dev openssl  # wss:// (imbus::tls) and the TLS tests' throwaway certificates
+  postgresql  # the PostgreSQL tests run on a throwaway cluster (scripts/pg_cluster.sh)
   chromium  # the browser tests (tests/browser) drive /usr/bin/chromium
 )
 # Debian's nodejs/npm only where there is no node or npm at all: a node from elsewhere (e.g.

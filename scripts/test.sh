@@ -5,6 +5,7 @@
 #   bash scripts/test.sh tsan    clang++, build-tsan/ (ThreadSanitizer)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+root=$PWD  # the exit trap below runs after the cd into the build directory
 
 mode=${1:-}
 case "$mode" in
@@ -24,9 +25,23 @@ bash scripts/setup.sh
 require_browser=OFF
 [ "${CI:-}" = true ] && require_browser=ON
 
+# The PostgreSQL tests need a server: without IMBUS_PG_CONNINFO, a throwaway cluster for this
+# run (removed on exit). Where none can start, CMake leaves them out with a message; in CI
+# they are required, so they fail instead.
+require_postgres=OFF
+[ "${CI:-}" = true ] && require_postgres=ON
+if [ -z "${IMBUS_PG_CONNINFO:-}" ]; then
+  if cluster=$(bash scripts/pg_cluster.sh start); then
+    eval "$cluster"
+    trap 'status=$?; bash "$root/scripts/pg_cluster.sh" stop "$IMBUS_PG_CLUSTER"; exit $status' EXIT
+  else
+    echo "test.sh: could not start a PostgreSQL cluster" >&2
+  fi
+fi
+
 cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=Debug -DCMAKE_CXX_COMPILER="$cxx" \
   -DIMBUS_SANITIZE="$sanitize" -DIMBUS_BUILD_BENCH=OFF -DCMAKE_EXPORT_COMPILE_COMMANDS=ON \
-  -DIMBUS_REQUIRE_BROWSER_TESTS="$require_browser"
+  -DIMBUS_REQUIRE_BROWSER_TESTS="$require_browser" -DIMBUS_REQUIRE_POSTGRES_TESTS="$require_postgres"
 cmake --build "$build" -j2
 cd "$build"
 ctest --output-on-failure -j2

@@ -217,6 +217,28 @@ TEST_CASE("bus without a dispatcher only stores") {
     CHECK(store.poll({channel("db", "res.partner", 3, "presence")}, 0).size() == 1);
 }
 
+// With dispatch_on_commit = false (a pg_listener dispatches every row), a commit stores and
+// runs its post-commit hooks but leaves the dispatcher alone.
+TEST_CASE("dispatch_on_commit = false stores without telling the dispatcher") {
+    imbus::memory_store store;
+    imbus::dispatcher dispatcher;
+    imbus::bus_options options;
+    options.db = "db";
+    options.dispatch_on_commit = false;
+    imbus::bus bus(store, dispatcher, options);
+    recorder rec;
+    auto sub = dispatcher.subscribe(rec.handler());
+    sub.set_channels({bus.channel_for("a")});
+    imbus::transaction tx(bus);
+    bool post_commit_ran = false;
+    tx.on_postcommit([&] { post_commit_ran = true; });
+    tx.send("a", "t", 1);
+    CHECK(tx.commit() == std::vector<std::int64_t>{1});
+    CHECK(post_commit_ran);
+    CHECK(rec.runs == 0);
+    CHECK(store.poll({bus.channel_for("a")}, 0).size() == 1);
+}
+
 // The outbox pattern: the application's row and the notification commit together or not at all.
 TEST_CASE("outbox: application row and notification share one SQLite transaction") {
     for (const bool on_file : {false, true}) {

@@ -921,6 +921,49 @@ TEST_CASE("a follower of a dispatcher skips other channels' ids without polling,
     CHECK(ids == std::vector<std::int64_t>{3, 5, 7, 9, 11, 12, 14, 16});
 }
 
+// A reader that saw every row of an id range in one snapshot (pg_listener) says so with
+// from_range: ids missing from it were rolled back, so the dispatcher keeps its epoch and a
+// follower takes the rows without a poll. A range that does not start at the dispatcher's
+// sequence is still a gap the followers must poll for.
+TEST_CASE("complete ranges with rollback gaps keep the epoch, a range after unseen ids does not") {
+    imbus::manual_clock clock;
+    imbus::memory_store memory(store_options(clock));
+    counting_store store(memory);
+    imbus::dispatcher d(options_with(1024));
+    imbus::follower f(store, d, {ca});
+    std::vector<std::int64_t> ids;
+    auto collect = [&](const imbus::notification& n, std::string_view) { ids.push_back(n.id); };
+    auto sub = d.subscribe([&](imbus::wakeup& w) { f.take(w, collect); });
+    sub.set_channels({ca});
+    f.catch_up(collect);
+    CHECK(store.fetches == 1);
+
+    auto row = [](std::int64_t id, const channel& c) {
+        return imbus::notification{id, c, imbus::make_message("t", id), {}};
+    };
+    d.notify(imbus::commit_event::from_range(0, {row(1, ca), row(2, cb)}));  // starts the sequence
+    const auto epoch = d.epoch();
+    auto gappy = imbus::commit_event::from_range(2, {row(4, ca), row(7, ca)});  // 3, 5 and 6 rolled back
+    CHECK_FALSE(gappy->contiguous());
+    CHECK(gappy->complete());
+    CHECK(gappy->after() == 2);
+    d.notify(gappy);
+    CHECK(d.epoch() == epoch);
+    d.notify(imbus::commit_event::from_range(7, {row(9, cb)}));
+    CHECK(d.epoch() == epoch);
+    CHECK(ids == std::vector<std::int64_t>{1, 4, 7});
+    CHECK(store.fetches == 1);  // none of the gaps made the follower poll
+
+    d.notify(imbus::commit_event::from_range(10, {row(11, ca)}));  // id 10 never reached this dispatcher
+    CHECK(d.epoch() == epoch + 1);
+    CHECK(store.fetches == 2);  // so the follower asked the store
+
+    // a plain commit's rows vouch only for their own ids
+    auto plain = imbus::commit_event::from_rows({row(20, ca), row(22, ca)});
+    CHECK_FALSE(plain->complete());
+    CHECK(plain->complete_after == -1);
+}
+
 // --- linkage --------------------------------------------------------------------------------------
 
 // Two translation units include imbus.hpp: a function defined in it without `inline` would

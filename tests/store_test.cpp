@@ -5,6 +5,10 @@
 #define IMBUS_WITH_SQLITE
 #include "imbus.hpp"
 
+#ifdef IMBUS_TEST_POSTGRES  // set by CMake when the PostgreSQL tests run
+#include "support/pg_database.hpp"
+#endif
+
 #include <cstdio>
 #include <random>
 #include <set>
@@ -55,6 +59,14 @@ struct sqlite_file_fixture {
     imbus::sqlite_store store{file.path, options_with<imbus::sqlite_store_options>(clock)};
 };
 
+#ifdef IMBUS_TEST_POSTGRES
+struct pg_fixture {
+    imbus::manual_clock clock;
+    imbus_test::pg_test_database database;
+    imbus::pg_store store{database.conninfo, options_with<imbus::pg_store_options>(clock)};
+};
+#endif
+
 const channel ch_a("db", "a");
 const channel ch_b("db", "b");
 const channel ch_c("db", "res.partner", 3);
@@ -73,7 +85,11 @@ std::vector<std::int64_t> ids_of(const std::vector<imbus::notification>& ns) {
 
 } // namespace
 
+#ifdef IMBUS_TEST_POSTGRES
+#define STORE_FIXTURES memory_fixture, sqlite_memory_fixture, sqlite_file_fixture, pg_fixture
+#else
 #define STORE_FIXTURES memory_fixture, sqlite_memory_fixture, sqlite_file_fixture
+#endif
 
 // Ids come back ascending, and a batch keeps call order.
 TEST_CASE_TEMPLATE("append assigns ascending ids in call order", F, STORE_FIXTURES) {
