@@ -41,6 +41,7 @@
 //     IMBUS_WITH_POSTGRES     pg_store, pg_listener          link: PostgreSQL::PostgreSQL / -lpq
 //     IMBUS_WITH_WEBSOCKETPP  basic_server, client           needs websocketpp + standalone Asio
 //                             (defines ASIO_STANDALONE)      link: -pthread
+//     IMBUS_WITH_TLS          tls_transport: wss://          with IMBUS_WITH_WEBSOCKETPP; link OpenSSL
 //
 // Configuration macros (define before including to change a compile-time default; every
 // one of them is also a runtime option of the class that uses it):
@@ -61,11 +62,12 @@
 //     transaction, follower: one thread at a time (a transaction is the unit of one caller).
 //     dispatcher handlers run on the subscriber's executor, never concurrently with themselves.
 //     Stores and dispatchers must outlive the buses, transactions and subscriptions using them.
-//     basic_server, client: thread-safe; a server's connections each live on their own strand,
+//     basic_server, basic_client: thread-safe; a server's connections each live on their own strand,
 //     and the auth policy is called from every I/O thread at once (make it thread-safe).
 //
 // Dependencies: nlohmann/json (always); SQLite 3 (IMBUS_WITH_SQLITE); libpq 14 or later, for
-// pipeline mode (IMBUS_WITH_POSTGRES); websocketpp 0.8 and standalone Asio (IMBUS_WITH_WEBSOCKETPP).
+// pipeline mode (IMBUS_WITH_POSTGRES); websocketpp 0.8 and standalone Asio (IMBUS_WITH_WEBSOCKETPP);
+// OpenSSL (IMBUS_WITH_TLS).
 
 #ifndef IMBUS_HPP
 #define IMBUS_HPP
