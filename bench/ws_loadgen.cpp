@@ -1545,11 +1545,18 @@ private:
             c->sock.close(ignored);
             c->state = soak_connection::idle;
         }
-        wait_for([this] { return fd_count(o_.server_pid) <= fd_idle_ + o_.fd_tolerance; }, 30, [this](bool) {
-            fd_end_ = fd_count(o_.server_pid);
+        settle_fds(now_ns() + 30'000'000'000, -1);
+    }
+
+    // Until the fd count is within the tolerance and the same for half a second (closes done).
+    void settle_fds(std::int64_t until, long previous) {
+        fd_end_ = fd_count(o_.server_pid);
+        if ((fd_end_ <= fd_idle_ + o_.fd_tolerance && fd_end_ == previous) || now_ns() >= until) {
             rss_closed_ = rss_kib(o_.server_pid);
-            finish();
-        });
+            return finish();
+        }
+        step_.expires_after(std::chrono::milliseconds(500));
+        step_.async_wait([this, until](const asio::error_code&) { settle_fds(until, fd_end_); });
     }
 
     void fail_early(const std::string& why) {

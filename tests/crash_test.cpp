@@ -2,7 +2,8 @@
 // /bus/send at full speed and reconnecting clients are subscribed; the server restarts on the
 // same file and port, several times. Afterwards every publish that was answered with ids is in
 // the database, and every client received every id of its channels exactly once, ascending,
-// resuming after each restart from the last id it had (0 lost, 0 duplicated).
+// resuming after each restart from the last id it had (0 lost, 0 duplicated). One more
+// publisher sends arrays of 200 notifications (one transaction each): each is all or nothing.
 #define DOCTEST_CONFIG_IMPLEMENT_WITH_MAIN
 #include <doctest/doctest.h>
 
@@ -163,15 +164,17 @@ struct answered_ids {
 
 const std::vector<std::string> channel_names = {"a", "b"};
 
-// Posts batches of 1-5 notifications on random channels as fast as the server answers.
-void publisher(int who, std::atomic<std::uint16_t>& port, std::atomic<bool>& stop, answered_ids& answered) {
+// Posts batches of 1-5 notifications on random channels as fast as the server answers; with
+// `big`, batches of 200 on channel "big", which nobody follows.
+void publisher(int who, std::atomic<std::uint16_t>& port, std::atomic<bool>& stop, answered_ids& answered,
+               bool big = false) {
     std::mt19937 rng(std::uint32_t(1000 + who));
     for (int n = 0; !stop; ++n) {
-        const int size = 1 + int(rng() % 5);
+        const int size = big ? 200 : 1 + int(rng() % 5);
         json batch = json::array();
         std::vector<std::string> names;
         for (int i = 0; i < size; ++i) {
-            names.push_back(channel_names[rng() % channel_names.size()]);
+            names.push_back(big ? "big" : channel_names[rng() % channel_names.size()]);
             batch.push_back({{"channel", names.back()}, {"type", "crash"}, {"payload", {{"p", who}, {"n", n}, {"i", i}}}});
         }
         try {
@@ -224,17 +227,23 @@ struct subscriber {
     }
 };
 
-// id -> channel name of every row in the database file (read through SQLite, WAL included).
-std::map<std::int64_t, std::string> stored_rows(const std::string& db) {
+// id -> channel name of every row in the database file (read through SQLite, WAL included);
+// `big` gets the number of rows of each stored batch of channel "big", by batch number.
+std::map<std::int64_t, std::string> stored_rows(const std::string& db, std::map<int, int>& big) {
     sqlite3* conn = nullptr;
     REQUIRE(sqlite3_open_v2(db.c_str(), &conn, SQLITE_OPEN_READWRITE, nullptr) == SQLITE_OK);
     sqlite3_busy_timeout(conn, 5000);
     sqlite3_stmt* st = nullptr;
-    REQUIRE(sqlite3_prepare_v2(conn, "SELECT id, channel FROM bus_bus ORDER BY id", -1, &st, nullptr) == SQLITE_OK);
+    REQUIRE(sqlite3_prepare_v2(conn, "SELECT id, channel, message FROM bus_bus ORDER BY id", -1, &st, nullptr) ==
+            SQLITE_OK);
     std::map<std::int64_t, std::string> rows;
     while (sqlite3_step(st) == SQLITE_ROW) {
         const json channel = json::parse(reinterpret_cast<const char*>(sqlite3_column_text(st, 1)));
         rows.emplace(sqlite3_column_int64(st, 0), channel.at(1).get<std::string>());
+        if (channel.at(1) == "big") {
+            const json message = json::parse(reinterpret_cast<const char*>(sqlite3_column_text(st, 2)));
+            big[message.at("payload").at("n").get<int>()]++;
+        }
     }
     sqlite3_finalize(st);
     sqlite3_close(conn);
@@ -272,6 +281,8 @@ TEST_CASE("SIGKILL during full-speed publishing: every answered id is stored and
     std::vector<std::thread> threads;
     for (int p = 0; p < publishers; ++p)
         threads.emplace_back([&, p] { publisher(p, port, stop, answered); });
+    answered_ids answered_big;
+    threads.emplace_back([&] { publisher(publishers, port, stop, answered_big, true); });
 
     for (int round = 0; round < kills; ++round) {
         const std::size_t before = answered.count;
@@ -299,14 +310,24 @@ TEST_CASE("SIGKILL during full-speed publishing: every answered id is stored and
         std::lock_guard<std::mutex> lock(answered.mutex);
         answered_map = answered.ids;
     }
-    const auto rows = stored_rows(db);
+    std::map<int, int> big;
+    const auto rows = stored_rows(db, big);
     std::size_t lost_in_store = 0;
     for (const auto& [id, name] : answered_map) {
         const auto it = rows.find(id);
         if (it == rows.end() || it->second != name) ++lost_in_store;
     }
+    {
+        std::lock_guard<std::mutex> lock(answered_big.mutex);
+        for (const auto& entry : answered_big.ids) lost_in_store += rows.count(entry.first) ? 0 : 1;
+    }
     CHECK(lost_in_store == 0);
     CHECK(answered.malformed == 0);
+    CHECK(answered_big.malformed == 0);
+    std::size_t partial = 0;
+    for (const auto& entry : big) partial += entry.second == 200 ? 0 : 1;
+    CHECK(partial == 0);  // a transaction of 200 is all or nothing
+    CHECK(answered_big.count >= 200);
 
     // Every client ends with exactly the stored rows of its channels (the answered ones and any
     // committed by a server killed before it could answer), each once, ascending.
@@ -326,7 +347,8 @@ TEST_CASE("SIGKILL during full-speed publishing: every answered id is stored and
     MESSAGE(kills << " kills: " << answered_map.size() << " notifications answered (" << answered.failed.load()
                   << " publishes refused or unanswered), " << rows.size() << " stored, " << delivered
                   << " delivered to 3 clients; lost " << lost << " (store " << lost_in_store << "), duplicated "
-                  << duplicated << ", out of order " << out_of_order);
+                  << duplicated << ", out of order " << out_of_order << "; " << big.size()
+                  << " batches of 200 stored (" << answered_big.count / 200 << " answered), " << partial << " partial");
     CHECK(lost == 0);
     CHECK(duplicated == 0);
     CHECK(out_of_order == 0);

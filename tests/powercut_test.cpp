@@ -365,7 +365,9 @@ cut_report check_database(const std::string& path, const outcome& out, long cut_
     for (const row& r : rows) by_batch[r.batch].push_back(r);
     cut_report report;
     const int attempted = out.acknowledged + (out.failed ? 1 : 0);
-    for (const auto& [b, rs] : by_batch) {
+    for (const auto& entry : by_batch) {
+        const int b = entry.first;  // not a structured binding: INFO captures it
+        const std::vector<row>& rs = entry.second;
         INFO("batch " << b);
         CHECK(b < attempted);  // never a row of a transaction that did not start
         REQUIRE(int(rs.size()) == batch_sizes[std::size_t(b)]);  // all or nothing
