@@ -133,7 +133,7 @@ for k, v in rows:
     print("| %s | %s |" % (k, v))
 EOF
 if [[ $rc != 0 ]]; then
-  say "FAILED (see the table; server log: kept below)"
+  say "FAILED (see the table); the end of the server log:"
   tail -20 "$WORK/server.log" >&2 || true
   exit 1
 fi
