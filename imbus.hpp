@@ -454,6 +454,9 @@ struct sqlite_store_options : store_options {
     std::chrono::milliseconds busy_timeout{IMBUS_SQLITE_BUSY_TIMEOUT_MS};
     /// Reader connections kept open for polls (more are opened under load, then closed).
     std::size_t idle_readers = 4;
+    /// For files the store opens itself: the name of a registered sqlite3_vfs for the writer
+    /// and the readers (e.g. a test's power-cut shim); empty: SQLite's default.
+    std::string vfs;
 };
 
 /// Notifications in a SQLite `bus_bus` table (id, channel, message, create_date in
@@ -1864,9 +1867,10 @@ struct sqlite_reader {
     sqlite_statement begin, commit, rollback, poll, first_since, newest, oldest, exists;
 };
 
-inline sqlite3* sqlite_open(const std::string& path, int flags, std::chrono::milliseconds busy_timeout) {
+inline sqlite3* sqlite_open(const std::string& path, int flags, std::chrono::milliseconds busy_timeout,
+                            const std::string& vfs) {
     sqlite3* db = nullptr;
-    if (sqlite3_open_v2(path.c_str(), &db, flags | SQLITE_OPEN_NOMUTEX, nullptr) != SQLITE_OK) {
+    if (sqlite3_open_v2(path.c_str(), &db, flags | SQLITE_OPEN_NOMUTEX, vfs.empty() ? nullptr : vfs.c_str()) != SQLITE_OK) {
         std::string err = db ? sqlite3_errmsg(db) : "out of memory";
         sqlite3_close_v2(db);
         throw_error(errc::store_failure, "sqlite: cannot open " + path + ": " + err);
@@ -1944,7 +1948,7 @@ private:
 
 inline sqlite_store::sqlite_store(const std::string& path, sqlite_store_options options)
     : options_(std::move(options)), owns_db_(true) {
-    db_ = detail::sqlite_open(path, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE, options_.busy_timeout);
+    db_ = detail::sqlite_open(path, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE, options_.busy_timeout, options_.vfs);
     try {
         if (options_.wal) detail::sqlite_exec(db_, "PRAGMA journal_mode=WAL");
         detail::sqlite_exec(db_, "PRAGMA synchronous=" + options_.synchronous);
@@ -1987,7 +1991,7 @@ inline sqlite_store::~sqlite_store() {
 inline std::unique_ptr<store::write_transaction> sqlite_store::begin() { return std::make_unique<write_tx>(*this); }
 
 inline std::unique_ptr<detail::sqlite_reader> sqlite_store::open_reader() {
-    sqlite3* db = detail::sqlite_open(path_, SQLITE_OPEN_READWRITE, options_.busy_timeout);
+    sqlite3* db = detail::sqlite_open(path_, SQLITE_OPEN_READWRITE, options_.busy_timeout, options_.vfs);
     try {
         return std::make_unique<detail::sqlite_reader>(db, true, true);
     } catch (...) {

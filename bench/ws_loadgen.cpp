@@ -11,12 +11,18 @@
 //   ws_loadgen channels --protocol P --port N --subscribers N --seconds S [--window W]
 //   ws_loadgen idle     --protocol P --port N --connections N --server-pid PID
 //   ws_loadgen storm    --protocol P --port N --subscribers N --away M
+//   ws_loadgen soak     --port N --connections N --seconds S --server-pid PID   (imbus only)
 //
 // Modes: fanout and latency put every subscriber on the channel "bench"; channels gives each
 // subscriber its own channel "u<i>" and publishes to random ones; idle measures the server's
 // resident memory; storm disconnects every subscriber, publishes M notifications, reconnects
 // all of them at once (each resubscribing with its last id where the protocol resumes) and
 // measures the time until every one has caught up, and how many notifications were lost.
+// soak runs for a long time with N connections, each on a personal channel "p<i>" and on
+// "shared", while paced publishers post to random personal channels and to the shared one and
+// a churn of abrupt disconnects (no close frame; some with RST) and resuming reconnects goes
+// on; it checks that every connection got every id of its channels after its first subscribe
+// exactly once, and samples the server's RSS and open fds every second (see run_soak).
 //
 // Protocols (--protocol; each is a small adapter: handshake path, subscribe message, publish
 // request, where the notification key and the send time are in a frame):
@@ -47,6 +53,7 @@
 
 #include "ws_mini.hpp"
 
+#include <dirent.h>
 #include <netinet/in.h>
 #include <string.h>
 #include <sys/resource.h>
@@ -144,6 +151,16 @@ struct options {
     long server_pid = 0;
     double trace_slow_ms = 0;  // print deliveries slower than this (0: none)
     bool window_given = false;
+    bool rate_given = false;
+    // soak
+    double shared_rate = 5;          // shared-channel publishes per second (rate: personal ones)
+    double churn = 0;                // abrupt disconnects per second (0: connections / 60)
+    double rst_fraction = 0.3;       // of those, closed with RST (SO_LINGER 0) instead of FIN
+    double away_max = 1;             // a dropped connection comes back after 0..this many seconds
+    double warmup = 0;               // RSS baseline this long into the run (0: a third of it)
+    long rss_tolerance_kib = 16384;  // RSS may grow by max(this, rss_tolerance_pct) after warm-up
+    double rss_tolerance_pct = 10;
+    long fd_tolerance = 0;           // open fds after the run may exceed the idle baseline by this
 };
 
 bool server_ids(protocol p) { return p == protocol::imbus || p == protocol::floor; }
@@ -157,6 +174,10 @@ bool resumes(protocol p) { return p == protocol::imbus || p == protocol::nchan; 
               << "       ws_loadgen idle     --connections N --server-pid PID [--settle S] [common]\n"
               << "       ws_loadgen storm    --subscribers N --away M [--storm-concurrency C] [--probe-interval S]\n"
               << "                           [--storm-timeout S] [common]\n"
+              << "       ws_loadgen soak     --connections N --seconds S --server-pid PID [--rate 200 (personal/s)]\n"
+              << "                           [--shared-rate 5] [--churn N/60 (drops/s)] [--rst-fraction 0.3] [--away-max 1]\n"
+              << "                           [--warmup S/3] [--rss-tolerance-kib 16384] [--rss-tolerance-pct 10]\n"
+              << "                           [--fd-tolerance 0] [--drain 3] [--drain-max 300] [common]\n"
               << "common: --protocol imbus|floor|ws|socketio|uws|nchan --host ADDR --port N --api-key KEY (imbus, floor)\n"
               << "        --target /websocket?version=19.0-2 (imbus, floor) --channel bench\n"
               << "        --publishers 4 --payload-bytes 100 --sources 4 --connect-concurrency 256\n"
@@ -171,7 +192,8 @@ options parse(int argc, char** argv) {
     if (argc < 2) usage("missing mode");
     options o;
     o.mode = argv[1];
-    if (o.mode != "fanout" && o.mode != "latency" && o.mode != "idle" && o.mode != "channels" && o.mode != "storm")
+    if (o.mode != "fanout" && o.mode != "latency" && o.mode != "idle" && o.mode != "channels" && o.mode != "storm" &&
+        o.mode != "soak")
         usage("unknown mode " + o.mode);
     for (int i = 2; i < argc; ++i) {
         const std::string f = argv[i];
@@ -195,7 +217,7 @@ options parse(int argc, char** argv) {
             else if (f == "--label") o.label = v;
             else if (f == "--subscribers" || f == "--connections") o.connections = std::stoul(v);
             else if (f == "--seconds") o.seconds = std::stod(v);
-            else if (f == "--rate") o.rate = std::stod(v);
+            else if (f == "--rate") o.rate = std::stod(v), o.rate_given = true;
             else if (f == "--publishers") o.publishers = std::max<std::size_t>(1, std::stoul(v));
             else if (f == "--payload-bytes") o.payload_bytes = std::stoul(v);
             else if (f == "--window") o.window = std::stoul(v), o.window_given = true;
@@ -211,6 +233,14 @@ options parse(int argc, char** argv) {
             else if (f == "--warmup-timeout") o.warmup_timeout = std::stod(v);
             else if (f == "--server-pid") o.server_pid = std::stol(v);
             else if (f == "--trace-slow") o.trace_slow_ms = std::stod(v);
+            else if (f == "--shared-rate") o.shared_rate = std::stod(v);
+            else if (f == "--churn") o.churn = std::stod(v);
+            else if (f == "--rst-fraction") o.rst_fraction = std::stod(v);
+            else if (f == "--away-max") o.away_max = std::stod(v);
+            else if (f == "--warmup") o.warmup = std::stod(v);
+            else if (f == "--rss-tolerance-kib") o.rss_tolerance_kib = std::stol(v);
+            else if (f == "--rss-tolerance-pct") o.rss_tolerance_pct = std::stod(v);
+            else if (f == "--fd-tolerance") o.fd_tolerance = std::stol(v);
             else usage("unknown option " + f);
         } catch (const std::logic_error&) {
             usage("bad value for " + f + ": " + v);
@@ -218,6 +248,14 @@ options parse(int argc, char** argv) {
     }
     if (o.mode != "idle" && server_ids(o.proto) && o.api_key.empty()) usage(o.mode + " needs --api-key for " + o.proto_name);
     if (o.mode == "idle" && o.server_pid <= 0) usage("idle needs --server-pid");
+    if (o.mode == "soak") {
+        if (o.proto != protocol::imbus) usage("soak speaks the imbus protocol only");
+        if (o.server_pid <= 0) usage("soak needs --server-pid");
+        if (!o.rate_given) o.rate = 200;
+        if (o.churn <= 0) o.churn = double(o.connections) / 60;
+        if (o.warmup <= 0) o.warmup = o.seconds / 3;
+        o.publishers = std::max<std::size_t>(o.publishers, 32);
+    }
     if (o.mode == "latency" && !o.window_given) o.window = 0;
     if (o.mode == "channels" && !o.window_given) o.window = 1000;
     if (o.storm_concurrency == 0) o.storm_concurrency = o.connections;
@@ -1318,6 +1356,638 @@ private:
     long listen_drops_start_ = -1;
 };
 
+// --- soak -------------------------------------------------------------------------------------
+
+// Open file descriptors of a process (entries of /proc/PID/fd); -1 if unknown.
+long fd_count(long pid) {
+    DIR* d = opendir(("/proc/" + std::to_string(pid) + "/fd").c_str());
+    if (!d) return -1;
+    long n = 0;
+    while (const dirent* e = readdir(d))
+        if (e->d_name[0] != '.') ++n;
+    closedir(d);
+    return n;
+}
+
+// A set of ids summarized by order-independent hashing: two sets of distinct ids with the
+// same count and the same sum of mixed ids are equal (barring a 2^-64 accident).
+std::uint64_t mix(std::int64_t id) {
+    std::uint64_t z = std::uint64_t(id) + 0x9e3779b97f4a7c15ull;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+struct soak_connection {
+    explicit soak_connection(asio::io_context& io) : sock(io) {}
+    tcp::socket sock;
+    std::string in, message, out, pending, key;
+    std::int64_t first_last = 0;  // `last` of its first subscribe: ids above it on its channels are due
+    std::int64_t last = 0;        // the highest id received
+    std::uint64_t count = 0;      // ids received (distinct, as they must ascend)
+    std::uint64_t hash = 0;       // sum of mix(id) over them
+    std::uint32_t index = 0, gen = 0, drops = 0;
+    enum : std::uint8_t { idle, connecting, handshaking, open, away } state = idle;
+    bool writing = false, message_text = false;
+};
+
+// Everything of the soak mode; shares only the helpers above with class loadgen.
+class soak {
+public:
+    explicit soak(options o)
+        : o_(std::move(o)), server_(asio::ip::make_address(o_.host), o_.port), tick_(io_), churn_timer_(io_),
+          sampler_(io_), step_(io_), rng_(std::random_device{}()) {
+        for (std::size_t i = 0; i < o_.connections; ++i) {
+            conns_.push_back(std::make_unique<soak_connection>(io_));
+            conns_.back()->index = std::uint32_t(i);
+        }
+        personal_ids_.resize(o_.connections);
+        pad_ = std::string(std::max<std::size_t>(o_.payload_bytes, 40) - 40, 'x');
+    }
+
+    int run() {
+        fd_idle_ = fd_count(o_.server_pid);
+        rss_idle_ = rss_kib(o_.server_pid);
+        progress("server idle: RSS " + std::to_string(rss_idle_) + " KiB, " + std::to_string(fd_idle_) + " fds");
+        sample();
+        // A first id, so that every first subscribe names a real `last` (0 would mean the
+        // 50 s first-poll window, and rows from before the subscribe).
+        publish(-2);
+        wait_for([this] { return inflight_ == 0; }, 30, [this](bool ok) {
+            if (!ok || newest_answered_ == 0) return fail_early("the first publish was not answered");
+            progress("connecting " + std::to_string(conns_.size()) + " connections");
+            connect_start_ = now_ns();
+            open_more();
+            wait_for([this] { return opened_ == conns_.size(); }, 60 + double(conns_.size()) / 100, [this](bool ok) {
+                if (!ok) return fail_early("only " + std::to_string(opened_) + " connections opened");
+                progress("connected in " + fmt(double(now_ns() - connect_start_) / 1e9, 2) + " s; first shared publish");
+                publish(-1);  // proves every subscribe was processed
+                wait_for([this] { return with_data() == conns_.size(); }, 60, [this](bool ok) {
+                    if (!ok) return fail_early(std::to_string(with_data()) + " connections got the first shared notification");
+                    steady();
+                });
+            });
+        });
+        io_.run();
+        return exit_code_;
+    }
+
+private:
+    static std::string fmt(double v, int digits) {
+        char b[64];
+        std::snprintf(b, sizeof b, "%.*f", digits, v);
+        return b;
+    }
+    void progress(const std::string& what) { std::cerr << "ws_loadgen [soak] " << what << std::endl; }
+    void note_error(const std::string& what) {
+        if (errors_shown_++ < 10) std::cerr << "ws_loadgen [soak] " << what << std::endl;
+    }
+
+    std::size_t with_data() const {
+        std::size_t n = 0;
+        for (const auto& c : conns_) n += c->count > 0;
+        return n;
+    }
+
+    // Calls then(true) once pred() holds, or then(false) after timeout seconds.
+    void wait_for(std::function<bool()> pred, double timeout, std::function<void(bool)> then) {
+        const std::int64_t until = now_ns() + std::int64_t(timeout * 1e9);
+        auto step = std::make_shared<std::function<void()>>();
+        *step = [this, pred = std::move(pred), then = std::move(then), until, step]() {
+            if (pred()) return then(true);
+            if (now_ns() >= until) return then(false);
+            step_.expires_after(std::chrono::milliseconds(10));
+            step_.async_wait([step](const asio::error_code&) { (*step)(); });
+        };
+        (*step)();
+    }
+
+    // --- phases -------------------------------------------------------------------------------
+    void steady() {
+        progress("soak for " + fmt(o_.seconds, 0) + " s: " + fmt(o_.rate, 0) + " personal + " + fmt(o_.shared_rate, 1) +
+                 " shared publishes/s, " + fmt(o_.churn, 1) + " drops/s; RSS baseline at " + fmt(o_.warmup, 0) + " s");
+        run_start_ = now_ns();
+        running_ = true;
+        pace();
+        churn();
+    }
+
+    void pace() {
+        if (!running_) return;
+        const double elapsed = double(now_ns() - run_start_) / 1e9;
+        if (elapsed >= o_.seconds) return stop_running();
+        if (!warm_ && elapsed >= o_.warmup) {
+            warm_ = true;
+            rss_warm_ = rss_kib(o_.server_pid);
+            progress("warm-up over: server RSS " + std::to_string(rss_warm_) + " KiB, " +
+                     std::to_string(fd_count(o_.server_pid)) + " fds");
+        }
+        while (double(personal_requested_) < elapsed * o_.rate || double(shared_requested_) < elapsed * o_.shared_rate) {
+            if (inflight_ >= o_.publishers) {
+                late_++;
+                break;
+            }
+            if (double(shared_requested_) < elapsed * o_.shared_rate) shared_requested_++, publish(-1);
+            else personal_requested_++, publish(long(rng_() % conns_.size()));
+        }
+        tick_.expires_after(std::chrono::milliseconds(5));
+        tick_.async_wait([this](const asio::error_code&) { pace(); });
+    }
+
+    void churn() {
+        if (!running_) return;
+        churn_credit_ += o_.churn / 10;
+        for (; churn_credit_ >= 1; churn_credit_ -= 1) {
+            soak_connection* c = conns_[rng_() % conns_.size()].get();
+            if (c->state == soak_connection::open) drop(c);
+        }
+        churn_timer_.expires_after(std::chrono::milliseconds(100));
+        churn_timer_.async_wait([this](const asio::error_code&) { churn(); });
+    }
+
+    void stop_running() {
+        running_ = false;
+        rss_end_ = rss_kib(o_.server_pid);
+        run_seconds_ = double(now_ns() - run_start_) / 1e9;
+        progress("publishing and churn stopped after " + fmt(run_seconds_, 1) + " s; server RSS " +
+                 std::to_string(rss_end_) + " KiB; waiting for answers, returns and deliveries");
+        wait_for([this] { return inflight_ == 0 && not_open() == 0; }, 60, [this](bool) {
+            answers_done_ = now_ns();
+            prepare_expected();
+            drain();
+        });
+    }
+
+    std::size_t not_open() const {
+        std::size_t n = 0;
+        for (const auto& c : conns_) n += c->state != soak_connection::open;
+        return n;
+    }
+
+    // Until every connection has its due, or nothing arrived for --drain seconds, or --drain-max.
+    void drain() {
+        const std::int64_t now = now_ns();
+        if (complete() || now - std::max(last_delivery_, answers_done_) > std::int64_t(o_.drain * 1e9) ||
+            now - answers_done_ > std::int64_t(o_.drain_max * 1e9))
+            return close_all();
+        step_.expires_after(std::chrono::milliseconds(20));
+        step_.async_wait([this](const asio::error_code&) { drain(); });
+    }
+
+    // Every connection closes cleanly (FIN); the server's fds must return to the idle baseline.
+    void close_all() {
+        verify();
+        progress("closing every connection; waiting for the server's fds to return to " + std::to_string(fd_idle_));
+        closing_ = true;
+        for (auto& c : conns_) {
+            c->gen++;
+            asio::error_code ignored;
+            c->sock.close(ignored);
+            c->state = soak_connection::idle;
+        }
+        settle_fds(now_ns() + 30'000'000'000, -1);
+    }
+
+    // Until the fd count is within the tolerance and the same for half a second (closes done).
+    void settle_fds(std::int64_t until, long previous) {
+        fd_end_ = fd_count(o_.server_pid);
+        if ((fd_end_ <= fd_idle_ + o_.fd_tolerance && fd_end_ == previous) || now_ns() >= until) {
+            rss_closed_ = rss_kib(o_.server_pid);
+            return finish();
+        }
+        step_.expires_after(std::chrono::milliseconds(500));
+        step_.async_wait([this, until](const asio::error_code&) { settle_fds(until, fd_end_); });
+    }
+
+    void fail_early(const std::string& why) {
+        note_error(why);
+        early_failure_ = why;
+        finish();
+    }
+
+    // --- the server's RSS and fds, every second -----------------------------------------------
+    void sample() {
+        const long rss = rss_kib(o_.server_pid), fds = fd_count(o_.server_pid);
+        rss_max_ = std::max(rss_max_, rss);
+        fd_max_ = std::max(fd_max_, fds);
+        samples_++;
+        if (running_ && samples_ % 10 == 0)
+            progress("t=" + fmt(double(now_ns() - run_start_) / 1e9, 0) + " s: RSS " + std::to_string(rss) + " KiB, " +
+                     std::to_string(fds) + " fds, " + std::to_string(published_) + " published, " +
+                     std::to_string(delivered_) + " delivered, " + std::to_string(drops_) + " drops");
+        sampler_.expires_after(std::chrono::seconds(1));
+        sampler_.async_wait([this](const asio::error_code& ec) {
+            if (!ec) sample();
+        });
+    }
+
+    // --- connections --------------------------------------------------------------------------
+    void open_more() {
+        while (next_open_ < conns_.size() && connecting_ < o_.connect_concurrency) start(conns_[next_open_++].get());
+    }
+
+    void start(soak_connection* c) {
+        c->state = soak_connection::connecting;
+        connecting_++;
+        c->in.clear();
+        c->message.clear();
+        c->out.clear();
+        c->pending.clear();
+        c->writing = false;
+        const std::uint32_t gen = c->gen;
+        try {
+            open_bound(c->sock, asio::ip::address_v4((127u << 24) | std::uint32_t(1 + c->index % o_.sources)));
+        } catch (const std::system_error& e) {
+            note_error("socket: " + std::string(e.what()));
+            return asio::post(io_, [this, c, gen] { retry(c, gen); });
+        }
+        c->sock.async_connect(server_, [this, c, gen](const asio::error_code& ec) {
+            if (gen != c->gen) return;
+            if (ec) {
+                note_error("connect: " + ec.message());
+                return retry(c, gen);
+            }
+            asio::error_code ignored;
+            c->sock.set_option(tcp::no_delay(true), ignored);
+            c->sock.non_blocking(true, ignored);
+            std::string raw(16, '\0');
+            for (auto& ch : raw) ch = char(rng_());
+            c->key = wsmini::base64(raw);
+            c->state = soak_connection::handshaking;
+            send(c, "GET " + o_.target + " HTTP/1.1\r\nHost: " + o_.host + ":" + std::to_string(o_.port) +
+                        "\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: " + c->key +
+                        "\r\nSec-WebSocket-Version: 13\r\nUser-Agent: ws_loadgen-soak\r\n\r\n");
+            arm_read(c);
+        });
+    }
+
+    // A failed connect or handshake: try again a little later.
+    void retry(soak_connection* c, std::uint32_t gen) {
+        if (gen != c->gen || closing_) return;
+        c->gen++;
+        connect_failures_++;
+        asio::error_code ignored;
+        c->sock.close(ignored);
+        connecting_--;
+        auto t = std::make_shared<asio::steady_timer>(io_, std::chrono::milliseconds(200));
+        t->async_wait([this, c, t](const asio::error_code&) {
+            if (!closing_) start(c);
+        });
+    }
+
+    void opened(soak_connection* c) {
+        c->state = soak_connection::open;
+        connecting_--;
+        const bool first = c->first_last == 0;
+        if (first) c->first_last = newest_answered_, opened_++;
+        // The first subscribe names the newest id answered so far; a reconnect resumes after the
+        // last id received (or the first `last` when none arrived since).
+        const std::int64_t last = std::max(c->first_last, c->last);
+        send_text(c, "{\"event_name\":\"subscribe\",\"data\":{\"channels\":[\"p" + std::to_string(c->index) +
+                         "\",\"shared\"],\"last\":" + std::to_string(last) + "}}");
+        if (first) open_more();
+    }
+
+    // Gone without a close frame: a FIN, or a RST when linger is 0. It comes back later.
+    void drop(soak_connection* c) {
+        c->gen++;
+        c->drops++;
+        drops_++;
+        asio::error_code ignored;
+        if (std::uniform_real_distribution<double>(0, 1)(rng_) < o_.rst_fraction) {
+            c->sock.set_option(asio::socket_base::linger(true, 0), ignored);
+            rsts_++;
+        }
+        c->sock.close(ignored);
+        c->state = soak_connection::away;
+        std::string().swap(c->in);
+        std::string().swap(c->message);
+        const auto delay = std::chrono::milliseconds(std::int64_t(std::uniform_real_distribution<double>(0, o_.away_max)(rng_) * 1000));
+        auto t = std::make_shared<asio::steady_timer>(io_, delay);
+        t->async_wait([this, c, t](const asio::error_code&) {
+            if (!closing_) start(c);
+        });
+    }
+
+    // The server closed or broke a connection (it never should here): resume like a drop.
+    void lost(soak_connection* c, const std::string& why) {
+        if (c->state != soak_connection::open) return retry(c, c->gen);
+        closed_by_server_++;
+        note_error("connection " + std::to_string(c->index) + " lost: " + why);
+        c->gen++;
+        asio::error_code ignored;
+        c->sock.close(ignored);
+        c->state = soak_connection::away;
+        auto t = std::make_shared<asio::steady_timer>(io_, std::chrono::milliseconds(100));
+        t->async_wait([this, c, t](const asio::error_code&) {
+            if (!closing_) start(c);
+        });
+    }
+
+    void send(soak_connection* c, std::string bytes) {
+        if (c->writing) {
+            c->pending += bytes;
+            return;
+        }
+        c->writing = true;
+        c->out = std::move(bytes);
+        const std::uint32_t gen = c->gen;
+        asio::async_write(c->sock, asio::buffer(c->out), [this, c, gen](const asio::error_code& ec, std::size_t) {
+            if (gen != c->gen) return;
+            c->writing = false;
+            if (!ec && !c->pending.empty()) send(c, std::exchange(c->pending, std::string()));
+        });
+    }
+
+    void send_text(soak_connection* c, std::string_view text) {
+        send(c, wsmini::masked_frame(1, text, std::uint32_t(rng_())));
+    }
+
+    void arm_read(soak_connection* c) {
+        const std::uint32_t gen = c->gen;
+        c->sock.async_wait(tcp::socket::wait_read, [this, c, gen](const asio::error_code& ec) {
+            if (gen != c->gen) return;
+            if (ec) return lost(c, ec.message());
+            readable(c);
+        });
+    }
+
+    void readable(soak_connection* c) {
+        const std::uint32_t gen = c->gen;
+        for (;;) {
+            asio::error_code ec;
+            const std::size_t n = c->sock.read_some(asio::buffer(buf_), ec);
+            if (ec == asio::error::would_block || ec == asio::error::try_again) return arm_read(c);
+            if (ec) return lost(c, ec.message());
+            c->in.append(buf_, n);
+            consume(c);
+            if (gen != c->gen) return;
+            if (n < sizeof buf_) return arm_read(c);
+        }
+    }
+
+    void consume(soak_connection* c) {
+        const std::uint32_t gen = c->gen;
+        if (c->state == soak_connection::handshaking) {
+            const std::size_t end = c->in.find("\r\n\r\n");
+            if (end == std::string::npos) return;
+            const std::string_view head(c->in.data(), end + 2);
+            if (head.rfind("HTTP/1.1 101", 0) != 0 || wsmini::header_value(head, "Sec-WebSocket-Accept") != wsmini::accept_key(c->key)) {
+                note_error("handshake refused: " + std::string(head.substr(0, head.find("\r\n"))));
+                return retry(c, gen);
+            }
+            c->in.erase(0, end + 4);
+            opened(c);
+        }
+        std::size_t off = 0;
+        const char* d = c->in.data();
+        const std::size_t n = c->in.size();
+        while (n - off >= 2 && gen == c->gen) {
+            const auto b0 = std::uint8_t(d[off]), b1 = std::uint8_t(d[off + 1]);
+            std::uint64_t len = b1 & 0x7f;
+            std::size_t h = 2;
+            if (len == 126) {
+                if (n - off < 4) break;
+                len = std::uint64_t(std::uint8_t(d[off + 2])) << 8 | std::uint8_t(d[off + 3]);
+                h = 4;
+            } else if (len == 127) {
+                if (n - off < 10) break;
+                len = 0;
+                for (int i = 0; i < 8; ++i) len = len << 8 | std::uint8_t(d[off + 2 + i]);
+                h = 10;
+            }
+            if (n - off < h + len) break;  // servers do not mask
+            const char* p = d + off + h;
+            off += h + std::size_t(len);
+            frame(c, (b0 & 0x80) != 0, b0 & 0x0f, p, std::size_t(len));
+        }
+        if (gen == c->gen) c->in.erase(0, off);
+    }
+
+    void frame(soak_connection* c, bool fin, int opcode, const char* p, std::size_t len) {
+        switch (opcode) {
+        case 0x1:
+        case 0x2:
+            if (fin) {
+                if (opcode == 1) text(c, p, p + len);
+            } else {
+                c->message.assign(p, len);
+                c->message_text = opcode == 1;
+            }
+            break;
+        case 0x0:
+            c->message.append(p, len);
+            if (fin && c->message_text) {
+                const std::string m = std::exchange(c->message, std::string());
+                text(c, m.data(), m.data() + m.size());
+            }
+            break;
+        case 0x8:
+            lost(c, "server closed with " + std::to_string(len >= 2 ? (std::uint8_t(p[0]) << 8 | std::uint8_t(p[1])) : 1005));
+            break;
+        case 0x9:
+            send(c, wsmini::masked_frame(0xA, std::string_view(p, len), std::uint32_t(rng_())));
+            break;
+        default:
+            break;
+        }
+    }
+
+    // A frame [{"id":N,"message":{...}}, ...]: ids must ascend on every connection, across
+    // reconnects too (a repeat is at or below the last id received).
+    void text(soak_connection* c, const char* p, const char* end) {
+        static constexpr std::string_view id_key = "{\"id\":";
+        for (const char* e = find(p, end, id_key); e;) {
+            const char* q = e + id_key.size();
+            const std::int64_t id = parse_int(q, end);
+            const char* next = find(q, end, id_key);
+            if (find(q, next ? next : end, "bus/missed_notifications")) {
+                missed_markers_++;
+            } else if (id <= c->last) {
+                duplicates_++;
+                if (duplicates_ <= 5)
+                    note_error("connection " + std::to_string(c->index) + ": id " + std::to_string(id) + " after " + std::to_string(c->last));
+            } else {
+                c->last = id;
+                c->count++;
+                c->hash += mix(id);
+                delivered_++;
+            }
+            e = next;
+        }
+        last_delivery_ = now_ns();
+    }
+
+    // --- publishing ---------------------------------------------------------------------------
+    struct post {
+        explicit post(asio::io_context& io) : sock(io) {}
+        tcp::socket sock;
+        std::string request, response;
+        long target = -1;  // a connection's personal channel; -1 shared; -2 neither
+    };
+
+    void publish(long target) {
+        inflight_++;
+        auto r = std::make_shared<post>(io_);
+        r->target = target;
+        const std::string channel = target >= 0 ? "p" + std::to_string(target) : target == -1 ? "shared" : "soak-start";
+        const std::string body = "{\"channel\":\"" + channel + "\",\"type\":\"soak\",\"payload\":{\"t\":" +
+                                 std::to_string(now_ns()) + ",\"pad\":\"" + pad_ + "\"}}";
+        r->request = "POST /bus/send HTTP/1.1\r\nHost: " + o_.host + ":" + std::to_string(o_.port) +
+                     "\r\nAuthorization: Bearer " + o_.api_key +
+                     "\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: " +
+                     std::to_string(body.size()) + "\r\n\r\n" + body;
+        try {
+            open_bound(r->sock, asio::ip::address_v4((127u << 24) | (1u << 8) | std::uint32_t(1 + publish_counter_++ % 16)));
+        } catch (const std::system_error& e) {
+            return asio::post(io_, [this, r, what = std::string(e.what())] { answered(r, "socket: " + what); });
+        }
+        r->sock.async_connect(server_, [this, r](const asio::error_code& ec) {
+            if (ec) return answered(r, "connect: " + ec.message());
+            asio::async_write(r->sock, asio::buffer(r->request), [this, r](const asio::error_code& ec, std::size_t) {
+                if (ec) return answered(r, "write: " + ec.message());
+                read_answer(r);
+            });
+        });
+    }
+
+    void read_answer(std::shared_ptr<post> r) {
+        const std::size_t old = r->response.size();
+        r->response.resize(old + 4096);
+        r->sock.async_read_some(asio::buffer(&r->response[old], 4096), [this, r, old](const asio::error_code& ec, std::size_t n) {
+            r->response.resize(old + (ec ? 0 : n));
+            if (ec) return answered(r, "");
+            const std::size_t end = r->response.find("\r\n\r\n");
+            if (end != std::string::npos) {
+                const auto length = wsmini::header_value(std::string_view(r->response.data(), end + 2), "Content-Length");
+                if (!length.empty() && r->response.size() >= end + 4 + std::strtoull(std::string(length).c_str(), nullptr, 10))
+                    return answered(r, "");
+            }
+            read_answer(r);
+        });
+    }
+
+    void answered(const std::shared_ptr<post>& r, const std::string& error) {
+        inflight_--;
+        asio::error_code ignored;
+        r->sock.close(ignored);
+        const std::size_t at = r->response.find("\"ids\":[");
+        std::int64_t id = -1;
+        if (error.empty() && r->response.rfind("HTTP/1.1 200", 0) == 0 && at != std::string::npos) {
+            const char* p = r->response.data() + at + 7;
+            id = parse_int(p, r->response.data() + r->response.size());
+        }
+        if (id <= 0) {
+            publish_errors_++;
+            note_error("publish failed: " + (error.empty() ? r->response.substr(0, r->response.find("\r\n")) : error));
+            return;
+        }
+        published_++;
+        newest_answered_ = std::max(newest_answered_, id);
+        if (r->target >= 0) personal_ids_[std::size_t(r->target)].push_back(id);
+        else if (r->target == -1) shared_ids_.push_back(id);
+    }
+
+    // --- verification -------------------------------------------------------------------------
+    // Shared ids ascending with suffix sums of mix(id), so each connection's due is a lookup.
+    void prepare_expected() {
+        std::sort(shared_ids_.begin(), shared_ids_.end());
+        shared_suffix_.assign(shared_ids_.size() + 1, 0);
+        for (std::size_t i = shared_ids_.size(); i-- > 0;) shared_suffix_[i] = shared_suffix_[i + 1] + mix(shared_ids_[i]);
+        expected_ready_ = true;
+    }
+
+    // What connection c must have received: count and hash of the ids of its channels above first_last.
+    std::pair<std::uint64_t, std::uint64_t> due(const soak_connection& c) const {
+        const auto from = std::upper_bound(shared_ids_.begin(), shared_ids_.end(), c.first_last) - shared_ids_.begin();
+        std::uint64_t count = shared_ids_.size() - std::size_t(from), hash = shared_suffix_[std::size_t(from)];
+        for (const std::int64_t id : personal_ids_[c.index])
+            if (id > c.first_last) count++, hash += mix(id);
+        return {count, hash};
+    }
+
+    bool complete() const {
+        if (!expected_ready_) return false;
+        for (const auto& c : conns_)
+            if (due(*c).first != c->count) return false;
+        return true;
+    }
+
+    void verify() {
+        for (const auto& c : conns_) {
+            const auto [count, hash] = due(*c);
+            expected_ += count;
+            if (c->count < count) lost_ += count - c->count;
+            if (c->count != count || c->hash != hash) {
+                incomplete_++;
+                if (incomplete_ <= 5)
+                    note_error("connection " + std::to_string(c->index) + ": " + std::to_string(c->count) + " of " +
+                               std::to_string(count) + " ids" + (c->count == count ? " (other ids than due)" : ""));
+            }
+        }
+    }
+
+    void finish() {
+        sampler_.cancel();
+        tick_.cancel();
+        churn_timer_.cancel();
+        const long rss_growth = rss_warm_ > 0 && rss_end_ > 0 ? rss_end_ - rss_warm_ : 0;
+        const long rss_allowed = std::max(o_.rss_tolerance_kib, long(double(rss_warm_) * o_.rss_tolerance_pct / 100));
+        const bool fd_ok = fd_end_ >= 0 && fd_end_ <= fd_idle_ + o_.fd_tolerance;
+        const bool rss_ok = rss_warm_ > 0 && rss_end_ > 0 && rss_growth <= rss_allowed;
+        const bool ok = early_failure_.empty() && lost_ == 0 && incomplete_ == 0 && duplicates_ == 0 && missed_markers_ == 0 &&
+                        publish_errors_ == 0 && closed_by_server_ == 0 && fd_ok && rss_ok && published_ > 0;
+        std::ostringstream j, h;
+        j << "{\"mode\":\"soak\",\"protocol\":\"imbus\",\"label\":\"" << json_escape(o_.label) << "\",\"connections\":"
+          << conns_.size() << ",\"opened\":" << opened_ << ",\"seconds\":" << fmt(run_seconds_, 1)
+          << ",\"warmup_s\":" << fmt(o_.warmup, 1) << ",\"rate\":" << fmt(o_.rate, 1) << ",\"shared_rate\":" << fmt(o_.shared_rate, 1)
+          << ",\"published\":" << published_ << ",\"publish_errors\":" << publish_errors_ << ",\"late_publishes\":" << late_
+          << ",\"drops\":" << drops_ << ",\"rst_drops\":" << rsts_ << ",\"connect_failures\":" << connect_failures_
+          << ",\"closed_by_server\":" << closed_by_server_ << ",\"expected\":" << expected_ << ",\"delivered\":" << delivered_
+          << ",\"lost\":" << lost_ << ",\"duplicates\":" << duplicates_ << ",\"connections_incomplete\":" << incomplete_
+          << ",\"missed_markers\":" << missed_markers_ << ",\"rss_idle_kib\":" << rss_idle_ << ",\"rss_warm_kib\":" << rss_warm_
+          << ",\"rss_end_kib\":" << rss_end_ << ",\"rss_max_kib\":" << rss_max_ << ",\"rss_after_close_kib\":" << rss_closed_
+          << ",\"rss_growth_kib\":" << rss_growth << ",\"rss_allowed_kib\":" << rss_allowed << ",\"fd_idle\":" << fd_idle_
+          << ",\"fd_max\":" << fd_max_ << ",\"fd_end\":" << fd_end_ << ",\"fd_tolerance\":" << o_.fd_tolerance
+          << ",\"samples\":" << samples_;
+        if (!early_failure_.empty()) j << ",\"failure\":\"" << json_escape(early_failure_) << "\"";
+        j << ",\"ok\":" << (ok ? "true" : "false") << "}";
+        h << "# soak " << o_.label << ": " << conns_.size() << " connections for " << fmt(run_seconds_, 0) << " s, "
+          << published_ << " published, " << delivered_ << "/" << expected_ << " delivered, lost " << lost_ << ", duplicates "
+          << duplicates_ << ", " << drops_ << " drops (" << rsts_ << " RST), RSS " << rss_warm_ << " KiB after warm-up -> "
+          << rss_end_ << " KiB at the end (allowed +" << rss_allowed << "), fds idle " << fd_idle_ << ", max " << fd_max_
+          << ", after close " << fd_end_ << (ok ? "" : "  FAILED");
+        std::cout << j.str() << "\n" << h.str() << std::endl;
+        exit_code_ = ok ? 0 : 1;
+        io_.stop();
+    }
+
+    options o_;
+    asio::io_context io_{1};
+    tcp::endpoint server_;
+    asio::steady_timer tick_, churn_timer_, sampler_, step_;
+    std::minstd_rand rng_;
+    std::vector<std::unique_ptr<soak_connection>> conns_;
+    std::string pad_;
+    char buf_[65536];
+
+    std::size_t next_open_ = 0, connecting_ = 0, opened_ = 0, inflight_ = 0, publish_counter_ = 0, errors_shown_ = 0;
+    bool running_ = false, warm_ = false, closing_ = false, expected_ready_ = false;
+    double churn_credit_ = 0, run_seconds_ = 0;
+    std::int64_t connect_start_ = 0, run_start_ = 0, answers_done_ = 0, last_delivery_ = 0, newest_answered_ = 0;
+    std::uint64_t personal_requested_ = 0, shared_requested_ = 0, published_ = 0, publish_errors_ = 0, late_ = 0;
+    std::uint64_t drops_ = 0, rsts_ = 0, connect_failures_ = 0, closed_by_server_ = 0;
+    std::uint64_t delivered_ = 0, duplicates_ = 0, missed_markers_ = 0, expected_ = 0, lost_ = 0, incomplete_ = 0;
+    std::vector<std::vector<std::int64_t>> personal_ids_;
+    std::vector<std::int64_t> shared_ids_;
+    std::vector<std::uint64_t> shared_suffix_;
+    long rss_idle_ = -1, rss_warm_ = -1, rss_end_ = -1, rss_max_ = -1, rss_closed_ = -1;
+    long fd_idle_ = -1, fd_max_ = -1, fd_end_ = -1;
+    std::uint64_t samples_ = 0;
+    std::string early_failure_;
+    int exit_code_ = 1;
+};
+
 } // namespace
 
 int main(int argc, char** argv) {
@@ -1325,6 +1995,7 @@ int main(int argc, char** argv) {
     raise_nofile();
     std::signal(SIGPIPE, SIG_IGN);
     try {
+        if (o.mode == "soak") return soak(std::move(o)).run();
         loadgen g(std::move(o));
         return g.run();
     } catch (const std::exception& e) {

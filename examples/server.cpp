@@ -21,13 +21,15 @@ struct settings {
     imbus::server_options server;
     std::string db = "imbus";
     std::string static_root;  // serve files from here (e.g. a page and js/)
+    long retention_seconds = 0;  // 0: the store's default (24 h)
 };
 
 [[noreturn]] void usage(const std::string& problem) {
     std::cerr << "example_server: " << problem << "\n"
               << "usage: example_server [--host ADDR] [--port N] [--store memory|sqlite:PATH|postgres:CONNINFO] [--api-key KEY]\n"
               << "                      [--db NAME] [--version STRING] [--threads N] [--origin URL]...\n"
-              << "                      [--static DIR] [--tls-cert PEM --tls-key PEM]\n";
+              << "                      [--static DIR] [--tls-cert PEM --tls-key PEM]\n"
+              << "                      [--retention SECONDS] [--gc-interval SECONDS]\n";
     std::exit(2);
 }
 
@@ -50,6 +52,8 @@ settings parse(int argc, char** argv) {
             else if (flag == "--static") s.static_root = value;
             else if (flag == "--tls-cert") s.server.tls_certificate_chain_file = value;
             else if (flag == "--tls-key") s.server.tls_private_key_file = value;
+            else if (flag == "--retention") s.retention_seconds = std::stol(value);
+            else if (flag == "--gc-interval") s.server.gc_interval = std::chrono::seconds(std::stol(value));
             else usage("unknown option " + flag);
         } catch (const std::logic_error&) {
             usage("bad value for " + flag + ": " + value);
@@ -60,11 +64,17 @@ settings parse(int argc, char** argv) {
     return s;
 }
 
-std::unique_ptr<imbus::store> open_store(const std::string& spec) {
-    if (spec == "memory") return std::make_unique<imbus::memory_store>();
-    if (spec.rfind("sqlite:", 0) == 0) return std::make_unique<imbus::sqlite_store>(spec.substr(7));
+std::unique_ptr<imbus::store> open_store(const std::string& spec, long retention_seconds) {
+    auto with_retention = [&](auto options) {
+        if (retention_seconds > 0) options.retention = std::chrono::seconds(retention_seconds);
+        return options;
+    };
+    if (spec == "memory") return std::make_unique<imbus::memory_store>(with_retention(imbus::memory_store_options()));
+    if (spec.rfind("sqlite:", 0) == 0)
+        return std::make_unique<imbus::sqlite_store>(spec.substr(7), with_retention(imbus::sqlite_store_options()));
 #ifdef IMBUS_WITH_POSTGRES
-    if (spec.rfind("postgres:", 0) == 0) return std::make_unique<imbus::pg_store>(spec.substr(9));
+    if (spec.rfind("postgres:", 0) == 0)
+        return std::make_unique<imbus::pg_store>(spec.substr(9), with_retention(imbus::pg_store_options()));
 #endif
     usage("unknown store " + spec);
 }
@@ -93,7 +103,7 @@ template <class Transport> void serve(const settings& s, imbus::bus& bus) {
 int main(int argc, char** argv) {
     settings s = parse(argc, argv);
     try {
-        auto store = open_store(s.store);
+        auto store = open_store(s.store, s.retention_seconds);
         imbus::dispatcher dispatcher;
         imbus::bus_options bus_options;
         bus_options.db = s.db;
