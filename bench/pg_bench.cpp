@@ -121,16 +121,31 @@ int main(int argc, char** argv) {
                 "create_date timestamp)");
         PQfinish(c);
     }
-    std::printf("| writer threads | pg_store commits/s | baseline INSERT+COMMIT/s |\n|---:|---:|---:|\n");
+    std::printf("| writer threads | one pg_store, shared | one pg_store per thread | baseline BEGIN/INSERT/COMMIT "
+                "| shared / baseline |\n|---:|---:|---:|---:|---:|\n");
     const imbus::channel ch("bench", "broadcast");
     const std::string message = imbus::make_message("bench/tick", {{"n", 1}});
-    for (int threads : quick ? std::vector<int>{1, 4} : std::vector<int>{1, 2, 4, 8}) {
+    imbus::pg_store_options shared_options = quiet;
+#ifdef IMBUS_BENCH_WRITERS
+    shared_options.writers = IMBUS_BENCH_WRITERS;  // the shared store's writer connections
+#endif
+    for (int threads : quick ? std::vector<int>{1, 4} : std::vector<int>{1, 2, 4, 8, 16}) {
+        // All threads share one store (its writer connections), as one server process would.
+        double shared_rate = 0;
+        {
+            imbus::pg_store shared(conninfo, shared_options);
+            shared_rate = throughput(threads, seconds, [&] {
+                return std::function<void()>([&shared, &ch, &message] { shared.append({imbus::pending_message{ch, message}}); });
+            });
+        }
+        // Each thread has its own store, as separate processes would.
         std::vector<std::unique_ptr<imbus::pg_store>> stores;
         const double bus_rate = throughput(threads, seconds, [&] {
             stores.push_back(std::make_unique<imbus::pg_store>(conninfo, quiet));
             imbus::pg_store* s = stores.back().get();
             return std::function<void()>([s, &ch, &message] { s->append({imbus::pending_message{ch, message}}); });
         });
+        stores.clear();
         std::vector<PGconn*> conns;
         const double base_rate = throughput(threads, seconds, [&] {
             conns.push_back(connect(conninfo));
@@ -143,7 +158,8 @@ int main(int argc, char** argv) {
             });
         });
         for (auto* c : conns) PQfinish(c);
-        std::printf("| %d | %.0f | %.0f |\n", threads, bus_rate, base_rate);
+        std::printf("| %d | %.0f | %.0f | %.0f | %.2f |\n", threads, shared_rate, bus_rate, base_rate,
+                    shared_rate / base_rate);
         std::fflush(stdout);
     }
 
