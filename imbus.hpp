@@ -511,6 +511,11 @@ struct pg_store_options : store_options {
     /// concurrent commits need them): commits on different ones overlap their round trips and
     /// wait for each other only from the advisory lock to COMMIT. 0 counts as 1.
     std::size_t writers = 4;
+    /// When every writer connection is busy, the next one given back commits all the batches
+    /// waiting for one in a single transaction (each keeps its rows together, in call order),
+    /// so they share one lock-to-commit section. If that transaction fails and surely rolled
+    /// back, each batch is committed again on its own, so one bad batch fails only its caller.
+    bool group_commit = true;
     /// Rows deleted per garbage-collection statement, so a big backlog never holds locks long.
     std::size_t gc_chunk = 5000;
 };
@@ -559,8 +564,7 @@ private:
     class write_tx;
     template <class F> auto with_reader(F&& f);
     std::unique_ptr<detail::pg_connection> open_connection() const;
-    detail::pg_connection* take_writer();
-    void give_back_writer(detail::pg_connection* c) noexcept;
+    struct queued_commit;
     void create_schema();
 
     pg_store_options options_;
@@ -577,6 +581,7 @@ private:
     std::vector<std::unique_ptr<detail::pg_connection>> more_writers_;  // opened under load
     std::vector<detail::pg_connection*> idle_writers_;
     std::size_t writers_opening_ = 0;
+    std::vector<queued_commit*> queued_commits_;  // batches waiting for a writer connection
     std::mutex readers_mutex_;
     std::vector<std::unique_ptr<detail::pg_connection>> idle_readers_;
 };
@@ -2310,15 +2315,8 @@ public:
     ~write_tx() override { rollback(); }
 
     std::vector<notification> commit(std::vector<pending_message>& batch) override {
-        if (!borrowed()) {
-            if (batch.empty()) return {};
-            conn_ = store_.take_writer();
-        }
+        if (!borrowed()) return batch.empty() ? std::vector<notification>{} : commit_owned(batch);
         try {
-            if (!borrowed()) {
-                conn_->revive();
-                conn_->prepare(detail::pg_write_statements);
-            }
             auto stored = run_commit(batch);
             open_ = false;
             release();
@@ -2332,13 +2330,7 @@ public:
     void rollback() noexcept override {
         if (!conn_) return;
         open_ = false;
-        PGconn* c = conn_->get();
-        const auto status = PQtransactionStatus(c);
-        if (status == PQTRANS_INTRANS || status == PQTRANS_INERROR) {
-            pg_result_holder r(PQexec(c, "ROLLBACK"));
-            if (PQresultStatus(r.get()) != PGRES_COMMAND_OK && store_.options_.log)
-                store_.options_.log(log_level::error, "postgres: ROLLBACK: " + detail::pg_error_text(c));
-        }
+        end_failed_transaction();
         release();
     }
 
@@ -2346,12 +2338,24 @@ private:
     using pg_result_holder = detail::pg_result;
     bool borrowed() const noexcept { return store_.borrowed_; }
 
+    void end_failed_transaction() noexcept {
+        PGconn* c = conn_->get();
+        const auto status = PQtransactionStatus(c);
+        if (status == PQTRANS_INTRANS || status == PQTRANS_INERROR) {
+            pg_result_holder r(PQexec(c, "ROLLBACK"));
+            if (PQresultStatus(r.get()) != PGRES_COMMAND_OK && store_.options_.log)
+                store_.options_.log(log_level::error, "postgres: ROLLBACK: " + detail::pg_error_text(c));
+        }
+    }
+
     void release() noexcept {
         if (!conn_) return;
         if (borrowed()) lock_.unlock();
-        else store_.give_back_writer(conn_);  // a broken one too: revive() reopens it next time
-        conn_ = nullptr;
+        conn_ = nullptr;  // an owned one goes back in commit_owned
     }
+
+    std::vector<notification> commit_owned(std::vector<pending_message>& batch);
+    void commit_group(const std::vector<queued_commit*>& group);
 
     // One pipeline: [BEGIN,] lock, insert, NOTIFY..., COMMIT. The advisory lock is taken after
     // the application's own work and held only while the server runs these statements.
@@ -2386,6 +2390,7 @@ private:
         statements.push_back({detail::pg_commit, {}});
 
         if (!PQenterPipelineMode(c)) detail::throw_pg(c, "cannot enter pipeline mode");
+        rolled_back_ = false;
         const bool prepared = conn_->owned();  // a borrowed connection gets the SQL text each time
         bool sent = true;
         for (const auto& st : statements) {
@@ -2446,6 +2451,7 @@ private:
                                                              detail::pg_error_text(c));
             }
             while (!error.empty() && (error.back() == '\n' || error.back() == ' ')) error.pop_back();
+            rolled_back_ = true;
             detail::throw_error(errc::store_failure, "postgres: " + error + " (rolled back)");
         }
         if (ids.size() != batch.size())
@@ -2463,7 +2469,127 @@ private:
     std::unique_lock<std::recursive_mutex> lock_;  // a borrowed connection's
     detail::pg_connection* conn_ = nullptr;        // the connection this transaction holds
     bool open_ = false;  // BEGIN was sent on a borrowed connection
+    bool rolled_back_ = false;  // run_commit failed and surely stored nothing
 };
+
+// A batch waiting for a writer connection; the commit that takes it fills in the outcome.
+struct pg_store::queued_commit {
+    std::vector<pending_message>* batch;
+    bool taken = false;  // a commit carries it now
+    bool done = false;
+    std::vector<notification> stored;
+    std::exception_ptr error;
+};
+
+// Waits in line for a writer connection, unless another commit takes this batch along first.
+inline std::vector<notification> pg_store::write_tx::commit_owned(std::vector<pending_message>& batch) {
+    pg_store& s = store_;
+    queued_commit me{&batch, false, false, {}, nullptr};
+    std::vector<queued_commit*> group;
+    bool open_new = false;
+    {
+        std::unique_lock<std::mutex> lock(s.writers_mutex_);
+        const std::size_t most = std::max<std::size_t>(s.options_.writers, 1);
+        s.queued_commits_.push_back(&me);
+        s.writer_idle_.wait(lock, [&] {
+            return me.taken || !s.idle_writers_.empty() || 1 + s.more_writers_.size() + s.writers_opening_ < most;
+        });
+        if (me.taken) {
+            s.writer_idle_.wait(lock, [&] { return me.done; });
+            if (me.error) std::rethrow_exception(me.error);
+            return std::move(me.stored);
+        }
+        if (s.options_.group_commit) group.swap(s.queued_commits_);  // every waiting batch, in line order
+        else {
+            group.push_back(&me);
+            s.queued_commits_.erase(std::find(s.queued_commits_.begin(), s.queued_commits_.end(), &me));
+        }
+        for (auto* q : group) q->taken = true;
+        if (s.idle_writers_.empty()) {
+            ++s.writers_opening_;  // connect without the mutex: other commits go on meanwhile
+            open_new = true;
+        } else {
+            conn_ = s.idle_writers_.back();
+            s.idle_writers_.pop_back();
+        }
+    }
+    std::unique_ptr<detail::pg_connection> opened;
+    if (open_new) {
+        try {
+            opened = detail::pg_connection::open(s.writer_conninfo_, s.options_.log);
+        } catch (...) {
+            for (auto* q : group) q->error = std::current_exception();
+        }
+    }
+    {
+        std::lock_guard<std::mutex> lock(s.writers_mutex_);
+        if (open_new) {
+            --s.writers_opening_;
+            if (opened) {
+                s.more_writers_.push_back(std::move(opened));  // reserved: cannot throw
+                conn_ = s.more_writers_.back().get();
+            }
+        }
+    }
+    if (conn_) {
+        try {
+            commit_group(group);
+        } catch (...) {  // out of memory before the results were handed out: none of them were
+            for (auto* q : group)
+                if (!q->error && q->stored.empty()) q->error = std::current_exception();
+        }
+    }
+    {
+        std::lock_guard<std::mutex> lock(s.writers_mutex_);
+        if (conn_) s.idle_writers_.push_back(conn_);  // a broken one too: revive() reopens it next time
+        conn_ = nullptr;
+        for (auto* q : group) q->done = true;
+    }
+    s.writer_idle_.notify_all();
+    if (me.error) std::rethrow_exception(me.error);
+    return std::move(me.stored);
+}
+
+// One transaction for the whole group; after a sure rollback, one per batch.
+inline void pg_store::write_tx::commit_group(const std::vector<queued_commit*>& group) {
+    auto commit_one = [this](std::vector<pending_message>& batch, std::vector<notification>& stored,
+                             std::exception_ptr& error) {
+        rolled_back_ = true;  // until run_commit sends something
+        try {
+            conn_->revive();
+            conn_->prepare(detail::pg_write_statements);
+            stored = run_commit(batch);
+        } catch (...) {
+            error = std::current_exception();
+            end_failed_transaction();
+        }
+    };
+    if (group.size() == 1) {
+        commit_one(*group[0]->batch, group[0]->stored, group[0]->error);
+        return;
+    }
+    std::vector<pending_message> all;
+    for (auto* q : group)
+        for (auto& m : *q->batch) all.push_back(std::move(m));
+    std::vector<notification> stored;
+    std::exception_ptr error;
+    commit_one(all, stored, error);
+    const bool retry_each = error && rolled_back_;
+    std::size_t at = 0;
+    for (auto* q : group) {
+        const std::size_t n = q->batch->size();
+        if (!error) {
+            q->stored.assign(std::make_move_iterator(stored.begin() + std::ptrdiff_t(at)),
+                             std::make_move_iterator(stored.begin() + std::ptrdiff_t(at + n)));
+        } else if (retry_each) {  // nothing stored: each batch alone, so only a bad one fails
+            for (std::size_t i = 0; i < n; ++i) (*q->batch)[i] = std::move(all[at + i]);
+            commit_one(*q->batch, q->stored, q->error);
+        } else {
+            q->error = error;  // the outcome is unknown for every batch alike: never retried
+        }
+        at += n;
+    }
+}
 
 inline pg_store::pg_store(const std::string& conninfo, pg_store_options options)
     : options_(std::move(options)), conninfo_(options_.conninfo.empty() ? conninfo : options_.conninfo),
@@ -2490,42 +2616,6 @@ inline PGconn* pg_store::connection() const noexcept { return writer_->get(); }
 
 inline std::unique_ptr<detail::pg_connection> pg_store::open_connection() const {
     return detail::pg_connection::open(conninfo_, options_.log);
-}
-
-// An idle owned writer connection, or a new one while fewer than options_.writers are open;
-// otherwise waits for one to be given back.
-inline detail::pg_connection* pg_store::take_writer() {
-    std::unique_lock<std::mutex> lock(writers_mutex_);
-    const std::size_t most = std::max<std::size_t>(options_.writers, 1);
-    writer_idle_.wait(lock, [&] { return !idle_writers_.empty() || 1 + more_writers_.size() + writers_opening_ < most; });
-    if (!idle_writers_.empty()) {
-        detail::pg_connection* c = idle_writers_.back();
-        idle_writers_.pop_back();
-        return c;
-    }
-    ++writers_opening_;  // connect without the mutex: other commits go on meanwhile
-    lock.unlock();
-    std::unique_ptr<detail::pg_connection> c;
-    try {
-        c = detail::pg_connection::open(writer_conninfo_, options_.log);
-    } catch (...) {
-        lock.lock();
-        --writers_opening_;
-        writer_idle_.notify_one();
-        throw;
-    }
-    lock.lock();
-    --writers_opening_;
-    more_writers_.push_back(std::move(c));
-    return more_writers_.back().get();
-}
-
-inline void pg_store::give_back_writer(detail::pg_connection* c) noexcept {
-    {
-        std::lock_guard<std::mutex> lock(writers_mutex_);
-        idle_writers_.push_back(c);  // cannot throw: capacity for every writer was reserved
-    }
-    writer_idle_.notify_one();
 }
 
 // Runs f(connection) on a pooled reader connection; reads are safe to retry, so a connection

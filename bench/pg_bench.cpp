@@ -121,8 +121,8 @@ int main(int argc, char** argv) {
                 "create_date timestamp)");
         PQfinish(c);
     }
-    std::printf("| writer threads | one pg_store, shared | one pg_store per thread | baseline BEGIN/INSERT/COMMIT "
-                "| shared / baseline |\n|---:|---:|---:|---:|---:|\n");
+    std::printf("| writer threads | one pg_store, shared | shared, group_commit off | one pg_store per thread "
+                "| baseline BEGIN/INSERT/COMMIT | shared / baseline |\n|---:|---:|---:|---:|---:|---:|\n");
     const imbus::channel ch("bench", "broadcast");
     const std::string message = imbus::make_message("bench/tick", {{"n", 1}});
     imbus::pg_store_options shared_options = quiet;
@@ -131,13 +131,16 @@ int main(int argc, char** argv) {
 #endif
     for (int threads : quick ? std::vector<int>{1, 4} : std::vector<int>{1, 2, 4, 8, 16}) {
         // All threads share one store (its writer connections), as one server process would.
-        double shared_rate = 0;
-        {
-            imbus::pg_store shared(conninfo, shared_options);
-            shared_rate = throughput(threads, seconds, [&] {
+        auto shared_store = [&](bool group_commit) {
+            imbus::pg_store_options o = shared_options;
+            o.group_commit = group_commit;
+            imbus::pg_store shared(conninfo, o);
+            return throughput(threads, seconds, [&] {
                 return std::function<void()>([&shared, &ch, &message] { shared.append({imbus::pending_message{ch, message}}); });
             });
-        }
+        };
+        const double shared_rate = shared_store(true);
+        const double ungrouped_rate = shared_store(false);
         // Each thread has its own store, as separate processes would.
         std::vector<std::unique_ptr<imbus::pg_store>> stores;
         const double bus_rate = throughput(threads, seconds, [&] {
@@ -158,8 +161,8 @@ int main(int argc, char** argv) {
             });
         });
         for (auto* c : conns) PQfinish(c);
-        std::printf("| %d | %.0f | %.0f | %.0f | %.2f |\n", threads, shared_rate, bus_rate, base_rate,
-                    shared_rate / base_rate);
+        std::printf("| %d | %.0f | %.0f | %.0f | %.0f | %.2f |\n", threads, shared_rate, ungrouped_rate, bus_rate,
+                    base_rate, shared_rate / base_rate);
         std::fflush(stdout);
     }
 

@@ -332,6 +332,52 @@ TEST_CASE("a store's writer connections wait for the advisory lock side by side,
     CHECK(ids_of(store.poll({ch_a}, -1)).size() == std::size_t(threads + 1));
 }
 
+// Group commit: batches waiting for the one writer connection go together in one transaction.
+// When that transaction fails (here one batch's channel key is too long for a NOTIFY), it surely
+// rolled back, so each batch is committed again alone: only the bad one fails.
+TEST_CASE("group commit: waiting batches share a transaction, and a bad batch fails only its caller") {
+    pg_test_database db;
+    imbus::pg_store_options o = quiet_options();
+    o.writers = 1;
+    imbus::pg_store store(db.conninfo, o);
+    test_connection holder(db.conninfo);
+    holder.exec("BEGIN");
+    holder.exec("SELECT pg_advisory_xact_lock(" + std::to_string(imbus::pg_store::advisory_lock_key) + ")");
+    const std::int64_t held_id = holder.scalar(
+        "INSERT INTO bus_bus (channel, message, create_date) VALUES ('[\"db\",\"a\"]', '{}', now()) RETURNING id");
+    std::int64_t first_id = 0;
+    std::thread first([&] { first_id = store.append(batch_of({{ch_a, 0}}))[0].id; });  // at the server
+    test_connection admin(db.conninfo);
+    CHECK(wait_until([&] { return admin.scalar("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted") == 1; }));
+    const channel too_long("db", std::string(9000, 'x'));
+    std::vector<std::int64_t> ids(3);
+    std::vector<std::string> errors(3);
+    std::vector<std::thread> queued;  // wait for the connection
+    for (int w = 0; w < 3; ++w)
+        queued.emplace_back([&, w] {
+            try {
+                ids[std::size_t(w)] = store.append(batch_of({{w == 1 ? too_long : ch_b, w}}))[0].id;
+            } catch (const std::system_error& e) {
+                errors[std::size_t(w)] = e.what();
+            }
+        });
+    std::this_thread::sleep_for(300ms);  // all three in line
+    holder.exec("COMMIT");
+    first.join();
+    for (auto& t : queued) t.join();
+    CHECK(first_id == held_id + 1);
+    CHECK(errors[0].empty());
+    CHECK(errors[1].find("rolled back") != std::string::npos);
+    CHECK_MESSAGE(errors[2].empty(), errors[2]);
+    CHECK(ids[1] == 0);
+    CHECK(ids[0] > held_id + 4);  // the group's transaction took three ids, then rolled back
+    CHECK(ids[2] > held_id + 4);
+    std::vector<std::int64_t> good{ids[0], ids[2]};
+    std::sort(good.begin(), good.end());
+    CHECK(ids_of(store.poll({ch_b}, -1)) == good);
+    CHECK(store.poll({too_long}, -1).empty());
+}
+
 // PROTOCOL §3 over NOTIFY: one transaction on 1,000 channels (and a repeated one) gives several
 // payloads, each below 8000 bytes, whose union is the 1,000 keys once each, in send order.
 TEST_CASE("NOTIFY payloads are split below 8000 bytes and name every channel once, in order") {
