@@ -509,8 +509,10 @@ struct pg_store_options : store_options {
     std::size_t idle_readers = 4;
     /// Writer connections of a store that owns them (the first at construction, the others when
     /// concurrent commits need them): commits on different ones overlap their round trips and
-    /// wait for each other only from the advisory lock to COMMIT. 0 counts as 1.
-    std::size_t writers = 4;
+    /// wait for each other only from the advisory lock to COMMIT. 0 counts as 1. Two suffice
+    /// with group_commit (one commit holds the lock while the next is on its way); more only
+    /// queue up at the lock (measured in bench/README.md).
+    std::size_t writers = 2;
     /// When every writer connection is busy, the next one given back commits all the batches
     /// waiting for one in a single transaction (each keeps its rows together, in call order),
     /// so they share one lock-to-commit section. If that transaction fails and surely rolled
