@@ -2272,10 +2272,6 @@ inline notification pg_row(PGresult* r, int row, int first_column, channel c) {
 // The columns of a row as pg_row reads them: id, channel, message, create_date in microseconds.
 #define IMBUS_PG_ROW_COLUMNS "id, channel, message, (extract(epoch FROM create_date) * 1000000)::bigint"
 
-} // namespace detail
-
-namespace detail {
-
 // The statements of a commit, by position; owned writer connections have them prepared.
 struct pg_statement {
     const char* name;
@@ -2295,6 +2291,7 @@ inline constexpr pg_statement pg_write_statements[] = {
 } // namespace detail
 
 // Own connections: nothing is sent before commit, which then takes an idle writer connection
+// (or waits in line for one, and may be carried by another commit's transaction: group commit)
 // and does BEGIN, lock, insert, NOTIFY and COMMIT in one round trip. Borrowed connection: BEGIN
 // at once, so the application's own writes on it join the transaction, and the writer mutex
 // is held until its end.
