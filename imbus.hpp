@@ -512,6 +512,17 @@ struct pg_store_options : store_options {
     std::string conninfo;
     /// Reader connections kept open for polls (more are opened under load, then closed).
     std::size_t idle_readers = 4;
+    /// Writer connections of a store that owns them (the first at construction, the others when
+    /// concurrent commits need them): commits on different ones overlap their round trips and
+    /// wait for each other only from the advisory lock to COMMIT. 0 counts as 1. Two suffice
+    /// with group_commit (one commit holds the lock while the next is on its way); more only
+    /// queue up at the lock (measured in bench/README.md).
+    std::size_t writers = 2;
+    /// When every writer connection is busy, the next one given back commits all the batches
+    /// waiting for one in a single transaction (each keeps its rows together, in call order),
+    /// so they share one lock-to-commit section. If that transaction fails and surely rolled
+    /// back, each batch is committed again on its own, so one bad batch fails only its caller.
+    bool group_commit = true;
     /// Rows deleted per garbage-collection statement, so a big backlog never holds locks long.
     std::size_t gc_chunk = 5000;
 };
@@ -522,12 +533,14 @@ struct pg_store_options : store_options {
 /// NOTIFYs `imbus` with its channels and commits, all in one round trip (libpq pipeline
 /// mode): bus-writing transactions of every process commit in id order, so a poll vouches up
 /// to the newest id of its snapshot and needs no hold-back (anything else writing bus_bus must
-/// take the same lock before its ids, as Odoo's own writers do not). Either owns its writer connection
-/// or borrows the application's PGconn* so bus rows commit atomically with the application's
-/// rows (the outbox pattern). Thread-safe: the writer connection is used under a mutex, polls
-/// use a pool of reader connections. A borrowed connection must outlive the store and must not
-/// be used by the application from another thread while an imbus transaction is open; the
-/// store never resets it (its own connections are reset when the server dropped them).
+/// take the same lock before its ids, as Odoo's own writers do not). Either owns its writer
+/// connections (a pool of up to `writers`, its statements prepared once per connection) or
+/// borrows the application's PGconn* so bus rows commit atomically with the application's
+/// rows (the outbox pattern). Thread-safe: each commit has a writer connection to itself (a
+/// borrowed one is used under a mutex), polls use a pool of reader connections. A borrowed
+/// connection must outlive the store and must not be used by the application from another
+/// thread while an imbus transaction is open; the store never resets it nor prepares
+/// statements on it (its own connections are reset when the server dropped them).
 class pg_store final : public store {
 public:
     /// The key of the advisory lock every bus-writing transaction holds from its ids to its commit.
@@ -549,24 +562,35 @@ public:
     bool contains(std::int64_t id) override;
     std::size_t collect_garbage() override;
 
-    PGconn* connection() const noexcept;  ///< the writer connection
+    PGconn* connection() const noexcept;  ///< the borrowed connection, or the first writer connection
     /// What reader connections and pg_listener connect with.
     const std::string& conninfo() const noexcept { return conninfo_; }
     const pg_store_options& options() const noexcept { return options_; }
+    /// Commits waiting now for a writer connection (every one busy): the next group's size.
+    std::size_t waiting_commits();
 
 private:
     class write_tx;
     template <class F> auto with_reader(F&& f);
     std::unique_ptr<detail::pg_connection> open_connection() const;
+    struct queued_commit;
     void create_schema();
 
     pg_store_options options_;
     std::string conninfo_;
+    std::string writer_conninfo_;  // what owned writer connections connect with
     // Held by a borrowed connection's transaction from BEGIN to its end; recursive, so a second
     // begin() on the same thread gets the "already inside a transaction" error, not a deadlock.
     std::recursive_mutex writer_mutex_;
-    std::unique_ptr<detail::pg_connection> writer_;
+    std::unique_ptr<detail::pg_connection> writer_;  // borrowed: the application's; owned: the first
     bool borrowed_ = false;   // the writer connection is the application's
+    // Owned writer connections: each is either idle or used by one commit, never closed early.
+    std::mutex writers_mutex_;
+    std::condition_variable writer_idle_;
+    std::vector<std::unique_ptr<detail::pg_connection>> more_writers_;  // opened under load
+    std::vector<detail::pg_connection*> idle_writers_;
+    std::size_t writers_opening_ = 0;
+    std::vector<queued_commit*> queued_commits_;  // batches waiting for a writer connection
     std::mutex readers_mutex_;
     std::vector<std::unique_ptr<detail::pg_connection>> idle_readers_;
 };
@@ -2141,7 +2165,19 @@ public:
     }
 
     PGconn* get() const noexcept { return conn_; }
+    bool owned() const noexcept { return owned_; }
     bool broken() const noexcept { return PQstatus(conn_) == CONNECTION_BAD; }
+
+    /// Prepares named statements once per session (a reset starts a new one): the server then
+    /// neither parses nor plans them again. Owned connections only: the names are ours.
+    template <class Statements> void prepare(const Statements& statements) {
+        if (prepared_) return;
+        for (const auto& st : statements) {
+            pg_result r(PQprepare(conn_, st.name, st.sql, 0, nullptr));
+            if (!r || PQresultStatus(r.get()) != PGRES_COMMAND_OK) throw_pg(conn_, std::string("prepare ") + st.sql);
+        }
+        prepared_ = true;
+    }
 
     /// Before a statement is sent: an owned connection the server dropped meanwhile (restart,
     /// terminated backend) is reopened, which is safe because nothing of ours is in flight.
@@ -2151,6 +2187,7 @@ public:
         if (!owned_) return;
         pollfd waiting{PQsocket(conn_), POLLIN, 0};
         if (!broken() && ::poll(&waiting, 1, 0) == 0) return;
+        prepared_ = false;
         PQreset(conn_);
         if (broken()) throw_pg(conn_, "cannot reconnect");
     }
@@ -2176,6 +2213,7 @@ public:
 private:
     PGconn* conn_;
     bool owned_;
+    bool prepared_ = false;
 };
 
 // A text[] literal: every element double-quoted, with " and \ escaped.
@@ -2242,37 +2280,53 @@ inline notification pg_row(PGresult* r, int row, int first_column, channel c) {
 // The columns of a row as pg_row reads them: id, channel, message, create_date in microseconds.
 #define IMBUS_PG_ROW_COLUMNS "id, channel, message, (extract(epoch FROM create_date) * 1000000)::bigint"
 
+// The statements of a commit, by position; owned writer connections have them prepared.
+struct pg_statement {
+    const char* name;
+    const char* sql;
+};
+enum pg_write_step : std::size_t { pg_begin, pg_lock, pg_insert, pg_notify, pg_commit };
+inline constexpr pg_statement pg_write_statements[] = {
+    {"imbus_begin", "BEGIN"},
+    {"imbus_lock", "SELECT pg_advisory_xact_lock($1::bigint)"},
+    {"imbus_insert", "INSERT INTO bus_bus (channel, message, create_date) "
+                     "SELECT c, m, timestamp '1970-01-01' + $3::bigint * interval '1 microsecond' "
+                     "FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS b(c, m, n) ORDER BY n RETURNING id"},
+    {"imbus_notify", "SELECT pg_notify($1, $2)"},
+    {"imbus_commit", "COMMIT"},
+};
+
 } // namespace detail
 
-// Own connection: nothing is sent before commit, which then does BEGIN, lock, insert, NOTIFY
-// and COMMIT in one round trip. Borrowed connection: BEGIN at once, so the application's own
-// writes on it join the transaction, and the writer mutex is held until its end.
+// Own connections: nothing is sent before commit, which then takes an idle writer connection
+// (or waits in line for one, and may be carried by another commit's transaction: group commit)
+// and does BEGIN, lock, insert, NOTIFY and COMMIT in one round trip. Borrowed connection: BEGIN
+// at once, so the application's own writes on it join the transaction, and the writer mutex
+// is held until its end.
 class pg_store::write_tx final : public store::write_transaction {
 public:
     explicit write_tx(pg_store& s) : store_(s) {
         if (borrowed()) {
             lock_ = std::unique_lock<std::recursive_mutex>(s.writer_mutex_);
-            PGconn* c = s.writer_->get();
-            if (PQtransactionStatus(c) != PQTRANS_IDLE)
+            conn_ = s.writer_.get();
+            if (PQtransactionStatus(conn_->get()) != PQTRANS_IDLE) {
+                conn_ = nullptr;
                 detail::throw_error(errc::store_failure,
                                     "the PostgreSQL connection is busy or already inside a transaction: open "
                                     "the imbus::transaction first and do the application's writes inside it");
-            s.writer_->exec("BEGIN");
+            }
+            conn_->exec("BEGIN");
             open_ = true;
         }
     }
     ~write_tx() override { rollback(); }
 
     std::vector<notification> commit(std::vector<pending_message>& batch) override {
-        if (!borrowed()) {
-            if (batch.empty()) return {};
-            lock_ = std::unique_lock<std::recursive_mutex>(store_.writer_mutex_);
-            store_.writer_->revive();
-        }
+        if (!borrowed()) return batch.empty() ? std::vector<notification>{} : commit_owned(batch);
         try {
             auto stored = run_commit(batch);
             open_ = false;
-            lock_.unlock();
+            release();
             return stored;
         } catch (...) {
             rollback();
@@ -2281,32 +2335,45 @@ public:
     }
 
     void rollback() noexcept override {
-        if (!open_ && !lock_.owns_lock()) return;
+        if (!conn_) return;
         open_ = false;
-        PGconn* c = store_.writer_->get();
-        const auto status = PQtransactionStatus(c);
-        if (status == PQTRANS_INTRANS || status == PQTRANS_INERROR) {
-            pg_result_holder r(PQexec(c, "ROLLBACK"));
-            if (PQresultStatus(r.get()) != PGRES_COMMAND_OK && store_.options_.log)
-                store_.options_.log(log_level::error, "postgres: ROLLBACK: " + detail::pg_error_text(c));
-        }
-        if (lock_.owns_lock()) lock_.unlock();
+        end_failed_transaction();
+        release();
     }
 
 private:
     using pg_result_holder = detail::pg_result;
     bool borrowed() const noexcept { return store_.borrowed_; }
 
+    void end_failed_transaction() noexcept {
+        PGconn* c = conn_->get();
+        const auto status = PQtransactionStatus(c);
+        if (status == PQTRANS_INTRANS || status == PQTRANS_INERROR) {
+            pg_result_holder r(PQexec(c, "ROLLBACK"));
+            if (PQresultStatus(r.get()) != PGRES_COMMAND_OK && store_.options_.log)
+                store_.options_.log(log_level::error, "postgres: ROLLBACK: " + detail::pg_error_text(c));
+        }
+    }
+
+    void release() noexcept {
+        if (!conn_) return;
+        if (borrowed()) lock_.unlock();
+        conn_ = nullptr;  // an owned one goes back in commit_owned
+    }
+
+    std::vector<notification> commit_owned(std::vector<pending_message>& batch);
+    void commit_group(const std::vector<queued_commit*>& group);
+
     // One pipeline: [BEGIN,] lock, insert, NOTIFY..., COMMIT. The advisory lock is taken after
     // the application's own work and held only while the server runs these statements.
     std::vector<notification> run_commit(std::vector<pending_message>& batch) {
-        PGconn* c = store_.writer_->get();
+        PGconn* c = conn_->get();
         struct statement {
-            const char* sql;
+            detail::pg_write_step step;
             std::vector<std::string> params;
         };
         std::vector<statement> statements;
-        if (!borrowed()) statements.push_back({"BEGIN", {}});
+        if (!borrowed()) statements.push_back({detail::pg_begin, {}});
         std::size_t insert_index = 0;
         const time_point now = store_.options_.clock();
         if (!batch.empty()) {
@@ -2317,27 +2384,28 @@ private:
                 messages.push_back(m.message);
                 touched.push_back(m.channel);
             }
-            statements.push_back({"SELECT pg_advisory_xact_lock($1::bigint)", {std::to_string(advisory_lock_key)}});
+            statements.push_back({detail::pg_lock, {std::to_string(advisory_lock_key)}});
             insert_index = statements.size();
-            statements.push_back(
-                {"INSERT INTO bus_bus (channel, message, create_date) "
-                 "SELECT c, m, timestamp '1970-01-01' + $3::bigint * interval '1 microsecond' "
-                 "FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS b(c, m, n) ORDER BY n RETURNING id",
-                 {detail::pg_text_array(channels), detail::pg_text_array(messages),
-                  std::to_string(detail::to_micros(now))}});
+            statements.push_back({detail::pg_insert,
+                                  {detail::pg_text_array(channels), detail::pg_text_array(messages),
+                                   std::to_string(detail::to_micros(now))}});
             // NOTIFY inside the transaction is delivered at its commit and only then: a process
             // that dies right after committing cannot lose the wake-up.
             for (auto& payload : detail::notify_payloads(detail::unique_channels(touched)))
-                statements.push_back({"SELECT pg_notify($1, $2)", {notify_channel, std::move(payload)}});
+                statements.push_back({detail::pg_notify, {notify_channel, std::move(payload)}});
         }
-        statements.push_back({"COMMIT", {}});
+        statements.push_back({detail::pg_commit, {}});
 
         if (!PQenterPipelineMode(c)) detail::throw_pg(c, "cannot enter pipeline mode");
+        rolled_back_ = false;
+        const bool prepared = conn_->owned();  // a borrowed connection gets the SQL text each time
         bool sent = true;
         for (const auto& st : statements) {
             std::vector<const char*> values;
             for (const auto& p : st.params) values.push_back(p.c_str());
-            if (!PQsendQueryParams(c, st.sql, int(values.size()), nullptr, values.data(), nullptr, nullptr, 0)) {
+            const detail::pg_statement& sql = detail::pg_write_statements[st.step];
+            if (!(prepared ? PQsendQueryPrepared(c, sql.name, int(values.size()), values.data(), nullptr, nullptr, 0)
+                           : PQsendQueryParams(c, sql.sql, int(values.size()), nullptr, values.data(), nullptr, nullptr, 0))) {
                 sent = false;
                 break;
             }
@@ -2363,7 +2431,7 @@ private:
             const auto status = PQresultStatus(r.get());
             if (status == PGRES_FATAL_ERROR && !PQresultErrorField(r.get(), PG_DIAG_SQLSTATE)) break;
             if (status == PGRES_FATAL_ERROR && error.empty()) {
-                error = std::string(statements[i].sql) + ": " + PQresultErrorMessage(r.get());
+                error = std::string(detail::pg_write_statements[statements[i].step].sql) + ": " + PQresultErrorMessage(r.get());
                 commit_failed = i + 1 == statements.size();
             }
             if (status == PGRES_TUPLES_OK && i == insert_index && !batch.empty())
@@ -2374,7 +2442,7 @@ private:
             }
             while (pg_result_holder(PQgetResult(c))) {}  // the NULL that ends this statement's results
         }
-        if (!store_.writer_->broken()) {
+        if (!conn_->broken()) {
             for (;;) {  // up to the sync point
                 pg_result_holder r(PQgetResult(c));
                 if (!r || PQresultStatus(r.get()) == PGRES_PIPELINE_SYNC) break;
@@ -2382,7 +2450,7 @@ private:
             PQexitPipelineMode(c);
         }
         if (!committed) {
-            if (error.empty() || (commit_failed && store_.writer_->broken())) {
+            if (error.empty() || (commit_failed && conn_->broken())) {
                 // No COMMIT confirmation and no earlier statement failed: the connection ended
                 // after the COMMIT left (a server dying at once may even have ended it just
                 // after committing). Retrying could store the batch twice: report it instead.
@@ -2390,6 +2458,7 @@ private:
                                                              detail::pg_error_text(c));
             }
             while (!error.empty() && (error.back() == '\n' || error.back() == ' ')) error.pop_back();
+            rolled_back_ = true;
             detail::throw_error(errc::store_failure, "postgres: " + error + " (rolled back)");
         }
         if (ids.size() != batch.size())
@@ -2404,13 +2473,143 @@ private:
     }
 
     pg_store& store_;
-    std::unique_lock<std::recursive_mutex> lock_;
+    std::unique_lock<std::recursive_mutex> lock_;  // a borrowed connection's
+    detail::pg_connection* conn_ = nullptr;        // the connection this transaction holds
     bool open_ = false;  // BEGIN was sent on a borrowed connection
+    bool rolled_back_ = false;  // run_commit failed and surely stored nothing
 };
 
+// A batch waiting for a writer connection; the commit that takes it fills in the outcome.
+struct pg_store::queued_commit {
+    std::vector<pending_message>* batch;
+    bool taken = false;  // a commit carries it now
+    bool done = false;
+    std::vector<notification> stored;
+    std::exception_ptr error;
+};
+
+inline std::size_t pg_store::waiting_commits() {
+    std::lock_guard<std::mutex> lock(writers_mutex_);
+    return queued_commits_.size();
+}
+
+// Waits in line for a writer connection, unless another commit takes this batch along first.
+inline std::vector<notification> pg_store::write_tx::commit_owned(std::vector<pending_message>& batch) {
+    pg_store& s = store_;
+    queued_commit me{&batch, false, false, {}, nullptr};
+    std::vector<queued_commit*> group;
+    bool open_new = false;
+    {
+        std::unique_lock<std::mutex> lock(s.writers_mutex_);
+        const std::size_t most = std::max<std::size_t>(s.options_.writers, 1);
+        s.queued_commits_.push_back(&me);
+        s.writer_idle_.wait(lock, [&] {
+            return me.taken || !s.idle_writers_.empty() || 1 + s.more_writers_.size() + s.writers_opening_ < most;
+        });
+        if (me.taken) {
+            s.writer_idle_.wait(lock, [&] { return me.done; });
+            if (me.error) std::rethrow_exception(me.error);
+            return std::move(me.stored);
+        }
+        if (s.options_.group_commit) group.swap(s.queued_commits_);  // every waiting batch, in line order
+        else {
+            group.push_back(&me);
+            s.queued_commits_.erase(std::find(s.queued_commits_.begin(), s.queued_commits_.end(), &me));
+        }
+        for (auto* q : group) q->taken = true;
+        if (s.idle_writers_.empty()) {
+            ++s.writers_opening_;  // connect without the mutex: other commits go on meanwhile
+            open_new = true;
+        } else {
+            conn_ = s.idle_writers_.back();
+            s.idle_writers_.pop_back();
+        }
+    }
+    std::unique_ptr<detail::pg_connection> opened;
+    if (open_new) {
+        try {
+            opened = detail::pg_connection::open(s.writer_conninfo_, s.options_.log);
+        } catch (...) {
+            for (auto* q : group) q->error = std::current_exception();
+        }
+    }
+    {
+        std::lock_guard<std::mutex> lock(s.writers_mutex_);
+        if (open_new) {
+            --s.writers_opening_;
+            if (opened) {
+                s.more_writers_.push_back(std::move(opened));  // reserved: cannot throw
+                conn_ = s.more_writers_.back().get();
+            }
+        }
+    }
+    if (conn_) {
+        try {
+            commit_group(group);
+        } catch (...) {  // out of memory before the results were handed out: none of them were
+            for (auto* q : group)
+                if (!q->error && q->stored.empty()) q->error = std::current_exception();
+        }
+    }
+    {
+        std::lock_guard<std::mutex> lock(s.writers_mutex_);
+        if (conn_) s.idle_writers_.push_back(conn_);  // a broken one too: revive() reopens it next time
+        conn_ = nullptr;
+        for (auto* q : group) q->done = true;
+    }
+    s.writer_idle_.notify_all();
+    if (me.error) std::rethrow_exception(me.error);
+    return std::move(me.stored);
+}
+
+// One transaction for the whole group; after a sure rollback, one per batch.
+inline void pg_store::write_tx::commit_group(const std::vector<queued_commit*>& group) {
+    auto commit_one = [this](std::vector<pending_message>& batch, std::vector<notification>& stored,
+                             std::exception_ptr& error) {
+        rolled_back_ = true;  // until run_commit sends something
+        try {
+            conn_->revive();
+            conn_->prepare(detail::pg_write_statements);
+            stored = run_commit(batch);
+        } catch (...) {
+            error = std::current_exception();
+            end_failed_transaction();
+        }
+    };
+    if (group.size() == 1) {
+        commit_one(*group[0]->batch, group[0]->stored, group[0]->error);
+        return;
+    }
+    std::vector<pending_message> all;
+    for (auto* q : group)
+        for (auto& m : *q->batch) all.push_back(std::move(m));
+    std::vector<notification> stored;
+    std::exception_ptr error;
+    commit_one(all, stored, error);
+    const bool retry_each = error && rolled_back_;
+    std::size_t at = 0;
+    for (auto* q : group) {
+        const std::size_t n = q->batch->size();
+        if (!error) {
+            q->stored.assign(std::make_move_iterator(stored.begin() + std::ptrdiff_t(at)),
+                             std::make_move_iterator(stored.begin() + std::ptrdiff_t(at + n)));
+        } else if (retry_each) {  // nothing stored: each batch alone, so only a bad one fails
+            for (std::size_t i = 0; i < n; ++i) (*q->batch)[i] = std::move(all[at + i]);
+            commit_one(*q->batch, q->stored, q->error);
+        } else {
+            q->error = error;  // the outcome is unknown for every batch alike: never retried
+        }
+        at += n;
+    }
+}
+
 inline pg_store::pg_store(const std::string& conninfo, pg_store_options options)
-    : options_(std::move(options)), conninfo_(options_.conninfo.empty() ? conninfo : options_.conninfo) {
+    : options_(std::move(options)), conninfo_(options_.conninfo.empty() ? conninfo : options_.conninfo),
+      writer_conninfo_(conninfo) {
     writer_ = detail::pg_connection::open(conninfo, options_.log);
+    more_writers_.reserve(options_.writers);  // so neither push_back can throw
+    idle_writers_.reserve(std::max<std::size_t>(options_.writers, 1));
+    idle_writers_.push_back(writer_.get());
     create_schema();
 }
 

@@ -4,13 +4,16 @@
 //   g++ -std=c++17 -O2 -DNDEBUG -I. -I/usr/include/postgresql bench/pg_bench.cpp -lpq -pthread -o /tmp/pg_bench
 // Run (IMBUS_PG_CONNINFO: a key=value conninfo of a server where the bench may create and drop
 // the database imbus_bench; scripts/pg_cluster.sh starts a throwaway one):
-//   /tmp/pg_bench                      # 1, 2, 4, 8 writer threads, 2000 latency samples
+//   /tmp/pg_bench                      # 1, 2, 4, 8, 16 writer threads, 2000 latency samples
 //   /tmp/pg_bench --quick              # a smoke run of a few seconds
+// (-DIMBUS_BENCH_WRITERS=N: the shared store's pg_store_options::writers instead of the default)
 //
-// 1. Transactional publishes/s: each thread has its own pg_store (its own writer connection,
-//    as separate processes would), and commits one notification per transaction; the
-//    advisory lock orders them all. The baseline is a bare `INSERT ... ; COMMIT` per
-//    transaction on as many connections (no lock, no NOTIFY, no pipeline).
+// 1. Transactional publishes/s, one notification per transaction (append), from N threads:
+//    all sharing one pg_store (its pool of writer connections, as one server process would),
+//    the same with group_commit off, and each thread with its own pg_store (as separate
+//    processes would); the advisory lock orders them all. The baseline, in the same run, is a
+//    bare `BEGIN; INSERT; COMMIT` (three round trips, no lock, no NOTIFY) on N connections.
+//    p50/p99: the time of one call (append or the baseline's three statements) under that load.
 // 2. Publish-to-dispatch latency: one store commits (one row at a time, waiting for each);
 //    a pg_listener on a second store (other connections) dispatches it; the subscriber notes
 //    the time. The baseline is a bare NOTIFY/LISTEN round trip between two libpq connections.
@@ -61,25 +64,34 @@ double percentile(std::vector<double> v, double p) {
     return v.empty() ? 0 : v[std::min(v.size() - 1, std::size_t(p * double(v.size())))];
 }
 
-// Transactions per second from `threads` threads for `seconds`, each thread running `commit`.
-template <class MakeWorker> double throughput(int threads, double seconds, MakeWorker make_worker) {
+struct rate {
+    double per_second;
+    double p50_ms, p99_ms;  // of one call, under this load
+};
+
+// Transactions per second from `threads` threads for `seconds`, each thread running its worker.
+template <class MakeWorker> rate throughput(int threads, double seconds, MakeWorker make_worker) {
     std::atomic<bool> stop{false};
-    std::atomic<long> done{0};
     std::vector<std::thread> pool;
     std::vector<std::function<void()>> workers;
+    std::vector<std::vector<double>> ms(static_cast<std::size_t>(threads));
     for (int t = 0; t < threads; ++t) workers.push_back(make_worker());
     const auto start = steady::now();
     for (int t = 0; t < threads; ++t)
         pool.emplace_back([&, t] {
             while (!stop) {
+                const auto before = steady::now();
                 workers[std::size_t(t)]();
-                ++done;
+                ms[std::size_t(t)].push_back(std::chrono::duration<double, std::milli>(steady::now() - before).count());
             }
         });
     std::this_thread::sleep_for(std::chrono::duration<double>(seconds));
     stop = true;
     for (auto& th : pool) th.join();
-    return double(done) / std::chrono::duration<double>(steady::now() - start).count();
+    std::vector<double> all;
+    for (const auto& v : ms) all.insert(all.end(), v.begin(), v.end());
+    return {double(all.size()) / std::chrono::duration<double>(steady::now() - start).count(), percentile(all, 0.5),
+            percentile(all, 0.99)};
 }
 
 } // namespace
@@ -121,18 +133,37 @@ int main(int argc, char** argv) {
                 "create_date timestamp)");
         PQfinish(c);
     }
-    std::printf("| writer threads | pg_store commits/s | baseline INSERT+COMMIT/s |\n|---:|---:|---:|\n");
+    std::printf("| writer threads | one pg_store, shared | shared, group_commit off | one pg_store per thread "
+                "| baseline BEGIN/INSERT/COMMIT | shared / baseline | shared p50 / p99 ms | baseline p50 / p99 ms "
+                "|\n|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     const imbus::channel ch("bench", "broadcast");
     const std::string message = imbus::make_message("bench/tick", {{"n", 1}});
-    for (int threads : quick ? std::vector<int>{1, 4} : std::vector<int>{1, 2, 4, 8}) {
+    imbus::pg_store_options shared_options = quiet;
+#ifdef IMBUS_BENCH_WRITERS
+    shared_options.writers = IMBUS_BENCH_WRITERS;  // the shared store's writer connections
+#endif
+    for (int threads : quick ? std::vector<int>{1, 4} : std::vector<int>{1, 2, 4, 8, 16}) {
+        // All threads share one store (its writer connections), as one server process would.
+        auto shared_store = [&](bool group_commit) {
+            imbus::pg_store_options o = shared_options;
+            o.group_commit = group_commit;
+            imbus::pg_store shared(conninfo, o);
+            return throughput(threads, seconds, [&] {
+                return std::function<void()>([&shared, &ch, &message] { shared.append({imbus::pending_message{ch, message}}); });
+            });
+        };
+        const rate shared_rate = shared_store(true);
+        const rate ungrouped_rate = shared_store(false);
+        // Each thread has its own store, as separate processes would.
         std::vector<std::unique_ptr<imbus::pg_store>> stores;
-        const double bus_rate = throughput(threads, seconds, [&] {
+        const rate bus_rate = throughput(threads, seconds, [&] {
             stores.push_back(std::make_unique<imbus::pg_store>(conninfo, quiet));
             imbus::pg_store* s = stores.back().get();
             return std::function<void()>([s, &ch, &message] { s->append({imbus::pending_message{ch, message}}); });
         });
+        stores.clear();
         std::vector<PGconn*> conns;
-        const double base_rate = throughput(threads, seconds, [&] {
+        const rate base_rate = throughput(threads, seconds, [&] {
             conns.push_back(connect(conninfo));
             PGconn* c = conns.back();
             return std::function<void()>([c] {
@@ -143,7 +174,10 @@ int main(int argc, char** argv) {
             });
         });
         for (auto* c : conns) PQfinish(c);
-        std::printf("| %d | %.0f | %.0f |\n", threads, bus_rate, base_rate);
+        std::printf("| %d | %.0f | %.0f | %.0f | %.0f | %.2f | %.2f / %.2f | %.2f / %.2f |\n", threads,
+                    shared_rate.per_second, ungrouped_rate.per_second, bus_rate.per_second, base_rate.per_second,
+                    shared_rate.per_second / base_rate.per_second, shared_rate.p50_ms, shared_rate.p99_ms,
+                    base_rate.p50_ms, base_rate.p99_ms);
         std::fflush(stdout);
     }
 

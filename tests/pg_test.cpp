@@ -244,6 +244,140 @@ TEST_CASE("writers on separate connections: a reader following horizons sees eve
     CHECK(seen == all);
 }
 
+// One store, many threads: its pool of writer connections commits concurrently, and a reader
+// moving its position to each poll's horizon still ends with every id once, in ascending order.
+TEST_CASE("writers sharing one store's connection pool: a reader following horizons sees every id once") {
+    pg_test_database db;
+    constexpr int threads = 8, batches = 40;
+    imbus::pg_store_options o = quiet_options();
+    o.writers = 4;
+    imbus::pg_store store(db.conninfo, o);
+    imbus::dispatcher dispatcher;
+    imbus::bus bus(store, dispatcher, {"db", {}});
+    std::atomic<int> done{0};
+    std::vector<std::vector<std::int64_t>> written(threads);
+    std::vector<std::thread> workers;
+    for (int w = 0; w < threads; ++w)
+        workers.emplace_back([&, w] {
+            std::mt19937 rng{static_cast<unsigned>(w)};
+            for (int b = 0; b < batches; ++b) {
+                if (b % 3 == 0) {  // a transaction of several sends, through the bus's API
+                    imbus::transaction tx(bus);
+                    tx.send(rng() % 2 ? "a" : "b", "t", b);
+                    tx.send("a", "t", b);
+                    for (const auto id : tx.commit()) written[std::size_t(w)].push_back(id);
+                    continue;
+                }
+                for (const auto& n : store.append(batch_of({{rng() % 2 ? ch_a : ch_b, b}, {ch_a, b}})))
+                    written[std::size_t(w)].push_back(n.id);
+            }
+            ++done;
+        });
+    std::vector<std::int64_t> seen;
+    std::int64_t position = -1;
+    bool ordered = true;
+    auto read = [&] {
+        auto r = store.fetch({ch_a, ch_b}, position);
+        for (const auto& n : r.notifications) {
+            if (n.id <= position) ordered = false;
+            seen.push_back(n.id);
+        }
+        position = r.horizon;
+    };
+    while (done < threads) read();
+    for (auto& t : workers) t.join();
+    read();
+    CHECK(ordered);
+    std::vector<std::int64_t> all;
+    for (const auto& w : written) {
+        CHECK(std::is_sorted(w.begin(), w.end()));  // one thread's commits, in its order
+        all.insert(all.end(), w.begin(), w.end());
+    }
+    std::sort(all.begin(), all.end());
+    CHECK(all.size() == std::size_t(threads * batches * 2));
+    CHECK(std::adjacent_find(all.begin(), all.end()) == all.end());
+    CHECK(seen == all);
+    CHECK(all.back() - all.front() + 1 == std::int64_t(all.size()));  // nothing rolled back: no gaps
+}
+
+// The pool is what lets commits overlap: while another transaction holds the advisory lock,
+// as many of the store's commits wait for it at the server as it has writer connections, and
+// no more; each then commits with an id above the holder's, none lost.
+TEST_CASE("a store's writer connections wait for the advisory lock side by side, up to options.writers") {
+    pg_test_database db;
+    imbus::pg_store_options o = quiet_options();
+    o.writers = 3;
+    imbus::pg_store store(db.conninfo, o);
+    test_connection holder(db.conninfo);
+    holder.exec("BEGIN");
+    holder.exec("SELECT pg_advisory_xact_lock(" + std::to_string(imbus::pg_store::advisory_lock_key) + ")");
+    const std::int64_t held_id = holder.scalar(
+        "INSERT INTO bus_bus (channel, message, create_date) VALUES ('[\"db\",\"a\"]', '{}', now()) RETURNING id");
+    constexpr int threads = 5;
+    std::vector<std::int64_t> ids(threads);
+    std::vector<std::thread> workers;
+    for (int w = 0; w < threads; ++w)
+        workers.emplace_back([&, w] { ids[std::size_t(w)] = store.append(batch_of({{ch_a, w}}))[0].id; });
+    test_connection admin(db.conninfo);
+    auto waiting = [&] {
+        return admin.scalar("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted");
+    };
+    CHECK(wait_until([&] { return waiting() == 3; }));
+    std::this_thread::sleep_for(100ms);
+    CHECK(waiting() == 3);  // the other two commits wait for a connection, not at the server
+    holder.exec("COMMIT");
+    for (auto& t : workers) t.join();
+    std::sort(ids.begin(), ids.end());
+    CHECK(ids == std::vector<std::int64_t>{held_id + 1, held_id + 2, held_id + 3, held_id + 4, held_id + 5});
+    CHECK(ids_of(store.poll({ch_a}, -1)).size() == std::size_t(threads + 1));
+}
+
+// Group commit: batches waiting for the one writer connection go together in one transaction.
+// When that transaction fails (here one batch's channel key is too long for a NOTIFY), it surely
+// rolled back, so each batch is committed again alone: only the bad one fails.
+TEST_CASE("group commit: waiting batches share a transaction, and a bad batch fails only its caller") {
+    pg_test_database db;
+    imbus::pg_store_options o = quiet_options();
+    o.writers = 1;
+    imbus::pg_store store(db.conninfo, o);
+    test_connection holder(db.conninfo);
+    holder.exec("BEGIN");
+    holder.exec("SELECT pg_advisory_xact_lock(" + std::to_string(imbus::pg_store::advisory_lock_key) + ")");
+    const std::int64_t held_id = holder.scalar(
+        "INSERT INTO bus_bus (channel, message, create_date) VALUES ('[\"db\",\"a\"]', '{}', now()) RETURNING id");
+    std::int64_t first_id = 0;
+    std::thread first([&] { first_id = store.append(batch_of({{ch_a, 0}}))[0].id; });  // at the server
+    test_connection admin(db.conninfo);
+    CHECK(wait_until([&] { return admin.scalar("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted") == 1; }));
+    const channel too_long("db", std::string(9000, 'x'));
+    std::vector<std::int64_t> ids(3);
+    std::vector<std::string> errors(3);
+    std::vector<std::thread> queued;  // wait for the connection
+    for (int w = 0; w < 3; ++w)
+        queued.emplace_back([&, w] {
+            try {
+                ids[std::size_t(w)] = store.append(batch_of({{w == 1 ? too_long : ch_b, w}}))[0].id;
+            } catch (const std::system_error& e) {
+                errors[std::size_t(w)] = e.what();
+            }
+        });
+    REQUIRE(wait_until([&] { return store.waiting_commits() == 3; }));  // all three in line
+    holder.exec("COMMIT");
+    first.join();
+    for (auto& t : queued) t.join();
+    CHECK(first_id == held_id + 1);
+    CHECK(errors[0].empty());
+    CHECK(errors[1].find("rolled back") != std::string::npos);
+    CHECK_MESSAGE(errors[2].empty(), errors[2]);
+    CHECK(ids[1] == 0);
+    CHECK(ids[0] > held_id + 4);  // the group's transaction took three ids, then rolled back
+    CHECK(ids[2] > held_id + 4);
+    std::vector<std::int64_t> good{ids[0], ids[2]};
+    std::sort(good.begin(), good.end());
+    CHECK(ids_of(store.poll({ch_b}, -1)) == good);
+    CHECK(store.poll({too_long}, -1).empty());
+}
+
 // PROTOCOL §3 over NOTIFY: one transaction on 1,000 channels (and a repeated one) gives several
 // payloads, each below 8000 bytes, whose union is the 1,000 keys once each, in send order.
 TEST_CASE("NOTIFY payloads are split below 8000 bytes and name every channel once, in order") {
