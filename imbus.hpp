@@ -52,6 +52,7 @@
 //     IMBUS_SQLITE_GC_CHUNK             5000   rows deleted per garbage-collection transaction
 //     IMBUS_PROTOCOL_VERSION            "19.0-2"  clients with another version are told OUTDATED_VERSION
 //     IMBUS_MAX_MESSAGE_BYTES           1 MiB  a bigger client message closes with 1009
+//     IMBUS_MAX_JSON_DEPTH              512    client JSON nested deeper is refused (stack safety)
 //     IMBUS_MAX_OUTBOUND_BYTES          4 MiB  queued for one client before it is caught up from the store
 //     IMBUS_READ_BUFFER_BYTES           2048   per-connection read buffer (compile-time only: websocketpp)
 //
@@ -102,6 +103,10 @@
 
 #ifndef IMBUS_MAX_MESSAGE_BYTES
 #define IMBUS_MAX_MESSAGE_BYTES 1048576
+#endif
+
+#ifndef IMBUS_MAX_JSON_DEPTH
+#define IMBUS_MAX_JSON_DEPTH 512
 #endif
 
 #ifndef IMBUS_MAX_OUTBOUND_BYTES
@@ -1076,8 +1081,9 @@ struct client_request {
 };
 
 /// {"event_name": "subscribe", "data": {"channels": [strings], "last": int|null}} or any other
-/// {"event_name": string, "data": any}; anything else is invalid. Never throws.
-client_request parse_client_request(std::string_view text) noexcept;
+/// {"event_name": string, "data": any}; anything else, or JSON nested deeper than
+/// `max_depth` arrays and objects, is invalid. Never throws.
+client_request parse_client_request(std::string_view text, std::size_t max_depth = IMBUS_MAX_JSON_DEPTH) noexcept;
 
 #ifdef IMBUS_WITH_WEBSOCKETPP
 // --------------------------------------------------------------------------------------------
@@ -1106,6 +1112,9 @@ struct server_options {
     /// handshakes are not kept waiting behind a whole fan-out.
     std::size_t delivery_slice = 32;
     std::size_t max_http_body_bytes = IMBUS_MAX_MESSAGE_BYTES;
+    /// Client JSON (requests, route bodies) nested deeper than this is refused: copying or
+    /// printing a value recurses once per level, so a 1 MiB "[[[[..." would overflow the stack.
+    std::size_t max_json_depth = IMBUS_MAX_JSON_DEPTH;
     /// Origins allowed to open a socket, e.g. "https://app.example.com", or "self" for pages
     /// this server serves; empty: any. Browsers always send Origin, so this is what stops
     /// another site from using a visitor's cookie here. When set, a handshake without Origin
@@ -3478,6 +3487,27 @@ template <class F> bool for_each_pair(std::string_view text, char separator, F&&
     return false;
 }
 
+// Whether JSON text nests at most max_depth arrays and objects (exact for valid JSON, which
+// is all that gets parsed). Parsing is iterative, but copying and printing recurse per level.
+inline bool json_nesting_within(std::string_view text, std::size_t max_depth) {
+    std::size_t depth = 0;
+    bool in_string = false;
+    for (std::size_t i = 0; i < text.size(); ++i) {
+        const char c = text[i];
+        if (in_string) {
+            if (c == '\\') ++i;  // the escaped character cannot end the string
+            else if (c == '"') in_string = false;
+        } else if (c == '"') {
+            in_string = true;
+        } else if (c == '[' || c == '{') {
+            if (++depth > max_depth) return false;
+        } else if ((c == ']' || c == '}') && depth > 0) {
+            --depth;
+        }
+    }
+    return true;
+}
+
 inline std::string query_param(std::string_view query, std::string_view name) {
     std::string found;
     for_each_pair(query, '&', [&](std::string_view k, std::string_view v) {
@@ -3604,9 +3634,13 @@ inline bool signed_token_policy::still_valid(const identity& who) const {
     return revoked_->subjects.count(who.subject) == 0;
 }
 
-inline client_request parse_client_request(std::string_view text) noexcept {
+inline client_request parse_client_request(std::string_view text, std::size_t max_depth) noexcept {
     client_request r;
     try {
+        if (!detail::json_nesting_within(text, max_depth)) {
+            r.error = "a request is nested deeper than " + std::to_string(max_depth) + " levels";
+            return r;
+        }
         json request = json::parse(text, nullptr, false);
         if (request.is_discarded() || !request.is_object() || !request.contains("event_name") ||
             !request["event_name"].is_string()) {
@@ -4386,7 +4420,7 @@ void basic_server<AuthPolicy, Transport>::on_message(websocketpp::connection_hdl
     if (msg->get_opcode() == websocketpp::frame::opcode::binary && text.size() == 1 && text[0] == '\0') return;
     if (!still_valid(con)) return;
     try {
-        client_request request = parse_client_request(text);
+        client_request request = parse_client_request(text, options_.max_json_depth);
         if (request.what == client_request::kind::invalid) {
             if (options_.log)
                 options_.log(log_level::warning, "server: request from " + con->get_remote_endpoint() + " ignored: " + request.error);
@@ -4573,6 +4607,12 @@ template <class AuthPolicy, class Transport>
 void basic_server<AuthPolicy, Transport>::serve_route(const http_request& request, http_response& response) {
     const bool post = request.method == "POST";
     auto bad_request = [&](const std::string& why) { response.set_json(400, {{"error", why}}); };
+    // The bus routes' JSON bodies: one nested too deep to copy safely is refused unparsed.
+    auto too_deep = [&] {
+        if (detail::json_nesting_within(request.body, options_.max_json_depth)) return false;
+        bad_request("the body is nested deeper than " + std::to_string(options_.max_json_depth) + " levels");
+        return true;
+    };
     if (!options_.metrics_path.empty() && request.path == options_.metrics_path && request.method == "GET") {
         if (!options_.metrics_token.empty() && !detail::constant_time_equal(request.bearer_token(), options_.metrics_token))
             return response.set_json(401, {{"error", "Authorization: Bearer <metrics token> required"}});
@@ -4588,6 +4628,7 @@ void basic_server<AuthPolicy, Transport>::serve_route(const http_request& reques
         return;
     }
     if (request.path == options_.path + "/peek_notifications" && post) {
+        if (too_deep()) return;
         const json body = json::parse(request.body, nullptr, false);
         const json params = detail::rpc_params(body);
         if (!params.is_object() || !params.contains("channels") || !params["channels"].is_array())
@@ -4617,6 +4658,7 @@ void basic_server<AuthPolicy, Transport>::serve_route(const http_request& reques
         return;
     }
     if (request.path == "/bus/has_missed_notifications" && post) {
+        if (too_deep()) return;
         const json body = json::parse(request.body, nullptr, false);
         const json params = detail::rpc_params(body);
         if (!params.is_object() || !params.contains("last_notification_id") ||
@@ -4633,6 +4675,7 @@ void basic_server<AuthPolicy, Transport>::serve_route(const http_request& reques
         if (token.empty()) return response.set_json(401, {{"error", "Authorization: Bearer <key> required"}});
         if (options_.api_key.empty() || !detail::constant_time_equal(token, options_.api_key))
             return response.set_json(403, {{"error", "wrong key"}});
+        if (too_deep()) return;
         const json body = json::parse(request.body, nullptr, false);
         if (body.is_discarded()) return bad_request("the body is not JSON");
         const json items = body.is_array() ? body : json::array({body});

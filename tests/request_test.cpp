@@ -60,3 +60,29 @@ TEST_CASE("what is not {event_name: string, ...} is invalid") {
         CHECK(!r.error.empty());
     }
 }
+
+// Found by reasoning about tests/fuzz/fuzz_http_routes (same cause as the routes' crash): a
+// json value nested N deep is copied and printed with N nested calls, so a 1 MiB message of
+// "[[[[..." could overflow the stack of whoever copies the data. Refused before parsing now.
+TEST_CASE("a request nested deeper than max_depth is invalid, whatever its size") {
+    auto nested = [](std::size_t levels) {  // the request object itself is one level
+        return R"({"event_name":"x","data":)" + std::string(levels - 1, '[') + std::string(levels - 1, ']') + "}";
+    };
+    auto at_limit = imbus::parse_client_request(nested(IMBUS_MAX_JSON_DEPTH));
+    REQUIRE(at_limit.what == kind::event);
+    const imbus::json copy = at_limit.data;
+    CHECK(copy.dump().size() == 2 * (IMBUS_MAX_JSON_DEPTH - 1));
+
+    auto over = imbus::parse_client_request(nested(IMBUS_MAX_JSON_DEPTH + 1));
+    CHECK(over.what == kind::invalid);
+    CHECK(over.error == "a request is nested deeper than " + std::to_string(IMBUS_MAX_JSON_DEPTH) + " levels");
+    CHECK(imbus::parse_client_request(nested(500000)).what == kind::invalid);
+    CHECK(imbus::parse_client_request(nested(3), 2).what == kind::invalid);
+    CHECK(imbus::parse_client_request(nested(2), 2).what == kind::event);
+
+    // Brackets inside strings, escaped quotes included, are text, not nesting.
+    const std::string brackets(IMBUS_MAX_JSON_DEPTH + 10, '[');
+    auto in_string = imbus::parse_client_request(R"({"event_name":"x","data":"\")" + brackets + R"("})");
+    CHECK(in_string.what == kind::event);
+    CHECK(in_string.data == "\"" + brackets);
+}

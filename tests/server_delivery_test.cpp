@@ -1137,6 +1137,52 @@ struct token_policy_ref {
     bool still_valid(const identity& who) const { return tokens->still_valid(who); }
 };
 
+// Found while writing tests/fuzz/fuzz_http_routes (a directed input: the fuzzer's default 4 KiB
+// inputs nest too shallow to reach it): copying or printing a json value recurses once per
+// level, so one unauthenticated POST of ~100 KB of "[[[[...]]]]" to peek_notifications
+// overflowed the stack and took the server down. The routes now refuse such bodies unparsed.
+TEST_CASE("HTTP routes answer 400 to JSON nested deeper than max_json_depth, not a stack overflow") {
+    imbus::memory_store_options so;
+    so.log = {};
+    imbus::memory_store store(so);
+    imbus::dispatcher dispatcher;
+    imbus::bus bus(store, dispatcher, {"db", {}});
+    imbus::server_options o;
+    o.api_key = "k";
+    o.gc_interval = 0s;
+    o.log = {};
+    imbus::server server(bus, imbus::public_policy(), o);  // never listens: serve_http only
+    auto post = [&](const std::string& path, const std::string& body) {
+        imbus::http_request r;
+        r.method = "POST";
+        r.path = path;
+        r.body = body;
+        r.headers.emplace_back("Authorization", "Bearer k");
+        return server.serve_http(r);
+    };
+    auto arrays = [](std::size_t levels) { return std::string(levels, '[') + std::string(levels, ']'); };
+    const std::string too_deep = "the body is nested deeper than " + std::to_string(IMBUS_MAX_JSON_DEPTH) + " levels";
+    for (const std::string path : {"/websocket/peek_notifications", "/bus/has_missed_notifications", "/bus/send"}) {
+        CAPTURE(path);
+        for (const std::string& body : {arrays(200000), R"({"jsonrpc":"2.0","id":)" + arrays(200000) + "}",
+                                        arrays(IMBUS_MAX_JSON_DEPTH + 1)}) {
+            const auto r = post(path, body);
+            CHECK(r.status == 400);
+            CHECK(json::parse(r.body) == json{{"error", too_deep}});
+        }
+    }
+    // At the limit (the body's own object is one level) the routes still serve.
+    const auto nested = arrays(IMBUS_MAX_JSON_DEPTH - 1);
+    const auto peek = post("/websocket/peek_notifications", R"({"channels":["a"],"last":0,"x":)" + nested + "}");
+    CHECK(peek.status == 200);
+    const auto sent = post("/bus/send", R"({"channel":"a","type":"t","payload":)" + nested + "}");
+    REQUIRE(sent.status == 200);
+    CHECK(store.poll({channel("db", "a")}, 0).at(0).payload().dump() == nested);
+    const auto missed = post("/bus/has_missed_notifications", R"({"last_notification_id":1,"x":)" + nested + "}");
+    CHECK(missed.status == 200);
+    CHECK(missed.body == "false");
+}
+
 TEST_CASE("peek_notifications is authenticated by the server's policy and gets its channels") {
     using imbus_test::http_request;
     harness<memory_env> h;
