@@ -32,7 +32,9 @@ TEST_CASE("a subscribe of the wrong shape is invalid, with the reason") {
         {R"({"event_name":"subscribe","data":{"channels":[],"last":"7"}})", "data.last must be an integer"},
         {R"({"event_name":"subscribe","data":{"channels":[],"last":1.5}})", "data.last must be an integer"},
     };
-    for (const auto& [text, why] : cases) {
+    for (const auto& c : cases) {  // no structured binding: clang 14 cannot capture one (CAPTURE)
+        const char* text = c.first;
+        const char* why = c.second;
         CAPTURE(text);
         auto r = imbus::parse_client_request(text);
         CHECK(r.what == kind::invalid);
