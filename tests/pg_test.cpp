@@ -42,6 +42,25 @@ std::vector<std::int64_t> ids_of(const std::vector<imbus::notification>& ns) {
     return ids;
 }
 
+// Follows ch_a and ch_b the way a connection does: polls from its position, then moves the
+// position to the poll's horizon. Every id must come once, ascending.
+struct horizon_follower {
+    explicit horizon_follower(imbus::store& s) : store(s) {}
+    imbus::store& store;
+    std::int64_t position = -1;
+    std::vector<std::int64_t> seen;
+    bool ordered = true;
+
+    void read() {
+        auto r = store.fetch({ch_a, ch_b}, position);
+        for (const auto& n : r.notifications) {
+            if (n.id <= position) ordered = false;
+            seen.push_back(n.id);
+        }
+        position = r.horizon;
+    }
+};
+
 // Collects log lines so tests can check that a failure was reported.
 struct log_capture {
     std::mutex m;
@@ -222,26 +241,16 @@ TEST_CASE("writers on separate connections: a reader following horizons sees eve
                     written[std::size_t(w)].push_back(n.id);
             ++done;
         });
-    std::vector<std::int64_t> seen;
-    std::int64_t position = -1;
-    bool ordered = true;
-    auto read = [&] {
-        auto r = reader.fetch({ch_a, ch_b}, position);
-        for (const auto& n : r.notifications) {
-            if (n.id <= position) ordered = false;
-            seen.push_back(n.id);
-        }
-        position = r.horizon;
-    };
-    while (done < writers) read();
+    horizon_follower follow(reader);
+    while (done < writers) follow.read();
     for (auto& t : threads) t.join();
-    read();
-    CHECK(ordered);
+    follow.read();
+    CHECK(follow.ordered);
     std::vector<std::int64_t> all;
     for (const auto& w : written) all.insert(all.end(), w.begin(), w.end());
     std::sort(all.begin(), all.end());
     CHECK(all.size() == std::size_t(writers * batches * 2));
-    CHECK(seen == all);
+    CHECK(follow.seen == all);
 }
 
 // One store, many threads: its pool of writer connections commits concurrently, and a reader
@@ -273,21 +282,11 @@ TEST_CASE("writers sharing one store's connection pool: a reader following horiz
             }
             ++done;
         });
-    std::vector<std::int64_t> seen;
-    std::int64_t position = -1;
-    bool ordered = true;
-    auto read = [&] {
-        auto r = store.fetch({ch_a, ch_b}, position);
-        for (const auto& n : r.notifications) {
-            if (n.id <= position) ordered = false;
-            seen.push_back(n.id);
-        }
-        position = r.horizon;
-    };
-    while (done < threads) read();
+    horizon_follower follow(store);
+    while (done < threads) follow.read();
     for (auto& t : workers) t.join();
-    read();
-    CHECK(ordered);
+    follow.read();
+    CHECK(follow.ordered);
     std::vector<std::int64_t> all;
     for (const auto& w : written) {
         CHECK(std::is_sorted(w.begin(), w.end()));  // one thread's commits, in its order
@@ -296,7 +295,7 @@ TEST_CASE("writers sharing one store's connection pool: a reader following horiz
     std::sort(all.begin(), all.end());
     CHECK(all.size() == std::size_t(threads * batches * 2));
     CHECK(std::adjacent_find(all.begin(), all.end()) == all.end());
-    CHECK(seen == all);
+    CHECK(follow.seen == all);
     CHECK(all.back() - all.front() + 1 == std::int64_t(all.size()));  // nothing rolled back: no gaps
 }
 
