@@ -42,6 +42,19 @@ std::vector<std::int64_t> ids_of(const std::vector<imbus::notification>& ns) {
     return ids;
 }
 
+// Opens a transaction on `c` that holds the bus's advisory lock and has taken one id (returned),
+// as a slow bus commit of another process would: every bus commit now waits for c's COMMIT.
+std::int64_t hold_bus_lock(test_connection& c) {
+    c.exec("BEGIN");
+    c.exec("SELECT pg_advisory_xact_lock(" + std::to_string(imbus::pg_store::advisory_lock_key) + ")");
+    return c.scalar("INSERT INTO bus_bus (channel, message, create_date) VALUES ('[\"db\",\"a\"]', '{}', now()) RETURNING id");
+}
+
+// Bus commits waiting for the advisory lock at the server.
+std::int64_t waiting_for_bus_lock(test_connection& admin) {
+    return admin.scalar("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted");
+}
+
 // Follows ch_a and ch_b the way a connection does: polls from its position, then moves the
 // position to the poll's horizon. Every id must come once, ascending.
 struct horizon_follower {
@@ -198,7 +211,7 @@ TEST_CASE("a reader's horizon never passes an id that later appears") {
     std::int64_t fast_id = 0;
     std::thread fast([&] { fast_id = store.append(batch_of({{ch_a, 2}}))[0].id; });
     test_connection admin(db.conninfo);
-    CHECK(wait_until([&] { return admin.scalar("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted") == 1; }));
+    CHECK(wait_until([&] { return waiting_for_bus_lock(admin) == 1; }));
     auto before = store.fetch({ch_a}, -1);
     CHECK(before.notifications.empty());
     CHECK(before.horizon < slow_id);  // vouches for nothing the slow transaction may still add
@@ -308,22 +321,17 @@ TEST_CASE("a store's writer connections wait for the advisory lock side by side,
     o.writers = 3;
     imbus::pg_store store(db.conninfo, o);
     test_connection holder(db.conninfo);
-    holder.exec("BEGIN");
-    holder.exec("SELECT pg_advisory_xact_lock(" + std::to_string(imbus::pg_store::advisory_lock_key) + ")");
-    const std::int64_t held_id = holder.scalar(
-        "INSERT INTO bus_bus (channel, message, create_date) VALUES ('[\"db\",\"a\"]', '{}', now()) RETURNING id");
+    const std::int64_t held_id = hold_bus_lock(holder);
     constexpr int threads = 5;
     std::vector<std::int64_t> ids(threads);
     std::vector<std::thread> workers;
     for (int w = 0; w < threads; ++w)
         workers.emplace_back([&, w] { ids[std::size_t(w)] = store.append(batch_of({{ch_a, w}}))[0].id; });
     test_connection admin(db.conninfo);
-    auto waiting = [&] {
-        return admin.scalar("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted");
-    };
-    CHECK(wait_until([&] { return waiting() == 3; }));
-    std::this_thread::sleep_for(100ms);
-    CHECK(waiting() == 3);  // the other two commits wait for a connection, not at the server
+    CHECK(wait_until([&] { return waiting_for_bus_lock(admin) == 3; }));
+    std::this_thread::sleep_for(100ms);  // a negative: no fourth one shows up
+    CHECK(waiting_for_bus_lock(admin) == 3);  // the other two commits wait for a connection, not at the server
+    CHECK(wait_until([&] { return store.waiting_commits() == 2; }));
     holder.exec("COMMIT");
     for (auto& t : workers) t.join();
     std::sort(ids.begin(), ids.end());
@@ -340,14 +348,11 @@ TEST_CASE("group commit: waiting batches share a transaction, and a bad batch fa
     o.writers = 1;
     imbus::pg_store store(db.conninfo, o);
     test_connection holder(db.conninfo);
-    holder.exec("BEGIN");
-    holder.exec("SELECT pg_advisory_xact_lock(" + std::to_string(imbus::pg_store::advisory_lock_key) + ")");
-    const std::int64_t held_id = holder.scalar(
-        "INSERT INTO bus_bus (channel, message, create_date) VALUES ('[\"db\",\"a\"]', '{}', now()) RETURNING id");
+    const std::int64_t held_id = hold_bus_lock(holder);
     std::int64_t first_id = 0;
     std::thread first([&] { first_id = store.append(batch_of({{ch_a, 0}}))[0].id; });  // at the server
     test_connection admin(db.conninfo);
-    CHECK(wait_until([&] { return admin.scalar("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted") == 1; }));
+    CHECK(wait_until([&] { return waiting_for_bus_lock(admin) == 1; }));
     const channel too_long("db", std::string(9000, 'x'));
     std::vector<std::int64_t> ids(3);
     std::vector<std::string> errors(3);
