@@ -8,6 +8,7 @@
 #include "imbus.hpp"
 
 #include "support/pg_database.hpp"
+#include "support/store_helpers.hpp"
 
 #include <algorithm>
 #include <cstdio>
@@ -24,23 +25,13 @@ using imbus::pending_message;
 using imbus_test::test_connection;
 using imbus_test::pg_test_database;
 using imbus_test::wait_until;
+using imbus_test::batch_of;
+using imbus_test::ids_of;
 
 namespace {
 
 const channel ch_a("db", "a");
 const channel ch_b("db", "b");
-
-std::vector<pending_message> batch_of(std::initializer_list<std::pair<channel, int>> items) {
-    std::vector<pending_message> batch;
-    for (const auto& [c, n] : items) batch.push_back({c, imbus::make_message("t", n)});
-    return batch;
-}
-
-std::vector<std::int64_t> ids_of(const std::vector<imbus::notification>& ns) {
-    std::vector<std::int64_t> ids;
-    for (const auto& n : ns) ids.push_back(n.id);
-    return ids;
-}
 
 // Opens a transaction on `c` that holds the bus's advisory lock and has taken one id (returned),
 // as a slow bus commit of another process would: every bus commit now waits for c's COMMIT.

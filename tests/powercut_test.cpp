@@ -19,6 +19,7 @@
 
 #define IMBUS_WITH_SQLITE
 #include "imbus.hpp"
+#include "support/store_helpers.hpp"
 
 #include <fcntl.h>
 #include <unistd.h>
@@ -29,6 +30,8 @@
 #include <random>
 #include <string>
 #include <vector>
+
+using imbus_test::temp_db;
 
 namespace {
 
@@ -255,22 +258,6 @@ void settle_disk(double survive, std::mt19937& rng) {
 
 // --- the workload -----------------------------------------------------------------------------
 
-struct temp_db {
-    std::string path;
-    temp_db() {
-        char name[] = "/tmp/imbus-powercut-test-XXXXXX";
-        const int fd = mkstemp(name);
-        REQUIRE(fd >= 0);
-        ::close(fd);
-        path = name;
-        std::remove(path.c_str());
-    }
-    ~temp_db() {
-        for (const char* suffix : {"", "-wal", "-shm", "-journal"}) std::remove((path + suffix).c_str());
-    }
-    temp_db(const temp_db&) = delete;
-    temp_db& operator=(const temp_db&) = delete;
-};
 
 // Transaction sizes: single rows, and batches large enough to span many pages and writes.
 const std::vector<int> batch_sizes = {1, 200, 3, 150, 200, 7, 200, 60, 1, 120, 200, 2};

@@ -8,6 +8,7 @@
 
 #include "imbus.hpp"
 #include "support/raw_socket.hpp"
+#include "support/store_helpers.hpp"
 
 #include <algorithm>
 #include <atomic>
@@ -31,6 +32,7 @@ using namespace std::chrono_literals;
 using imbus::channel;
 using imbus::json;
 using imbus_test::raw_ws;
+using imbus_test::temp_db;
 using ms = std::chrono::milliseconds;
 using steady = std::chrono::steady_clock;
 
@@ -70,23 +72,6 @@ template <class Pred> bool wait_until(Pred pred, ms timeout = 5000ms) {
     return true;
 }
 
-// A temporary SQLite file, removed with its WAL companions.
-struct temp_db {
-    std::string path;
-    temp_db() {
-        char name[] = "/tmp/imbus-delivery-test-XXXXXX";
-        const int fd = mkstemp(name);
-        REQUIRE(fd >= 0);
-        ::close(fd);
-        path = name;
-        std::remove(path.c_str());
-    }
-    ~temp_db() {
-        for (const char* suffix : {"", "-wal", "-shm", "-journal"}) std::remove((path + suffix).c_str());
-    }
-    temp_db(const temp_db&) = delete;
-    temp_db& operator=(const temp_db&) = delete;
-};
 
 struct store_config {
     std::chrono::seconds retention{86400};

@@ -4,6 +4,7 @@
 
 #define IMBUS_WITH_SQLITE
 #include "imbus.hpp"
+#include "support/store_helpers.hpp"
 
 #ifdef IMBUS_TEST_POSTGRES  // set by CMake when the PostgreSQL tests run
 #include "support/pg_database.hpp"
@@ -18,24 +19,12 @@
 using namespace std::chrono_literals;
 using imbus::channel;
 using imbus::pending_message;
+using imbus_test::batch_of;
+using imbus_test::ids_of;
+using imbus_test::temp_db;
 
 namespace {
 
-// A temporary SQLite file, removed with its WAL companions.
-struct temp_db {
-    std::string path;
-    temp_db() {
-        char name[] = "/tmp/imbus-store-test-XXXXXX";
-        int fd = mkstemp(name);
-        REQUIRE(fd >= 0);
-        close(fd);
-        path = name;
-        std::remove(path.c_str());
-    }
-    ~temp_db() {
-        for (const char* suffix : {"", "-wal", "-shm", "-journal"}) std::remove((path + suffix).c_str());
-    }
-};
 
 template <class Options> Options options_with(imbus::manual_clock& clock) {
     Options o;
@@ -70,18 +59,6 @@ struct pg_fixture {
 const channel ch_a("db", "a");
 const channel ch_b("db", "b");
 const channel ch_c("db", "res.partner", 3);
-
-std::vector<pending_message> batch_of(std::initializer_list<std::pair<channel, int>> items) {
-    std::vector<pending_message> batch;
-    for (const auto& [c, n] : items) batch.push_back({c, imbus::make_message("t", n)});
-    return batch;
-}
-
-std::vector<std::int64_t> ids_of(const std::vector<imbus::notification>& ns) {
-    std::vector<std::int64_t> ids;
-    for (const auto& n : ns) ids.push_back(n.id);
-    return ids;
-}
 
 } // namespace
 
