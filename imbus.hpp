@@ -1155,7 +1155,8 @@ public:
 
     void count_refusal(int status);
     void count_close(std::uint16_t code);
-    /// From the commit event's arrival at this process's dispatcher to its frame's send.
+    /// From the commit event's arrival at this process's dispatcher to the connection's
+    /// wake-up that sends it.
     void observe_publish_to_send(std::chrono::steady_clock::duration d);
     /// Each labelled counter and the histogram, in Prometheus text format.
     std::string prometheus_text() const;
@@ -1262,8 +1263,7 @@ private:
     void schedule_idle(const connection_ptr& con, std::chrono::milliseconds in);
     bool still_valid(const connection_ptr& con);
     void close(const connection_ptr& con, std::uint16_t code, const std::string& reason);
-    void send_frame(const connection_ptr& con, detail::frame_builder& frame,
-                    std::optional<std::chrono::steady_clock::time_point> noticed_at);
+    void send_frame(const connection_ptr& con, detail::frame_builder& frame);
     void send_event(const connection_ptr& con, const commit_event& event);
     void serve_route(const http_request& request, http_response& response);
     bool admit(const connection_ptr& con, std::string& why);
@@ -4002,7 +4002,7 @@ inline std::string server_metrics::prometheus_text() const {
         for (const auto& r : refusals_)
             out += "imbus_handshakes_refused_total{status=\"" + std::to_string(r.first) + "\"} " + std::to_string(r.second) + "\n";
     }
-    out += "# HELP imbus_publish_to_send_seconds From a commit reaching this process to its frame's send.\n"
+    out += "# HELP imbus_publish_to_send_seconds From a commit reaching this process to the wake-up that sends its frame.\n"
            "# TYPE imbus_publish_to_send_seconds histogram\n";
     std::uint64_t cumulative = 0;
     char bound[32];
@@ -4485,7 +4485,11 @@ template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Trans
         missed = false;
         s.follow->catch_up([&](const notification&, std::string_view wire) { frame.add(wire); },
                            options_.catch_up_rows);
-        if (!frame.empty()) send_frame(con, frame, {});
+        if (!frame.empty()) {
+            metrics_.frames_sent.fetch_add(1, std::memory_order_relaxed);
+            metrics_.notifications_sent.fetch_add(frame.rows, std::memory_order_relaxed);
+            send_frame(con, frame);
+        }
     } while (s.follow->behind());
 }
 
@@ -4540,27 +4544,36 @@ template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Trans
     if (w.overflowed || s.follow->behind()) return catch_up(con, true);
     detail::frame_builder frame;  // rows of events shared only in part, sent as one frame
     bool full = false;            // the queue bound holds per event, not per wake-up
+    // One clock read and one update of the shared counters per wake-up, not per frame.
+    const auto now = std::chrono::steady_clock::now();
+    std::uint64_t frames = 0, rows = 0;
     std::optional<std::chrono::steady_clock::time_point> oldest;  // of the events in `frame`
     if (!w.events.empty() && w.events.front().event) oldest = w.events.front()->noticed_at;
+    auto flush_frame = [&] {
+        if (oldest) metrics_.observe_publish_to_send(now - *oldest);
+        ++frames, rows += frame.rows;
+        send_frame(con, frame);
+    };
     s.follow->take(
         w, [&](const notification&, std::string_view wire) { frame.add(wire); },
         [&](const commit_event& event) {
-            if (!frame.empty()) send_frame(con, frame, oldest);
+            if (!frame.empty()) flush_frame();
+            metrics_.observe_publish_to_send(now - event.noticed_at);
+            ++frames, rows += event.notifications.size();
             send_event(con, event);
         },
         options_.catch_up_rows,
         [&] { return full = con->get_buffered_amount() + frame.text.size() > options_.max_outbound_bytes; });
-    if (!frame.empty()) send_frame(con, frame, oldest);
+    if (!frame.empty()) flush_frame();
+    metrics_.frames_sent.fetch_add(frames, std::memory_order_relaxed);
+    metrics_.notifications_sent.fetch_add(rows, std::memory_order_relaxed);
     if (full) return lag(con);
     if (s.follow->behind()) catch_up(con, false);
 }
 
+// Catch-up frames are counted here; live ones by on_wakeup, once per wake-up.
 template <class AuthPolicy, class Transport>
-void basic_server<AuthPolicy, Transport>::send_frame(const connection_ptr& con, detail::frame_builder& frame,
-                                          std::optional<std::chrono::steady_clock::time_point> noticed_at) {
-    metrics_.frames_sent.fetch_add(1, std::memory_order_relaxed);
-    metrics_.notifications_sent.fetch_add(frame.rows, std::memory_order_relaxed);
-    if (noticed_at) metrics_.observe_publish_to_send(std::chrono::steady_clock::now() - *noticed_at);
+void basic_server<AuthPolicy, Transport>::send_frame(const connection_ptr& con, detail::frame_builder& frame) {
     const auto ec = con->send(frame.finish(), websocketpp::frame::opcode::text);
     if (ec && options_.log) options_.log(log_level::debug, "server: send failed: " + ec.message());
 }
@@ -4574,9 +4587,6 @@ void basic_server<AuthPolicy, Transport>::send_event(const connection_ptr& con, 
         for (const auto& wire : event.wire) b.add(wire);
         return detail::prepared_text_frame<message_type>(b.finish());
     });
-    metrics_.frames_sent.fetch_add(1, std::memory_order_relaxed);
-    metrics_.notifications_sent.fetch_add(event.notifications.size(), std::memory_order_relaxed);
-    metrics_.observe_publish_to_send(std::chrono::steady_clock::now() - event.noticed_at);
     const auto ec = con->send(std::const_pointer_cast<message_type>(frame));
     if (ec && options_.log) options_.log(log_level::debug, "server: send failed: " + ec.message());
 }
