@@ -839,12 +839,10 @@ TEST_CASE("limits: a TCP connection that never completes a handshake is dropped 
         const auto start = steady::now();
         char byte;
         asio::error_code ec;
-        std::size_t got = 0;
         // The server answers nothing useful and closes; a blocking read returns at the close.
-        while (!ec && steady::now() - start < 5s) got += s.read_some(asio::buffer(&byte, 1), ec);
+        while (!ec && steady::now() - start < 5s) s.read_some(asio::buffer(&byte, 1), ec);
         CHECK(ec == asio::error::eof);
         CHECK(steady::now() - start < 3s);
-        (void)got;
     }
     // Other clients are unaffected.
     auto ok = raw_ws::connect(f.port());
