@@ -53,7 +53,8 @@
 //     IMBUS_PROTOCOL_VERSION            "19.0-2"  clients with another version are told OUTDATED_VERSION
 //     IMBUS_MAX_MESSAGE_BYTES           1 MiB  a bigger client message closes with 1009
 //     IMBUS_MAX_JSON_DEPTH              512    client JSON nested deeper is refused (stack safety)
-//     IMBUS_MAX_OUTBOUND_BYTES          4 MiB  queued for one client before it is caught up from the store
+//     IMBUS_MAX_OUTBOUND_BYTES          1 MiB  queued for one client before it is caught up from the store
+//     IMBUS_MAX_OUTBOUND_TOTAL        256 MiB  queued for all clients; above it the largest queues wait
 //     IMBUS_READ_BUFFER_BYTES           2048   per-connection read buffer (compile-time only: websocketpp)
 //
 // Threading model:
@@ -110,7 +111,11 @@
 #endif
 
 #ifndef IMBUS_MAX_OUTBOUND_BYTES
-#define IMBUS_MAX_OUTBOUND_BYTES 4194304
+#define IMBUS_MAX_OUTBOUND_BYTES 1048576
+#endif
+
+#ifndef IMBUS_MAX_OUTBOUND_TOTAL
+#define IMBUS_MAX_OUTBOUND_TOTAL 268435456
 #endif
 
 #ifndef IMBUS_READ_BUFFER_BYTES
@@ -811,6 +816,9 @@ public:
     /// Polls the store from the position; calls on_row(notification, wire) for each new row.
     /// With a limit, a full page leaves the follower behind(): call again.
     template <class OnRow> std::size_t catch_up(OnRow&& on_row, std::size_t limit = 0);
+    /// The same, asking stop(wire) before each row: once it says true, that row and the rest
+    /// are left for the next catch-up (a server caps its frames and queues in bytes).
+    template <class OnRow, class Stop> std::size_t catch_up(OnRow&& on_row, std::size_t limit, Stop&& stop);
     /// Takes the rows of a wake-up that concern these channels; calls on_row for each new one.
     template <class OnRow> std::size_t take(const wakeup& w, OnRow&& on_row, std::size_t limit = 0);
     /// The same, but an event whose rows all concern these channels goes whole to
@@ -1094,9 +1102,11 @@ client_request parse_client_request(std::string_view text, std::size_t max_depth
 struct server_options {
     std::string version = IMBUS_PROTOCOL_VERSION;  ///< browsers with another one: OUTDATED_VERSION
     std::string path = "/websocket";               ///< the socket; routes live under it
-    std::size_t threads = 1;                       ///< I/O threads of run() and start()
+    /// Shards: event loops of run() and start(), each on its own thread and owning the
+    /// connections it accepted (threads > 1 listens with SO_REUSEPORT: Linux spreads them).
+    std::size_t threads = 1;
     std::size_t max_message_bytes = IMBUS_MAX_MESSAGE_BYTES;  ///< beyond: close 1009
-    std::size_t rate_burst = 10;                      ///< at most this many frames...
+    std::size_t rate_burst = 10;                      ///< at most this many frames (pings too)...
     std::chrono::milliseconds rate_delay{200};        ///< ...in any burst * delay: else 1013
     std::chrono::milliseconds idle_ping{40000};       ///< ping after this long without a frame
     std::chrono::milliseconds pong_timeout{15000};    ///< then drop the TCP connection
@@ -1106,10 +1116,17 @@ struct server_options {
     std::chrono::milliseconds close_handshake_timeout{5000};
     /// Bytes queued for one client before it counts as slow and is caught up from the store.
     std::size_t max_outbound_bytes = IMBUS_MAX_OUTBOUND_BYTES;
+    /// Bytes queued for all clients together; past it, a client that still holds anything gets
+    /// no live frames and is caught up from the store once it has drained (clients that read
+    /// keep flowing). The total stays within this plus one frame per client.
+    std::uint64_t max_outbound_total = IMBUS_MAX_OUTBOUND_TOTAL;
     std::chrono::milliseconds drain_check{20};  ///< how often a slow client's queue is looked at
-    std::size_t catch_up_rows = 1000;           ///< rows per frame when catching up from the store
-    /// With one I/O thread: connections served per turn of the loop, so that publishes and
-    /// handshakes are not kept waiting behind a whole fan-out.
+    std::size_t catch_up_rows = 1000;           ///< rows per store read when catching up
+    /// Bytes per catch-up frame at most (a single larger row goes alone), so a catch-up never
+    /// puts more than max_outbound_bytes in one client's queue.
+    std::size_t catch_up_bytes = 65536;
+    /// Connections a shard serves per turn of its loop, so that publishes and handshakes are
+    /// not kept waiting behind a whole fan-out.
     std::size_t delivery_slice = 32;
     std::size_t max_http_body_bytes = IMBUS_MAX_MESSAGE_BYTES;
     /// Client JSON (requests, route bodies) nested deeper than this is refused: copying or
@@ -1152,6 +1169,12 @@ public:
     std::atomic<std::uint64_t> notifications_sent{0};   ///< rows in those frames
     std::atomic<std::uint64_t> slow_consumer_catch_ups{0};
     std::atomic<std::uint64_t> missed_signals{0};       ///< bus/missed_notifications markers sent
+    std::atomic<std::uint64_t> rate_limited{0};         ///< connections closed 1013 for their frame rate
+    std::atomic<std::uint64_t> outbound_total_lags{0};  ///< clients held back by max_outbound_total
+    std::atomic<std::uint64_t> pings_received{0};
+    std::atomic<std::uint64_t> pongs_replaced{0};       ///< pings answered by a pong already waiting
+    /// The most one connection has held queued and in flight since the server started.
+    std::atomic<std::uint64_t> outbound_peak{0};
 
     void count_refusal(int status);
     void count_close(std::uint16_t code);
@@ -1188,6 +1211,12 @@ struct client_options;
 namespace detail {
 template <class Policy> struct checked_identity;  // the policy's identity, or a readable error
 struct frame_builder;
+struct wire_frame;  // a frame ready for the wire, shared by its recipients
+using shared_wire_frame = std::shared_ptr<const wire_frame>;
+// What one shard's connections hold in their outbound queues, on a cache line of its own.
+struct alignas(64) outbound_meter {
+    std::atomic<std::uint64_t> bytes{0};
+};
 template <class Identity> struct session_slot;
 template <class Identity, class Transport> struct server_config;
 // Give an endpoint its TLS context (defined with IMBUS_WITH_TLS, used only by tls_transport).
@@ -1242,11 +1271,26 @@ public:
     imbus::bus& bus() noexcept { return bus_; }
     std::size_t connection_count() const;
     const server_metrics& metrics() const noexcept { return metrics_; }
-    asio::io_context& io_context() noexcept { return io_; }
+    /// Bytes queued and in flight to every client together (bounded by max_outbound_total).
+    std::uint64_t outbound_bytes() const noexcept;
+    /// The most one connection holds queued and in flight right now (max_outbound_bytes).
+    std::size_t largest_outbound_bytes() const;
+    /// The first shard's event loop, e.g. for signal handlers and timers of the application.
+    asio::io_context& io_context() noexcept { return shards_.front()->io; }
 
 private:
     using message_ptr = typename config::message_type::ptr;
     using state_type = detail::session_slot<identity>;
+    // One event loop on its own thread, owning the connections it accepted for their whole
+    // life: a listener of its own on the shared port (SO_REUSEPORT), no strand, no locks.
+    struct shard {
+        asio::io_context io{1};
+        endpoint_type endpoint;
+        std::mutex batch_mutex;  // guards the two below
+        std::deque<std::function<void()>> batch;  // wake-ups waiting for their slice, in order
+        bool batch_posted = false;
+        detail::outbound_meter outbound;
+    };
 
     bool on_validate(websocketpp::connection_hdl h);
     void on_open(websocketpp::connection_hdl h);
@@ -1257,18 +1301,22 @@ private:
     std::vector<channel> build_channels(const identity& who, const std::vector<std::string>& asked);
     void on_wakeup(const connection_ptr& con, wakeup& w);
     void catch_up(const connection_ptr& con, bool check_missed);
+    bool over_budget(const connection_ptr& con, std::size_t adding);
     void lag(const connection_ptr& con);
-    void batch(std::function<void()> task);
-    void run_batch_slice();
+    void batch(shard& home, std::function<void()> task);
+    void run_batch_slice(shard& home);
+    void post_to(const connection_ptr& con, std::function<void()> task);
+    void init_shard(std::size_t index);
     void schedule_idle(const connection_ptr& con, std::chrono::milliseconds in);
+    bool within_rate(const connection_ptr& con);
     bool still_valid(const connection_ptr& con);
     void close(const connection_ptr& con, std::uint16_t code, const std::string& reason);
-    void send_frame(const connection_ptr& con, detail::frame_builder& frame);
-    void send_event(const connection_ptr& con, const commit_event& event);
+    void send_frame(const connection_ptr& con, detail::shared_wire_frame frame);
     void serve_route(const http_request& request, http_response& response);
     bool admit(const connection_ptr& con, std::string& why);
     std::string metrics_text();
     void schedule_gc();
+    void stop_shards();
     connection_ptr connection_of(websocketpp::connection_hdl h);
 
     imbus::bus& bus_;
@@ -1276,15 +1324,11 @@ private:
     AuthPolicy policy_;
     server_options options_;
     http_route route_;
-    asio::io_context io_;
-    endpoint_type endpoint_;
-    asio::steady_timer gc_timer_;
+    std::vector<std::unique_ptr<shard>> shards_;
+    std::optional<asio::steady_timer> gc_timer_;  // on the first shard
     std::uint16_t port_ = 0;
     std::atomic<bool> stopping_{false};
     std::vector<std::thread> threads_;
-    std::mutex batch_mutex_;  // guards the two below
-    std::deque<std::function<void()>> batch_;  // wake-ups waiting for their slice, in order
-    bool batch_posted_ = false;
     mutable std::mutex connections_mutex_;  // guards the three below
     std::unordered_map<const void*, std::weak_ptr<typename endpoint_type::connection_type>> connections_;
     std::size_t admitted_ = 0;                                // handshakes accepted and not yet closed
@@ -3134,12 +3178,27 @@ inline bool follower::wants_all(const commit_event& e) const {
 }
 
 template <class OnRow> std::size_t follower::catch_up(OnRow&& on_row, std::size_t limit) {
+    return catch_up(on_row, limit, [](std::string_view) { return false; });
+}
+
+template <class OnRow, class Stop> std::size_t follower::catch_up(OnRow&& on_row, std::size_t limit, Stop&& stop) {
     // The epoch is read before the poll: any gap that opens later starts a newer epoch.
     const std::uint64_t epoch_before = dispatcher_ ? dispatcher_->epoch() : 0;
     // Position 0 after a first poll (an empty store) means every row, not the first-poll window.
     auto found = store_.fetch(channels_, position_ == 0 && polled_ ? -1 : position_, limit);
+    std::size_t taken = 0;
+    for (const auto& n : found.notifications) {
+        const std::string wire = n.wire();
+        if (stop(std::string_view(wire))) {  // the rest waits; a first poll stays one until a row is taken
+            if (taken) position_ = found.notifications[taken - 1].id, polled_ = true;
+            behind_ = true;
+            synced_epoch_ = 0;
+            return taken;
+        }
+        on_row(n, std::string_view(wire));
+        ++taken;
+    }
     polled_ = true;
-    for (const auto& n : found.notifications) on_row(n, std::string_view(n.wire()));
     // A reset store (position above its newest id) restarts from its horizon as well.
     position_ = found.horizon;
     behind_ = limit != 0 && found.notifications.size() >= limit;
@@ -3706,7 +3765,7 @@ public:
 };
 
 // Each connection's bus state lives inside websocketpp's connection object (one allocation)
-// and is touched only on that connection's strand.
+// and is touched only on the thread of the shard that owns the connection.
 template <class Identity> struct session_state {
     std::optional<Identity> identity;
     std::optional<follower> follow;  // set by the first subscribe
@@ -3714,11 +3773,13 @@ template <class Identity> struct session_state {
     std::vector<std::chrono::steady_clock::time_point> recent;  // the rate window, a ring
     std::size_t recent_next = 0;
     std::chrono::steady_clock::time_point last_frame;
+    std::chrono::steady_clock::time_point ping_sent;  // when ping_outstanding became true
     std::shared_ptr<asio::steady_timer> idle_timer, lifetime_timer, drain_timer;
+    std::size_t shard = 0;          // the shard (event loop) that owns the connection
     bool open = false;
     bool policy_opened = false;     // on_close only for connections the policy saw open
-    bool lagging = false;           // over max_outbound_bytes: wake-ups wait for a catch-up
-    bool ping_outstanding = false;  // a new ping would restart websocketpp's pong deadline
+    bool lagging = false;           // over an outbound budget: wake-ups wait for a catch-up
+    bool ping_outstanding = false;  // waiting for the pong; pong_timeout runs from ping_sent
     std::string admitted_address;   // set while the connection counts against the limits
 };
 
@@ -3743,9 +3804,253 @@ template <> struct websocketpp_configs<tls_transport> {
 };
 #endif
 
+// --- The outbound path ----------------------------------------------------------------------
+// Every byte a server sends on a connection leaves through one queue of imbus's own
+// (outbound_connection), so that one number bounds what a client can make the server hold and
+// everything queued for a socket leaves in one gather write. websocketpp keeps the handshake,
+// reading and validating frames, and the close handshake. Only one write is ever in flight on
+// a socket, because websocketpp's own writes (the handshake answer, close frames) join the same
+// queue: its transport calls land in outbound_connection::async_write. imbus sends the data
+// frames, pings and pongs itself (websocketpp's automatic pong is off, its ping() unused), and
+// once websocketpp writes a close frame, the data frames still waiting are dropped.
+
+// One WebSocket frame as it goes on the wire: a commit's frame is made once and shared by
+// every recipient; a catch-up frame or a pong belongs to one connection.
+struct wire_frame {
+    static constexpr std::size_t header_room = 10;  // the longest server frame header
+    std::string bytes;  // header_room bytes, then the payload; the header ends where it begins
+    std::size_t start = header_room;
+    std::size_t size() const noexcept { return bytes.size() - start; }
+    const char* data() const noexcept { return bytes.data() + start; }
+};
+
+// Writes the (unmasked, final) header into the room left before the payload: no copy.
+inline shared_wire_frame finish_frame(std::string bytes, std::uint8_t opcode) {
+    const std::uint64_t n = bytes.size() - wire_frame::header_room;
+    std::size_t start = 0;
+    if (n < 126) {
+        start = 8;
+        bytes[9] = char(n);
+    } else if (n <= 0xffff) {
+        start = 6;
+        bytes[7] = char(126);
+        bytes[8] = char(n >> 8);
+        bytes[9] = char(n & 0xff);
+    } else {
+        bytes[1] = char(127);
+        for (int i = 0; i < 8; ++i) bytes[std::size_t(2 + i)] = char((n >> (56 - 8 * i)) & 0xff);
+    }
+    bytes[start] = char(0x80 | opcode);
+    auto frame = std::make_shared<wire_frame>();
+    frame->bytes = std::move(bytes);
+    frame->start = start;
+    return frame;
+}
+
+inline shared_wire_frame control_frame(std::uint8_t opcode, std::string_view payload) {
+    std::string bytes(wire_frame::header_room, '\0');
+    bytes.append(payload.data(), std::min<std::size_t>(payload.size(), 125));  // RFC 6455 §5.5
+    return finish_frame(std::move(bytes), opcode);
+}
+
+// Builds one text frame (a JSON array) from already serialized wire forms.
+struct frame_builder {
+    std::string text;
+    std::size_t rows = 0;  // notifications in it (a missed marker is not one)
+    void add(std::string_view wire, bool is_row = true) {
+        if (text.empty()) text.assign(wire_frame::header_room, '\0'), text += '[';
+        else text += ',';
+        text += wire;
+        rows += is_row;
+    }
+    bool empty() const noexcept { return text.empty(); }
+    std::size_t size() const noexcept { return text.size(); }  // the frame's bytes, near enough
+    shared_wire_frame finish() { return finish_frame(std::move(text += ']'), 0x1); }
+};
+
+// A buffer sequence over a vector that does not change while its write is in flight, so that
+// asio does not copy the vector for each write.
+struct buffer_span {
+    using value_type = asio::const_buffer;
+    using const_iterator = const asio::const_buffer*;
+    const asio::const_buffer* first;
+    const asio::const_buffer* last;
+    const_iterator begin() const noexcept { return first; }
+    const_iterator end() const noexcept { return last; }
+};
+
+// websocketpp's asio transport connection with imbus's outbound queue in place of its writes.
+template <class TransportConfig>
+class outbound_connection : public websocketpp::transport::asio::connection<TransportConfig> {
+    using base = websocketpp::transport::asio::connection<TransportConfig>;
+
+public:
+    using base::base;
+
+    // websocketpp's writes: the handshake answer first, and after open only close frames.
+    void async_write(const char* data, std::size_t size, websocketpp::transport::write_handler done) {
+        library_write({asio::const_buffer(data, size)}, std::move(done));
+    }
+    void async_write(const std::vector<websocketpp::transport::buffer>& buffers, websocketpp::transport::write_handler done) {
+        std::vector<asio::const_buffer> copy;
+        copy.reserve(buffers.size());
+        for (const auto& b : buffers) copy.emplace_back(b.buf, b.len);
+        library_write(std::move(copy), std::move(done));
+    }
+    // A write stuck on a peer that stopped reading would hold the shutdown back forever (and a
+    // TLS shutdown writes): the TCP stream ends under it first, websocketpp's shutdown follows.
+    void async_shutdown(websocketpp::transport::shutdown_handler done) {
+        drop_frames();
+        if (!writing_) return base::async_shutdown(std::move(done));
+        asio::error_code ignored;
+        this->get_raw_socket().shutdown(asio::ip::tcp::socket::shutdown_both, ignored);
+        shutdown_ = std::move(done);
+    }
+
+    /// Counts this connection's bytes in its shard's total as well.
+    void set_outbound_meter(outbound_meter* meter) noexcept { meter_ = meter; }
+    /// The handshake is done: from now on a write of websocketpp's is a close frame.
+    void open_outbound() noexcept { open_ = true; }
+    /// No more frames: a close is about to be handed to websocketpp.
+    void close_outbound() noexcept {
+        closing_ = true;
+        drop_frames();
+    }
+    /// Queues a frame; false once the connection is closing. flush_outbound() sends it.
+    bool queue_frame(shared_wire_frame frame) {
+        if (!open_ || closing_ || failed_) return false;
+        count(frame->size(), true);
+        queue_.push_back({std::move(frame), {}, {}});
+        return true;
+    }
+    /// Answers the newest ping only: a pong not yet written takes the new payload instead of
+    /// queueing another (RFC 6455 §5.5.3), so pings cannot pile pongs up. True: replaced.
+    bool queue_pong(std::string_view payload) {
+        if (!open_ || closing_ || failed_) return false;
+        auto pong = control_frame(0xA, payload);
+        if (pong_at_ < queue_.size()) {
+            count(queue_[pong_at_].frame->size(), false);
+            count(pong->size(), true);
+            queue_[pong_at_].frame = std::move(pong);
+            return true;
+        }
+        pong_at_ = queue_.size();
+        queue_frame(std::move(pong));
+        return false;
+    }
+    /// Starts one gather write of everything queued, unless a write is in flight (its
+    /// completion writes what queued meanwhile).
+    void flush_outbound() {
+        if (writing_ || queue_.empty() || failed_) return;
+        writing_ = true;
+        pong_at_ = npos;
+        std::swap(in_flight_, queue_);
+        gather_.clear();
+        for (const auto& item : in_flight_) {
+            if (item.frame) gather_.emplace_back(item.frame->data(), item.frame->size());
+            else gather_.insert(gather_.end(), item.library.begin(), item.library.end());
+        }
+        auto self = std::static_pointer_cast<outbound_connection>(this->shared_from_this());
+        asio::async_write(this->get_socket(), buffer_span{gather_.data(), gather_.data() + gather_.size()},
+                          [self](const asio::error_code& ec, std::size_t) { self->written(ec); });
+    }
+    /// Bytes queued and in flight on this connection (readable from any thread).
+    std::size_t outbound_bytes() const noexcept { return bytes_.load(std::memory_order_relaxed); }
+
+private:
+    struct outgoing {
+        shared_wire_frame frame;                      // imbus's frame, or else
+        std::vector<asio::const_buffer> library;      // websocketpp's (it keeps them alive)
+        websocketpp::transport::write_handler done;   // and its completion
+        std::size_t size() const noexcept { return frame ? frame->size() : asio::buffer_size(library); }
+    };
+    static constexpr std::size_t npos = std::size_t(-1);
+
+    void count(std::size_t n, bool add) noexcept {
+        if (add) bytes_.store(bytes_.load(std::memory_order_relaxed) + n, std::memory_order_relaxed);
+        else bytes_.store(bytes_.load(std::memory_order_relaxed) - n, std::memory_order_relaxed);
+        if (meter_) add ? meter_->bytes.fetch_add(n, std::memory_order_relaxed) : meter_->bytes.fetch_sub(n, std::memory_order_relaxed);
+    }
+
+    void library_write(std::vector<asio::const_buffer> buffers, websocketpp::transport::write_handler done) {
+        if (open_) close_outbound();  // a close frame: nothing of ours goes after it
+        if (failed_) {
+            asio::post(this->get_raw_socket().get_executor(), [done = std::move(done)] {
+                done(websocketpp::transport::error::make_error_code(websocketpp::transport::error::pass_through));
+            });
+            return;
+        }
+        outgoing item{nullptr, std::move(buffers), std::move(done)};
+        count(item.size(), true);
+        queue_.push_back(std::move(item));
+        flush_outbound();
+    }
+
+    // Imbus's frames not yet in flight go; websocketpp's writes stay (it waits for them).
+    void drop_frames() {
+        pong_at_ = npos;
+        std::size_t kept = 0;
+        for (std::size_t i = 0; i < queue_.size(); ++i) {
+            if (queue_[i].frame) count(queue_[i].frame->size(), false);
+            else if (kept++ != i) queue_[kept - 1] = std::move(queue_[i]);
+        }
+        queue_.resize(kept);
+    }
+
+    void written(const asio::error_code& ec) {
+        writing_ = false;
+        std::vector<websocketpp::transport::write_handler> done;  // websocketpp's, called last
+        for (auto& item : in_flight_) {
+            count(item.size(), false);
+            if (item.done) done.push_back(std::move(item.done));
+        }
+        in_flight_.clear();
+        if (ec) {
+            failed_ = true;
+            drop_frames();
+            for (auto& item : queue_) {
+                count(item.size(), false);
+                done.push_back(std::move(item.done));
+            }
+            queue_.clear();
+        }
+        const auto result = ec ? websocketpp::transport::error::make_error_code(websocketpp::transport::error::pass_through)
+                               : std::error_code();
+        if (shutdown_) {
+            auto finish = std::move(shutdown_);
+            shutdown_ = nullptr;
+            for (auto& d : done) d(result);
+            return base::async_shutdown(std::move(finish));
+        }
+        for (auto& d : done) d(result);
+        flush_outbound();
+    }
+
+    std::vector<outgoing> queue_;      // waiting for the write in flight to finish
+    std::vector<outgoing> in_flight_;  // the write in flight
+    std::vector<asio::const_buffer> gather_;
+    std::size_t pong_at_ = npos;       // where in queue_ the pong waits, if one does
+    std::atomic<std::size_t> bytes_{0};
+    outbound_meter* meter_ = nullptr;
+    websocketpp::transport::shutdown_handler shutdown_;
+    bool writing_ = false, open_ = false, closing_ = false, failed_ = false;
+};
+
+// websocketpp's asio transport, making outbound_connections.
+template <class TransportConfig> class outbound_endpoint : public websocketpp::transport::asio::endpoint<TransportConfig> {
+public:
+    using transport_con_type = outbound_connection<TransportConfig>;
+    using transport_con_ptr = std::shared_ptr<transport_con_type>;
+};
+
 template <class Identity, class Transport> struct server_config : websocketpp_configs<Transport>::server {
     using connection_base = session_slot<Identity>;
     using request_type = ws_request;
+    // A connection lives on one shard's thread for its whole life: no strand per connection.
+    struct transport_config : websocketpp_configs<Transport>::server::transport_config {
+        static const bool enable_multithreading = false;
+    };
+    using transport_type = outbound_endpoint<transport_config>;
     // The read buffer is part of every connection: sized for small client requests.
     static const std::size_t connection_read_buffer_size = IMBUS_READ_BUFFER_BYTES;
     // imbus logs what matters itself; websocketpp's access log would cost a line per frame.
@@ -3787,26 +4092,6 @@ template <class Connection> void check_server_name(Connection& con, const client
     if (options.tls_verify) con.get_socket().set_verify_callback(asio::ssl::host_name_verification(con.get_host()));
 }
 #endif
-
-// A ready-to-write text frame (server frames are not masked), shared by every recipient.
-template <class Message> std::shared_ptr<Message> prepared_text_frame(std::string payload) {
-    auto message = std::make_shared<Message>(nullptr, websocketpp::frame::opcode::text, 0);
-    std::string header(1, char(0x81));  // FIN + text
-    const std::uint64_t n = payload.size();
-    if (n < 126) {
-        header += char(n);
-    } else if (n <= 0xffff) {
-        header += char(126);
-        for (int shift = 8; shift >= 0; shift -= 8) header += char((n >> shift) & 0xff);
-    } else {
-        header += char(127);
-        for (int shift = 56; shift >= 0; shift -= 8) header += char((n >> shift) & 0xff);
-    }
-    message->set_header(header);
-    message->get_raw_payload() = std::move(payload);
-    message->set_prepared(true);
-    return message;
-}
 
 // "self" admits a page served by this very server (its Origin names the Host it asked), which
 // is what a server listening on port 0 cannot spell out in advance.
@@ -3850,19 +4135,6 @@ inline std::string missed_marker(std::int64_t last) {
     return "{\"id\":" + std::to_string(last) +
            ",\"message\":{\"type\":\"bus/missed_notifications\",\"payload\":{\"last\":" + std::to_string(last) + "}}}";
 }
-
-// Builds one frame (a JSON array) from already serialized wire forms.
-struct frame_builder {
-    std::string text;
-    std::size_t rows = 0;  // notifications in it (a missed marker is not one)
-    void add(std::string_view wire, bool is_row = true) {
-        text += text.empty() ? '[' : ',';
-        text += wire;
-        rows += is_row;
-    }
-    bool empty() const noexcept { return text.empty(); }
-    std::string finish() { return text.empty() ? std::string() : std::move(text += ']'); }
-};
 
 // Which optional members a policy has (by signature, so the defaults apply otherwise).
 template <class P, class = void> struct policy_has_identity : std::false_type {};
@@ -3988,9 +4260,17 @@ inline std::string server_metrics::prometheus_text() const {
     counter("imbus_frames_sent_total", "Frames sent to clients.", frames_sent.load());
     counter("imbus_notifications_sent_total", "Notifications sent to clients (a row sent to two clients counts twice).",
             notifications_sent.load());
-    counter("imbus_slow_consumer_catch_ups_total", "Times a client's queue went over max_outbound_bytes.",
+    counter("imbus_slow_consumer_catch_ups_total",
+            "Times a client was held back to be caught up from the store (its queue over max_outbound_bytes, or all over max_outbound_total).",
             slow_consumer_catch_ups.load());
     counter("imbus_missed_notifications_signals_total", "bus/missed_notifications markers sent.", missed_signals.load());
+    counter("imbus_rate_limited_total", "Connections closed with 1013 for sending frames (pings included) too fast.",
+            rate_limited.load());
+    counter("imbus_outbound_total_lags_total", "Times a client was held back because all queues together reached max_outbound_total.",
+            outbound_total_lags.load());
+    counter("imbus_pings_received_total", "Pings received from clients.", pings_received.load());
+    counter("imbus_pongs_replaced_total", "Pings answered by updating a pong not yet written instead of queueing another.",
+            pongs_replaced.load());
     {
         std::lock_guard<std::mutex> lock(mutex_);
         out += "# HELP imbus_closes_total WebSocket connections closed, by close code (1006: dropped without one).\n"
@@ -4047,46 +4327,54 @@ inline http_route static_files(std::string root, std::string url_prefix) {
 
 template <class AuthPolicy, class Transport>
 basic_server<AuthPolicy, Transport>::basic_server(imbus::bus& b, AuthPolicy policy, server_options options)
-    : bus_(b), dispatcher_(b.get_dispatcher()), policy_(std::move(policy)), options_(std::move(options)),
-      gc_timer_(io_) {
+    : bus_(b), dispatcher_(b.get_dispatcher()), policy_(std::move(policy)), options_(std::move(options)) {
     if (options_.threads == 0) options_.threads = 1;
     if (options_.rate_burst == 0) options_.rate_burst = 1;
-    endpoint_.init_asio(&io_);
-    if constexpr (!std::is_same_v<Transport, plain_transport>) detail::use_server_tls(endpoint_, options_);
-    endpoint_.set_reuse_addr(true);
-    endpoint_.set_max_message_size(options_.max_message_bytes);
-    endpoint_.set_max_http_body_size(options_.max_http_body_bytes);
-    endpoint_.set_open_handshake_timeout(long(options_.open_handshake_timeout.count()));
-    endpoint_.set_close_handshake_timeout(long(options_.close_handshake_timeout.count()));
-    endpoint_.set_pong_timeout(long(options_.pong_timeout.count()));
-    using namespace std::placeholders;
+    for (std::size_t i = 0; i < options_.threads; ++i) init_shard(i);
+    gc_timer_.emplace(shards_.front()->io);
+}
+
+template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Transport>::init_shard(std::size_t index) {
+    shards_.push_back(std::make_unique<shard>());
+    shard& home = *shards_.back();
+    auto& endpoint = home.endpoint;
+    endpoint.init_asio(&home.io);
+    if constexpr (!std::is_same_v<Transport, plain_transport>) detail::use_server_tls(endpoint, options_);
+    endpoint.set_reuse_addr(true);
+    endpoint.set_max_message_size(options_.max_message_bytes);
+    endpoint.set_max_http_body_size(options_.max_http_body_bytes);
+    endpoint.set_open_handshake_timeout(long(options_.open_handshake_timeout.count()));
+    endpoint.set_close_handshake_timeout(long(options_.close_handshake_timeout.count()));
     // Frames are small and latency matters: no Nagle delay behind an unacknowledged segment.
     // (After the accept: websocketpp's socket_init handler sees the socket before it is open.)
-    endpoint_.set_tcp_post_init_handler([this](websocketpp::connection_hdl h) {
-        asio::error_code ignored;
-        if (auto con = connection_of(h)) con->get_raw_socket().set_option(asio::ip::tcp::no_delay(true), ignored);
-    });
-    endpoint_.set_validate_handler([this](websocketpp::connection_hdl h) { return on_validate(h); });
-    endpoint_.set_open_handler([this](websocketpp::connection_hdl h) { on_open(h); });
-    endpoint_.set_close_handler([this](websocketpp::connection_hdl h) { on_close(h); });
-    endpoint_.set_fail_handler([this](websocketpp::connection_hdl h) { on_close(h); });
-    endpoint_.set_http_handler([this](websocketpp::connection_hdl h) { on_http_request(h); });
-    endpoint_.set_message_handler([this](websocketpp::connection_hdl h, message_ptr m) { on_message(h, m); });
-    endpoint_.set_ping_handler([this](websocketpp::connection_hdl h, std::string) {
-        if (auto con = connection_of(h)) con->imbus_state.last_frame = std::chrono::steady_clock::now();
-        return true;  // websocketpp answers with a pong
-    });
-    endpoint_.set_pong_handler([this](websocketpp::connection_hdl h, std::string) {
-        if (auto con = connection_of(h)) {
-            con->imbus_state.last_frame = std::chrono::steady_clock::now();
-            con->imbus_state.ping_outstanding = false;
-        }
-    });
-    endpoint_.set_pong_timeout_handler([this](websocketpp::connection_hdl h, std::string) {
+    endpoint.set_tcp_post_init_handler([this, index, &home](websocketpp::connection_hdl h) {
         auto con = connection_of(h);
         if (!con) return;
-        if (options_.log) options_.log(log_level::info, "server: no pong from " + con->get_remote_endpoint() + ", dropped");
-        con->terminate(websocketpp::transport::error::make_error_code(websocketpp::transport::error::timeout));
+        asio::error_code ignored;
+        con->get_raw_socket().set_option(asio::ip::tcp::no_delay(true), ignored);
+        con->imbus_state.shard = index;
+        con->set_outbound_meter(&home.outbound);
+    });
+    endpoint.set_validate_handler([this](websocketpp::connection_hdl h) { return on_validate(h); });
+    endpoint.set_open_handler([this](websocketpp::connection_hdl h) { on_open(h); });
+    endpoint.set_close_handler([this](websocketpp::connection_hdl h) { on_close(h); });
+    endpoint.set_fail_handler([this](websocketpp::connection_hdl h) { on_close(h); });
+    endpoint.set_http_handler([this](websocketpp::connection_hdl h) { on_http_request(h); });
+    endpoint.set_message_handler([this](websocketpp::connection_hdl h, message_ptr m) { on_message(h, m); });
+    // Pings and pongs count against the rate limit like any frame; imbus answers pings itself,
+    // with at most one pong waiting.
+    endpoint.set_ping_handler([this](websocketpp::connection_hdl h, std::string payload) {
+        auto con = connection_of(h);
+        metrics_.pings_received.fetch_add(1, std::memory_order_relaxed);
+        if (!con || !con->imbus_state.open || !within_rate(con)) return false;
+        if (con->queue_pong(payload)) metrics_.pongs_replaced.fetch_add(1, std::memory_order_relaxed);
+        con->flush_outbound();
+        return false;  // websocketpp's own pong stays unsent
+    });
+    endpoint.set_pong_handler([this](websocketpp::connection_hdl h, std::string) {
+        auto con = connection_of(h);
+        if (!con || !con->imbus_state.open || !within_rate(con)) return;
+        con->imbus_state.ping_outstanding = false;
     });
 }
 
@@ -4104,17 +4392,37 @@ void basic_server<AuthPolicy, Transport>::listen(const std::string& address, std
         ec = aec;
         return;
     }
-    endpoint_.listen(asio::ip::tcp::endpoint(ip, port), ec);
-    if (ec) return;
-    const auto local = endpoint_.get_local_endpoint(aec);
-    if (aec) {
-        ec = aec;
-        return;
+    for (std::size_t i = 0; i < shards_.size(); ++i) {
+        auto& endpoint = shards_[i]->endpoint;
+        if (shards_.size() > 1) {
+#ifdef SO_REUSEPORT
+            // Every shard listens on the same port; the kernel spreads new connections.
+            endpoint.set_tcp_pre_bind_handler([](std::shared_ptr<asio::ip::tcp::acceptor> acceptor) {
+                asio::error_code option_ec;
+                acceptor->set_option(asio::detail::socket_option::boolean<SOL_SOCKET, SO_REUSEPORT>(true), option_ec);
+                return std::error_code(option_ec);
+            });
+#else
+            ec = std::make_error_code(std::errc::operation_not_supported);  // threads > 1 needs SO_REUSEPORT
+            return;
+#endif
+        }
+        endpoint.listen(asio::ip::tcp::endpoint(ip, i == 0 ? port : port_), ec);
+        if (ec) return;
+        if (i == 0) {
+            const auto local = endpoint.get_local_endpoint(aec);
+            if (aec) {
+                ec = aec;
+                return;
+            }
+            port_ = local.port();
+        }
+        endpoint.start_accept(ec);
+        if (ec) return;
     }
-    port_ = local.port();
-    endpoint_.start_accept(ec);
-    if (!ec) schedule_gc();
+    schedule_gc();
 }
+
 
 template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Transport>::listen(const std::string& address, std::uint16_t port) {
     std::error_code ec;
@@ -4125,9 +4433,7 @@ template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Trans
 template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Transport>::run(std::error_code& ec) {
     ec.clear();
     try {
-        for (std::size_t i = 1; i < options_.threads; ++i) threads_.emplace_back([this] { io_.run(); });
-        io_.run();
-        wait();
+        run();
     } catch (const std::system_error& e) {
         ec = e.code();
         stop();
@@ -4136,41 +4442,52 @@ template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Trans
 }
 
 template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Transport>::run() {
-    for (std::size_t i = 1; i < options_.threads; ++i) threads_.emplace_back([this] { io_.run(); });
-    io_.run();
+    for (std::size_t i = 1; i < shards_.size(); ++i) threads_.emplace_back([io = &shards_[i]->io] { io->run(); });
+    shards_.front()->io.run();
     wait();
 }
 
 template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Transport>::start() {
-    for (std::size_t i = 0; i < options_.threads; ++i) threads_.emplace_back([this] { io_.run(); });
+    for (auto& sh : shards_) threads_.emplace_back([io = &sh->io] { io->run(); });
 }
 
 template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Transport>::wait() {
     for (auto& t : threads_)
         if (t.joinable() && t.get_id() != std::this_thread::get_id()) t.join();
     threads_.clear();
-    // Only now, with no I/O thread left, is the acceptor safe to close: websocketpp restarts
-    // accepting from whichever thread took the last connection.
-    std::error_code ec;
-    if (stopping_ && io_.stopped() && endpoint_.is_listening()) endpoint_.stop_listening(ec);
+    // Only now, with no I/O thread left, are the acceptors safe to close: websocketpp restarts
+    // accepting from the thread that took the last connection.
+    for (auto& sh : shards_) {
+        std::error_code ec;
+        if (stopping_ && sh->io.stopped() && sh->endpoint.is_listening()) sh->endpoint.stop_listening(ec);
+    }
+}
+
+template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Transport>::stop_shards() {
+    for (auto& sh : shards_) sh->io.stop();
 }
 
 // New handshakes are refused (503) from here on; once the last connection has closed its
-// handshake, the I/O threads return and wait() closes the acceptor.
+// handshake, the I/O threads return and wait() closes the acceptors.
 template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Transport>::stop() noexcept {
     if (stopping_.exchange(true)) return;
-    asio::post(io_, [this] {
-        gc_timer_.cancel();
+    asio::post(shards_.front()->io, [this] {
+        gc_timer_->cancel();
         std::vector<connection_ptr> open;
         {
             std::lock_guard<std::mutex> lock(connections_mutex_);
             for (auto& entry : connections_)
                 if (auto con = entry.second.lock()) open.push_back(con);
-            if (open.empty()) io_.stop();
+            if (open.empty()) stop_shards();
         }
-        for (auto& con : open)
-            asio::post(*con->get_strand(), [this, con] { close(con, 1001, "server shutdown"); });
+        for (auto& con : open) post_to(con, [this, con] { close(con, 1001, "server shutdown"); });
     });
+}
+
+// A connection is touched only on its own shard's thread.
+template <class AuthPolicy, class Transport>
+void basic_server<AuthPolicy, Transport>::post_to(const connection_ptr& con, std::function<void()> task) {
+    asio::post(shards_[con->imbus_state.shard]->io, std::move(task));
 }
 
 template <class AuthPolicy, class Transport> std::size_t basic_server<AuthPolicy, Transport>::connection_count() const {
@@ -4185,20 +4502,35 @@ template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Trans
         for (auto& entry : connections_)
             if (auto con = entry.second.lock()) open.push_back(con);
     }
-    for (auto& con : open) asio::post(*con->get_strand(), [this, con] { still_valid(con); });
+    for (auto& con : open) post_to(con, [this, con] { still_valid(con); });
 }
+
+template <class AuthPolicy, class Transport> std::uint64_t basic_server<AuthPolicy, Transport>::outbound_bytes() const noexcept {
+    std::uint64_t total = 0;
+    for (const auto& sh : shards_) total += sh->outbound.bytes.load(std::memory_order_relaxed);
+    return total;
+}
+
+template <class AuthPolicy, class Transport> std::size_t basic_server<AuthPolicy, Transport>::largest_outbound_bytes() const {
+    std::size_t largest = 0;
+    std::lock_guard<std::mutex> lock(connections_mutex_);
+    for (const auto& entry : connections_)
+        if (auto con = entry.second.lock()) largest = std::max(largest, con->outbound_bytes());
+    return largest;
+}
+
 
 template <class AuthPolicy, class Transport>
 typename basic_server<AuthPolicy, Transport>::connection_ptr basic_server<AuthPolicy, Transport>::connection_of(websocketpp::connection_hdl h) {
     std::error_code ec;
-    auto con = endpoint_.get_con_from_hdl(h, ec);
+    auto con = shards_.front()->endpoint.get_con_from_hdl(h, ec);  // any endpoint: a cast of the handle
     return ec ? nullptr : con;
 }
 
 template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Transport>::schedule_gc() {
     if (options_.gc_interval.count() <= 0) return;
-    gc_timer_.expires_after(options_.gc_interval);
-    gc_timer_.async_wait([this](const asio::error_code& ec) {
+    gc_timer_->expires_after(options_.gc_interval);
+    gc_timer_->async_wait([this](const asio::error_code& ec) {
         if (ec || stopping_) return;
         try {
             bus_.store().collect_garbage();
@@ -4255,6 +4587,16 @@ template <class AuthPolicy, class Transport> std::string basic_server<AuthPolicy
     gauge("imbus_channels", "Channels with at least one local subscriber.", std::int64_t(dispatcher_.channel_count()));
     gauge("imbus_store_newest_id", "The newest notification id in the store (ids count the notifications stored).",
           bus_.store().newest_id());
+    gauge("imbus_outbound_bytes", "Bytes queued and in flight to all clients together.", std::int64_t(outbound_bytes()));
+    gauge("imbus_outbound_bytes_largest", "The most bytes one client has queued and in flight now.",
+          std::int64_t(largest_outbound_bytes()));
+    gauge("imbus_outbound_bytes_peak", "The most bytes one client has had queued and in flight since the start.",
+          std::int64_t(metrics_.outbound_peak.load()));
+    gauge("imbus_outbound_bytes_limit", "max_outbound_bytes: one client's queue beyond which it is caught up from the store.",
+          std::int64_t(options_.max_outbound_bytes));
+    gauge("imbus_outbound_total_limit", "max_outbound_total: all queues together beyond which the largest wait.",
+          std::int64_t(options_.max_outbound_total));
+
     return out;
 }
 
@@ -4286,10 +4628,12 @@ template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Trans
     auto& s = con->imbus_state;
     s.open = true;
     s.last_frame = std::chrono::steady_clock::now();
+    con->open_outbound();
     {
         std::lock_guard<std::mutex> lock(connections_mutex_);
         connections_.emplace(con.get(), con);
     }
+
     metrics_.connections_opened.fetch_add(1, std::memory_order_relaxed);
     if (stopping_) return close(con, 1001, "server shutdown");
     const auto& request = con->get_request();
@@ -4320,20 +4664,32 @@ template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Trans
     });
 }
 
+// One timer per connection for both ends of the keep-alive: the ping after idle_ping without a
+// frame, then the pong deadline (no pong within pong_timeout drops TCP without a close).
 template <class AuthPolicy, class Transport>
 void basic_server<AuthPolicy, Transport>::schedule_idle(const connection_ptr& con, std::chrono::milliseconds in) {
     std::weak_ptr<typename endpoint_type::connection_type> weak = con;
     con->imbus_state.idle_timer = con->set_timer(long(std::max<long long>(in.count(), 1)), [this, weak](const std::error_code& ec) {
         auto c = weak.lock();
         if (!c || ec || !c->imbus_state.open) return;
-        const auto quiet = std::chrono::duration_cast<std::chrono::milliseconds>(
-            std::chrono::steady_clock::now() - c->imbus_state.last_frame);
-        if (quiet < options_.idle_ping || c->imbus_state.ping_outstanding)
-            return schedule_idle(c, std::max(options_.idle_ping - quiet, std::chrono::milliseconds(1)));
-        std::error_code ping_ec;
-        c->ping("", ping_ec);  // websocketpp starts the pong deadline
-        c->imbus_state.ping_outstanding = !ping_ec;
-        schedule_idle(c, options_.idle_ping);
+        auto& s = c->imbus_state;
+        const auto now = std::chrono::steady_clock::now();
+        using std::chrono::duration_cast;
+        using std::chrono::milliseconds;
+        if (s.ping_outstanding) {
+            const auto waited = duration_cast<milliseconds>(now - s.ping_sent);
+            if (waited < options_.pong_timeout) return schedule_idle(c, options_.pong_timeout - waited);
+            if (options_.log) options_.log(log_level::info, "server: no pong from " + c->get_remote_endpoint() + ", dropped");
+            return c->terminate(websocketpp::transport::error::make_error_code(websocketpp::transport::error::timeout));
+        }
+        const auto quiet = duration_cast<milliseconds>(now - s.last_frame);
+        if (quiet < options_.idle_ping) return schedule_idle(c, options_.idle_ping - quiet);
+        static const detail::shared_wire_frame ping = detail::control_frame(0x9, {});
+        if (!c->queue_frame(ping)) return;
+        c->flush_outbound();
+        s.ping_outstanding = true;
+        s.ping_sent = now;
+        schedule_idle(c, options_.pong_timeout);
     });
 }
 
@@ -4359,7 +4715,7 @@ template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Trans
             if (it != admitted_by_address_.end() && --it->second == 0) admitted_by_address_.erase(it);
             s.admitted_address.clear();
         }
-        if (stopping_ && connections_.empty()) io_.stop();  // the last one: run() may return
+        if (stopping_ && connections_.empty()) stop_shards();  // the last one: run() may return
     }
     s.open = false;
     if (!std::exchange(s.policy_opened, false)) return;
@@ -4374,9 +4730,32 @@ template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Trans
 
 template <class AuthPolicy, class Transport>
 void basic_server<AuthPolicy, Transport>::close(const connection_ptr& con, std::uint16_t code, const std::string& reason) {
+    con->close_outbound();  // what waits is dropped: the client resumes from its last id
     std::error_code ec;
     con->close(code, reason, ec);  // a connection already closing keeps its first code
 }
+
+// At most rate_burst frames in any rate_burst * rate_delay, pings and pongs included (Odoo:
+// burst 10, delay 0.2 s, every frame); a client over it is closed with 1013.
+template <class AuthPolicy, class Transport> bool basic_server<AuthPolicy, Transport>::within_rate(const connection_ptr& con) {
+    auto& s = con->imbus_state;
+    const auto now = std::chrono::steady_clock::now();
+    s.last_frame = now;
+    if (s.recent.size() < options_.rate_burst) {
+        s.recent.push_back(now);
+        return true;
+    }
+    if (now - s.recent[s.recent_next] < options_.rate_delay * options_.rate_burst) {
+        if (options_.log) options_.log(log_level::warning, "server: " + con->get_remote_endpoint() + " exceeded the rate limit");
+        metrics_.rate_limited.fetch_add(1, std::memory_order_relaxed);
+        close(con, 1013, "rate limit exceeded");
+        return false;
+    }
+    s.recent[s.recent_next] = now;
+    s.recent_next = (s.recent_next + 1) % options_.rate_burst;
+    return true;
+}
+
 
 template <class AuthPolicy, class Transport> bool basic_server<AuthPolicy, Transport>::still_valid(const connection_ptr& con) {
     if constexpr (detail::policy_has_still_valid<AuthPolicy>::value) {
@@ -4403,19 +4782,7 @@ void basic_server<AuthPolicy, Transport>::on_message(websocketpp::connection_hdl
     auto con = connection_of(h);
     if (!con || !con->imbus_state.open) return;
     auto& s = con->imbus_state;
-    const auto now = std::chrono::steady_clock::now();
-    s.last_frame = now;
-    // At most rate_burst frames in any rate_burst * rate_delay (Odoo: burst 10, delay 0.2 s).
-    if (s.recent.size() < options_.rate_burst) {
-        s.recent.push_back(now);
-    } else {
-        if (now - s.recent[s.recent_next] < options_.rate_delay * options_.rate_burst) {
-            if (options_.log) options_.log(log_level::warning, "server: " + con->get_remote_endpoint() + " exceeded the rate limit");
-            return close(con, 1013, "rate limit exceeded");
-        }
-        s.recent[s.recent_next] = now;
-        s.recent_next = (s.recent_next + 1) % options_.rate_burst;
-    }
+    if (!within_rate(con)) return;
     const std::string& text = msg->get_payload();
     if (msg->get_opcode() == websocketpp::frame::opcode::binary && text.size() == 1 && text[0] == '\0') return;
     if (!still_valid(con)) return;
@@ -4445,15 +4812,12 @@ void basic_server<AuthPolicy, Transport>::on_subscribe(const connection_ptr& con
         metrics_.subscribed.fetch_add(1, std::memory_order_relaxed);
         s.follow.emplace(bus_.store(), dispatcher_, std::vector<channel>(), last);
         std::weak_ptr<typename endpoint_type::connection_type> weak = con;
-        auto strand = con->get_strand();
+        shard* home = shards_[s.shard].get();
         s.subscription = dispatcher_.subscribe(
             [this, weak](wakeup& w) {
                 if (auto c = weak.lock()) on_wakeup(c, w);
             },
-            [this, strand](std::function<void()> task) {
-                if (options_.threads == 1) return batch(std::move(task));
-                asio::post(*strand, std::move(task));
-            });
+            [this, home](std::function<void()> task) { batch(*home, std::move(task)); });
     }
     // Subscribe before polling: whatever commits after the poll reaches us as an event.
     s.subscription.set_channels(channels);
@@ -4479,42 +4843,57 @@ template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Trans
         options_.log(log_level::info, "server: " + con->get_remote_endpoint() + " missed notifications after " +
                                           std::to_string(s.follow->position()));
     do {
-        if (con->get_buffered_amount() > options_.max_outbound_bytes) return lag(con);
+        if (over_budget(con, 0)) return lag(con);
+        // Frames sized so that the queue stays within max_outbound_bytes (a lone larger row aside).
+        const std::size_t room = std::min(options_.catch_up_bytes, options_.max_outbound_bytes - con->outbound_bytes());
         detail::frame_builder frame;
         if (missed) frame.add(detail::missed_marker(s.follow->position()), false), metrics_.missed_signals.fetch_add(1);
         missed = false;
-        s.follow->catch_up([&](const notification&, std::string_view wire) { frame.add(wire); },
-                           options_.catch_up_rows);
+        s.follow->catch_up([&](const notification&, std::string_view wire) { frame.add(wire); }, options_.catch_up_rows,
+                           [&](std::string_view wire) { return !frame.empty() && frame.size() + wire.size() + 1 > room; });
         if (!frame.empty()) {
             metrics_.frames_sent.fetch_add(1, std::memory_order_relaxed);
             metrics_.notifications_sent.fetch_add(frame.rows, std::memory_order_relaxed);
-            send_frame(con, frame);
+            send_frame(con, frame.finish());
+            con->flush_outbound();
         }
     } while (s.follow->behind());
 }
 
-// With one I/O thread, the wake-ups of every connection join one queue served a slice at a
-// time, each slice posted twice so that it runs after the next poll for I/O. Publishes and
-// handshakes waiting there are served between slices instead of behind a whole fan-out, and
-// the commits they make join the queue's later connections, whose frames then leave in one
-// write (1,000 subscribers: a task per wake-up 141k deliveries/s, one batch 300k, slices of
-// 32 about 650k).
-template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Transport>::batch(std::function<void()> task) {
-    std::lock_guard<std::mutex> lock(batch_mutex_);
-    batch_.push_back(std::move(task));
-    if (std::exchange(batch_posted_, true)) return;
-    asio::post(io_, [this] { asio::post(io_, [this] { run_batch_slice(); }); });
+// A client over max_outbound_bytes waits; so does, once all queues together reach
+// max_outbound_total, every client that still holds anything: those that read keep flowing,
+// and the total stays within max_outbound_total plus one frame per client.
+template <class AuthPolicy, class Transport>
+bool basic_server<AuthPolicy, Transport>::over_budget(const connection_ptr& con, std::size_t adding) {
+    const std::size_t mine = con->outbound_bytes() + adding;
+    if (mine >= options_.max_outbound_bytes) return true;
+    if (mine == 0 || outbound_bytes() < options_.max_outbound_total) return false;
+    if (!con->imbus_state.lagging) metrics_.outbound_total_lags.fetch_add(1, std::memory_order_relaxed);
+    return true;
 }
 
-template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Transport>::run_batch_slice() {
+// The wake-ups of a shard's connections join one queue served a slice at a time, each slice
+// posted twice so that it runs after the next poll for I/O. Publishes and handshakes waiting
+// there are served between slices instead of behind a whole fan-out, and the commits they make
+// join the queue's later connections, whose frames then leave in one write (1,000 subscribers:
+// a task per wake-up 141k deliveries/s, one batch 300k, slices of 32 about 650k). A commit
+// wakes each shard once.
+template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Transport>::batch(shard& home, std::function<void()> task) {
+    std::lock_guard<std::mutex> lock(home.batch_mutex);
+    home.batch.push_back(std::move(task));
+    if (std::exchange(home.batch_posted, true)) return;
+    asio::post(home.io, [this, &home] { asio::post(home.io, [this, &home] { run_batch_slice(home); }); });
+}
+
+template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Transport>::run_batch_slice(shard& home) {
     std::vector<std::function<void()>> tasks;
     {
-        std::lock_guard<std::mutex> lock(batch_mutex_);
-        const auto n = std::ptrdiff_t(std::min(batch_.size(), std::max<std::size_t>(options_.delivery_slice, 1)));
-        tasks.assign(std::make_move_iterator(batch_.begin()), std::make_move_iterator(batch_.begin() + n));
-        batch_.erase(batch_.begin(), batch_.begin() + n);
-        if (batch_.empty()) batch_posted_ = false;
-        else asio::post(io_, [this] { asio::post(io_, [this] { run_batch_slice(); }); });
+        std::lock_guard<std::mutex> lock(home.batch_mutex);
+        const auto n = std::ptrdiff_t(std::min(home.batch.size(), std::max<std::size_t>(options_.delivery_slice, 1)));
+        tasks.assign(std::make_move_iterator(home.batch.begin()), std::make_move_iterator(home.batch.begin() + n));
+        home.batch.erase(home.batch.begin(), home.batch.begin() + n);
+        if (home.batch.empty()) home.batch_posted = false;
+        else asio::post(home.io, [this, &home] { asio::post(home.io, [this, &home] { run_batch_slice(home); }); });
     }
     for (auto& t : tasks) t();
 }
@@ -4531,7 +4910,7 @@ template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Trans
     s.drain_timer = con->set_timer(long(std::max<long long>(options_.drain_check.count(), 1)), [this, weak](const std::error_code& ec) {
         auto c = weak.lock();
         if (!c || ec || !c->imbus_state.open) return;
-        if (c->get_buffered_amount() > options_.max_outbound_bytes / 2) return lag(c);
+        if (c->outbound_bytes() > options_.max_outbound_bytes / 2 || over_budget(c, 0)) return lag(c);
         c->imbus_state.lagging = false;
         if (still_valid(c)) catch_up(c, true);
     });
@@ -4552,7 +4931,8 @@ template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Trans
     auto flush_frame = [&] {
         if (oldest) metrics_.observe_publish_to_send(now - *oldest);
         ++frames, rows += frame.rows;
-        send_frame(con, frame);
+        send_frame(con, frame.finish());
+        frame = detail::frame_builder();
     };
     s.follow->take(
         w, [&](const notification&, std::string_view wire) { frame.add(wire); },
@@ -4560,35 +4940,30 @@ template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Trans
             if (!frame.empty()) flush_frame();
             metrics_.observe_publish_to_send(now - event.noticed_at);
             ++frames, rows += event.notifications.size();
-            send_event(con, event);
+            // Encoded once for every recipient of the event.
+            send_frame(con, event.shared_frame<detail::wire_frame>([&] {
+                detail::frame_builder b;
+                for (const auto& wire : event.wire) b.add(wire);
+                return b.finish();
+            }));
         },
-        options_.catch_up_rows,
-        [&] { return full = con->get_buffered_amount() + frame.text.size() > options_.max_outbound_bytes; });
+        options_.catch_up_rows, [&] { return full = over_budget(con, frame.size()); });
     if (!frame.empty()) flush_frame();
+    con->flush_outbound();  // everything of this wake-up in one write
     metrics_.frames_sent.fetch_add(frames, std::memory_order_relaxed);
     metrics_.notifications_sent.fetch_add(rows, std::memory_order_relaxed);
     if (full) return lag(con);
     if (s.follow->behind()) catch_up(con, false);
 }
 
-// Catch-up frames are counted here; live ones by on_wakeup, once per wake-up.
+// Catch-up frames are counted by catch_up; live ones by on_wakeup, once per wake-up.
 template <class AuthPolicy, class Transport>
-void basic_server<AuthPolicy, Transport>::send_frame(const connection_ptr& con, detail::frame_builder& frame) {
-    const auto ec = con->send(frame.finish(), websocketpp::frame::opcode::text);
-    if (ec && options_.log) options_.log(log_level::debug, "server: send failed: " + ec.message());
-}
-
-template <class AuthPolicy, class Transport>
-void basic_server<AuthPolicy, Transport>::send_event(const connection_ptr& con, const commit_event& event) {
-    using message_type = typename config::message_type;
-    // Encoded once for every recipient of the event; websocketpp only reads prepared frames.
-    auto frame = event.shared_frame<message_type>([&] {
-        detail::frame_builder b;
-        for (const auto& wire : event.wire) b.add(wire);
-        return detail::prepared_text_frame<message_type>(b.finish());
-    });
-    const auto ec = con->send(std::const_pointer_cast<message_type>(frame));
-    if (ec && options_.log) options_.log(log_level::debug, "server: send failed: " + ec.message());
+void basic_server<AuthPolicy, Transport>::send_frame(const connection_ptr& con, detail::shared_wire_frame frame) {
+    if (!con->queue_frame(std::move(frame))) return;  // closing: the client resumes from its last id
+    const std::uint64_t held = con->outbound_bytes();
+    auto peak = metrics_.outbound_peak.load(std::memory_order_relaxed);
+    while (held > peak && !metrics_.outbound_peak.compare_exchange_weak(peak, held, std::memory_order_relaxed)) {
+    }
 }
 
 template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Transport>::on_http_request(websocketpp::connection_hdl h) {

@@ -29,7 +29,8 @@ struct settings {
               << "usage: example_server [--host ADDR] [--port N] [--store memory|sqlite:PATH|postgres:CONNINFO] [--api-key KEY]\n"
               << "                      [--db NAME] [--version STRING] [--threads N] [--origin URL]...\n"
               << "                      [--static DIR] [--tls-cert PEM --tls-key PEM]\n"
-              << "                      [--retention SECONDS] [--gc-interval SECONDS]\n";
+              << "                      [--retention SECONDS] [--gc-interval SECONDS]\n"
+              << "                      [--max-outbound-bytes N] [--max-outbound-total N]\n";
     std::exit(2);
 }
 
@@ -54,6 +55,8 @@ settings parse(int argc, char** argv) {
             else if (flag == "--tls-key") s.server.tls_private_key_file = value;
             else if (flag == "--retention") s.retention_seconds = std::stol(value);
             else if (flag == "--gc-interval") s.server.gc_interval = std::chrono::seconds(std::stol(value));
+            else if (flag == "--max-outbound-bytes") s.server.max_outbound_bytes = std::stoul(value);
+            else if (flag == "--max-outbound-total") s.server.max_outbound_total = std::stoull(value);
             else usage("unknown option " + flag);
         } catch (const std::logic_error&) {
             usage("bad value for " + flag + ": " + value);

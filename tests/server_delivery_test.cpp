@@ -549,8 +549,8 @@ TEST_CASE_TEMPLATE("fan-out: 50 clients on one channel each get all 200 sends in
                    Env, STORES) {
     harness<Env> h;
     auto o = h.options();
-    SUBCASE("two I/O threads: one task per connection strand") { o.threads = 2; }
-    SUBCASE("one I/O thread: wake-ups served 3 connections per turn of the loop") {
+    SUBCASE("two shards: each with its own loop, listener and connections") { o.threads = 2; }
+    SUBCASE("one shard: wake-ups served 3 connections per turn of the loop") {
         o.threads = 1;
         o.delivery_slice = 3;
     }
