@@ -64,8 +64,9 @@
 //     transaction, follower: one thread at a time (a transaction is the unit of one caller).
 //     dispatcher handlers run on the subscriber's executor, never concurrently with themselves.
 //     Stores and dispatchers must outlive the buses, transactions and subscriptions using them.
-//     basic_server, basic_client: thread-safe; a server's connections each live on their own strand,
-//     and the auth policy is called from every I/O thread at once (make it thread-safe).
+//     basic_server, basic_client: thread-safe; a server runs one shard per I/O thread (an event
+//     loop that owns the connections it accepted), and the auth policy is called from every
+//     I/O thread at once (make it thread-safe).
 //
 // Dependencies: nlohmann/json (always); SQLite 3 (IMBUS_WITH_SQLITE); libpq 14 or later, for
 // pipeline mode (IMBUS_WITH_POSTGRES); websocketpp 0.8 and standalone Asio (IMBUS_WITH_WEBSOCKETPP);
@@ -722,7 +723,7 @@ struct wakeup {
     bool overflowed = false;
 };
 
-/// Runs a task: the server posts it to a connection's strand; empty means "run inline".
+/// Runs a task: the server queues it on the connection's shard; empty means "run inline".
 using executor = std::function<void(std::function<void()>)>;
 
 struct dispatcher_options {
