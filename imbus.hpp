@@ -1117,11 +1117,10 @@ struct server_options {
     std::chrono::milliseconds close_handshake_timeout{5000};
     /// Bytes queued for one client before it counts as slow and is caught up from the store.
     std::size_t max_outbound_bytes = IMBUS_MAX_OUTBOUND_BYTES;
-    /// Bytes queued for all clients together; past it, a client that still holds anything gets
-    /// no live frames and is caught up from the store once it has drained (clients that read
-    /// keep flowing). The total stays within this plus one frame per client.
+    /// Bytes queued for all clients together; past it, a client holding catch_up_bytes or more
+    /// gets no live frames and is caught up from the store once it has drained (clients that
+    /// read keep flowing). The total stays within this plus catch_up_bytes and a frame per client.
     std::uint64_t max_outbound_total = IMBUS_MAX_OUTBOUND_TOTAL;
-    std::chrono::milliseconds drain_check{20};  ///< how often a slow client's queue is looked at
     std::size_t catch_up_rows = 1000;           ///< rows per store read when catching up
     /// Bytes per catch-up frame at most (a single larger row goes alone), so a catch-up never
     /// puts more than max_outbound_bytes in one client's queue.
@@ -1304,6 +1303,7 @@ private:
     void catch_up(const connection_ptr& con, bool check_missed);
     bool over_budget(const connection_ptr& con, std::size_t adding);
     void lag(const connection_ptr& con);
+    void resume(const connection_ptr& con);
     void batch(shard& home, std::function<void()> task);
     void run_batch_slice(shard& home);
     void post_to(const connection_ptr& con, std::function<void()> task);
@@ -3775,7 +3775,7 @@ template <class Identity> struct session_state {
     std::size_t recent_next = 0;
     std::chrono::steady_clock::time_point last_frame;
     std::chrono::steady_clock::time_point ping_sent;  // when ping_outstanding became true
-    std::shared_ptr<asio::steady_timer> idle_timer, lifetime_timer, drain_timer;
+    std::shared_ptr<asio::steady_timer> idle_timer, lifetime_timer;
     std::size_t shard = 0;          // the shard (event loop) that owns the connection
     bool open = false;
     bool policy_opened = false;     // on_close only for connections the policy saw open
@@ -3910,6 +3910,11 @@ public:
 
     /// Counts this connection's bytes in its shard's total as well.
     void set_outbound_meter(outbound_meter* meter) noexcept { meter_ = meter; }
+    using drained_hook = void (*)(void* context, outbound_connection& con);
+    /// Who hears, once asked with notify_when_drained(), that everything has been written.
+    void set_drained_hook(drained_hook hook, void* context) noexcept { drained_ = hook, drained_context_ = context; }
+    /// Calls the drained hook once, on this connection's thread, when nothing is left to write.
+    void notify_when_drained() noexcept { notify_drained_ = true; }
     /// The handshake is done: from now on a write of websocketpp's is a close frame.
     void open_outbound() noexcept { open_ = true; }
     /// No more frames: a close is about to be handed to websocketpp.
@@ -4025,6 +4030,10 @@ private:
         }
         for (auto& d : done) d(result);
         flush_outbound();
+        if (notify_drained_ && !writing_ && queue_.empty() && !failed_ && drained_) {
+            notify_drained_ = false;
+            drained_(drained_context_, *this);
+        }
     }
 
     std::vector<outgoing> queue_;      // waiting for the write in flight to finish
@@ -4033,8 +4042,10 @@ private:
     std::size_t pong_at_ = npos;       // where in queue_ the pong waits, if one does
     std::atomic<std::size_t> bytes_{0};
     outbound_meter* meter_ = nullptr;
+    drained_hook drained_ = nullptr;
+    void* drained_context_ = nullptr;
     websocketpp::transport::shutdown_handler shutdown_;
-    bool writing_ = false, open_ = false, closing_ = false, failed_ = false;
+    bool writing_ = false, open_ = false, closing_ = false, failed_ = false, notify_drained_ = false;
 };
 
 // websocketpp's asio transport, making outbound_connections.
@@ -4355,6 +4366,12 @@ template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Trans
         con->get_raw_socket().set_option(asio::ip::tcp::no_delay(true), ignored);
         con->imbus_state.shard = index;
         con->set_outbound_meter(&home.outbound);
+        con->set_drained_hook(
+            [](void* server, auto& drained) {
+                static_cast<basic_server*>(server)->resume(
+                    std::static_pointer_cast<typename endpoint_type::connection_type>(drained.shared_from_this()));
+            },
+            this);
     });
     endpoint.set_validate_handler([this](websocketpp::connection_hdl h) { return on_validate(h); });
     endpoint.set_open_handler([this](websocketpp::connection_hdl h) { on_open(h); });
@@ -4698,7 +4715,7 @@ template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Trans
     auto con = connection_of(h);
     if (!con) return;
     auto& s = con->imbus_state;
-    for (auto* timer : {&s.idle_timer, &s.lifetime_timer, &s.drain_timer})
+    for (auto* timer : {&s.idle_timer, &s.lifetime_timer})
         if (*timer) (*timer)->cancel();
     s.subscription.close();
     if (s.follow) metrics_.subscribed.fetch_sub(1, std::memory_order_relaxed);
@@ -4861,14 +4878,14 @@ template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Trans
     } while (s.follow->behind());
 }
 
-// A client over max_outbound_bytes waits; so does, once all queues together reach
-// max_outbound_total, every client that still holds anything: those that read keep flowing,
-// and the total stays within max_outbound_total plus one frame per client.
+// A client at max_outbound_bytes waits; so does, once all queues together reach
+// max_outbound_total, every client holding catch_up_bytes or more: those that read keep
+// flowing, and the total stays within max_outbound_total plus catch_up_bytes and a frame per client.
 template <class AuthPolicy, class Transport>
 bool basic_server<AuthPolicy, Transport>::over_budget(const connection_ptr& con, std::size_t adding) {
     const std::size_t mine = con->outbound_bytes() + adding;
     if (mine >= options_.max_outbound_bytes) return true;
-    if (mine == 0 || outbound_bytes() < options_.max_outbound_total) return false;
+    if (mine < options_.catch_up_bytes || outbound_bytes() < options_.max_outbound_total) return false;
     if (!con->imbus_state.lagging) metrics_.outbound_total_lags.fetch_add(1, std::memory_order_relaxed);
     return true;
 }
@@ -4899,6 +4916,8 @@ template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Trans
     for (auto& t : tasks) t();
 }
 
+// A held-back client gets nothing live until all it holds has been written; then it is
+// caught up from the store (resume). One that never reads costs no more work meanwhile.
 template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Transport>::lag(const connection_ptr& con) {
     auto& s = con->imbus_state;
     if (!s.lagging) {
@@ -4907,14 +4926,18 @@ template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Trans
             options_.log(log_level::info, "server: " + con->get_remote_endpoint() + " is slow; it will be caught up from the store");
     }
     s.lagging = true;
-    std::weak_ptr<typename endpoint_type::connection_type> weak = con;
-    s.drain_timer = con->set_timer(long(std::max<long long>(options_.drain_check.count(), 1)), [this, weak](const std::error_code& ec) {
-        auto c = weak.lock();
-        if (!c || ec || !c->imbus_state.open) return;
-        if (c->outbound_bytes() > options_.max_outbound_bytes / 2 || over_budget(c, 0)) return lag(c);
-        c->imbus_state.lagging = false;
-        if (still_valid(c)) catch_up(c, true);
+    if (con->outbound_bytes() != 0) return con->notify_when_drained();
+    std::weak_ptr<typename endpoint_type::connection_type> weak = con;  // nothing to wait for
+    post_to(con, [this, weak] {
+        if (auto c = weak.lock()) resume(c);
     });
+}
+
+template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Transport>::resume(const connection_ptr& con) {
+    auto& s = con->imbus_state;
+    if (!s.open || !s.lagging) return;
+    s.lagging = false;
+    if (still_valid(con)) catch_up(con, true);
 }
 
 template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Transport>::on_wakeup(const connection_ptr& con, wakeup& w) {

@@ -681,7 +681,6 @@ TEST_CASE_TEMPLATE("slow consumer: a client that does not read is caught up from
     harness<Env> h;
     auto o = h.options();
     o.max_outbound_bytes = 64 * 1024;
-    o.drain_check = 10ms;
     o.catch_up_rows = 200;
     h.start(o);
 
@@ -776,7 +775,6 @@ TEST_CASE("slow consumer: the outbound bound holds within one wake-up and rows c
     auto o = h.options();
     o.threads = 1;
     o.max_outbound_bytes = 64 * 1024;
-    o.drain_check = 10ms;
     o.catch_up_rows = 50;
     io_pause pause;
     h.start(o, imbus::public_policy(), pause.route());
