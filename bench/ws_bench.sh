@@ -3,21 +3,25 @@
 # (Node `ws`, Socket.IO, uWebSockets.js, nginx + nchan) and with a "floor" (bench/floor_server.cpp:
 # the least work a server can do to deliver the same frames). See bench/README.md.
 #
-#   bash bench/ws_bench.sh            # full run (~10 minutes on 2 cores), writes bench/RESULTS.md
+#   bash bench/ws_bench.sh            # full run (~14 minutes on 2 cores), writes bench/RESULTS.md
 #   bash bench/ws_bench.sh --quick    # tiny sizes, a smoke test: exits 1 if any delivery failed
 #
 # Options:
 #   --quick              tiny sizes; results go to build-bench/RESULTS.quick.md
 #   --seconds S          publishing time of the fan-out, many-channels and latency runs (default 10; quick 2)
 #   --systems LIST       comma-separated subset of: floor,memory1,sqlite1,memory2,ws,socketio,uws,nchan
-#   --scenarios LIST     comma-separated subset of: fanout,channels,latency,idle,storm
+#   --scenarios LIST     comma-separated subset of: fanout,channels,latency,idle,storm,pingflood,slowreaders
+#                        (pingflood and slowreaders, the hostile clients, run for the imbus systems only;
+#                        --quick runs them for one imbus system: memory1, or the first one listed)
+#   --attack-seconds S   length of the pingflood and slowreaders attacks (default 30; quick 5)
 #   --no-pin             do not pin (default: server on CPU 0, load generator on CPU 1 with taskset;
 #                        imbus with 2 threads gets CPUs 0 and 1)
 #   --out FILE           where to write the Markdown (default bench/RESULTS.md)
 #   --no-build           use the binaries already in build-bench/
 #   --no-install         do not install missing peers (npm ci in bench/peers, apt-get for nchan)
 # Exit status: 0 when every run delivered every notification exactly once (reconnect storm: every
-# client live again, nothing lost where the system resumes), 1 otherwise.
+# client live again, nothing lost where the system resumes; pingflood, slowreaders: the canary got
+# every notification), 1 otherwise.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -28,8 +32,9 @@ PIN=1
 BUILD_IT=1
 INSTALL=1
 RUN_SECONDS=""
+ATTACK_SECONDS=""
 SYSTEMS="floor,memory1,sqlite1,memory2,ws,socketio,uws,nchan"
-SCENARIOS="fanout,channels,latency,idle,storm"
+SCENARIOS="fanout,channels,latency,idle,storm,pingflood,slowreaders"
 OUT=""
 while [[ $# -gt 0 ]]; do
   case $1 in
@@ -39,10 +44,11 @@ while [[ $# -gt 0 ]]; do
     --no-build) BUILD_IT=0 ;;
     --no-install) INSTALL=0 ;;
     --seconds) RUN_SECONDS=$2; shift ;;
+    --attack-seconds) ATTACK_SECONDS=$2; shift ;;
     --systems) SYSTEMS=$2; shift ;;
     --scenarios) SCENARIOS=$2; shift ;;
     --out) OUT=$2; shift ;;
-    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
     *) echo "ws_bench.sh: unknown option $1" >&2; exit 2 ;;
   esac
   shift
@@ -52,11 +58,13 @@ if [[ $QUICK == 1 ]]; then
   : "${RUN_SECONDS:=2}"
   FANOUT_SIZES="50 200"; CHANNEL_SUBS=200; LAT_SUBS=50; LAT_RATE=200; LAT_LOW_RATE=20; IDLE_CONNS=500
   STORM_SUBS=200; STORM_AWAY=100
+  : "${ATTACK_SECONDS:=5}"; SLOW_READERS=50; SLOW_HISTORY=200
   : "${OUT:=$BUILD/RESULTS.quick.md}"
 else
   : "${RUN_SECONDS:=10}"
   FANOUT_SIZES="1000 10000"; CHANNEL_SUBS=10000; LAT_SUBS=1000; LAT_RATE=1000; LAT_LOW_RATE=50; IDLE_CONNS=10000
   STORM_SUBS=10000; STORM_AWAY=1000
+  : "${ATTACK_SECONDS:=30}"; SLOW_READERS=1000; SLOW_HISTORY=1000
   : "${OUT:=$ROOT/bench/RESULTS.md}"
 fi
 # Fan-out: enough POSTs in flight that the publisher's connect/answer round trips (each
@@ -74,6 +82,12 @@ CHANNEL_WINDOW=1000
 LATENCY_PUBLISHERS=64
 # Reconnect storm: publishers of the notifications sent while the clients are away.
 STORM_PUBLISHERS=16
+# Hostile clients (pingflood, slowreaders): the busy channel gets SLOW_RATE publishes/s of
+# SLOW_PAYLOAD bytes, after a history of SLOW_HISTORY that the readers ask for ("last": 1);
+# imbus runs with this per-client outbound bound; the canary gets a publish every 20 ms.
+SLOW_RATE=200
+SLOW_PAYLOAD=1000
+SLOW_MAX_OUTBOUND=262144
 KEY=bench-key-$$
 LOGS=$BUILD/ws_bench_logs
 WORK=$(mktemp -d /tmp/ws_bench.XXXXXX)
@@ -101,7 +115,7 @@ for system in "${SYSTEM_LIST[@]}"; do
   case $system in floor|memory1|sqlite1|memory2|ws|socketio|uws|nchan) ;; *) echo "ws_bench.sh: unknown system $system" >&2; exit 2 ;; esac
 done
 for scenario in "${SCENARIO_LIST[@]}"; do
-  case $scenario in fanout|channels|latency|idle|storm) ;; *) echo "ws_bench.sh: unknown scenario $scenario" >&2; exit 2 ;; esac
+  case $scenario in fanout|channels|latency|idle|storm|pingflood|slowreaders) ;; *) echo "ws_bench.sh: unknown scenario $scenario" >&2; exit 2 ;; esac
 done
 has_system() { [[ ",$SYSTEMS," == *",$1,"* ]]; }
 has_scenario() { [[ ",$SCENARIOS," == *",$1,"* ]]; }
@@ -217,6 +231,7 @@ START_DATE=$(date -u '+%Y-%m-%d %H:%M UTC')
 # --- servers --------------------------------------------------------------------------------
 PORT=""
 METRIC_PID=""  # the process whose RSS and CPU time are measured (nginx: the worker)
+IMBUS_EXTRA=()  # extra example_server options of the current run (slowreaders: the outbound bound)
 free_port() {
   local p
   for _ in $(seq 50); do
@@ -243,10 +258,10 @@ start_server_once() {  # system run-name
   METRIC_PID=""
   case $system in
     floor)   $cpus "$BUILD/floor_server" --port "$PORT" --api-key "$KEY" > "$log" 2>&1 & ;;
-    memory1) $cpus "$BUILD/example_server" --port "$PORT" --api-key "$KEY" --store memory --threads 1 > "$log" 2>&1 & ;;
-    memory2) $cpus "$BUILD/example_server" --port "$PORT" --api-key "$KEY" --store memory --threads 2 > "$log" 2>&1 & ;;
+    memory1) $cpus "$BUILD/example_server" --port "$PORT" --api-key "$KEY" --store memory --threads 1 ${IMBUS_EXTRA[@]+"${IMBUS_EXTRA[@]}"} > "$log" 2>&1 & ;;
+    memory2) $cpus "$BUILD/example_server" --port "$PORT" --api-key "$KEY" --store memory --threads 2 ${IMBUS_EXTRA[@]+"${IMBUS_EXTRA[@]}"} > "$log" 2>&1 & ;;
     sqlite1) rm -f "$WORK/$name.db"*
-             $cpus "$BUILD/example_server" --port "$PORT" --api-key "$KEY" --store "sqlite:$WORK/$name.db" --threads 1 > "$log" 2>&1 & ;;
+             $cpus "$BUILD/example_server" --port "$PORT" --api-key "$KEY" --store "sqlite:$WORK/$name.db" --threads 1 ${IMBUS_EXTRA[@]+"${IMBUS_EXTRA[@]}"} > "$log" 2>&1 & ;;
     ws|socketio|uws)
              $cpus node "$PEERS/${system}_server.mjs" "$PORT" > "$log" 2>&1 & ;;
     nchan)   local dir=$WORK/nginx.$name
@@ -313,7 +328,9 @@ run() {  # system scenario loadgen-args...
     tail -5 "$LOGS/$name.loadgen.log" >&2 || true
     line="{\"mode\":\"$mode\",\"label\":\"$system\",\"ok\":false}"
   fi
-  echo "{\"system\":\"$system\",\"scenario\":\"$scenario\",${line#\{}" >> "$RESULTS"
+  local extra=""
+  [[ ${#IMBUS_EXTRA[@]} -gt 0 && $(protocol_of "$system") == imbus ]] && extra="\"server_args\":\"${IMBUS_EXTRA[*]}\","
+  echo "{\"system\":\"$system\",\"scenario\":\"$scenario\",$extra${line#\{}" >> "$RESULTS"
 }
 
 # Scenario by scenario, every system in turn: a change in the machine's load during the run
@@ -350,6 +367,36 @@ if has_scenario storm; then
     run "$system" "storm-$STORM_SUBS" storm --subscribers "$STORM_SUBS" --away "$STORM_AWAY" --publishers "$STORM_PUBLISHERS"
   done
 fi
+# Hostile clients: the imbus systems only (the peers and the floor have no outbound bounds to
+# test); --quick: one of them.
+HOSTILE_SYSTEMS=()
+for system in "${SYSTEM_LIST[@]}"; do
+  case $system in memory1|sqlite1|memory2) HOSTILE_SYSTEMS+=("$system") ;; esac
+done
+if [[ $QUICK == 1 && ${#HOSTILE_SYSTEMS[@]} -gt 1 ]]; then
+  if has_system memory1; then HOSTILE_SYSTEMS=(memory1); else HOSTILE_SYSTEMS=("${HOSTILE_SYSTEMS[0]}"); fi
+fi
+if (has_scenario pingflood || has_scenario slowreaders) && [[ ${#HOSTILE_SYSTEMS[@]} -eq 0 ]]; then
+  say "pingflood and slowreaders run for the imbus systems only (memory1, sqlite1, memory2): none selected"
+fi
+if has_scenario pingflood; then
+  for system in ${HOSTILE_SYSTEMS[@]+"${HOSTILE_SYSTEMS[@]}"}; do
+    run "$system" "pingflood-$ATTACK_SECONDS" pingflood --seconds "$ATTACK_SECONDS"
+  done
+fi
+if has_scenario slowreaders && [[ ${#HOSTILE_SYSTEMS[@]} -gt 0 ]]; then
+  # An example_server built before the option existed runs with its default bound (noted in the report).
+  if { "$BUILD/example_server" --help 2>&1 || true; } | grep -q -- --max-outbound-bytes; then
+    IMBUS_EXTRA=(--max-outbound-bytes "$SLOW_MAX_OUTBOUND")
+  else
+    say "warning: example_server has no --max-outbound-bytes: slowreaders runs with the server's default bound"
+  fi
+  for system in "${HOSTILE_SYSTEMS[@]}"; do
+    run "$system" "slowreaders-$SLOW_READERS" slowreaders --readers "$SLOW_READERS" --history "$SLOW_HISTORY" \
+      --rate "$SLOW_RATE" --payload-bytes "$SLOW_PAYLOAD" --seconds "$ATTACK_SECONDS"
+  done
+  IMBUS_EXTRA=()
+fi
 LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
 
 # --- report ---------------------------------------------------------------------------------
@@ -360,13 +407,14 @@ peer_version() {  # npm package name in bench/peers/node_modules
 CPU_MODEL=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
 MEM_TOTAL=$(awk '/MemTotal/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo)
 COMMIT=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
-DIRTY=$(git -C "$ROOT" status --porcelain -- imbus.hpp 2>/dev/null | head -1)
+DIRTY=$(git -C "$ROOT" status --porcelain -- imbus.hpp 2>/dev/null | head -1 || true)
 NODE_VERSION=$(node --version 2>/dev/null || echo none)
 NGINX_VERSION=$(nginx -v 2>&1 | sed 's#.*nginx/##' || echo none)
 NCHAN_VERSION=$(dpkg-query -W -f='${Version}' libnginx-mod-nchan 2>/dev/null || echo none)
 WS_VERSION=$(peer_version ws); SIO_VERSION=$(peer_version socket.io); UWS_VERSION=$(peer_version @trufflesuite/uws-js-unofficial)
 export RESULTS QUICK RUN_SECONDS FANOUT_PUBLISHERS FANOUT_WINDOW CHANNEL_PUBLISHERS CHANNEL_WINDOW LATENCY_PUBLISHERS
 export STORM_PUBLISHERS STORM_AWAY CPU_MODEL MEM_TOTAL COMMIT DIRTY LOAD_START LOAD_END START_DATE PIN NOFILE
+export ATTACK_SECONDS SLOW_RATE SLOW_PAYLOAD SLOW_HISTORY SLOW_MAX_OUTBOUND
 export NODE_VERSION NGINX_VERSION NCHAN_VERSION WS_VERSION SIO_VERSION UWS_VERSION
 export KERNEL="$(uname -r)" NPROC="$(nproc)"
 python3 "$ROOT/bench/ws_report.py" > "$WORK/report.md"

@@ -12,6 +12,8 @@
 //   ws_loadgen idle     --protocol P --port N --connections N --server-pid PID
 //   ws_loadgen storm    --protocol P --port N --subscribers N --away M
 //   ws_loadgen soak     --port N --connections N --seconds S --server-pid PID   (imbus only)
+//   ws_loadgen pingflood   --port N --seconds S --server-pid PID                  (imbus only)
+//   ws_loadgen slowreaders --port N --readers N --rate R --seconds S --server-pid PID (imbus only)
 //
 // Modes: fanout and latency put every subscriber on the channel "bench"; channels gives each
 // subscriber its own channel "u<i>" and publishes to random ones; idle measures the server's
@@ -23,6 +25,10 @@
 // a churn of abrupt disconnects (no close frame; some with RST) and resuming reconnects goes
 // on; it checks that every connection got every id of its channels after its first subscribe
 // exactly once, and samples the server's RSS and open fds every second (see run_soak).
+// pingflood and slowreaders are hostile clients (see class hostile): one socket that sends empty
+// pings as fast as it can and never reads, or N subscribers of the busy channel "broadcast" that
+// ask for history and never read while it gets --rate publishes/s; meanwhile an honest canary on
+// its own channel gets a publish every 20 ms, and the server's RSS is sampled every 100 ms.
 //
 // Protocols (--protocol; each is a small adapter: handshake path, subscribe message, publish
 // request, where the notification key and the send time are in a frame):
@@ -55,6 +61,7 @@
 
 #include <dirent.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <string.h>
 #include <sys/resource.h>
 #include <time.h>
@@ -62,6 +69,7 @@
 
 #include <algorithm>
 #include <cinttypes>
+#include <cmath>
 #include <csignal>
 #include <cstdio>
 #include <fstream>
@@ -161,6 +169,15 @@ struct options {
     long rss_tolerance_kib = 16384;  // RSS may grow by max(this, rss_tolerance_pct) after warm-up
     double rss_tolerance_pct = 10;
     long fd_tolerance = 0;           // open fds after the run may exceed the idle baseline by this
+    // pingflood, slowreaders
+    int rcvbuf = 4096;               // SO_RCVBUF of the hostile sockets, set before connecting
+    int mss = 1448;                  // TCP_MAXSEG they announce, like a client across a network (0: the route's)
+    double canary_interval_ms = 20;  // one canary publish every this many ms
+    std::string canary_channel = "canary";
+    long rss_cap_mib = 4096;         // end the attack early when the server's RSS passes this
+    std::string metrics_path = "/metrics";
+    std::size_t history = 1000;      // slowreaders: notifications on the channel before the readers come
+    bool seconds_given = false, channel_given = false, payload_given = false, publishers_given = false;
 };
 
 bool server_ids(protocol p) { return p == protocol::imbus || p == protocol::floor; }
@@ -178,6 +195,11 @@ bool resumes(protocol p) { return p == protocol::imbus || p == protocol::nchan; 
               << "                           [--shared-rate 5] [--churn N/60 (drops/s)] [--rst-fraction 0.3] [--away-max 1]\n"
               << "                           [--warmup S/3] [--rss-tolerance-kib 16384] [--rss-tolerance-pct 10]\n"
               << "                           [--fd-tolerance 0] [--drain 3] [--drain-max 300] [common]\n"
+              << "       ws_loadgen pingflood   --server-pid PID [--seconds 30] [hostile] [common]\n"
+              << "       ws_loadgen slowreaders --server-pid PID [--readers 1000] [--rate 200] [--payload-bytes 1000]\n"
+              << "                              [--history 1000] [--channel broadcast] [--seconds 30] [hostile] [common]\n"
+              << "hostile: --rcvbuf 4096 --mss 1448 (0: the route's, 65483 on loopback) --canary-interval-ms 20\n"
+              << "         --canary-channel canary --rss-cap-mib 4096 --metrics-path /metrics (imbus only)\n"
               << "common: --protocol imbus|floor|ws|socketio|uws|nchan --host ADDR --port N --api-key KEY (imbus, floor)\n"
               << "        --target /websocket?version=19.0-2 (imbus, floor) --channel bench\n"
               << "        --publishers 4 --payload-bytes 100 --sources 4 --connect-concurrency 256\n"
@@ -193,7 +215,7 @@ options parse(int argc, char** argv) {
     options o;
     o.mode = argv[1];
     if (o.mode != "fanout" && o.mode != "latency" && o.mode != "idle" && o.mode != "channels" && o.mode != "storm" &&
-        o.mode != "soak")
+        o.mode != "soak" && o.mode != "pingflood" && o.mode != "slowreaders")
         usage("unknown mode " + o.mode);
     for (int i = 2; i < argc; ++i) {
         const std::string f = argv[i];
@@ -212,14 +234,14 @@ options parse(int argc, char** argv) {
                 else usage("unknown protocol " + v);
             } else if (f == "--port") o.port = std::uint16_t(std::stoul(v));
             else if (f == "--target") o.target = v;
-            else if (f == "--channel") o.channel = v;
+            else if (f == "--channel") o.channel = v, o.channel_given = true;
             else if (f == "--api-key") o.api_key = v;
             else if (f == "--label") o.label = v;
-            else if (f == "--subscribers" || f == "--connections") o.connections = std::stoul(v);
-            else if (f == "--seconds") o.seconds = std::stod(v);
+            else if (f == "--subscribers" || f == "--connections" || f == "--readers") o.connections = std::stoul(v);
+            else if (f == "--seconds") o.seconds = std::stod(v), o.seconds_given = true;
             else if (f == "--rate") o.rate = std::stod(v), o.rate_given = true;
-            else if (f == "--publishers") o.publishers = std::max<std::size_t>(1, std::stoul(v));
-            else if (f == "--payload-bytes") o.payload_bytes = std::stoul(v);
+            else if (f == "--publishers") o.publishers = std::max<std::size_t>(1, std::stoul(v)), o.publishers_given = true;
+            else if (f == "--payload-bytes") o.payload_bytes = std::stoul(v), o.payload_given = true;
             else if (f == "--window") o.window = std::stoul(v), o.window_given = true;
             else if (f == "--sources") o.sources = std::clamp<std::size_t>(std::stoul(v), 1, 254);
             else if (f == "--connect-concurrency") o.connect_concurrency = std::max<std::size_t>(1, std::stoul(v));
@@ -241,6 +263,13 @@ options parse(int argc, char** argv) {
             else if (f == "--rss-tolerance-kib") o.rss_tolerance_kib = std::stol(v);
             else if (f == "--rss-tolerance-pct") o.rss_tolerance_pct = std::stod(v);
             else if (f == "--fd-tolerance") o.fd_tolerance = std::stol(v);
+            else if (f == "--rcvbuf") o.rcvbuf = std::stoi(v);
+            else if (f == "--mss") o.mss = std::stoi(v);
+            else if (f == "--canary-interval-ms") o.canary_interval_ms = std::max(1.0, std::stod(v));
+            else if (f == "--canary-channel") o.canary_channel = v;
+            else if (f == "--rss-cap-mib") o.rss_cap_mib = std::stol(v);
+            else if (f == "--metrics-path") o.metrics_path = v;
+            else if (f == "--history") o.history = std::stoul(v);
             else usage("unknown option " + f);
         } catch (const std::logic_error&) {
             usage("bad value for " + f + ": " + v);
@@ -255,6 +284,16 @@ options parse(int argc, char** argv) {
         if (o.churn <= 0) o.churn = double(o.connections) / 60;
         if (o.warmup <= 0) o.warmup = o.seconds / 3;
         o.publishers = std::max<std::size_t>(o.publishers, 32);
+    }
+    if (o.mode == "pingflood" || o.mode == "slowreaders") {
+        if (o.proto != protocol::imbus) usage(o.mode + " speaks the imbus protocol only");
+        if (o.server_pid <= 0) usage(o.mode + " needs --server-pid");
+        if (!o.seconds_given) o.seconds = 30;
+        if (!o.channel_given) o.channel = "broadcast";
+        if (!o.rate_given) o.rate = 200;
+        if (!o.payload_given) o.payload_bytes = 1000;
+        if (!o.publishers_given) o.publishers = 32;
+        if (o.channel == o.canary_channel) usage("--canary-channel must differ from --channel");
     }
     if (o.mode == "latency" && !o.window_given) o.window = 0;
     if (o.mode == "channels" && !o.window_given) o.window = 1000;
@@ -1988,6 +2027,967 @@ private:
     int exit_code_ = 1;
 };
 
+// --- hostile clients: pingflood, slowreaders ----------------------------------------------------
+
+// A hostile socket's receive buffer is small and set before connect(), so that the window it
+// advertises stays small too: what the server sends it piles up in the server, not in this
+// process's kernel buffer.
+// With --mss, the MSS it announces too: the server's send buffer for it then autotunes like
+// for a client across a network, not to the megabytes of loopback's 64 KiB segments.
+void set_hostile_buffers(tcp::socket& sock, int rcvbuf, int mss) {
+    if (rcvbuf > 0) ::setsockopt(sock.native_handle(), SOL_SOCKET, SO_RCVBUF, &rcvbuf, sizeof rcvbuf);
+    if (mss > 0) ::setsockopt(sock.native_handle(), IPPROTO_TCP, TCP_MAXSEG, &mss, sizeof mss);
+}
+
+// Memory of all TCP sockets of the machine (kernel buffers: not in any process's RSS), from
+// /proc/net/sockstat "TCP: ... mem N" (pages); -1 if unknown. On loopback a socket's send
+// buffer grows to megabytes, so what a server queued for a client that does not read can sit
+// there instead of in the server's RSS.
+long tcp_mem_kib() {
+    std::ifstream f("/proc/net/sockstat");
+    std::string line;
+    while (std::getline(f, line)) {
+        if (line.rfind("TCP:", 0) != 0) continue;
+        const std::size_t at = line.find(" mem ");
+        if (at == std::string::npos) return -1;
+        return std::strtol(line.c_str() + at + 5, nullptr, 10) * (sysconf(_SC_PAGESIZE) / 1024);
+    }
+    return -1;
+}
+
+// Whether the server still holds a TCP connection, seen without reading from it: after the
+// server's FIN the state is CLOSE_WAIT, after a RST it is CLOSE.
+bool tcp_established(tcp::socket& sock) {
+    if (!sock.is_open()) return false;
+    tcp_info info{};
+    socklen_t len = sizeof info;
+    if (::getsockopt(sock.native_handle(), IPPROTO_TCP, TCP_INFO, &info, &len) != 0) return false;
+    return info.tcpi_state == TCP_ESTABLISHED;
+}
+
+// The honest client: its own channel, reads everything, answers pings, resumes after a loss.
+struct canary_connection {
+    explicit canary_connection(asio::io_context& io) : sock(io) {}
+    tcp::socket sock;
+    std::string in, message, out, pending, key;
+    std::int64_t last_id = 0;  // the highest id received: a reconnect resumes after it
+    std::uint32_t gen = 0;
+    enum : std::uint8_t { idle, connecting, handshaking, open } state = idle;
+    bool writing = false, message_text = false;
+};
+
+// A hostile connection: opens its WebSocket (reads the 101 answer), then never reads again.
+struct hostile_connection {
+    explicit hostile_connection(asio::io_context& io) : sock(io) {}
+    tcp::socket sock;
+    std::string in, out, key;
+    std::uint32_t index = 0, gen = 0;
+    enum : std::uint8_t { idle, connecting, handshaking, open, failed } state = idle;
+};
+
+// pingflood: one connection sends empty masked pings as fast as the kernel takes them and
+// never reads, so every pong the server owes it stays in the server; when the server drops it
+// (a write fails) it connects again, until the attack's time is up.
+// slowreaders: N connections subscribe to the busy channel with "last": 1 (history first) and
+// never read, while --rate publishes/s of --payload-bytes go to that channel.
+// In both, an honest canary on its own channel gets a publish every --canary-interval-ms, and
+// the server's RSS is sampled every 100 ms: before the attack (canary connected), its peak,
+// at the end of the attack, and after the hostile connections are closed.
+class hostile {
+public:
+    explicit hostile(options o)
+        : o_(std::move(o)), server_(asio::ip::make_address(o_.host), o_.port), sampler_(io_), step_(io_),
+          canary_timer_(io_), publish_timer_(io_), deadline_(io_), flood_timer_(io_), canary_(io_),
+          rng_(std::random_device{}()) {
+        flood_mode_ = o_.mode == "pingflood";
+        const std::size_t n = flood_mode_ ? 1 : o_.connections;
+        for (std::size_t i = 0; i < n; ++i) {
+            hostiles_.push_back(std::make_unique<hostile_connection>(io_));
+            hostiles_.back()->index = std::uint32_t(i);
+        }
+        const std::string bare = "{\"s\":100000,\"t\":" + std::to_string(now_ns()) + ",\"pad\":\"\"}";
+        pad_ = std::string(o_.payload_bytes > bare.size() ? o_.payload_bytes - bare.size() : 0, 'x');
+        // 64 KiB of empty pings (6 bytes each: FIN|ping, MASK|0, a mask key), each its own mask.
+        for (std::size_t i = 0; i < 65536 / 6; ++i) ping_block_ += wsmini::masked_frame(0x9, "", std::uint32_t(rng_()));
+    }
+
+    int run() {
+        rss_idle_ = rss_kib(o_.server_pid);
+        progress("server RSS " + std::to_string(rss_idle_) + " KiB; connecting the canary");
+        sample();
+        canary_connect();
+        wait_for([this] { return canary_.state == canary_connection::open; }, 15, [this](bool ok) {
+            if (!ok) return fail_early("the canary did not connect");
+            canary_warm();
+        });
+        io_.run();
+        return exit_code_;
+    }
+
+private:
+    static std::string fmt(double v, int digits) {
+        char b[64];
+        std::snprintf(b, sizeof b, "%.*f", digits, v);
+        return b;
+    }
+    static std::string ms(std::uint64_t us) { return fmt(double(us) / 1000.0, 3); }
+    void progress(const std::string& what) { std::cerr << "ws_loadgen [" << o_.mode << "] " << what << std::endl; }
+    void note_error(const std::string& what) {
+        if (errors_shown_++ < 10) std::cerr << "ws_loadgen [" << o_.mode << "] " << what << std::endl;
+    }
+    double since_attack() const { return double(now_ns() - attack_start_) / 1e9; }
+
+    // Calls then(true) once pred() holds, or then(false) after timeout seconds.
+    void wait_for(std::function<bool()> pred, double timeout, std::function<void(bool)> then) {
+        const std::int64_t until = now_ns() + std::int64_t(timeout * 1e9);
+        auto step = std::make_shared<std::function<void()>>();
+        *step = [this, pred = std::move(pred), then = std::move(then), until, step]() {
+            if (pred()) return then(true);
+            if (now_ns() >= until) return then(false);
+            step_.expires_after(std::chrono::milliseconds(10));
+            step_.async_wait([step](const asio::error_code&) { (*step)(); });
+        };
+        (*step)();
+    }
+
+    void after(std::chrono::milliseconds delay, std::function<void()> f) {
+        auto t = std::make_shared<asio::steady_timer>(io_, delay);
+        t->async_wait([t, f = std::move(f)](const asio::error_code&) { f(); });
+    }
+
+    std::string handshake(const std::string& key) const {
+        return "GET " + o_.target + " HTTP/1.1\r\nHost: " + o_.host + ":" + std::to_string(o_.port) +
+               "\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: " + key +
+               "\r\nSec-WebSocket-Version: 13\r\n\r\n";
+    }
+    std::string new_key() {
+        std::string raw(16, '\0');
+        for (auto& c : raw) c = char(rng_());
+        return wsmini::base64(raw);
+    }
+    static bool accepted(std::string_view head, const std::string& key) {
+        return head.rfind("HTTP/1.1 101", 0) == 0 && wsmini::header_value(head, "Sec-WebSocket-Accept") == wsmini::accept_key(key);
+    }
+
+    // --- phases -------------------------------------------------------------------------------
+    // A canary notification with sequence number 0, again every 500 ms until it arrives: proves
+    // that the canary's subscribe was processed. Then the RSS before the attack.
+    void canary_warm() {
+        progress("canary connected; warm-up publish");
+        auto again = std::make_shared<std::function<void()>>();
+        *again = [this, again] {
+            if (canary_warm_ || !early_failure_.empty()) return;
+            publish(true, 0);
+            after(std::chrono::milliseconds(500), [again] { (*again)(); });
+        };
+        (*again)();
+        wait_for([this] { return canary_warm_; }, 15, [this](bool ok) {
+            if (!ok) return fail_early("the canary's warm-up notification did not arrive");
+            if (flood_mode_ || o_.history == 0) return settle();
+            progress("publishing a history of " + std::to_string(o_.history) + " notifications to \"" + o_.channel + "\"");
+            pump_history();
+            wait_for([this] { return history_requested_ == o_.history && broadcast_inflight_ == 0; }, 120, [this](bool ok) {
+                if (!ok || history_published_ != o_.history)
+                    return fail_early(std::to_string(history_published_) + " of " + std::to_string(o_.history) +
+                                      " history publishes answered");
+                settle();
+            });
+        });
+    }
+
+    // slowreaders: what the readers' "last": 1 asks for is already in the store.
+    void pump_history() {
+        while (history_requested_ < o_.history && broadcast_inflight_ < o_.publishers)
+            publish(false, -std::int64_t(++history_requested_));
+        if (history_requested_ < o_.history) after(std::chrono::milliseconds(2), [this] { pump_history(); });
+    }
+
+    void settle() {
+        after(std::chrono::milliseconds(std::int64_t(o_.settle * 1000)), [this] {
+            rss_before_ = rss_kib(o_.server_pid);
+            rss_peak_ = rss_before_;
+            tcp_mem_before_ = tcp_mem_peak_ = tcp_mem_kib();
+            start_attack();
+        });
+    }
+
+    void start_attack() {
+        attack_start_ = now_ns();
+        last_canary_ = attack_start_;  // the longest gap counts from the attack's start
+        attacking_ = true;
+        server_cpu_start_ = cpu_seconds(o_.server_pid);
+        if (flood_mode_) {
+            progress("ping flood for " + fmt(o_.seconds, 0) + " s; server RSS before " + std::to_string(rss_before_) + " KiB");
+            flood_connect();
+        } else {
+            progress(std::to_string(hostiles_.size()) + " non-reading subscribers of \"" + o_.channel + "\" (last 1), " +
+                     fmt(o_.rate, 0) + " publishes/s of " + std::to_string(o_.payload_bytes) + " bytes for " +
+                     fmt(o_.seconds, 0) + " s; server RSS before " + std::to_string(rss_before_) + " KiB");
+            open_readers();
+            pace_broadcast();
+        }
+        next_canary_ = std::chrono::steady_clock::now();
+        pace_canary();
+        deadline_.expires_after(std::chrono::nanoseconds(std::int64_t(o_.seconds * 1e9)));
+        deadline_.async_wait([this](const asio::error_code& ec) {
+            if (!ec) end_attack();
+        });
+    }
+
+    // The attack stops: no more pings or publishes; the hostile connections stay open (their
+    // queues with them) until the canary has everything or gave up.
+    void end_attack() {
+        if (!attacking_) return;
+        attacking_ = false;
+        attack_seconds_ = since_attack();
+        deadline_.cancel();
+        canary_timer_.cancel();
+        publish_timer_.cancel();
+        flood_timer_.cancel();
+        rss_end_ = rss_kib(o_.server_pid);
+        rss_peak_ = std::max(rss_peak_, rss_end_);
+        tcp_mem_end_ = tcp_mem_kib();
+        tcp_mem_peak_ = std::max(tcp_mem_peak_, tcp_mem_end_);
+        server_cpu_ = cpu_seconds(o_.server_pid) - server_cpu_start_;
+        for (auto& h : hostiles_) hostile_alive_ += tcp_established(h->sock);
+        progress("attack over after " + fmt(attack_seconds_, 1) + " s" + (cap_hit_ ? " (RSS cap reached)" : "") +
+                 ": server RSS " + std::to_string(rss_end_) + " KiB (peak " + std::to_string(rss_peak_) + "); " +
+                 std::to_string(hostile_alive_) + " hostile connections still established; scraping " + o_.metrics_path);
+        scrape_metrics([this] {
+            wait_for([this] { return canary_inflight_ == 0 && broadcast_inflight_ == 0; }, 30, [this](bool) {
+                answers_done_ = now_ns();
+                drain();
+            });
+        });
+    }
+
+    // Until the canary has every answered notification, --drain s without one, or --drain-max.
+    void drain() {
+        const std::int64_t now = now_ns();
+        const bool complete = canary_received_ >= canary_published_;
+        if (complete || now - std::max(last_canary_, answers_done_) > std::int64_t(o_.drain * 1e9) ||
+            now - answers_done_ > std::int64_t(std::min(o_.drain_max, 120.0) * 1e9))
+            return close_hostiles();
+        step_.expires_after(std::chrono::milliseconds(10));
+        step_.async_wait([this](const asio::error_code&) { drain(); });
+    }
+
+    void close_hostiles() {
+        progress("canary: " + std::to_string(canary_received_) + " of " + std::to_string(canary_published_) +
+                 "; closing the hostile connections");
+        sampling_peak_ = false;
+        for (auto& h : hostiles_) {
+            h->gen++;
+            asio::error_code ignored;
+            h->sock.close(ignored);
+        }
+        after(std::chrono::milliseconds(1000), [this] {
+            rss_after_close_ = rss_kib(o_.server_pid);
+            finish();
+        });
+    }
+
+    void fail_early(const std::string& why) {
+        note_error(why);
+        early_failure_ = why;
+        finish();
+    }
+
+    // --- the server's RSS every 100 ms ----------------------------------------------------------
+    void sample() {
+        const long rss = rss_kib(o_.server_pid);
+        samples_++;
+        if (rss < 0) server_gone_ = true;
+        if (attacking_ || (sampling_peak_ && attack_start_ > 0)) {
+            rss_peak_ = std::max(rss_peak_, rss);
+            tcp_mem_peak_ = std::max(tcp_mem_peak_, tcp_mem_kib());
+        }
+        if (attacking_ && samples_ % 50 == 0) {
+            const std::string what = flood_mode_ ? ", pings " + std::to_string(flood_bytes_ / 6) + ", reconnects " +
+                                                       std::to_string(flood_reconnects_)
+                                                 : ", readers open " + std::to_string(readers_open_) + ", published " +
+                                                       std::to_string(broadcast_published_);
+            progress("t=" + fmt(since_attack(), 0) + " s: server RSS " + std::to_string(rss) + " KiB, canary " +
+                     std::to_string(canary_received_) + "/" + std::to_string(canary_published_) + what);
+        }
+        if (attacking_ && o_.rss_cap_mib > 0 && rss > o_.rss_cap_mib * 1024) {
+            cap_hit_ = true;
+            note_error("server RSS " + std::to_string(rss) + " KiB passed --rss-cap-mib " + std::to_string(o_.rss_cap_mib) +
+                       ": the attack ends now");
+            end_attack();
+        }
+        if (attacking_ && server_gone_) {
+            note_error("the server process is gone");
+            end_attack();
+        }
+        // A server that closes the flooder while the flooder's write waits on a zero window gives
+        // that write no error: the TCP state tells, without a read.
+        if (attacking_ && flood_mode_ && hostiles_[0]->state == hostile_connection::open && !tcp_established(hostiles_[0]->sock))
+            flood_lost(hostiles_[0].get(), "the server closed it");
+        sampler_.expires_after(std::chrono::milliseconds(100));
+        sampler_.async_wait([this](const asio::error_code& ec) {
+            if (!ec) sample();
+        });
+    }
+
+    // --- ping flood ---------------------------------------------------------------------------
+    void flood_connect() {
+        if (!attacking_) return;
+        hostile_connection* f = hostiles_[0].get();
+        const std::uint32_t gen = ++f->gen;
+        asio::error_code ignored;
+        f->sock.close(ignored);
+        f->state = hostile_connection::connecting;
+        f->in.clear();
+        try {
+            open_bound(f->sock, asio::ip::address_v4((127u << 24) | 1u));
+            set_hostile_buffers(f->sock, o_.rcvbuf, o_.mss);
+        } catch (const std::system_error& e) {
+            note_error("flood socket: " + std::string(e.what()));
+            return flood_retry(gen);
+        }
+        // A connect or handshake that takes more than 5 s is given up (and tried again).
+        flood_timer_.expires_after(std::chrono::seconds(5));
+        flood_timer_.async_wait([this, f, gen](const asio::error_code& ec) {
+            if (!ec && gen == f->gen && f->state != hostile_connection::open) {
+                note_error("flood: no handshake answer in 5 s");
+                flood_retry(gen);
+            }
+        });
+        f->sock.async_connect(server_, [this, f, gen](const asio::error_code& ec) {
+            if (gen != f->gen) return;
+            if (ec) {
+                note_error("flood connect: " + ec.message());
+                return flood_retry(gen);
+            }
+            f->key = new_key();
+            f->out = handshake(f->key);
+            f->state = hostile_connection::handshaking;
+            asio::async_write(f->sock, asio::buffer(f->out), [this, f, gen](const asio::error_code& ec, std::size_t) {
+                if (gen != f->gen) return;
+                if (ec) return flood_retry(gen);
+                read_handshake(f, [this, f, gen](bool ok) {
+                    if (gen != f->gen) return;
+                    if (!ok) return flood_retry(gen);
+                    f->state = hostile_connection::open;
+                    flood_timer_.cancel();
+                    flood_opened_++;
+                    if (flood_opened_ == 1) progress("flooding");
+                    flood_write(f, gen);
+                });
+            });
+        });
+    }
+
+    // A failed connect or handshake: again 100 ms later, while the attack lasts.
+    void flood_retry(std::uint32_t gen) {
+        hostile_connection* f = hostiles_[0].get();
+        if (gen != f->gen) return;
+        f->gen++;
+        flood_failures_++;
+        asio::error_code ignored;
+        f->sock.close(ignored);
+        f->state = hostile_connection::failed;
+        after(std::chrono::milliseconds(100), [this] { flood_connect(); });
+    }
+
+    // 64 KiB of pings at a time, as fast as the kernel takes them; never a read.
+    void flood_write(hostile_connection* f, std::uint32_t gen) {
+        if (!attacking_ || gen != f->gen) return;
+        asio::async_write(f->sock, asio::buffer(ping_block_), [this, f, gen](const asio::error_code& ec, std::size_t n) {
+            flood_bytes_ += n;
+            if (gen != f->gen) return;
+            if (ec) return flood_lost(f, ec.message());
+            flood_write(f, gen);
+        });
+    }
+
+    // The server dropped the flooder: connect again and go on.
+    void flood_lost(hostile_connection* f, const std::string& why) {
+        flood_reconnects_++;
+        if (flood_reconnects_ <= 3) note_error("flood connection lost (" + why + "); reconnecting");
+        f->gen++;
+        asio::error_code ignored;
+        f->sock.close(ignored);
+        f->state = hostile_connection::failed;
+        flood_connect();
+    }
+
+    // Reads only the handshake answer (and whatever came in the same segments), then stops.
+    void read_handshake(hostile_connection* h, std::function<void(bool)> then) {
+        const std::uint32_t gen = h->gen;
+        const std::size_t old = h->in.size();
+        h->in.resize(old + 4096);
+        h->sock.async_read_some(asio::buffer(&h->in[old], 4096),
+                                [this, h, gen, old, then = std::move(then)](const asio::error_code& ec, std::size_t n) mutable {
+                                    if (gen != h->gen) return;
+                                    h->in.resize(old + (ec ? 0 : n));
+                                    if (ec) return then(false);
+                                    const std::size_t end = h->in.find("\r\n\r\n");
+                                    if (end == std::string::npos) {
+                                        if (h->in.size() > 16384) return then(false);
+                                        return read_handshake(h, std::move(then));
+                                    }
+                                    const bool ok = accepted(std::string_view(h->in.data(), end + 2), h->key);
+                                    if (!ok) note_error("handshake refused: " + h->in.substr(0, h->in.find("\r\n")));
+                                    std::string().swap(h->in);
+                                    then(ok);
+                                });
+    }
+
+    // --- non-reading subscribers --------------------------------------------------------------
+    void open_readers() {
+        while (next_reader_ < hostiles_.size() && readers_connecting_ < o_.connect_concurrency && attacking_)
+            open_reader(hostiles_[next_reader_++].get());
+    }
+
+    void reader_done(hostile_connection* r, bool ok) {
+        readers_connecting_--;
+        if (ok) {
+            r->state = hostile_connection::open;
+            readers_open_++;
+            if (readers_open_ == hostiles_.size())
+                progress("all " + std::to_string(readers_open_) + " readers subscribed after " + fmt(since_attack(), 2) + " s");
+        } else {
+            r->state = hostile_connection::failed;
+            r->gen++;
+            asio::error_code ignored;
+            r->sock.close(ignored);
+            readers_failed_++;
+        }
+        open_readers();
+    }
+
+    void open_reader(hostile_connection* r) {
+        readers_connecting_++;
+        r->state = hostile_connection::connecting;
+        const std::uint32_t gen = r->gen;
+        try {
+            open_bound(r->sock, asio::ip::address_v4((127u << 24) | std::uint32_t(1 + r->index % o_.sources)));
+            set_hostile_buffers(r->sock, o_.rcvbuf, o_.mss);
+        } catch (const std::system_error& e) {
+            note_error("reader socket: " + std::string(e.what()));
+            return asio::post(io_, [this, r] { reader_done(r, false); });
+        }
+        r->sock.async_connect(server_, [this, r, gen](const asio::error_code& ec) {
+            if (gen != r->gen) return;
+            if (ec) {
+                note_error("reader connect: " + ec.message());
+                return reader_done(r, false);
+            }
+            asio::error_code ignored;
+            r->sock.set_option(tcp::no_delay(true), ignored);
+            r->key = new_key();
+            r->out = handshake(r->key);
+            r->state = hostile_connection::handshaking;
+            asio::async_write(r->sock, asio::buffer(r->out), [this, r, gen](const asio::error_code& ec, std::size_t) {
+                if (gen != r->gen) return;
+                if (ec) return reader_done(r, false);
+                read_handshake(r, [this, r, gen](bool ok) {
+                    if (gen != r->gen) return;
+                    if (!ok) return reader_done(r, false);
+                    // History first ("last": 1), then never a read again.
+                    r->out = wsmini::masked_frame(1, "{\"event_name\":\"subscribe\",\"data\":{\"channels\":[\"" + o_.channel +
+                                                          "\"],\"last\":1}}", std::uint32_t(rng_()));
+                    asio::async_write(r->sock, asio::buffer(r->out), [this, r, gen](const asio::error_code& ec, std::size_t) {
+                        if (gen != r->gen) return;
+                        reader_done(r, !ec);
+                    });
+                });
+            });
+        });
+    }
+
+    // --- publishing (POST /bus/send, a new connection each) -------------------------------------
+    // Paced: what falls due while --publishers requests are in flight goes out later (late).
+    void pace_broadcast() {
+        if (!attacking_) return;
+        const double due = since_attack() * o_.rate;
+        while (double(broadcast_requested_) < due) {
+            if (broadcast_inflight_ >= o_.publishers) {
+                broadcast_late_++;
+                break;
+            }
+            publish(false, ++broadcast_requested_);
+        }
+        publish_timer_.expires_after(std::chrono::milliseconds(5));
+        publish_timer_.async_wait([this](const asio::error_code& ec) {
+            if (!ec) pace_broadcast();
+        });
+    }
+
+    // One canary publish every --canary-interval-ms; at most 64 in flight (else late, later).
+    void pace_canary() {
+        if (!attacking_) return;
+        const auto period = std::chrono::nanoseconds(std::int64_t(o_.canary_interval_ms * 1e6));
+        const auto now = std::chrono::steady_clock::now();
+        while (next_canary_ <= now) {
+            if (canary_inflight_ >= 64) {
+                canary_late_++;
+                break;
+            }
+            publish(true, std::int64_t(++canary_requested_));
+            next_canary_ += period;
+        }
+        canary_timer_.expires_at(std::max(next_canary_, now + std::chrono::milliseconds(1)));
+        canary_timer_.async_wait([this](const asio::error_code& ec) {
+            if (!ec) pace_canary();
+        });
+    }
+
+    struct post {
+        explicit post(asio::io_context& io) : sock(io) {}
+        tcp::socket sock;
+        std::string request, response;
+        std::int64_t start = 0, seq = 0;
+        bool canary = false;
+    };
+
+    std::string publish_body(bool canary, std::int64_t seq) const {
+        if (canary)
+            return "{\"channel\":\"" + o_.canary_channel + "\",\"type\":\"canary\",\"payload\":{\"c\":" + std::to_string(seq) +
+                   ",\"t\":" + std::to_string(now_ns()) + "}}";
+        return "{\"channel\":\"" + o_.channel + "\",\"type\":\"b\",\"payload\":{\"s\":" + std::to_string(seq) + ",\"t\":" +
+               std::to_string(now_ns()) + ",\"pad\":\"" + pad_ + "\"}}";
+    }
+
+    void publish(bool canary, std::int64_t seq) {
+        (canary ? canary_inflight_ : broadcast_inflight_)++;
+        auto r = std::make_shared<post>(io_);
+        r->canary = canary;
+        r->seq = seq;
+        r->start = now_ns();
+        try {
+            open_bound(r->sock, asio::ip::address_v4((127u << 24) | (1u << 8) | std::uint32_t(1 + publish_counter_++ % 16)));
+        } catch (const std::system_error& e) {
+            return asio::post(io_, [this, r, what = std::string(e.what())] { answered(r, "socket: " + what); });
+        }
+        r->sock.async_connect(server_, [this, r](const asio::error_code& ec) {
+            if (ec) return answered(r, "connect: " + ec.message());
+            asio::error_code ignored;
+            r->sock.set_option(tcp::no_delay(true), ignored);
+            const std::string body = publish_body(r->canary, r->seq);  // "t": after the connect, like the other modes
+            r->request = "POST /bus/send HTTP/1.1\r\nHost: " + o_.host + ":" + std::to_string(o_.port) +
+                         "\r\nAuthorization: Bearer " + o_.api_key +
+                         "\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: " +
+                         std::to_string(body.size()) + "\r\n\r\n" + body;
+            asio::async_write(r->sock, asio::buffer(r->request), [this, r](const asio::error_code& ec, std::size_t) {
+                if (ec) return answered(r, "write: " + ec.message());
+                read_answer(r);
+            });
+        });
+    }
+
+    void read_answer(std::shared_ptr<post> r) {
+        const std::size_t old = r->response.size();
+        r->response.resize(old + 4096);
+        r->sock.async_read_some(asio::buffer(&r->response[old], 4096), [this, r, old](const asio::error_code& ec, std::size_t n) {
+            r->response.resize(old + (ec ? 0 : n));
+            if (ec) return answered(r, "");
+            const std::size_t end = r->response.find("\r\n\r\n");
+            if (end != std::string::npos) {
+                const auto length = wsmini::header_value(std::string_view(r->response.data(), end + 2), "Content-Length");
+                if (!length.empty() && r->response.size() >= end + 4 + std::strtoull(std::string(length).c_str(), nullptr, 10))
+                    return answered(r, "");
+            }
+            read_answer(r);
+        });
+    }
+
+    void answered(const std::shared_ptr<post>& r, const std::string& error) {
+        (r->canary ? canary_inflight_ : broadcast_inflight_)--;
+        asio::error_code ignored;
+        r->sock.close(ignored);
+        const std::size_t at = r->response.find("\"ids\":[");
+        std::int64_t id = -1;
+        if (error.empty() && r->response.rfind("HTTP/1.1 200", 0) == 0 && at != std::string::npos) {
+            const char* p = r->response.data() + at + 7;
+            id = parse_int(p, r->response.data() + r->response.size());
+        }
+        if (id <= 0) {
+            (r->canary ? canary_publish_errors_ : broadcast_publish_errors_)++;
+            note_error(std::string(r->canary ? "canary" : "broadcast") + " publish failed: " +
+                       (error.empty() ? r->response.substr(0, r->response.find("\r\n")) : error));
+            return;
+        }
+        if (!r->canary) {
+            (r->seq < 0 ? history_published_ : broadcast_published_)++;
+        } else if (r->seq > 0) {
+            canary_published_++;
+            canary_post_.add(std::uint64_t(now_ns() - r->start) / 1000);
+        }
+    }
+
+    // --- the canary ---------------------------------------------------------------------------
+    void canary_connect() {
+        canary_connection* c = &canary_;
+        const std::uint32_t gen = ++c->gen;
+        c->state = canary_connection::connecting;
+        c->in.clear();
+        c->message.clear();
+        c->out.clear();
+        c->pending.clear();
+        c->writing = false;
+        try {
+            open_bound(c->sock, asio::ip::address_v4((127u << 24) | 1u));
+        } catch (const std::system_error& e) {
+            return canary_lost("socket: " + std::string(e.what()));
+        }
+        c->sock.async_connect(server_, [this, c, gen](const asio::error_code& ec) {
+            if (gen != c->gen) return;
+            if (ec) return canary_lost("connect: " + ec.message());
+            asio::error_code ignored;
+            c->sock.set_option(tcp::no_delay(true), ignored);
+            c->sock.non_blocking(true, ignored);
+            c->key = new_key();
+            c->state = canary_connection::handshaking;
+            canary_send(handshake(c->key));
+            canary_arm_read();
+        });
+    }
+
+    // Gone: like imbus::client, connect again and resume after the last id received.
+    void canary_lost(const std::string& why) {
+        canary_connection* c = &canary_;
+        c->gen++;
+        asio::error_code ignored;
+        c->sock.close(ignored);
+        c->state = canary_connection::idle;
+        if (finished_) return;
+        canary_reconnects_++;
+        note_error("canary lost: " + why + "; reconnecting");
+        after(std::chrono::milliseconds(100), [this] {
+            if (!finished_) canary_connect();
+        });
+    }
+
+    void canary_send(std::string bytes) {
+        canary_connection* c = &canary_;
+        if (c->writing) {
+            c->pending += bytes;
+            return;
+        }
+        c->writing = true;
+        c->out = std::move(bytes);
+        const std::uint32_t gen = c->gen;
+        asio::async_write(c->sock, asio::buffer(c->out), [this, c, gen](const asio::error_code& ec, std::size_t) {
+            if (gen != c->gen) return;
+            c->writing = false;
+            if (!ec && !c->pending.empty()) canary_send(std::exchange(c->pending, std::string()));
+        });
+    }
+
+    void canary_arm_read() {
+        canary_connection* c = &canary_;
+        const std::uint32_t gen = c->gen;
+        c->sock.async_wait(tcp::socket::wait_read, [this, c, gen](const asio::error_code& ec) {
+            if (gen != c->gen) return;
+            if (ec) return canary_lost(ec.message());
+            canary_readable();
+        });
+    }
+
+    void canary_readable() {
+        canary_connection* c = &canary_;
+        const std::uint32_t gen = c->gen;
+        for (int round = 0; round < 16; ++round) {
+            asio::error_code ec;
+            const std::size_t n = c->sock.read_some(asio::buffer(buf_), ec);
+            if (ec == asio::error::would_block || ec == asio::error::try_again) return canary_arm_read();
+            if (ec) return canary_lost(ec.message());
+            c->in.append(buf_, n);
+            canary_consume(now_ns());
+            if (gen != c->gen) return;
+            if (n < sizeof buf_) return canary_arm_read();
+        }
+        asio::post(io_, [this, gen] {
+            if (gen == canary_.gen) canary_readable();
+        });
+    }
+
+    void canary_consume(std::int64_t now) {
+        canary_connection* c = &canary_;
+        const std::uint32_t gen = c->gen;
+        if (c->state == canary_connection::handshaking) {
+            const std::size_t end = c->in.find("\r\n\r\n");
+            if (end == std::string::npos) return;
+            if (!accepted(std::string_view(c->in.data(), end + 2), c->key))
+                return canary_lost("handshake refused: " + c->in.substr(0, c->in.find("\r\n")));
+            c->in.erase(0, end + 4);
+            c->state = canary_connection::open;
+            canary_send(wsmini::masked_frame(1, "{\"event_name\":\"subscribe\",\"data\":{\"channels\":[\"" + o_.canary_channel +
+                                                   "\"],\"last\":" + std::to_string(c->last_id) + "}}", std::uint32_t(rng_())));
+        }
+        std::size_t off = 0;
+        const char* d = c->in.data();
+        const std::size_t n = c->in.size();
+        while (n - off >= 2 && gen == c->gen) {
+            const auto b0 = std::uint8_t(d[off]), b1 = std::uint8_t(d[off + 1]);
+            std::uint64_t len = b1 & 0x7f;
+            std::size_t h = 2;
+            if (len == 126) {
+                if (n - off < 4) break;
+                len = std::uint64_t(std::uint8_t(d[off + 2])) << 8 | std::uint8_t(d[off + 3]);
+                h = 4;
+            } else if (len == 127) {
+                if (n - off < 10) break;
+                len = 0;
+                for (int i = 0; i < 8; ++i) len = len << 8 | std::uint8_t(d[off + 2 + i]);
+                h = 10;
+            }
+            if (n - off < h + len) break;  // servers do not mask
+            const char* p = d + off + h;
+            off += h + std::size_t(len);
+            canary_frame((b0 & 0x80) != 0, b0 & 0x0f, p, std::size_t(len), now);
+        }
+        if (gen == c->gen) c->in.erase(0, off);
+    }
+
+    void canary_frame(bool fin, int opcode, const char* p, std::size_t len, std::int64_t now) {
+        canary_connection* c = &canary_;
+        switch (opcode) {
+        case 0x1:
+        case 0x2:
+            if (fin) {
+                if (opcode == 1) canary_text(p, p + len, now);
+            } else {
+                c->message.assign(p, len);
+                c->message_text = opcode == 1;
+            }
+            break;
+        case 0x0:
+            c->message.append(p, len);
+            if (fin && c->message_text) {
+                const std::string m = std::exchange(c->message, std::string());
+                canary_text(m.data(), m.data() + m.size(), now);
+            }
+            break;
+        case 0x8:
+            canary_lost("server closed with " + std::to_string(len >= 2 ? (std::uint8_t(p[0]) << 8 | std::uint8_t(p[1])) : 1005));
+            break;
+        case 0x9:
+            canary_send(wsmini::masked_frame(0xA, std::string_view(p, len), std::uint32_t(rng_())));
+            break;
+        default:
+            break;
+        }
+    }
+
+    // [{"id":N,"message":{"type":"canary","payload":{"c":seq,"t":ns}}}, ...]; the public
+    // identity also follows "broadcast": those are counted, not timed.
+    void canary_text(const char* p, const char* end, std::int64_t now) {
+        static constexpr std::string_view id_key = "{\"id\":";
+        for (const char* e = find(p, end, id_key); e;) {
+            const char* q = e + id_key.size();
+            const std::int64_t id = parse_int(q, end);
+            const char* next = find(q, end, id_key);
+            const char* element_end = next ? next : end;
+            canary_.last_id = std::max(canary_.last_id, id);
+            if (find(q, element_end, "bus/missed_notifications")) {
+                canary_missed_markers_++;
+            } else if (find(q, element_end, "\"type\":\"canary\"")) {
+                const std::int64_t seq = int_after(q, element_end, "\"c\":");
+                const std::int64_t sent = int_after(q, element_end, "\"t\":");
+                if (seq == 0) {
+                    canary_warm_ = true;
+                } else if (seq > 0) {
+                    if (!canary_seen_.insert(std::size_t(seq))) {
+                        canary_duplicates_++;
+                    } else {
+                        canary_received_++;
+                        canary_gap_ns_ = std::max(canary_gap_ns_, now - last_canary_);
+                        last_canary_ = now;
+                        if (sent > 0) canary_latency_.add(std::uint64_t(std::max<std::int64_t>(0, now - sent)) / 1000);
+                    }
+                }
+            } else {
+                canary_other_++;
+            }
+            e = next;
+        }
+    }
+
+    // --- GET /metrics at the end of the attack --------------------------------------------------
+    void scrape_metrics(std::function<void()> then) {
+        auto r = std::make_shared<post>(io_);
+        auto done = std::make_shared<std::function<void()>>(std::move(then));
+        auto timer = std::make_shared<asio::steady_timer>(io_, std::chrono::seconds(5));
+        auto complete = [this, r, done, timer](bool timed_out) {
+            if (!*done) return;
+            timer->cancel();
+            asio::error_code ignored;
+            r->sock.close(ignored);
+            parse_metrics(r->response, timed_out);
+            auto f = std::exchange(*done, nullptr);
+            f();
+        };
+        timer->async_wait([complete](const asio::error_code& ec) {
+            if (!ec) complete(true);
+        });
+        r->request = "GET " + o_.metrics_path + " HTTP/1.1\r\nHost: " + o_.host + ":" + std::to_string(o_.port) +
+                     "\r\nConnection: close\r\n\r\n";
+        try {
+            open_bound(r->sock, asio::ip::address_v4((127u << 24) | (1u << 8) | 17u));
+        } catch (const std::system_error&) {
+            return asio::post(io_, [complete] { complete(false); });
+        }
+        auto read = std::make_shared<std::function<void()>>();
+        *read = [r, read, complete] {
+            const std::size_t old = r->response.size();
+            r->response.resize(old + 16384);
+            r->sock.async_read_some(asio::buffer(&r->response[old], 16384), [r, read, complete, old](const asio::error_code& ec, std::size_t n) {
+                r->response.resize(old + (ec ? 0 : n));
+                if (ec) return complete(false);
+                const std::size_t end = r->response.find("\r\n\r\n");
+                if (end != std::string::npos) {
+                    const auto length = wsmini::header_value(std::string_view(r->response.data(), end + 2), "Content-Length");
+                    if (!length.empty() && r->response.size() >= end + 4 + std::strtoull(std::string(length).c_str(), nullptr, 10)) {
+                        *read = nullptr;  // breaks the cycle
+                        return complete(false);
+                    }
+                }
+                (*read)();
+            });
+        };
+        r->sock.async_connect(server_, [r, read, complete](const asio::error_code& ec) {
+            if (ec) return complete(false);
+            asio::async_write(r->sock, asio::buffer(r->request), [read, complete](const asio::error_code& ec, std::size_t) {
+                if (ec) return complete(false);
+                (*read)();
+            });
+        });
+    }
+
+    // Keeps the lines starting with imbus_outbound_bytes or imbus_closes_total: name -> value.
+    void parse_metrics(const std::string& response, bool timed_out) {
+        metrics_status_ = timed_out ? "timeout" : response.empty() ? "no answer" : response.substr(0, response.find("\r\n"));
+        if (response.rfind("HTTP/1.1 200", 0) != 0) return;
+        const std::size_t body = response.find("\r\n\r\n");
+        if (body == std::string::npos) return;
+        std::istringstream lines(response.substr(body + 4));
+        std::string line;
+        while (std::getline(lines, line)) {
+            if (!line.empty() && line.back() == '\r') line.pop_back();
+            if (line.rfind("imbus_outbound_bytes", 0) != 0 && line.rfind("imbus_closes_total", 0) != 0) continue;
+            const std::size_t space = line.rfind(' ');
+            if (space == std::string::npos) continue;
+            metrics_.emplace_back(line.substr(0, space), line.substr(space + 1));
+        }
+    }
+
+    static std::string json_number_or_string(const std::string& v) {
+        char* end = nullptr;
+        const double d = std::strtod(v.c_str(), &end);
+        if (!v.empty() && end == v.c_str() + v.size() && std::isfinite(d)) return fmt(d, d == std::floor(d) && std::fabs(d) < 1e15 ? 0 : 6);
+        return "\"" + json_escape(v) + "\"";
+    }
+
+    // --- report -------------------------------------------------------------------------------
+    void finish() {
+        if (finished_) return;
+        finished_ = true;
+        sampler_.cancel();
+        canary_timer_.cancel();
+        publish_timer_.cancel();
+        deadline_.cancel();
+        flood_timer_.cancel();
+        const std::size_t n = hostiles_.size();
+        const std::size_t opened = flood_mode_ ? (flood_opened_ > 0 ? 1 : 0) : readers_open_;
+        const long growth = rss_before_ > 0 && rss_peak_ > 0 ? rss_peak_ - rss_before_ : -1;
+        const double per = growth >= 0 && n > 0 ? double(growth) / double(n) : -1;
+        const bool canary_ok = canary_published_ > 0 && canary_received_ == canary_published_ && canary_publish_errors_ == 0 &&
+                               canary_duplicates_ == 0;
+        const bool ok = early_failure_.empty() && !server_gone_ && opened > 0 && canary_ok;
+        std::ostringstream j, h;
+        j << "{\"mode\":\"" << o_.mode << "\",\"protocol\":\"imbus\",\"label\":\"" << json_escape(o_.label)
+          << "\",\"seconds\":" << fmt(o_.seconds, 1) << ",\"attack_s\":" << fmt(attack_seconds_, 2)
+          << ",\"rss_cap_hit\":" << (cap_hit_ ? "true" : "false") << ",\"hostile_connections\":" << n
+          << ",\"hostile_opened\":" << (flood_mode_ ? flood_opened_ : readers_open_)
+          << ",\"hostile_established_at_end\":" << hostile_alive_ << ",\"rcvbuf\":" << o_.rcvbuf << ",\"mss\":" << o_.mss;
+        if (flood_mode_) {
+            j << ",\"pings_sent\":" << flood_bytes_ / 6 << ",\"ping_bytes\":" << flood_bytes_ << ",\"reconnects\":" << flood_reconnects_
+              << ",\"connect_failures\":" << flood_failures_;
+        } else {
+            j << ",\"channel\":\"" << json_escape(o_.channel) << "\",\"readers\":" << n << ",\"readers_open\":" << readers_open_
+              << ",\"readers_failed\":" << readers_failed_ << ",\"history\":" << history_published_
+              << ",\"rate\":" << fmt(o_.rate, 1) << ",\"payload_bytes\":" << o_.payload_bytes
+              << ",\"published\":" << broadcast_published_ << ",\"publish_errors\":" << broadcast_publish_errors_
+              << ",\"late_publishes\":" << broadcast_late_;
+        }
+        j << ",\"rss_idle_kib\":" << rss_idle_ << ",\"rss_before_kib\":" << rss_before_ << ",\"rss_peak_kib\":" << rss_peak_
+          << ",\"rss_end_kib\":" << rss_end_ << ",\"rss_after_close_kib\":" << rss_after_close_ << ",\"rss_growth_kib\":" << growth
+          << ",\"kib_per_hostile_connection\":" << fmt(per, 2) << ",\"rss_samples\":" << samples_
+          << ",\"tcp_mem_before_kib\":" << tcp_mem_before_ << ",\"tcp_mem_peak_kib\":" << tcp_mem_peak_
+          << ",\"tcp_mem_end_kib\":" << tcp_mem_end_
+          << ",\"canary_interval_ms\":" << fmt(o_.canary_interval_ms, 1) << ",\"canary_published\":" << canary_published_
+          << ",\"canary_received\":" << canary_received_ << ",\"canary_publish_errors\":" << canary_publish_errors_
+          << ",\"canary_late\":" << canary_late_ << ",\"canary_duplicates\":" << canary_duplicates_
+          << ",\"canary_reconnects\":" << canary_reconnects_ << ",\"canary_missed_markers\":" << canary_missed_markers_
+          << ",\"canary_other_notifications\":" << canary_other_ << ",\"canary_p50_ms\":" << ms(canary_latency_.percentile(50))
+          << ",\"canary_p99_ms\":" << ms(canary_latency_.percentile(99)) << ",\"canary_max_ms\":" << ms(canary_latency_.max)
+          << ",\"canary_longest_gap_ms\":" << fmt(double(canary_gap_ns_) / 1e6, 3)
+          << ",\"canary_post_p99_ms\":" << ms(canary_post_.percentile(99)) << ",\"server_cpu_s\":" << fmt(server_cpu_, 2)
+          << ",\"metrics_status\":\"" << json_escape(metrics_status_) << "\",\"metrics\":{";
+        for (std::size_t i = 0; i < metrics_.size(); ++i)
+            j << (i ? "," : "") << "\"" << json_escape(metrics_[i].first) << "\":" << json_number_or_string(metrics_[i].second);
+        j << "}";
+        if (!early_failure_.empty()) j << ",\"failure\":\"" << json_escape(early_failure_) << "\"";
+        j << ",\"ok\":" << (ok ? "true" : "false") << "}";
+        h << "# " << o_.mode << " " << o_.label << ": " << fmt(attack_seconds_, 0) << " s";
+        if (flood_mode_)
+            h << ", 1 flooding connection: " << flood_bytes_ / 6 << " pings sent, " << flood_reconnects_ << " reconnects";
+        else
+            h << ", " << readers_open_ << "/" << n << " non-reading subscribers, " << broadcast_published_ << " published to "
+              << o_.channel;
+        h << "; server RSS " << rss_before_ << " KiB before, peak " << rss_peak_ << ", end " << rss_end_ << ", after close "
+          << rss_after_close_ << " = " << fmt(per, 1) << " KiB per hostile connection" << (cap_hit_ ? " (RSS CAP HIT)" : "")
+          << "; kernel TCP memory (machine) " << tcp_mem_before_ << " -> peak " << tcp_mem_peak_ << " KiB"
+          << "; canary " << canary_received_ << "/" << canary_published_ << ", latency p50 " << ms(canary_latency_.percentile(50))
+          << " ms, p99 " << ms(canary_latency_.percentile(99)) << " ms, max " << ms(canary_latency_.max) << " ms, longest gap "
+          << fmt(double(canary_gap_ns_) / 1e6, 1) << " ms" << (ok ? "" : "  FAILED");
+        std::cout << j.str() << "\n" << h.str() << std::endl;
+        exit_code_ = ok ? 0 : 1;
+        // Everything still open goes with the io_context; the process exits next.
+        io_.stop();
+    }
+
+    options o_;
+    asio::io_context io_{1};
+    tcp::endpoint server_;
+    asio::steady_timer sampler_, step_, canary_timer_, publish_timer_, deadline_, flood_timer_;
+    canary_connection canary_;
+    std::minstd_rand rng_;
+    std::vector<std::unique_ptr<hostile_connection>> hostiles_;
+    std::string pad_, ping_block_;
+    char buf_[65536];
+    bool flood_mode_ = false, attacking_ = false, sampling_peak_ = true, cap_hit_ = false, server_gone_ = false;
+    bool canary_warm_ = false, finished_ = false;
+    std::chrono::steady_clock::time_point next_canary_;
+    std::int64_t attack_start_ = 0, answers_done_ = 0, last_canary_ = 0, canary_gap_ns_ = 0;
+    double attack_seconds_ = 0, server_cpu_start_ = 0, server_cpu_ = -1;
+    long rss_idle_ = -1, rss_before_ = -1, rss_peak_ = -1, rss_end_ = -1, rss_after_close_ = -1;
+    long tcp_mem_before_ = -1, tcp_mem_peak_ = -1, tcp_mem_end_ = -1;
+    std::uint64_t samples_ = 0;
+    std::size_t errors_shown_ = 0, publish_counter_ = 0, hostile_alive_ = 0;
+    // ping flood
+    std::uint64_t flood_bytes_ = 0, flood_reconnects_ = 0, flood_failures_ = 0, flood_opened_ = 0;
+    // slow readers
+    std::size_t next_reader_ = 0, readers_connecting_ = 0, readers_open_ = 0, readers_failed_ = 0;
+    std::size_t broadcast_inflight_ = 0;
+    std::uint64_t broadcast_requested_ = 0, broadcast_published_ = 0, broadcast_publish_errors_ = 0, broadcast_late_ = 0;
+    std::size_t history_requested_ = 0, history_published_ = 0;
+    // canary
+    std::size_t canary_inflight_ = 0;
+    std::uint64_t canary_requested_ = 0, canary_published_ = 0, canary_received_ = 0, canary_publish_errors_ = 0;
+    std::uint64_t canary_late_ = 0, canary_duplicates_ = 0, canary_reconnects_ = 0, canary_missed_markers_ = 0, canary_other_ = 0;
+    keyset canary_seen_;
+    histogram canary_latency_, canary_post_;
+    std::string metrics_status_ = "not scraped";
+    std::vector<std::pair<std::string, std::string>> metrics_;
+    std::string early_failure_;
+    int exit_code_ = 1;
+};
+
 } // namespace
 
 int main(int argc, char** argv) {
@@ -1996,6 +2996,7 @@ int main(int argc, char** argv) {
     std::signal(SIGPIPE, SIG_IGN);
     try {
         if (o.mode == "soak") return soak(std::move(o)).run();
+        if (o.mode == "pingflood" || o.mode == "slowreaders") return hostile(std::move(o)).run();
         loadgen g(std::move(o));
         return g.run();
     } catch (const std::exception& e) {

@@ -91,6 +91,134 @@ p("- **†**: the load generator used at least 90% of its core (loadgen CPU s �
   "server, may have set the rate: the figure is a lower bound for that server.")
 p("")
 
+PING_FLOOD_KIB = 1024   # target: a ping flood adds at most 1 MiB of server RSS
+SLOW_READER_KIB = 300   # target: a non-reading subscriber adds at most 300 KiB (max_outbound_bytes 256 KiB)
+CANARY_P99_MS = 50      # target: the honest canary's p99 under either attack
+
+
+def mib(kib):
+    return f(kib / 1024 if kib is not None and kib >= 0 else None, 1)
+
+
+def tcp_mem(r):
+    """Kernel TCP memory of the machine (socket buffers, not in any RSS): before → peak, MiB."""
+    b, pk = r.get("tcp_mem_before_kib"), r.get("tcp_mem_peak_kib")
+    return "–" if b is None or pk is None or b < 0 else f"{mib(b)} → {mib(pk)}"
+
+
+def pass_miss(v):
+    return "–" if v is None else ("PASS" if v else "MISS")
+
+
+def canary_complete(r):
+    if r.get("unavailable"):
+        return "**NOT INSTALLED**"
+    if r.get("no_server"):
+        return "**DID NOT START**"
+    if "canary_received" not in r:
+        return "**FAILED**" + (f" ({r['failure']})" if r.get("failure") else "")
+    got = f"{r['canary_received']:,}/{r['canary_published']:,}"
+    return got if r.get("ok") else f"**{got}**" + (f" ({r['failure']})" if r.get("failure") else "")
+
+
+def metrics_text(r):
+    """The /metrics lines kept by ws_loadgen: close codes and outbound bytes, compact."""
+    m = r.get("metrics") or {}
+    if not m:
+        return "–" if r.get("metrics_status", "").startswith("HTTP/1.1 200") else "no /metrics"
+    parts = []
+    for name, v in m.items():
+        if name.startswith("imbus_closes_total"):
+            code = name.split('code="')[-1].split('"')[0] if 'code="' in name else name
+            parts.append(f"close {code}: {v}")
+        else:
+            parts.append(f"{name.replace('imbus_', '', 1)} {v}")
+    return "<br>".join(parts)
+
+
+def rss_ok(r, limit_kib):
+    per = r.get("kib_per_hostile_connection")
+    if per is None or per < 0 or r.get("rss_cap_hit"):
+        return False if r.get("rss_cap_hit") else None
+    return per <= limit_kib
+
+
+def canary_ok(r):
+    p99 = r.get("canary_p99_ms")
+    return None if p99 is None else (p99 <= CANARY_P99_MS and bool(r.get("ok")))
+
+
+def hostile_section(kind, scenario, rs):
+    secs = int(E.get("ATTACK_SECONDS", "30"))
+    if kind == "pingflood":
+        p(f"## Ping flood: one client sends empty pings as fast as it can for {secs} s and never reads")
+        p("")
+        p("One connection opens an imbus WebSocket (its `SO_RCVBUF` is 4,096 bytes and its MSS 1,448, set before connecting, so "
+          "the pongs it is owed pile up in the server, not in the client's kernel), then writes empty masked ping "
+          "frames (6 bytes each) as fast as the kernel takes them and never reads; if the server drops it (a write "
+          "fails, or its TCP state leaves ESTABLISHED) it connects again and goes on until the time is up. Meanwhile an honest **canary** on its own "
+          "channel gets a publish every 20 ms (`POST /bus/send`) and reads everything; its latency is from the "
+          "publisher's send time in the payload to its receipt; **longest gap**: the longest time from the start of "
+          "the attack without a new canary notification. Server RSS (VmRSS) is sampled every 100 ms: **before** "
+          "(canary connected), **peak** (during the attack, until the flooder is closed), at the **end** of the "
+          "attack, and 1 s after the flooder is closed. The attack is cut short if the server passes 4 GiB "
+          "(**cap**). `/metrics` is scraped at the end of the attack. **kernel TCP MiB**: the memory of all TCP "
+          "sockets of the machine (`/proc/net/sockstat`), before → peak: what the server queued in its sockets' "
+          "send buffers is there, not in its RSS. The hostile sockets announce an MSS of 1,448 bytes, as across a "
+          "network: with loopback's 64 KiB segments the server's send buffer for a client that does not read would "
+          "autotune to megabytes and hide that much of its queue from its RSS.")
+        p("")
+        p(f"| system | attack s | pings sent | reconnects | RSS before MiB | peak MiB | end MiB | after close MiB | growth KiB | RSS ≤ 1 MiB | kernel TCP MiB | canary got | p50 ms | p99 ms | max ms | longest gap ms | p99 ≤ {CANARY_P99_MS} ms | /metrics | ok |")
+        p("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---|---|---|")
+        for r in rs:
+            p(f"| {names.get(r['system'], r['system'])} | {f(r.get('attack_s'), 1)}{' (cap)' if r.get('rss_cap_hit') else ''} "
+              f"| {f(r.get('pings_sent'))} | {f(r.get('reconnects'))} | {mib(r.get('rss_before_kib'))} | {mib(r.get('rss_peak_kib'))} "
+              f"| {mib(r.get('rss_end_kib'))} | {mib(r.get('rss_after_close_kib'))} | {f(r.get('rss_growth_kib'))} "
+              f"| {pass_miss(rss_ok(r, PING_FLOOD_KIB))} | {tcp_mem(r)} | {canary_complete(r)} | {f(r.get('canary_p50_ms'), 2)} "
+              f"| {f(r.get('canary_p99_ms'), 2)} | {f(r.get('canary_max_ms'), 1)} | {f(r.get('canary_longest_gap_ms'), 1)} "
+              f"| {pass_miss(canary_ok(r))} | {metrics_text(r)} | {'yes' if r.get('ok') else 'no'} |")
+        mine = next((r for r in rs if r["system"] == BASE and "rss_growth_kib" in r), None)
+        if mine:
+            cut = f" (cut short at {mine['attack_s']:.0f} s: RSS cap)" if mine.get("rss_cap_hit") else ""
+            targets.append((f"ping flood, {secs} s: adds ≤ 1 MiB of server RSS",
+                            f"+{mine['rss_growth_kib']:,} KiB{cut}", rss_ok(mine, PING_FLOOD_KIB)))
+            targets.append((f"ping flood: the canary's p99 ≤ {CANARY_P99_MS} ms, every notification received",
+                            f"p99 {mine['canary_p99_ms']:,.2f} ms, {mine['canary_received']:,}/{mine['canary_published']:,}",
+                            canary_ok(mine)))
+    else:
+        n = int(scenario.split("-")[1])
+        bound = int(E.get("SLOW_MAX_OUTBOUND", "262144"))
+        p(f"## Non-reading subscribers: {n:,} clients ask for the history of a busy channel and never read, for {secs} s")
+        p("")
+        payload = int(E.get("SLOW_PAYLOAD", "1000"))
+        p(f"First {int(E.get('SLOW_HISTORY', '1000')):,} notifications of {payload:,} bytes go to "
+          f"`broadcast` (the history). Then {n:,} clients (`SO_RCVBUF` 4,096 and MSS 1,448, set before connecting) open a WebSocket, "
+          "subscribe to `broadcast` with `\"last\": 1` (everything after id 1) and never read again, while "
+          f"{E.get('SLOW_RATE', '200')} notifications/s of {payload:,} bytes are published to "
+          f"`broadcast`. imbus runs with `--max-outbound-bytes {bound}` (the **server args** column; empty: a server "
+          "built without the option, with its default bound). The canary, RSS samples and `/metrics` as in the ping "
+          "flood (the canary, a public client, also follows `broadcast`: it reads those too). **per reader** = "
+          "(peak − before) ÷ readers; the store's own growth (the notifications published during the attack) is in it.")
+        p("")
+        p(f"| system | server args | readers open | published | RSS before MiB | peak MiB | end MiB | after close MiB | KiB per reader | ≤ {SLOW_READER_KIB} KiB | kernel TCP MiB | established at end | canary got | p50 ms | p99 ms | max ms | longest gap ms | p99 ≤ {CANARY_P99_MS} ms | /metrics | ok |")
+        p("|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|")
+        for r in rs:
+            p(f"| {names.get(r['system'], r['system'])} | {('`' + r['server_args'] + '`') if r.get('server_args') else '–'} "
+              f"| {f(r.get('readers_open'))} | {f(r.get('published'))} | {mib(r.get('rss_before_kib'))} | {mib(r.get('rss_peak_kib'))} "
+              f"| {mib(r.get('rss_end_kib'))} | {mib(r.get('rss_after_close_kib'))} | {f(r.get('kib_per_hostile_connection'), 1)} "
+              f"| {pass_miss(rss_ok(r, SLOW_READER_KIB))} | {tcp_mem(r)} | {f(r.get('hostile_established_at_end'))} | {canary_complete(r)} "
+              f"| {f(r.get('canary_p50_ms'), 2)} | {f(r.get('canary_p99_ms'), 2)} | {f(r.get('canary_max_ms'), 1)} "
+              f"| {f(r.get('canary_longest_gap_ms'), 1)} | {pass_miss(canary_ok(r))} | {metrics_text(r)} | {'yes' if r.get('ok') else 'no'} |")
+        mine = next((r for r in rs if r["system"] == BASE and "kib_per_hostile_connection" in r), None)
+        if mine:
+            note = "" if mine.get("server_args") else " (server without --max-outbound-bytes: its default bound)"
+            targets.append((f"{n:,} non-reading subscribers, max_outbound_bytes = {bound // 1024} KiB: each adds ≤ {SLOW_READER_KIB} KiB of RSS",
+                            f"{mine['kib_per_hostile_connection']:,.1f} KiB each{note}", rss_ok(mine, SLOW_READER_KIB)))
+            targets.append((f"non-reading subscribers: the canary's p99 ≤ {CANARY_P99_MS} ms, every notification received",
+                            f"p99 {mine['canary_p99_ms']:,.2f} ms, {mine['canary_received']:,}/{mine['canary_published']:,}",
+                            canary_ok(mine)))
+
+
 by = {}
 for r in rows:
     by.setdefault(r["scenario"], []).append(r)
@@ -229,6 +357,9 @@ for scenario, rs in by.items():
         mine = next((r for r in rs if r["system"] == BASE), None)
         if mine and "lost" in mine:
             targets.append((f"storm {n:,}: 0 lost", f"imbus lost {mine['lost']:,}", mine["lost"] == 0 and mine.get("ok")))
+    elif kind in ("pingflood", "slowreaders"):
+        hostile_section(kind, scenario, rs)
+        fail |= any(not r.get("ok") for r in rs)
     p("")
 
 if targets:
