@@ -1125,6 +1125,10 @@ struct server_options {
     /// Bytes per catch-up frame at most (a single larger row goes alone), so a catch-up never
     /// puts more than max_outbound_bytes in one client's queue.
     std::size_t catch_up_bytes = 65536;
+    /// SO_SNDBUF of each client socket: what the kernel may hold for a client that stopped
+    /// reading, on top of max_outbound_bytes (Linux doubles it). 0: the kernel's autotuning,
+    /// which lets one socket grow to tcp_wmem's maximum (4 MiB by default).
+    std::size_t send_buffer_bytes = 0;
     /// Connections a shard serves per turn of its loop, so that publishes and handshakes are
     /// not kept waiting behind a whole fan-out.
     std::size_t delivery_slice = 32;
@@ -1284,6 +1288,7 @@ private:
     // One event loop on its own thread, owning the connections it accepted for their whole
     // life: a listener of its own on the shared port (SO_REUSEPORT), no strand, no locks.
     struct shard {
+        std::size_t index = 0;
         asio::io_context io{1};
         endpoint_type endpoint;
         std::mutex batch_mutex;  // guards the two below
@@ -1308,7 +1313,7 @@ private:
     void run_batch_slice(shard& home);
     void post_to(const connection_ptr& con, std::function<void()> task);
     void init_shard(std::size_t index);
-    void schedule_idle(const connection_ptr& con, std::chrono::milliseconds in);
+    void schedule_timer(const connection_ptr& con);
     bool within_rate(const connection_ptr& con);
     bool still_valid(const connection_ptr& con);
     void close(const connection_ptr& con, std::uint16_t code, const std::string& reason);
@@ -3763,7 +3768,28 @@ public:
     std::string const& real_header(std::string const& key) const {
         return websocketpp::http::parser::request::get_header(key);
     }
+    // Once open, nothing reads the handshake again: an idle connection need not keep it.
+    void release() {
+        websocketpp::http::parser::header_list().swap(m_headers);
+        std::string().swap(m_body);
+        set_uri("/");
+    }
 };
+
+class ws_response : public websocketpp::http::parser::response {
+public:
+    void release() {
+        websocketpp::http::parser::header_list().swap(m_headers);
+        std::string().swap(m_body);
+    }
+};
+
+// websocketpp keeps the handshake's request and response in the connection; an open
+// connection drops them (a few hundred bytes to kilobytes each, for every idle connection).
+template <class Connection> void release_handshake(Connection& con) {
+    const_cast<ws_request&>(con.get_request()).release();
+    const_cast<ws_response&>(con.get_response()).release();
+}
 
 // Each connection's bus state lives inside websocketpp's connection object (one allocation)
 // and is touched only on the thread of the shard that owns the connection.
@@ -3775,7 +3801,8 @@ template <class Identity> struct session_state {
     std::size_t recent_next = 0;
     std::chrono::steady_clock::time_point last_frame;
     std::chrono::steady_clock::time_point ping_sent;  // when ping_outstanding became true
-    std::shared_ptr<asio::steady_timer> idle_timer, lifetime_timer;
+    std::chrono::steady_clock::time_point ends_at;    // the lifetime's end: close 4002
+    std::shared_ptr<asio::steady_timer> timer;        // the next of: ping, pong deadline, lifetime
     std::size_t shard = 0;          // the shard (event loop) that owns the connection
     bool open = false;
     bool policy_opened = false;     // on_close only for connections the policy saw open
@@ -3956,9 +3983,8 @@ public:
             if (item.frame) gather_.emplace_back(item.frame->data(), item.frame->size());
             else gather_.insert(gather_.end(), item.library.begin(), item.library.end());
         }
-        auto self = std::static_pointer_cast<outbound_connection>(this->shared_from_this());
         asio::async_write(this->get_socket(), buffer_span{gather_.data(), gather_.data() + gather_.size()},
-                          [self](const asio::error_code& ec, std::size_t) { self->written(ec); });
+                          write_done{std::static_pointer_cast<outbound_connection>(this->shared_from_this())});
     }
     /// Bytes queued and in flight on this connection (readable from any thread).
     std::size_t outbound_bytes() const noexcept { return bytes_.load(std::memory_order_relaxed); }
@@ -3971,6 +3997,30 @@ private:
         std::size_t size() const noexcept { return frame ? frame->size() : asio::buffer_size(library); }
     };
     static constexpr std::size_t npos = std::size_t(-1);
+
+    // The write's completion. websocketpp's handlers waiting here hold the connection, so one
+    // destroyed unrun (its event loop went away mid-write) lets go of them: no cycle is left.
+    struct write_done {
+        std::shared_ptr<outbound_connection> self;
+        explicit write_done(std::shared_ptr<outbound_connection> s) : self(std::move(s)) {}
+        write_done(write_done&&) noexcept = default;
+        write_done(const write_done&) = delete;
+        ~write_done() {
+            if (self) self->abandon();
+        }
+        void operator()(const asio::error_code& ec, std::size_t) { std::exchange(self, nullptr)->written(ec); }
+    };
+
+    // No loop will run the write's completion: drop everything without counting (the shard's
+    // meter goes first), keeping the connection alive until this returns.
+    void abandon() noexcept {
+        writing_ = false;
+        failed_ = true;
+        auto in_flight = std::move(in_flight_);
+        auto queue = std::move(queue_);
+        auto shutdown = std::move(shutdown_);
+        shutdown_ = nullptr;
+    }
 
     void count(std::size_t n, bool add) noexcept {
         if (add) bytes_.store(bytes_.load(std::memory_order_relaxed) + n, std::memory_order_relaxed);
@@ -4058,6 +4108,7 @@ public:
 template <class Identity, class Transport> struct server_config : websocketpp_configs<Transport>::server {
     using connection_base = session_slot<Identity>;
     using request_type = ws_request;
+    using response_type = ws_response;
     // A connection lives on one shard's thread for its whole life: no strand per connection.
     struct transport_config : websocketpp_configs<Transport>::server::transport_config {
         static const bool enable_multithreading = false;
@@ -4349,6 +4400,7 @@ basic_server<AuthPolicy, Transport>::basic_server(imbus::bus& b, AuthPolicy poli
 template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Transport>::init_shard(std::size_t index) {
     shards_.push_back(std::make_unique<shard>());
     shard& home = *shards_.back();
+    home.index = index;
     auto& endpoint = home.endpoint;
     endpoint.init_asio(&home.io);
     if constexpr (!std::is_same_v<Transport, plain_transport>) detail::use_server_tls(endpoint, options_);
@@ -4359,12 +4411,16 @@ template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Trans
     endpoint.set_close_handshake_timeout(long(options_.close_handshake_timeout.count()));
     // Frames are small and latency matters: no Nagle delay behind an unacknowledged segment.
     // (After the accept: websocketpp's socket_init handler sees the socket before it is open.)
-    endpoint.set_tcp_post_init_handler([this, index, &home](websocketpp::connection_hdl h) {
+    // (Two pointers: the handler fits in std::function's own storage, as websocketpp copies it
+    // into every connection.)
+    endpoint.set_tcp_post_init_handler([this, &home](websocketpp::connection_hdl h) {
         auto con = connection_of(h);
         if (!con) return;
         asio::error_code ignored;
         con->get_raw_socket().set_option(asio::ip::tcp::no_delay(true), ignored);
-        con->imbus_state.shard = index;
+        if (options_.send_buffer_bytes)
+            con->get_raw_socket().set_option(asio::socket_base::send_buffer_size(int(options_.send_buffer_bytes)), ignored);
+        con->imbus_state.shard = home.index;
         con->set_outbound_meter(&home.outbound);
         con->set_drained_hook(
             [](void* server, auto& drained) {
@@ -4670,44 +4726,41 @@ template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Trans
         }
     }
     s.policy_opened = true;
-    schedule_idle(con, options_.idle_ping);
     // The lifetime is spread so that clients connected together do not reconnect together.
     thread_local std::mt19937_64 random(std::random_device{}());
     const auto jitter_ms = options_.lifetime_jitter.count() > 0
                                ? std::uniform_int_distribution<long long>(0, options_.lifetime_jitter.count())(random)
                                : 0;
-    std::weak_ptr<typename endpoint_type::connection_type> weak = con;
-    s.lifetime_timer = con->set_timer(long(options_.lifetime.count() + jitter_ms), [this, weak](const std::error_code& ec) {
-        if (auto c = weak.lock(); c && !ec) close(c, 4002, "KEEP_ALIVE_TIMEOUT");
-    });
+    s.ends_at = s.last_frame + options_.lifetime + std::chrono::milliseconds(jitter_ms);
+    schedule_timer(con);
+    detail::release_handshake(*con);
 }
 
-// One timer per connection for both ends of the keep-alive: the ping after idle_ping without a
-// frame, then the pong deadline (no pong within pong_timeout drops TCP without a close).
-template <class AuthPolicy, class Transport>
-void basic_server<AuthPolicy, Transport>::schedule_idle(const connection_ptr& con, std::chrono::milliseconds in) {
+// One timer per connection, set for the first of: the ping after idle_ping without a frame,
+// the pong deadline (no pong within pong_timeout drops TCP without a close), the lifetime.
+template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Transport>::schedule_timer(const connection_ptr& con) {
+    auto& s = con->imbus_state;
+    const auto next = std::min(s.ends_at, s.ping_outstanding ? s.ping_sent + options_.pong_timeout : s.last_frame + options_.idle_ping);
+    const auto in = std::chrono::duration_cast<std::chrono::milliseconds>(next - std::chrono::steady_clock::now());
     std::weak_ptr<typename endpoint_type::connection_type> weak = con;
-    con->imbus_state.idle_timer = con->set_timer(long(std::max<long long>(in.count(), 1)), [this, weak](const std::error_code& ec) {
+    s.timer = con->set_timer(long(std::max<long long>(in.count(), 0) + 1), [this, weak](const std::error_code& ec) {
         auto c = weak.lock();
         if (!c || ec || !c->imbus_state.open) return;
         auto& s = c->imbus_state;
         const auto now = std::chrono::steady_clock::now();
-        using std::chrono::duration_cast;
-        using std::chrono::milliseconds;
-        if (s.ping_outstanding) {
-            const auto waited = duration_cast<milliseconds>(now - s.ping_sent);
-            if (waited < options_.pong_timeout) return schedule_idle(c, options_.pong_timeout - waited);
+        if (now >= s.ends_at) return close(c, 4002, "KEEP_ALIVE_TIMEOUT");
+        if (s.ping_outstanding && now >= s.ping_sent + options_.pong_timeout) {
             if (options_.log) options_.log(log_level::info, "server: no pong from " + c->get_remote_endpoint() + ", dropped");
             return c->terminate(websocketpp::transport::error::make_error_code(websocketpp::transport::error::timeout));
         }
-        const auto quiet = duration_cast<milliseconds>(now - s.last_frame);
-        if (quiet < options_.idle_ping) return schedule_idle(c, options_.idle_ping - quiet);
-        static const detail::shared_wire_frame ping = detail::control_frame(0x9, {});
-        if (!c->queue_frame(ping)) return;
-        c->flush_outbound();
-        s.ping_outstanding = true;
-        s.ping_sent = now;
-        schedule_idle(c, options_.pong_timeout);
+        if (!s.ping_outstanding && now >= s.last_frame + options_.idle_ping) {
+            static const detail::shared_wire_frame ping = detail::control_frame(0x9, {});
+            if (!c->queue_frame(ping)) return;
+            c->flush_outbound();
+            s.ping_outstanding = true;
+            s.ping_sent = now;
+        }
+        schedule_timer(c);
     });
 }
 
@@ -4715,8 +4768,7 @@ template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Trans
     auto con = connection_of(h);
     if (!con) return;
     auto& s = con->imbus_state;
-    for (auto* timer : {&s.idle_timer, &s.lifetime_timer})
-        if (*timer) (*timer)->cancel();
+    if (s.timer) s.timer->cancel();
     s.subscription.close();
     if (s.follow) metrics_.subscribed.fetch_sub(1, std::memory_order_relaxed);
     s.follow.reset();

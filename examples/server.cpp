@@ -30,7 +30,7 @@ struct settings {
               << "                      [--db NAME] [--version STRING] [--threads N] [--origin URL]...\n"
               << "                      [--static DIR] [--tls-cert PEM --tls-key PEM]\n"
               << "                      [--retention SECONDS] [--gc-interval SECONDS]\n"
-              << "                      [--max-outbound-bytes N] [--max-outbound-total N]\n";
+              << "                      [--max-outbound-bytes N] [--max-outbound-total N] [--send-buffer-bytes N]\n";
     std::exit(2);
 }
 
@@ -57,6 +57,7 @@ settings parse(int argc, char** argv) {
             else if (flag == "--gc-interval") s.server.gc_interval = std::chrono::seconds(std::stol(value));
             else if (flag == "--max-outbound-bytes") s.server.max_outbound_bytes = std::stoul(value);
             else if (flag == "--max-outbound-total") s.server.max_outbound_total = std::stoull(value);
+            else if (flag == "--send-buffer-bytes") s.server.send_buffer_bytes = std::stoul(value);
             else usage("unknown option " + flag);
         } catch (const std::logic_error&) {
             usage("bad value for " + flag + ": " + value);
