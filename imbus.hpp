@@ -3846,7 +3846,7 @@ template <> struct websocketpp_configs<tls_transport> {
 // every recipient; a catch-up frame or a pong belongs to one connection.
 struct wire_frame {
     static constexpr std::size_t header_room = 10;  // the longest server frame header
-    std::string bytes;  // header_room bytes, then the payload; the header ends where it begins
+    std::string bytes;  // header_room bytes (the header fills their end), then the payload
     std::size_t start = header_room;
     std::size_t size() const noexcept { return bytes.size() - start; }
     const char* data() const noexcept { return bytes.data() + start; }
