@@ -55,7 +55,7 @@
 //     IMBUS_MAX_JSON_DEPTH              512    client JSON nested deeper is refused (stack safety)
 //     IMBUS_MAX_OUTBOUND_BYTES          1 MiB  queued for one client before it is caught up from the store
 //     IMBUS_MAX_OUTBOUND_TOTAL        256 MiB  queued for all clients; above it the largest queues wait
-//     IMBUS_READ_BUFFER_BYTES           2048   per-connection read buffer (compile-time only: websocketpp)
+//     IMBUS_READ_BUFFER_BYTES           512    per-connection read buffer (compile-time only: websocketpp)
 //
 // Threading model:
 //     channel, notification, commit_event: values; immutable once shared.
@@ -120,7 +120,7 @@
 #endif
 
 #ifndef IMBUS_READ_BUFFER_BYTES
-#define IMBUS_READ_BUFFER_BYTES 2048
+#define IMBUS_READ_BUFFER_BYTES 512
 #endif
 
 #ifndef IMBUS_SQLITE_GC_CHUNK
@@ -1164,13 +1164,14 @@ struct server_options {
 using http_route = std::function<bool(const http_request&, http_response&)>;
 
 /// What a server counts for GET /metrics (and for tests). Thread-safe: atomics, and a mutex
-/// for the labelled counters, which are touched once per connection.
+/// for the labelled counters, which are touched once per connection. What every delivery
+/// counts is kept per shard, so that shards never write to one cache line.
 class server_metrics {
 public:
+    explicit server_metrics(std::size_t shards = 1);
+
     std::atomic<std::uint64_t> connections_opened{0};   ///< handshakes completed
     std::atomic<std::int64_t> subscribed{0};            ///< open connections that subscribed
-    std::atomic<std::uint64_t> frames_sent{0};
-    std::atomic<std::uint64_t> notifications_sent{0};   ///< rows in those frames
     std::atomic<std::uint64_t> slow_consumer_catch_ups{0};
     std::atomic<std::uint64_t> missed_signals{0};       ///< bus/missed_notifications markers sent
     std::atomic<std::uint64_t> rate_limited{0};         ///< connections closed 1013 for their frame rate
@@ -1182,9 +1183,13 @@ public:
 
     void count_refusal(int status);
     void count_close(std::uint16_t code);
+    /// Frames sent and the notifications in them, by a connection of `shard`.
+    void count_sent(std::size_t shard, std::uint64_t frames, std::uint64_t notifications) noexcept;
+    std::uint64_t frames_sent() const noexcept;
+    std::uint64_t notifications_sent() const noexcept;
     /// From the commit event's arrival at this process's dispatcher to the connection's
     /// wake-up that sends it.
-    void observe_publish_to_send(std::chrono::steady_clock::duration d);
+    void observe_publish_to_send(std::size_t shard, std::chrono::steady_clock::duration d) noexcept;
     /// Each labelled counter and the histogram, in Prometheus text format.
     std::string prometheus_text() const;
     std::uint64_t closes(std::uint16_t code) const;
@@ -1195,8 +1200,11 @@ public:
                                                            0.05,   0.1,   0.25,   0.5,   1.0,  2.5};
 
 private:
-    std::array<std::atomic<std::uint64_t>, latency_bounds.size() + 1> latency_buckets_{};  // last: +Inf
-    std::atomic<std::uint64_t> latency_sum_ns_{0};
+    struct alignas(64) delivery_counters {
+        std::atomic<std::uint64_t> frames{0}, notifications{0}, latency_sum_ns{0};
+        std::array<std::atomic<std::uint64_t>, latency_bounds.size() + 1> latency{};  // last: +Inf
+    };
+    std::vector<delivery_counters> shards_;
     mutable std::mutex mutex_;
     std::map<std::uint16_t, std::uint64_t> closes_;                   // by close code
     std::map<int, std::uint64_t> refusals_;                           // by HTTP status
@@ -3768,27 +3776,20 @@ public:
     std::string const& real_header(std::string const& key) const {
         return websocketpp::http::parser::request::get_header(key);
     }
-    // Once open, nothing reads the handshake again: an idle connection need not keep it.
-    void release() {
-        websocketpp::http::parser::header_list().swap(m_headers);
-        std::string().swap(m_body);
-        set_uri("/");
-    }
 };
 
-class ws_response : public websocketpp::http::parser::response {
-public:
-    void release() {
-        websocketpp::http::parser::header_list().swap(m_headers);
-        std::string().swap(m_body);
-    }
-};
-
-// websocketpp keeps the handshake's request and response in the connection; an open
-// connection drops them (a few hundred bytes to kilobytes each, for every idle connection).
+// websocketpp keeps the handshake's request, response and URI in the connection; once open,
+// nothing reads them again (its logs of them run before the open handler), so an idle
+// connection drops them: 1.4 KiB each here, more with a browser's headers. Swapped with fresh
+// ones, not assigned, so that no string keeps its old buffer.
 template <class Connection> void release_handshake(Connection& con) {
-    const_cast<ws_request&>(con.get_request()).release();
-    const_cast<ws_response&>(con.get_response()).release();
+    using request = typename Connection::request_type;
+    using response = typename Connection::response_type;
+    request spent_request;
+    std::swap(const_cast<request&>(con.get_request()), spent_request);
+    response spent_response;
+    std::swap(const_cast<response&>(con.get_response()), spent_response);
+    con.set_uri(websocketpp::uri_ptr());
 }
 
 // Each connection's bus state lives inside websocketpp's connection object (one allocation)
@@ -4108,7 +4109,6 @@ public:
 template <class Identity, class Transport> struct server_config : websocketpp_configs<Transport>::server {
     using connection_base = session_slot<Identity>;
     using request_type = ws_request;
-    using response_type = ws_response;
     // A connection lives on one shard's thread for its whole life: no strand per connection.
     struct transport_config : websocketpp_configs<Transport>::server::transport_config {
         static const bool enable_multithreading = false;
@@ -4305,12 +4305,32 @@ inline std::uint64_t server_metrics::refusals(int status) const {
     return it == refusals_.end() ? 0 : it->second;
 }
 
-inline void server_metrics::observe_publish_to_send(std::chrono::steady_clock::duration d) {
+inline server_metrics::server_metrics(std::size_t shards) : shards_(std::max<std::size_t>(shards, 1)) {}
+
+inline void server_metrics::count_sent(std::size_t shard, std::uint64_t frames, std::uint64_t notifications) noexcept {
+    shards_[shard].frames.fetch_add(frames, std::memory_order_relaxed);
+    shards_[shard].notifications.fetch_add(notifications, std::memory_order_relaxed);
+}
+
+inline std::uint64_t server_metrics::frames_sent() const noexcept {
+    std::uint64_t n = 0;
+    for (const auto& s : shards_) n += s.frames.load(std::memory_order_relaxed);
+    return n;
+}
+
+inline std::uint64_t server_metrics::notifications_sent() const noexcept {
+    std::uint64_t n = 0;
+    for (const auto& s : shards_) n += s.notifications.load(std::memory_order_relaxed);
+    return n;
+}
+
+inline void server_metrics::observe_publish_to_send(std::size_t shard, std::chrono::steady_clock::duration d) noexcept {
     const double seconds = std::chrono::duration<double>(d).count();
     const auto bucket = std::size_t(std::lower_bound(latency_bounds.begin(), latency_bounds.end(), seconds) - latency_bounds.begin());
-    latency_buckets_[bucket].fetch_add(1, std::memory_order_relaxed);
-    latency_sum_ns_.fetch_add(std::uint64_t(std::max<std::int64_t>(0, std::chrono::duration_cast<std::chrono::nanoseconds>(d).count())),
-                              std::memory_order_relaxed);
+    shards_[shard].latency[bucket].fetch_add(1, std::memory_order_relaxed);
+    shards_[shard].latency_sum_ns.fetch_add(
+        std::uint64_t(std::max<std::int64_t>(0, std::chrono::duration_cast<std::chrono::nanoseconds>(d).count())),
+        std::memory_order_relaxed);
 }
 
 inline std::string server_metrics::prometheus_text() const {
@@ -4320,9 +4340,9 @@ inline std::string server_metrics::prometheus_text() const {
                std::to_string(value) + "\n";
     };
     counter("imbus_connections_opened_total", "WebSocket handshakes completed.", connections_opened.load());
-    counter("imbus_frames_sent_total", "Frames sent to clients.", frames_sent.load());
+    counter("imbus_frames_sent_total", "Frames sent to clients.", frames_sent());
     counter("imbus_notifications_sent_total", "Notifications sent to clients (a row sent to two clients counts twice).",
-            notifications_sent.load());
+            notifications_sent());
     counter("imbus_slow_consumer_catch_ups_total",
             "Times a client was held back to be caught up from the store (its queue over max_outbound_bytes, or all over max_outbound_total).",
             slow_consumer_catch_ups.load());
@@ -4349,13 +4369,15 @@ inline std::string server_metrics::prometheus_text() const {
            "# TYPE imbus_publish_to_send_seconds histogram\n";
     std::uint64_t cumulative = 0;
     char bound[32];
+    std::uint64_t sum_ns = 0;
+    for (const auto& s : shards_) sum_ns += s.latency_sum_ns.load(std::memory_order_relaxed);
     for (std::size_t i = 0; i <= latency_bounds.size(); ++i) {
-        cumulative += latency_buckets_[i].load(std::memory_order_relaxed);
+        for (const auto& s : shards_) cumulative += s.latency[i].load(std::memory_order_relaxed);
         if (i < latency_bounds.size()) std::snprintf(bound, sizeof bound, "%g", latency_bounds[i]);
         out += std::string("imbus_publish_to_send_seconds_bucket{le=\"") + (i < latency_bounds.size() ? bound : "+Inf") +
                "\"} " + std::to_string(cumulative) + "\n";
     }
-    std::snprintf(bound, sizeof bound, "%.9f", double(latency_sum_ns_.load()) / 1e9);
+    std::snprintf(bound, sizeof bound, "%.9f", double(sum_ns) / 1e9);
     out += std::string("imbus_publish_to_send_seconds_sum ") + bound + "\n";
     out += "imbus_publish_to_send_seconds_count " + std::to_string(cumulative) + "\n";
     return out;
@@ -4390,7 +4412,8 @@ inline http_route static_files(std::string root, std::string url_prefix) {
 
 template <class AuthPolicy, class Transport>
 basic_server<AuthPolicy, Transport>::basic_server(imbus::bus& b, AuthPolicy policy, server_options options)
-    : bus_(b), dispatcher_(b.get_dispatcher()), policy_(std::move(policy)), options_(std::move(options)) {
+    : bus_(b), dispatcher_(b.get_dispatcher()), policy_(std::move(policy)), options_(std::move(options)),
+      metrics_(std::max<std::size_t>(options_.threads, 1)) {
     if (options_.threads == 0) options_.threads = 1;
     if (options_.rate_burst == 0) options_.rate_burst = 1;
     for (std::size_t i = 0; i < options_.threads; ++i) init_shard(i);
@@ -4405,6 +4428,7 @@ template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Trans
     endpoint.init_asio(&home.io);
     if constexpr (!std::is_same_v<Transport, plain_transport>) detail::use_server_tls(endpoint, options_);
     endpoint.set_reuse_addr(true);
+    endpoint.set_user_agent("");  // no Server header (nothing to learn about us), nothing kept
     endpoint.set_max_message_size(options_.max_message_bytes);
     endpoint.set_max_http_body_size(options_.max_http_body_bytes);
     endpoint.set_open_handshake_timeout(long(options_.open_handshake_timeout.count()));
@@ -4922,8 +4946,7 @@ template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Trans
         s.follow->catch_up([&](const notification&, std::string_view wire) { frame.add(wire); }, options_.catch_up_rows,
                            [&](std::string_view wire) { return !frame.empty() && frame.size() + wire.size() + 1 > room; });
         if (!frame.empty()) {
-            metrics_.frames_sent.fetch_add(1, std::memory_order_relaxed);
-            metrics_.notifications_sent.fetch_add(frame.rows, std::memory_order_relaxed);
+            metrics_.count_sent(s.shard, 1, frame.rows);
             send_frame(con, frame.finish());
             con->flush_outbound();
         }
@@ -5005,7 +5028,7 @@ template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Trans
     std::optional<std::chrono::steady_clock::time_point> oldest;  // of the events in `frame`
     if (!w.events.empty() && w.events.front().event) oldest = w.events.front()->noticed_at;
     auto flush_frame = [&] {
-        if (oldest) metrics_.observe_publish_to_send(now - *oldest);
+        if (oldest) metrics_.observe_publish_to_send(s.shard, now - *oldest);
         ++frames, rows += frame.rows;
         send_frame(con, frame.finish());
         frame = detail::frame_builder();
@@ -5014,7 +5037,7 @@ template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Trans
         w, [&](const notification&, std::string_view wire) { frame.add(wire); },
         [&](const commit_event& event) {
             if (!frame.empty()) flush_frame();
-            metrics_.observe_publish_to_send(now - event.noticed_at);
+            metrics_.observe_publish_to_send(s.shard, now - event.noticed_at);
             ++frames, rows += event.notifications.size();
             // Encoded once for every recipient of the event.
             send_frame(con, event.shared_frame<detail::wire_frame>([&] {
@@ -5026,8 +5049,7 @@ template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Trans
         options_.catch_up_rows, [&] { return full = over_budget(con, frame.size()); });
     if (!frame.empty()) flush_frame();
     con->flush_outbound();  // everything of this wake-up in one write
-    metrics_.frames_sent.fetch_add(frames, std::memory_order_relaxed);
-    metrics_.notifications_sent.fetch_add(rows, std::memory_order_relaxed);
+    metrics_.count_sent(s.shard, frames, rows);
     if (full) return lag(con);
     if (s.follow->behind()) catch_up(con, false);
 }
