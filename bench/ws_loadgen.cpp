@@ -301,6 +301,24 @@ options parse(int argc, char** argv) {
     return o;
 }
 
+// Reads an HTTP answer into r->response until its Content-Length bytes are in or the server
+// closes (EOF after the answer), then calls done(r). R has `sock` and `response`.
+template <class R, class Done> void read_http_answer(std::shared_ptr<R> r, Done done) {
+    const std::size_t old = r->response.size();
+    r->response.resize(old + 4096);
+    r->sock.async_read_some(asio::buffer(&r->response[old], 4096), [r, old, done](const asio::error_code& ec, std::size_t n) mutable {
+        r->response.resize(old + (ec ? 0 : n));
+        if (ec) return done(r);
+        const std::size_t end = r->response.find("\r\n\r\n");
+        if (end != std::string::npos) {
+            const auto length = wsmini::header_value(std::string_view(r->response.data(), end + 2), "Content-Length");
+            if (!length.empty() && r->response.size() >= end + 4 + std::strtoull(std::string(length).c_str(), nullptr, 10))
+                return done(r);
+        }
+        read_http_answer(std::move(r), std::move(done));
+    });
+}
+
 long rss_kib(long pid) {
     std::ifstream f("/proc/" + std::to_string(pid) + "/status");
     std::string line;
@@ -1147,22 +1165,7 @@ private:
     }
 
     void read_answer(std::shared_ptr<publish_request> r) {
-        const std::size_t old = r->response.size();
-        r->response.resize(old + 4096);
-        r->sock.async_read_some(asio::buffer(&r->response[old], 4096), [this, r, old](const asio::error_code& ec, std::size_t n) {
-            r->response.resize(old + (ec ? 0 : n));
-            if (ec) return published(r, "");  // EOF: the server closed after its answer
-            // Answers are complete once Content-Length bytes are in.
-            const std::size_t end = r->response.find("\r\n\r\n");
-            if (end != std::string::npos) {
-                const std::string_view head(r->response.data(), end + 2);
-                const auto length = wsmini::header_value(head, "Content-Length");
-                if (!length.empty() &&
-                    r->response.size() >= end + 4 + std::strtoull(std::string(length).c_str(), nullptr, 10))
-                    return published(r, "");
-            }
-            read_answer(r);
-        });
+        read_http_answer(std::move(r), [this](const std::shared_ptr<publish_request>& done) { published(done, ""); });
     }
 
     void published(const std::shared_ptr<publish_request>& r, const std::string& error) {
@@ -1891,19 +1894,7 @@ private:
     }
 
     void read_answer(std::shared_ptr<post> r) {
-        const std::size_t old = r->response.size();
-        r->response.resize(old + 4096);
-        r->sock.async_read_some(asio::buffer(&r->response[old], 4096), [this, r, old](const asio::error_code& ec, std::size_t n) {
-            r->response.resize(old + (ec ? 0 : n));
-            if (ec) return answered(r, "");
-            const std::size_t end = r->response.find("\r\n\r\n");
-            if (end != std::string::npos) {
-                const auto length = wsmini::header_value(std::string_view(r->response.data(), end + 2), "Content-Length");
-                if (!length.empty() && r->response.size() >= end + 4 + std::strtoull(std::string(length).c_str(), nullptr, 10))
-                    return answered(r, "");
-            }
-            read_answer(r);
-        });
+        read_http_answer(std::move(r), [this](const std::shared_ptr<post>& done) { answered(done, ""); });
     }
 
     void answered(const std::shared_ptr<post>& r, const std::string& error) {
@@ -2579,19 +2570,7 @@ private:
     }
 
     void read_answer(std::shared_ptr<post> r) {
-        const std::size_t old = r->response.size();
-        r->response.resize(old + 4096);
-        r->sock.async_read_some(asio::buffer(&r->response[old], 4096), [this, r, old](const asio::error_code& ec, std::size_t n) {
-            r->response.resize(old + (ec ? 0 : n));
-            if (ec) return answered(r, "");
-            const std::size_t end = r->response.find("\r\n\r\n");
-            if (end != std::string::npos) {
-                const auto length = wsmini::header_value(std::string_view(r->response.data(), end + 2), "Content-Length");
-                if (!length.empty() && r->response.size() >= end + 4 + std::strtoull(std::string(length).c_str(), nullptr, 10))
-                    return answered(r, "");
-            }
-            read_answer(r);
-        });
+        read_http_answer(std::move(r), [this](const std::shared_ptr<post>& done) { answered(done, ""); });
     }
 
     void answered(const std::shared_ptr<post>& r, const std::string& error) {
