@@ -42,8 +42,10 @@ std::int64_t hold_bus_lock(test_connection& c) {
 }
 
 // Bus commits waiting for the advisory lock at the server.
+// pg_locks shows the whole cluster: only this test's database counts (ctest -j2 runs others).
 std::int64_t waiting_for_bus_lock(test_connection& admin) {
-    return admin.scalar("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted");
+    return admin.scalar("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                        " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())");
 }
 
 // Follows ch_a and ch_b the way a connection does: polls from its position, then moves the
