@@ -389,9 +389,11 @@ public:
     /// The notifications on `channels` after `last`, ascending ids (PROTOCOL §2): `last == 0`
     /// means the first-poll window, a negative `last` every row; `last` above the newest id
     /// (a reset store) counts as 0.
-    /// At most `limit` rows when limit > 0 (the oldest ones).
+    /// At most `limit` rows when limit > 0 (the oldest ones); with max_bytes > 0, no row after
+    /// the one whose message brings the total to max_bytes, so that the cost of a read follows
+    /// the bytes a client may be sent, not the rows stored. A cut page's horizon is its last row.
     virtual poll_result fetch(const std::vector<channel>& channels, std::int64_t last,
-                              std::size_t limit = 0) = 0;
+                              std::size_t limit = 0, std::size_t max_bytes = 0) = 0;
     std::vector<notification> poll(const std::vector<channel>& channels, std::int64_t last,
                                    std::size_t limit = 0);
 
@@ -421,7 +423,7 @@ public:
 
     std::unique_ptr<write_transaction> begin() override;
     poll_result fetch(const std::vector<channel>& channels, std::int64_t last,
-                      std::size_t limit = 0) override;
+                      std::size_t limit = 0, std::size_t max_bytes = 0) override;
     std::int64_t newest_id() override;
     std::int64_t oldest_id() override;
     bool contains(std::int64_t id) override;
@@ -487,7 +489,7 @@ public:
 
     std::unique_ptr<write_transaction> begin() override;
     poll_result fetch(const std::vector<channel>& channels, std::int64_t last,
-                      std::size_t limit = 0) override;
+                      std::size_t limit = 0, std::size_t max_bytes = 0) override;
     std::int64_t newest_id() override;
     std::int64_t oldest_id() override;
     bool contains(std::int64_t id) override;
@@ -567,7 +569,7 @@ public:
 
     std::unique_ptr<write_transaction> begin() override;
     poll_result fetch(const std::vector<channel>& channels, std::int64_t last,
-                      std::size_t limit = 0) override;
+                      std::size_t limit = 0, std::size_t max_bytes = 0) override;
     std::int64_t newest_id() override;
     std::int64_t oldest_id() override;
     bool contains(std::int64_t id) override;
@@ -818,8 +820,10 @@ public:
     /// With a limit, a full page leaves the follower behind(): call again.
     template <class OnRow> std::size_t catch_up(OnRow&& on_row, std::size_t limit = 0);
     /// The same, asking stop(wire) before each row: once it says true, that row and the rest
-    /// are left for the next catch-up (a server caps its frames and queues in bytes).
-    template <class OnRow, class Stop> std::size_t catch_up(OnRow&& on_row, std::size_t limit, Stop&& stop);
+    /// are left for the next catch-up (a server caps its frames and queues in bytes). With
+    /// max_bytes, the store reads no more than that many bytes of messages (store::fetch).
+    template <class OnRow, class Stop>
+    std::size_t catch_up(OnRow&& on_row, std::size_t limit, Stop&& stop, std::size_t max_bytes = 0);
     /// Takes the rows of a wake-up that concern these channels; calls on_row for each new one.
     template <class OnRow> std::size_t take(const wakeup& w, OnRow&& on_row, std::size_t limit = 0);
     /// The same, but an event whose rows all concern these channels goes whole to
@@ -1302,6 +1306,10 @@ private:
         std::mutex batch_mutex;  // guards the two below
         std::deque<std::function<void()>> batch;  // wake-ups waiting for their slice, in order
         bool batch_posted = false;
+        // Connections whose catch-up sends its next frame in the next catch-up slice
+        // (touched on the shard's thread only).
+        std::deque<std::weak_ptr<typename endpoint_type::connection_type>> catch_ups;
+        bool catch_ups_posted = false;
         detail::outbound_meter outbound;
     };
 
@@ -1314,6 +1322,8 @@ private:
     std::vector<channel> build_channels(const identity& who, const std::vector<std::string>& asked);
     void on_wakeup(const connection_ptr& con, wakeup& w);
     void catch_up(const connection_ptr& con, bool check_missed);
+    void catch_up_frame(const connection_ptr& con);
+    void run_catch_up_slice(shard& home);
     bool over_budget(const connection_ptr& con, std::size_t adding);
     void lag(const connection_ptr& con);
     void resume(const connection_ptr& con);
@@ -1504,6 +1514,20 @@ inline std::vector<channel> unique_channels(const std::vector<channel>& channels
     for (const auto& c : channels)
         if (!c.empty() && seen.insert(c.key()).second) out.push_back(c);
     return out;
+}
+
+// A store's page (ascending ids) cut to `limit` rows and to the row whose message reaches
+// max_bytes; a cut page vouches only up to its last row.
+inline void cut_page(poll_result& page, std::size_t limit, std::size_t max_bytes) {
+    auto& rows = page.notifications;
+    bool cut = limit && rows.size() >= limit;
+    if (cut) rows.resize(limit);
+    if (max_bytes) {
+        std::size_t bytes = 0, kept = 0;
+        while (kept < rows.size() && bytes < max_bytes) bytes += rows[kept++].message.size();
+        if (bytes >= max_bytes) rows.resize(kept), cut = true;
+    }
+    if (cut && !rows.empty()) page.horizon = rows.back().id;
 }
 
 template <class T, class = void> struct has_bus_channel : std::false_type {};
@@ -1797,7 +1821,8 @@ inline std::size_t memory_store::collect_garbage() {
     return collect_locked(options_.clock());
 }
 
-inline poll_result memory_store::fetch(const std::vector<channel>& channels, std::int64_t last, std::size_t limit) {
+inline poll_result memory_store::fetch(const std::vector<channel>& channels, std::int64_t last, std::size_t limit,
+                                       std::size_t max_bytes) {
     const time_point now = options_.clock();
     std::shared_lock<std::shared_mutex> lock(mutex_);
     poll_result result;
@@ -1811,19 +1836,29 @@ inline poll_result memory_store::fetch(const std::vector<channel>& channels, std
         after = first_recent == rows_.end() ? newest_id_ : first_recent->id - 1;
     }
     std::vector<std::int64_t> ids;
-    for (const auto& c : detail::unique_channels(channels)) {
+    bool cut = false;  // a channel's rows were left for the next poll
+    const auto wanted = detail::unique_channels(channels);
+    for (const auto& c : wanted) {
         auto it = by_channel_.find(c.key());
         if (it == by_channel_.end()) continue;
         const auto& list = it->second.ids;
         auto from = std::upper_bound(list.begin(), list.end(), after);
         auto to = limit && std::size_t(list.end() - from) > limit ? from + std::ptrdiff_t(limit) : list.end();
-        ids.insert(ids.end(), from, to);
+        // A channel's rows past max_bytes of its own lie past the merged cut as well.
+        for (std::size_t bytes = 0; from != to && (!max_bytes || bytes < max_bytes); ++from) {
+            ids.push_back(*from);
+            bytes += row_at(*from).message.size();
+        }
+        cut = cut || from != list.end();
     }
-    std::sort(ids.begin(), ids.end());
-    if (limit && ids.size() >= limit) {
-        ids.resize(limit);  // a full page vouches only up to its last row
-        result.horizon = ids.back();  // the rest comes with the next poll
+    if (wanted.size() > 1) std::sort(ids.begin(), ids.end());
+    if (limit && ids.size() >= limit) ids.resize(limit), cut = true;
+    if (max_bytes) {
+        std::size_t bytes = 0, kept = 0;
+        while (kept < ids.size() && bytes < max_bytes) bytes += row_at(ids[kept++]).message.size();
+        if (kept < ids.size()) ids.resize(kept), cut = true;
     }
+    if (cut && !ids.empty()) result.horizon = ids.back();  // a cut page vouches only up to its last row
     result.notifications.reserve(ids.size());
     for (auto id : ids) {
         const row& r = row_at(id);
@@ -2119,7 +2154,8 @@ template <class F> auto sqlite_store::with_reader(F&& f) {
     return f(*writer_reader_);
 }
 
-inline poll_result sqlite_store::fetch(const std::vector<channel>& channels, std::int64_t last, std::size_t limit) {
+inline poll_result sqlite_store::fetch(const std::vector<channel>& channels, std::int64_t last, std::size_t limit,
+                                       std::size_t max_bytes) {
     const std::int64_t since_window = detail::to_micros(options_.clock() - options_.first_poll_window);
     const auto wanted = detail::unique_channels(channels);
     return with_reader([&](detail::sqlite_reader& r) {
@@ -2137,16 +2173,17 @@ inline poll_result sqlite_store::fetch(const std::vector<channel>& channels, std
         for (const auto& c : wanted) {
             r.poll.bind(1, c.key()).bind(2, after).bind(3, since).bind(4, limit ? std::int64_t(limit) : -1);
             detail::statement_reset reset{r.poll};
-            while (r.poll.step())
+            // A channel's rows past max_bytes of its own lie past the merged cut as well.
+            std::size_t bytes = 0;
+            while ((!max_bytes || bytes < max_bytes) && r.poll.step()) {
                 result.notifications.push_back(
                     notification{r.poll.int64(0), c, r.poll.text(1), detail::from_micros(r.poll.int64(2))});
+                bytes += result.notifications.back().message.size();
+            }
         }
         std::sort(result.notifications.begin(), result.notifications.end(),
                   [](const notification& a, const notification& b) { return a.id < b.id; });
-        if (limit && result.notifications.size() >= limit) {
-            result.notifications.resize(limit);
-            result.horizon = result.notifications.back().id;
-        }
+        detail::cut_page(result, limit, max_bytes);
         return result;
     });
 }
@@ -2751,7 +2788,8 @@ inline void pg_store::create_schema() {
 
 inline std::unique_ptr<store::write_transaction> pg_store::begin() { return std::make_unique<write_tx>(*this); }
 
-inline poll_result pg_store::fetch(const std::vector<channel>& channels, std::int64_t last, std::size_t limit) {
+inline poll_result pg_store::fetch(const std::vector<channel>& channels, std::int64_t last, std::size_t limit,
+                                   std::size_t max_bytes) {
     const std::int64_t since = detail::to_micros(options_.clock() - options_.first_poll_window);
     const auto wanted = detail::unique_channels(channels);
     std::unordered_map<std::string_view, const channel*> by_key;
@@ -2784,12 +2822,14 @@ inline poll_result pg_store::fetch(const std::vector<channel>& channels, std::in
         if (rows == 0) return result;
         // A reset store (last above every id ever assigned) counts as a first poll (params.last = 0).
         result.horizon = std::max(std::stoll(PQgetvalue(r.get(), 0, 0)), std::stoll(PQgetvalue(r.get(), 0, 1)));
-        for (int i = 0; i < rows; ++i) {
+        std::size_t bytes = 0;
+        for (int i = 0; i < rows && (!max_bytes || bytes < max_bytes); ++i) {
             if (PQgetisnull(r.get(), i, 2)) break;  // the LEFT JOIN's row without rows
             const std::string_view key(PQgetvalue(r.get(), i, 3), std::size_t(PQgetlength(r.get(), i, 3)));
             result.notifications.push_back(detail::pg_row(r.get(), i, 2, *by_key.at(key)));
+            bytes += result.notifications.back().message.size();
         }
-        if (limit && result.notifications.size() >= limit) result.horizon = result.notifications.back().id;
+        detail::cut_page(result, limit, max_bytes);
         return result;
     });
 }
@@ -3195,12 +3235,13 @@ template <class OnRow> std::size_t follower::catch_up(OnRow&& on_row, std::size_
     return catch_up(on_row, limit, [](std::string_view) { return false; });
 }
 
-template <class OnRow, class Stop> std::size_t follower::catch_up(OnRow&& on_row, std::size_t limit, Stop&& stop) {
+template <class OnRow, class Stop>
+std::size_t follower::catch_up(OnRow&& on_row, std::size_t limit, Stop&& stop, std::size_t max_bytes) {
     // The epoch is read before the poll: any gap that opens later starts a newer epoch.
     const std::uint64_t epoch_before = dispatcher_ ? dispatcher_->epoch() : 0;
     // Position 0 after a first poll (an empty store) means every row, not the first-poll window.
-    auto found = store_.fetch(channels_, position_ == 0 && polled_ ? -1 : position_, limit);
-    std::size_t taken = 0;
+    auto found = store_.fetch(channels_, position_ == 0 && polled_ ? -1 : position_, limit, max_bytes);
+    std::size_t taken = 0, bytes = 0;
     for (const auto& n : found.notifications) {
         const std::string wire = n.wire();
         if (stop(std::string_view(wire))) {  // the rest waits; a first poll stays one until a row is taken
@@ -3211,11 +3252,13 @@ template <class OnRow, class Stop> std::size_t follower::catch_up(OnRow&& on_row
         }
         on_row(n, std::string_view(wire));
         ++taken;
+        bytes += n.message.size();
     }
     polled_ = true;
     // A reset store (position above its newest id) restarts from its horizon as well.
     position_ = found.horizon;
-    behind_ = limit != 0 && found.notifications.size() >= limit;
+    // A page that reached either cap may have been cut: the next catch-up reads on.
+    behind_ = (limit != 0 && found.notifications.size() >= limit) || (max_bytes != 0 && bytes >= max_bytes);
     synced_epoch_ = behind_ ? 0 : epoch_before;
     return found.notifications.size();
 }
@@ -3808,6 +3851,8 @@ template <class Identity> struct session_state {
     bool open = false;
     bool policy_opened = false;     // on_close only for connections the policy saw open
     bool lagging = false;           // over an outbound budget: wake-ups wait for a catch-up
+    bool catching_up = false;       // its next catch-up frame waits for a slice; wake-ups wait too
+    bool check_missed = false;      // that frame first says whether rows after the position are gone
     bool ping_outstanding = false;  // waiting for the pong; pong_timeout runs from ping_sent
     std::string admitted_address;   // set while the connection counts against the limits
 };
@@ -4930,27 +4975,54 @@ std::vector<channel> basic_server<AuthPolicy, Transport>::build_channels(const i
     else return requested;
 }
 
+// A catch-up (history on subscribe, wake-ups that do not continue, a resume after a drain)
+// goes one frame of catch_up_bytes at a time, one frame per connection per slice, with live
+// wake-ups served between slices: a thousand clients asking for history at once wait their
+// turns, and an honest client's live frames do not wait behind them. Wake-ups meanwhile are
+// skipped: the next read of the store covers them.
 template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Transport>::catch_up(const connection_ptr& con, bool check_missed) {
     auto& s = con->imbus_state;
-    bool missed = check_missed && detail::rows_lost_after(bus_.store(), s.follow->position());
+    s.check_missed = s.check_missed || check_missed;
+    if (std::exchange(s.catching_up, true)) return;  // already waiting for its slice
+    shard& home = *shards_[s.shard];
+    home.catch_ups.push_back(con);
+    if (std::exchange(home.catch_ups_posted, true)) return;
+    asio::post(home.io, [this, &home] { asio::post(home.io, [this, &home] { run_catch_up_slice(home); }); });
+}
+
+template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Transport>::run_catch_up_slice(shard& home) {
+    // Those queued again during this slice wait for the next one.
+    for (std::size_t n = std::min(home.catch_ups.size(), std::max<std::size_t>(options_.delivery_slice, 1)); n; --n) {
+        auto weak = std::move(home.catch_ups.front());
+        home.catch_ups.pop_front();
+        if (auto con = weak.lock()) catch_up_frame(con);
+    }
+    if (home.catch_ups.empty()) home.catch_ups_posted = false;
+    else asio::post(home.io, [this, &home] { asio::post(home.io, [this, &home] { run_catch_up_slice(home); }); });
+}
+
+template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Transport>::catch_up_frame(const connection_ptr& con) {
+    auto& s = con->imbus_state;
+    if (!s.open || !s.follow || !std::exchange(s.catching_up, false)) return;
+    if (over_budget(con, 0)) return lag(con);  // its resume checks for missed rows again
+    const bool missed = std::exchange(s.check_missed, false) && detail::rows_lost_after(bus_.store(), s.follow->position());
     if (missed && options_.log)
         options_.log(log_level::info, "server: " + con->get_remote_endpoint() + " missed notifications after " +
                                           std::to_string(s.follow->position()));
-    do {
-        if (over_budget(con, 0)) return lag(con);
-        // Frames sized so that the queue stays within max_outbound_bytes (a lone larger row aside).
-        const std::size_t room = std::min(options_.catch_up_bytes, options_.max_outbound_bytes - con->outbound_bytes());
-        detail::frame_builder frame;
-        if (missed) frame.add(detail::missed_marker(s.follow->position()), false), metrics_.missed_signals.fetch_add(1);
-        missed = false;
-        s.follow->catch_up([&](const notification&, std::string_view wire) { frame.add(wire); }, options_.catch_up_rows,
-                           [&](std::string_view wire) { return !frame.empty() && frame.size() + wire.size() + 1 > room; });
-        if (!frame.empty()) {
-            metrics_.count_sent(s.shard, 1, frame.rows);
-            send_frame(con, frame.finish());
-            con->flush_outbound();
-        }
-    } while (s.follow->behind());
+    // Frames sized so that the queue stays within max_outbound_bytes (a lone larger row aside).
+    const std::size_t room = std::min(options_.catch_up_bytes, options_.max_outbound_bytes - con->outbound_bytes());
+    detail::frame_builder frame;
+    if (missed) frame.add(detail::missed_marker(s.follow->position()), false), metrics_.missed_signals.fetch_add(1);
+    // The store reads about one frame's worth: a catch-up costs what it sends, not what is stored.
+    s.follow->catch_up([&](const notification&, std::string_view wire) { frame.add(wire); }, options_.catch_up_rows,
+                       [&](std::string_view wire) { return !frame.empty() && frame.size() + wire.size() + 1 > room; },
+                       room);
+    if (!frame.empty()) {
+        metrics_.count_sent(s.shard, 1, frame.rows);
+        send_frame(con, frame.finish());
+        con->flush_outbound();
+    }
+    if (s.follow->behind()) catch_up(con, false);
 }
 
 // A client at max_outbound_bytes waits; so does, once all queues together reach
@@ -5017,7 +5089,8 @@ template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Trans
 
 template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Transport>::on_wakeup(const connection_ptr& con, wakeup& w) {
     auto& s = con->imbus_state;
-    if (!s.open || !s.follow || s.lagging) return;  // a lagging client is caught up after its drain
+    // A lagging client is caught up after its drain, one catching up by its next frame.
+    if (!s.open || !s.follow || s.lagging || s.catching_up) return;
     if (!still_valid(con)) return;
     if (w.overflowed || s.follow->behind()) return catch_up(con, true);
     detail::frame_builder frame;  // rows of events shared only in part, sent as one frame

@@ -149,9 +149,10 @@ class counting_store final : public imbus::store {
 public:
     explicit counting_store(imbus::store& inner) : inner_(inner) {}
     std::unique_ptr<write_transaction> begin() override { return inner_.begin(); }
-    imbus::poll_result fetch(const std::vector<channel>& channels, std::int64_t last, std::size_t limit = 0) override {
+    imbus::poll_result fetch(const std::vector<channel>& channels, std::int64_t last, std::size_t limit = 0,
+                             std::size_t max_bytes = 0) override {
         ++fetches;
-        return inner_.fetch(channels, last, limit);
+        return inner_.fetch(channels, last, limit, max_bytes);
     }
     std::int64_t newest_id() override { return inner_.newest_id(); }
     std::int64_t oldest_id() override { return inner_.oldest_id(); }

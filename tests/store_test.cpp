@@ -144,6 +144,30 @@ TEST_CASE_TEMPLATE("poll with a limit continues where it stopped", F, STORE_FIXT
     CHECK(third.horizon == 8);
 }
 
+// A byte cap ends a page with the row whose message reaches it (a lone larger row comes
+// alone), so a catch-up reads what it can send, not everything stored.
+TEST_CASE_TEMPLATE("poll with a byte cap continues where it stopped", F, STORE_FIXTURES) {
+    F f;
+    for (int i = 0; i < 4; ++i) f.store.append(batch_of({{ch_a, i}, {ch_b, i}}));
+    const std::size_t one = f.store.poll({ch_a}, -1).at(0).message.size();  // every message has this size
+    const std::size_t cap = 2 * one + 1;  // reached by the third row
+    auto first = f.store.fetch({ch_a, ch_b}, -1, 0, cap);
+    CHECK(ids_of(first.notifications) == std::vector<std::int64_t>{1, 2, 3});
+    CHECK(first.horizon == 3);
+    auto second = f.store.fetch({ch_a, ch_b}, first.horizon, 0, cap);
+    CHECK(ids_of(second.notifications) == std::vector<std::int64_t>{4, 5, 6});
+    auto third = f.store.fetch({ch_a, ch_b}, second.horizon, 0, cap);
+    CHECK(ids_of(third.notifications) == std::vector<std::int64_t>{7, 8});  // under the cap: not cut
+    CHECK(third.horizon == 8);
+
+    auto lone = f.store.fetch({ch_b}, -1, 0, 1);
+    CHECK(ids_of(lone.notifications) == std::vector<std::int64_t>{2});
+    CHECK(lone.horizon == 2);
+    auto both = f.store.fetch({ch_a, ch_b}, -1, 2, 100 * one);  // the row limit cuts first
+    CHECK(ids_of(both.notifications) == std::vector<std::int64_t>{1, 2});
+    CHECK(both.horizon == 2);
+}
+
 // Garbage collection removes what is older than the retention; "still exists" follows.
 TEST_CASE_TEMPLATE("garbage collection and has_missed", F, STORE_FIXTURES) {
     F f;
