@@ -1182,6 +1182,7 @@ public:
     std::atomic<std::uint64_t> outbound_total_lags{0};  ///< clients held back by max_outbound_total
     std::atomic<std::uint64_t> pings_received{0};
     std::atomic<std::uint64_t> pongs_replaced{0};       ///< pings answered by a pong already waiting
+    std::atomic<std::uint64_t> accept_pauses{0};        ///< accepting paused: out of file descriptors
     /// The most one connection has held queued and in flight since the server started.
     std::atomic<std::uint64_t> outbound_peak{0};
 
@@ -1310,6 +1311,9 @@ private:
         // (touched on the shard's thread only).
         std::deque<std::weak_ptr<typename endpoint_type::connection_type>> catch_ups;
         bool catch_ups_posted = false;
+        std::shared_ptr<asio::ip::tcp::acceptor> acceptor;  // websocketpp's, taken before bind
+        connection_ptr spare;                                // the next accept goes into it
+        std::unique_ptr<asio::steady_timer> accept_pause;    // out of descriptors: accept later
         detail::outbound_meter outbound;
     };
 
@@ -1322,7 +1326,7 @@ private:
     std::vector<channel> build_channels(const identity& who, const std::vector<std::string>& asked);
     void on_wakeup(const connection_ptr& con, wakeup& w);
     void catch_up(const connection_ptr& con, bool check_missed);
-    void catch_up_frame(const connection_ptr& con);
+    std::size_t catch_up_frame(const connection_ptr& con);
     void run_catch_up_slice(shard& home);
     bool over_budget(const connection_ptr& con, std::size_t adding);
     void lag(const connection_ptr& con);
@@ -1340,6 +1344,7 @@ private:
     bool admit(const connection_ptr& con, std::string& why);
     std::string metrics_text();
     void schedule_gc();
+    void accept_when_ready(shard& home);
     void stop_shards();
     connection_ptr connection_of(websocketpp::connection_hdl h);
 
@@ -3806,6 +3811,15 @@ inline client_request parse_client_request(std::string_view text, std::size_t ma
 
 namespace detail {
 
+// Connections taken per readiness of a listening socket: a burst is taken in a few turns,
+// while the loop still gets back to the connections it serves between them.
+constexpr std::size_t accept_batch = 64;
+// Catch-up bytes framed per slice at most (a lone larger frame aside): four frames of the
+// default catch_up_bytes, about the cost of a slice of live wake-ups.
+constexpr std::size_t catch_up_slice_bytes = 256 * 1024;
+// How long accepting waits when the process is out of file descriptors.
+constexpr std::chrono::milliseconds accept_pause_time{100};
+
 // websocketpp picks its handshake code from the version header and answers 400 to versions it
 // does not know, while it still speaks drafts 0, 7 and 8. Reporting "13" for every version
 // lets the server itself refuse all but 13 with 426, as RFC 6455 asks.
@@ -4399,6 +4413,8 @@ inline std::string server_metrics::prometheus_text() const {
     counter("imbus_pings_received_total", "Pings received from clients.", pings_received.load());
     counter("imbus_pongs_replaced_total", "Pings answered by updating a pong not yet written instead of queueing another.",
             pongs_replaced.load());
+    counter("imbus_accept_pauses_total", "Times accepting paused because the process was out of file descriptors.",
+            accept_pauses.load());
     {
         std::lock_guard<std::mutex> lock(mutex_);
         out += "# HELP imbus_closes_total WebSocket connections closed, by close code (1006: dropped without one).\n"
@@ -4536,20 +4552,23 @@ void basic_server<AuthPolicy, Transport>::listen(const std::string& address, std
         return;
     }
     for (std::size_t i = 0; i < shards_.size(); ++i) {
-        auto& endpoint = shards_[i]->endpoint;
+        auto& home = *shards_[i];
+        auto& endpoint = home.endpoint;
+#ifndef SO_REUSEPORT
         if (shards_.size() > 1) {
-#ifdef SO_REUSEPORT
-            // Every shard listens on the same port; the kernel spreads new connections.
-            endpoint.set_tcp_pre_bind_handler([](std::shared_ptr<asio::ip::tcp::acceptor> acceptor) {
-                asio::error_code option_ec;
-                acceptor->set_option(asio::detail::socket_option::boolean<SOL_SOCKET, SO_REUSEPORT>(true), option_ec);
-                return std::error_code(option_ec);
-            });
-#else
             ec = std::make_error_code(std::errc::operation_not_supported);  // threads > 1 needs SO_REUSEPORT
             return;
-#endif
         }
+#endif
+        endpoint.set_tcp_pre_bind_handler([&home, reuse_port = shards_.size() > 1](std::shared_ptr<asio::ip::tcp::acceptor> acceptor) {
+            home.acceptor = acceptor;
+            asio::error_code option_ec;
+#ifdef SO_REUSEPORT
+            // Every shard listens on the same port; the kernel spreads new connections.
+            if (reuse_port) acceptor->set_option(asio::detail::socket_option::boolean<SOL_SOCKET, SO_REUSEPORT>(true), option_ec);
+#endif
+            return std::error_code(option_ec);
+        });
         endpoint.listen(asio::ip::tcp::endpoint(ip, i == 0 ? port : port_), ec);
         if (ec) return;
         if (i == 0) {
@@ -4560,10 +4579,44 @@ void basic_server<AuthPolicy, Transport>::listen(const std::string& address, std
             }
             port_ = local.port();
         }
-        endpoint.start_accept(ec);
-        if (ec) return;
+        home.acceptor->non_blocking(true, aec);
+        if (aec) {
+            ec = aec;
+            return;
+        }
+        accept_when_ready(home);
     }
     schedule_gc();
+}
+
+// Each time the listening socket is ready, every connection waiting is accepted (up to
+// accept_batch), not one per turn of the loop as websocketpp's own accept loop does: a client
+// arriving behind a burst of connections then waits one turn, not one per connection ahead.
+// Out of file descriptors, accepting pauses instead of spinning on the error.
+template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Transport>::accept_when_ready(shard& home) {
+    home.acceptor->async_wait(asio::socket_base::wait_read, [this, &home](const asio::error_code& ec) {
+        if (ec) return;  // the acceptor was closed
+        for (std::size_t i = 0; i < detail::accept_batch; ++i) {
+            if (!home.spare) home.spare = home.endpoint.get_connection();
+            asio::error_code aec;
+            home.acceptor->accept(home.spare->get_raw_socket(), aec);
+            if (aec == asio::error::would_block || aec == asio::error::try_again) break;
+            if (aec == asio::error::no_descriptors || aec == asio::error::no_buffer_space || aec == asio::error::no_memory ||
+                aec.value() == ENFILE) {
+                metrics_.accept_pauses.fetch_add(1, std::memory_order_relaxed);
+                if (options_.log) options_.log(log_level::error, "server: accept failed (" + aec.message() + "); pausing");
+                if (!home.accept_pause) home.accept_pause = std::make_unique<asio::steady_timer>(home.io);
+                home.accept_pause->expires_after(detail::accept_pause_time);
+                home.accept_pause->async_wait([this, &home](const asio::error_code& timer_ec) {
+                    if (!timer_ec) accept_when_ready(home);
+                });
+                return;
+            }
+            if (aec) continue;  // the peer gave up before we took it (ECONNABORTED): the next one
+            std::exchange(home.spare, nullptr)->start();
+        }
+        accept_when_ready(home);
+    });
 }
 
 
@@ -4990,21 +5043,29 @@ template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Trans
     asio::post(home.io, [this, &home] { asio::post(home.io, [this, &home] { run_catch_up_slice(home); }); });
 }
 
+// A slice ends after delivery_slice connections or catch_up_slice_bytes, whichever comes first:
+// about what a slice of live wake-ups costs, so that history never holds live frames back long.
 template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Transport>::run_catch_up_slice(shard& home) {
+    std::size_t bytes = 0;
     // Those queued again during this slice wait for the next one.
-    for (std::size_t n = std::min(home.catch_ups.size(), std::max<std::size_t>(options_.delivery_slice, 1)); n; --n) {
+    for (std::size_t n = std::min(home.catch_ups.size(), std::max<std::size_t>(options_.delivery_slice, 1));
+         n && bytes < detail::catch_up_slice_bytes; --n) {
         auto weak = std::move(home.catch_ups.front());
         home.catch_ups.pop_front();
-        if (auto con = weak.lock()) catch_up_frame(con);
+        if (auto con = weak.lock()) bytes += catch_up_frame(con);
     }
     if (home.catch_ups.empty()) home.catch_ups_posted = false;
     else asio::post(home.io, [this, &home] { asio::post(home.io, [this, &home] { run_catch_up_slice(home); }); });
 }
 
-template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Transport>::catch_up_frame(const connection_ptr& con) {
+// Sends the next frame of a catch-up; returns its size.
+template <class AuthPolicy, class Transport> std::size_t basic_server<AuthPolicy, Transport>::catch_up_frame(const connection_ptr& con) {
     auto& s = con->imbus_state;
-    if (!s.open || !s.follow || !std::exchange(s.catching_up, false)) return;
-    if (over_budget(con, 0)) return lag(con);  // its resume checks for missed rows again
+    if (!s.open || !s.follow || !std::exchange(s.catching_up, false)) return 0;
+    if (over_budget(con, 0)) {
+        lag(con);  // its resume checks for missed rows again
+        return 0;
+    }
     const bool missed = std::exchange(s.check_missed, false) && detail::rows_lost_after(bus_.store(), s.follow->position());
     if (missed && options_.log)
         options_.log(log_level::info, "server: " + con->get_remote_endpoint() + " missed notifications after " +
@@ -5017,12 +5078,14 @@ template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Trans
     s.follow->catch_up([&](const notification&, std::string_view wire) { frame.add(wire); }, options_.catch_up_rows,
                        [&](std::string_view wire) { return !frame.empty() && frame.size() + wire.size() + 1 > room; },
                        room);
+    const std::size_t size = frame.size();
     if (!frame.empty()) {
         metrics_.count_sent(s.shard, 1, frame.rows);
         send_frame(con, frame.finish());
         con->flush_outbound();
     }
     if (s.follow->behind()) catch_up(con, false);
+    return size;
 }
 
 // A client at max_outbound_bytes waits; so does, once all queues together reach

@@ -10,6 +10,8 @@
 
 #include <arpa/inet.h>
 #include <netinet/in.h>
+#include <fcntl.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -43,17 +45,30 @@ template <class Pred> bool wait_until(Pred pred, std::chrono::milliseconds timeo
 // the handshake: a reader that stopped, with a receive buffer as small as the kernel allows.
 class stalled_client {
 public:
-    explicit stalled_client(std::uint16_t port) {
-        fd_ = ::socket(AF_INET, SOCK_STREAM, 0);
+    explicit stalled_client(std::uint16_t port) : stalled_client(unconnected{}) {
+        connect(port);
+        handshake();
+    }
+    // A socket made now (so that it needs no descriptor later); connect() and handshake() follow.
+    struct unconnected {};
+    explicit stalled_client(unconnected) : fd_(::socket(AF_INET, SOCK_STREAM, 0)) {
         if (fd_ < 0) throw std::runtime_error("socket() failed");
         const int small = 4096;  // before connect, so that the window it advertises stays small
         ::setsockopt(fd_, SOL_SOCKET, SO_RCVBUF, &small, sizeof small);
+    }
+    ~stalled_client() { ::close(fd_); }
+    stalled_client(const stalled_client&) = delete;
+    stalled_client& operator=(const stalled_client&) = delete;
+
+    void connect(std::uint16_t port) {
         sockaddr_in address{};
         address.sin_family = AF_INET;
         address.sin_port = htons(port);
         address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
         if (::connect(fd_, reinterpret_cast<sockaddr*>(&address), sizeof address) != 0)
             throw std::runtime_error("connect() failed");
+    }
+    void handshake() {
         write("GET /websocket?version=19.0-2 HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
               "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n");
         std::string head;  // the 101 answer, read byte by byte so that nothing after it is taken
@@ -64,9 +79,6 @@ public:
         }
         if (head.compare(0, 12, "HTTP/1.1 101") != 0) throw std::runtime_error("handshake refused: " + head);
     }
-    ~stalled_client() { ::close(fd_); }
-    stalled_client(const stalled_client&) = delete;
-    stalled_client& operator=(const stalled_client&) = delete;
 
     void subscribe(const std::string& name, std::int64_t last = 0) {
         frame(0x1, json{{"event_name", "subscribe"}, {"data", {{"channels", {name}}, {"last", last}}}}.dump());
@@ -324,4 +336,45 @@ TEST_CASE("two shards: every client gets every notification once, in order") {
         REQUIRE(ids.size() == 50);
         for (std::size_t i = 0; i < ids.size(); ++i) CHECK(ids[i] == last - 49 + std::int64_t(i));
     }
+}
+
+// Out of file descriptors, accept fails with EMFILE for as long as none is freed; retrying at
+// once would spin a core. The server pauses accepting instead, counts each pause, and takes
+// the connections that waited once descriptors are free again.
+TEST_CASE("out of file descriptors, accepting pauses instead of spinning and resumes when they are free") {
+    fixture f;
+    auto honest = f.honest_client("canary");
+    constexpr int waiting = 3;
+    std::vector<std::unique_ptr<stalled_client>> clients;
+    for (int i = 0; i < waiting; ++i) clients.push_back(std::make_unique<stalled_client>(stalled_client::unconnected{}));
+    rlimit saved{};
+    REQUIRE(::getrlimit(RLIMIT_NOFILE, &saved) == 0);
+    const int lowest_free = ::open("/dev/null", O_RDONLY);  // every descriptor below it is in use
+    REQUIRE(lowest_free >= 0);
+    ::close(lowest_free);
+    rlimit none_left = saved;
+    none_left.rlim_cur = rlim_t(lowest_free);
+    REQUIRE(::setrlimit(RLIMIT_NOFILE, &none_left) == 0);
+    struct restore {
+        rlimit limit;
+        ~restore() { ::setrlimit(RLIMIT_NOFILE, &limit); }
+    } restore_limit{saved};
+
+    const auto start = steady::now();
+    for (auto& c : clients) c->connect(f.port());  // the kernel completes TCP; accept() cannot
+    REQUIRE(wait_until([&] { return f.metrics().accept_pauses.load() >= 2; }));
+    const auto paused_for = steady::now() - start;
+    CHECK(f.server->connection_count() == 1);
+    // One failed accept per pause, not a spin: at most one per accept_pause_time elapsed.
+    CHECK(f.metrics().accept_pauses.load() <= std::uint64_t(paused_for / imbus::detail::accept_pause_time) + 2);
+    CHECK(metrics_text(*f.server).find("imbus_accept_pauses_total ") != std::string::npos);
+
+    REQUIRE(::setrlimit(RLIMIT_NOFILE, &saved) == 0);
+    for (auto& c : clients) {
+        c->handshake();  // taken after the pause: 101
+        c->subscribe("canary");
+    }
+    CHECK(f.wait_subscribers("canary", 1 + waiting));
+    const auto id = f.bus.send("canary", "test/canary", json{{"i", 1}})[0];
+    CHECK(receives_up_to(*honest, id));
 }
