@@ -811,7 +811,7 @@ public:
 
     /// Replaces the channels; the position is kept (later subscribes keep the server cursor).
     void set_channels(std::vector<channel> channels);
-    const std::vector<channel>& channels() const noexcept { return channels_; }
+    const std::vector<channel>& channels() const noexcept { return channels_; }  ///< in key order
     /// Every id at or below the position has been seen or does not concern these channels.
     std::int64_t position() const noexcept { return position_; }
     void set_position(std::int64_t last) noexcept { position_ = last; }
@@ -839,13 +839,12 @@ public:
     bool behind() const noexcept { return behind_; }
 
 private:
-    bool wants(const channel& c) const { return keys_.count(c.key()) != 0; }
+    bool wants(const channel& c) const;
     bool wants_all(const commit_event& e) const;
 
     store& store_;
     const dispatcher* dispatcher_ = nullptr;
-    std::vector<channel> channels_;
-    std::unordered_set<std::string> keys_;
+    std::vector<channel> channels_;  // sorted by key: a lookup without a second copy of the keys
     std::int64_t position_;
     std::uint64_t synced_epoch_ = 0;  // the dispatcher's epoch before the last complete poll
     bool behind_ = false;
@@ -3225,9 +3224,15 @@ inline follower::follower(store& s, const dispatcher& d, std::vector<channel> ch
 
 inline void follower::set_channels(std::vector<channel> channels) {
     channels_ = detail::unique_channels(channels);
-    keys_.clear();
-    for (const auto& c : channels_) keys_.insert(c.key());
+    std::sort(channels_.begin(), channels_.end(), [](const channel& a, const channel& b) { return a.key() < b.key(); });
+    channels_.shrink_to_fit();
     synced_epoch_ = 0;  // new channels: only a poll can vouch for their past
+}
+
+inline bool follower::wants(const channel& c) const {
+    auto it = std::lower_bound(channels_.begin(), channels_.end(), c.key(),
+                               [](const channel& a, const std::string& key) { return a.key() < key; });
+    return it != channels_.end() && it->key() == c.key();
 }
 
 inline bool follower::wants_all(const commit_event& e) const {
