@@ -1310,6 +1310,9 @@ private:
         // (touched on the shard's thread only).
         std::deque<std::weak_ptr<typename endpoint_type::connection_type>> catch_ups;
         bool catch_ups_posted = false;
+        // The open connections, for the keep-alive sweep (touched on the shard's thread only).
+        std::vector<std::weak_ptr<typename endpoint_type::connection_type>> open;
+        std::unique_ptr<asio::steady_timer> sweep;
         std::shared_ptr<asio::ip::tcp::acceptor> acceptor;  // websocketpp's, taken before bind
         connection_ptr spare;                                // the next accept goes into it
         std::unique_ptr<asio::steady_timer> accept_pause;    // out of descriptors: accept later
@@ -1334,7 +1337,10 @@ private:
     void run_batch_slice(shard& home);
     void post_to(const connection_ptr& con, std::function<void()> task);
     void init_shard(std::size_t index);
-    void schedule_timer(const connection_ptr& con);
+    void schedule_sweep(shard& home);
+    std::chrono::milliseconds keep_alive_tick() const;
+    void keep_alive(const connection_ptr& con, std::chrono::steady_clock::time_point now);
+    void forget_open(const connection_ptr& con);
     bool within_rate(const connection_ptr& con);
     bool still_valid(const connection_ptr& con);
     void close(const connection_ptr& con, std::uint16_t code, const std::string& reason);
@@ -3865,8 +3871,8 @@ template <class Identity> struct session_state {
     std::chrono::steady_clock::time_point last_frame;
     std::chrono::steady_clock::time_point ping_sent;  // when ping_outstanding became true
     std::chrono::steady_clock::time_point ends_at;    // the lifetime's end: close 4002
-    std::shared_ptr<asio::steady_timer> timer;        // the next of: ping, pong deadline, lifetime
     std::size_t shard = 0;          // the shard (event loop) that owns the connection
+    std::size_t open_index = 0;     // its place in the shard's list of open connections
     bool open = false;
     bool policy_opened = false;     // on_close only for connections the policy saw open
     bool lagging = false;           // over an outbound budget: wake-ups wait for a catch-up
@@ -4590,6 +4596,7 @@ void basic_server<AuthPolicy, Transport>::listen(const std::string& address, std
             return;
         }
         accept_when_ready(home);
+        schedule_sweep(home);
     }
     schedule_gc();
 }
@@ -4859,43 +4866,73 @@ template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Trans
                                ? std::uniform_int_distribution<long long>(0, options_.lifetime_jitter.count())(random)
                                : 0;
     s.ends_at = s.last_frame + options_.lifetime + std::chrono::milliseconds(jitter_ms);
-    schedule_timer(con);
+    auto& home = *shards_[s.shard];
+    s.open_index = home.open.size();
+    home.open.push_back(con);
     detail::release_handshake(*con);
 }
 
-// One timer per connection, set for the first of: the ping after idle_ping without a frame,
-// the pong deadline (no pong within pong_timeout drops TCP without a close), the lifetime.
-template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Transport>::schedule_timer(const connection_ptr& con) {
-    auto& s = con->imbus_state;
-    const auto next = std::min(s.ends_at, s.ping_outstanding ? s.ping_sent + options_.pong_timeout : s.last_frame + options_.idle_ping);
-    const auto in = std::chrono::duration_cast<std::chrono::milliseconds>(next - std::chrono::steady_clock::now());
-    std::weak_ptr<typename endpoint_type::connection_type> weak = con;
-    s.timer = con->set_timer(long(std::max<long long>(in.count(), 0) + 1), [this, weak](const std::error_code& ec) {
-        auto c = weak.lock();
-        if (!c || ec || !c->imbus_state.open) return;
-        auto& s = c->imbus_state;
+// Keep-alive without a timer per connection (an asio timer and its waiting handler cost about
+// 0.6 KiB each): one sweep per shard, every keep_alive_tick, checks each open connection for the
+// first of: the ping after idle_ping without a frame, the pong deadline (no pong within
+// pong_timeout drops TCP without a close), the lifetime's end.
+template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Transport>::schedule_sweep(shard& home) {
+    if (!home.sweep) home.sweep = std::make_unique<asio::steady_timer>(home.io);
+    home.sweep->expires_after(keep_alive_tick());
+    home.sweep->async_wait([this, &home](const asio::error_code& ec) {
+        if (ec) return;
         const auto now = std::chrono::steady_clock::now();
-        if (now >= s.ends_at) return close(c, 4002, "KEEP_ALIVE_TIMEOUT");
-        if (s.ping_outstanding && now >= s.ping_sent + options_.pong_timeout) {
-            if (options_.log) options_.log(log_level::info, "server: no pong from " + c->get_remote_endpoint() + ", dropped");
-            return c->terminate(websocketpp::transport::error::make_error_code(websocketpp::transport::error::timeout));
-        }
-        if (!s.ping_outstanding && now >= s.last_frame + options_.idle_ping) {
-            static const detail::shared_wire_frame ping = detail::control_frame(0x9, {});
-            if (!c->queue_frame(ping)) return;
-            c->flush_outbound();
-            s.ping_outstanding = true;
-            s.ping_sent = now;
-        }
-        schedule_timer(c);
+        std::vector<connection_ptr> live;  // acting may close a connection, which edits the list
+        live.reserve(home.open.size());
+        for (const auto& weak : home.open)
+            if (auto con = weak.lock()) live.push_back(std::move(con));
+        for (const auto& con : live) keep_alive(con, now);
+        schedule_sweep(home);
     });
+}
+
+// A quarter of the shortest keep-alive period, between 10 ms and 1 s: a deadline is acted on
+// at most that late.
+template <class AuthPolicy, class Transport> std::chrono::milliseconds basic_server<AuthPolicy, Transport>::keep_alive_tick() const {
+    const auto shortest = std::min({options_.idle_ping, options_.pong_timeout, options_.lifetime});
+    return std::clamp(shortest / 4, std::chrono::milliseconds(10), std::chrono::milliseconds(1000));
+}
+
+template <class AuthPolicy, class Transport>
+void basic_server<AuthPolicy, Transport>::keep_alive(const connection_ptr& c, std::chrono::steady_clock::time_point now) {
+    auto& s = c->imbus_state;
+    if (!s.open) return;
+    if (now >= s.ends_at) return close(c, 4002, "KEEP_ALIVE_TIMEOUT");
+    if (s.ping_outstanding && now >= s.ping_sent + options_.pong_timeout) {
+        if (options_.log) options_.log(log_level::info, "server: no pong from " + c->get_remote_endpoint() + ", dropped");
+        return c->terminate(websocketpp::transport::error::make_error_code(websocketpp::transport::error::timeout));
+    }
+    if (!s.ping_outstanding && now >= s.last_frame + options_.idle_ping) {
+        static const detail::shared_wire_frame ping = detail::control_frame(0x9, {});
+        if (!c->queue_frame(ping)) return;
+        c->flush_outbound();
+        s.ping_outstanding = true;
+        s.ping_sent = now;
+    }
+}
+
+// Takes a closed connection out of its shard's list (the last one takes its place).
+template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Transport>::forget_open(const connection_ptr& con) {
+    auto& home = *shards_[con->imbus_state.shard];
+    const std::size_t i = con->imbus_state.open_index;
+    if (i >= home.open.size() || home.open[i].lock() != con) return;
+    if (i + 1 != home.open.size()) {
+        home.open[i] = std::move(home.open.back());
+        if (auto moved = home.open[i].lock()) moved->imbus_state.open_index = i;
+    }
+    home.open.pop_back();
 }
 
 template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Transport>::on_close(websocketpp::connection_hdl h) {
     auto con = connection_of(h);
     if (!con) return;
     auto& s = con->imbus_state;
-    if (s.timer) s.timer->cancel();
+    if (s.open) forget_open(con);
     s.subscription.close();
     if (s.follow) metrics_.subscribed.fetch_sub(1, std::memory_order_relaxed);
     s.follow.reset();
