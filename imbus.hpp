@@ -3831,6 +3831,12 @@ constexpr std::size_t catch_up_slice_bytes = 256 * 1024;
 // How long accepting waits when the process is out of file descriptors.
 constexpr std::chrono::milliseconds accept_pause_time{100};
 
+// Runs `task` after the loop's next poll for I/O: posted once it would run before the I/O
+// completions that poll adds; posted twice it runs behind them, so a slice never starves I/O.
+template <class Task> void post_after_io(asio::io_context& io, Task task) {
+    asio::post(io, [&io, task = std::move(task)]() mutable { asio::post(io, std::move(task)); });
+}
+
 // websocketpp picks its handshake code from the version header and answers 400 to versions it
 // does not know, while it still speaks drafts 0, 7 and 8. Reporting "13" for every version
 // lets the server itself refuse all but 13 with 426, as RFC 6455 asks.
@@ -5082,7 +5088,7 @@ template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Trans
     shard& home = *shards_[s.shard];
     home.catch_ups.push_back(con);
     if (std::exchange(home.catch_ups_posted, true)) return;
-    asio::post(home.io, [this, &home] { asio::post(home.io, [this, &home] { run_catch_up_slice(home); }); });
+    detail::post_after_io(home.io, [this, &home] { run_catch_up_slice(home); });
 }
 
 // A slice ends after delivery_slice connections or catch_up_slice_bytes, whichever comes first:
@@ -5097,7 +5103,7 @@ template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Trans
         if (auto con = weak.lock()) bytes += catch_up_frame(con);
     }
     if (home.catch_ups.empty()) home.catch_ups_posted = false;
-    else asio::post(home.io, [this, &home] { asio::post(home.io, [this, &home] { run_catch_up_slice(home); }); });
+    else detail::post_after_io(home.io, [this, &home] { run_catch_up_slice(home); });
 }
 
 // Sends the next frame of a catch-up; returns its size.
@@ -5152,7 +5158,7 @@ template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Trans
     std::lock_guard<std::mutex> lock(home.batch_mutex);
     home.batch.push_back(std::move(task));
     if (std::exchange(home.batch_posted, true)) return;
-    asio::post(home.io, [this, &home] { asio::post(home.io, [this, &home] { run_batch_slice(home); }); });
+    detail::post_after_io(home.io, [this, &home] { run_batch_slice(home); });
 }
 
 template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Transport>::run_batch_slice(shard& home) {
@@ -5163,7 +5169,7 @@ template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Trans
         tasks.assign(std::make_move_iterator(home.batch.begin()), std::make_move_iterator(home.batch.begin() + n));
         home.batch.erase(home.batch.begin(), home.batch.begin() + n);
         if (home.batch.empty()) home.batch_posted = false;
-        else asio::post(home.io, [this, &home] { asio::post(home.io, [this, &home] { run_batch_slice(home); }); });
+        else detail::post_after_io(home.io, [this, &home] { run_batch_slice(home); });
     }
     for (auto& t : tasks) t();
 }
