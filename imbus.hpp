@@ -743,6 +743,32 @@ class dispatcher {
 public:
     using handler = std::function<void(wakeup&)>;
 
+    /// Where many subscribers' handlers run one after another (e.g. one event loop): a commit
+    /// queues all the lane's subscribers it wakes at once and posts the lane once, instead of
+    /// a task per subscriber, and the lane serves them a slice at a time.
+    class lane {
+    public:
+        /// `post` makes the lane's thread call run() soon; it is called once per run() needed.
+        explicit lane(std::function<void()> post) : post_(std::move(post)) {}
+        lane(const lane&) = delete;
+        lane& operator=(const lane&) = delete;
+        /// Runs the handlers of up to `limit` woken subscribers, in the order they were woken,
+        /// and posts itself again first when more are waiting. On the lane's thread only.
+        void run(std::size_t limit);
+        /// Subscribers woken and waiting for their turn.
+        std::size_t waiting() const;
+
+    private:
+        friend class dispatcher;
+        void wake(std::vector<std::shared_ptr<entry>>& woken, const logger& log);
+        void unwind() noexcept;
+        std::function<void()> post_;
+        mutable std::mutex mutex_;  // guards the two below
+        std::deque<std::shared_ptr<entry>> ready_;
+        bool posted_ = false;
+        std::vector<std::shared_ptr<entry>> running_;  // the slice being run (lane's thread)
+    };
+
     /// A subscriber's handle: owns its place in the dispatcher; leaving happens on destruction.
     class subscription {
     public:
@@ -771,6 +797,8 @@ public:
 
     /// A subscriber with no channels yet. `run` decides where the handler runs.
     subscription subscribe(handler on_wakeup, executor run = {});
+    /// A subscriber whose handler runs on `where`, which must outlive the subscription.
+    subscription subscribe(handler on_wakeup, lane& where);
 
     /// The post-commit step: wakes every distinct subscriber of the event's channels once.
     void notify(std::shared_ptr<const commit_event> event);
@@ -784,6 +812,8 @@ public:
 
 private:
     void set_channels(const std::shared_ptr<entry>& e, const std::vector<channel>& channels);
+    void join(const std::shared_ptr<entry>& e, const std::string& key);
+    void part(const std::shared_ptr<entry>& e, const std::string& key, std::size_t place) noexcept;
     void leave(const std::shared_ptr<entry>& e) noexcept;
     bool enqueue(const std::shared_ptr<entry>& e, const delivery& d);  // true: needs a drain
     void schedule(const std::shared_ptr<entry>& e);
@@ -794,7 +824,9 @@ private:
     std::int64_t sequence_ = 0;        // last id of the rows notified so far (under notify_mutex_)
     std::atomic<std::uint64_t> epoch_{1};
     mutable std::shared_mutex mutex_;
-    std::unordered_map<std::string, std::unordered_set<std::shared_ptr<entry>>> by_channel_;
+    // Each channel's subscribers side by side (a commit walks them), each entry knowing its
+    // place so that leaving is O(1).
+    std::unordered_map<std::string, std::vector<std::shared_ptr<entry>>> by_channel_;
     std::size_t subscribers_ = 0;
 };
 
@@ -1301,15 +1333,18 @@ private:
     // life: a listener of its own on the shared port (SO_REUSEPORT), no strand, no locks.
     struct shard {
         std::size_t index = 0;
+        // Its subscribers' wake-ups, served a slice at a time (goes after the loop and the
+        // connections its handlers hold, whose subscriptions name it).
+        std::unique_ptr<dispatcher::lane> lane;
         asio::io_context io{1};
         endpoint_type endpoint;
-        std::mutex batch_mutex;  // guards the two below
-        std::deque<std::function<void()>> batch;  // wake-ups waiting for their slice, in order
-        bool batch_posted = false;
         // Connections whose catch-up sends its next frame in the next catch-up slice
         // (touched on the shard's thread only).
         std::deque<std::weak_ptr<typename endpoint_type::connection_type>> catch_ups;
         bool catch_ups_posted = false;
+        // Connections given frames during the running slice: written together at its end, so
+        // that the sends of a slice go back to back (touched on the shard's thread only).
+        std::vector<connection_ptr> unflushed;
         // The open connections, for the keep-alive sweep (touched on the shard's thread only).
         std::vector<std::weak_ptr<typename endpoint_type::connection_type>> open;
         std::unique_ptr<asio::steady_timer> sweep;
@@ -1333,8 +1368,8 @@ private:
     bool over_budget(const connection_ptr& con, std::size_t adding);
     void lag(const connection_ptr& con);
     void resume(const connection_ptr& con);
-    void batch(shard& home, std::function<void()> task);
-    void run_batch_slice(shard& home);
+    void run_wakeup_slice(shard& home);
+    void flush_slice(shard& home);
     void post_to(const connection_ptr& con, std::function<void()> task);
     void init_shard(std::size_t index);
     void schedule_sweep(shard& home);
@@ -3034,9 +3069,11 @@ inline bool commit_event::contiguous() const noexcept {
 struct dispatcher::entry {
     handler on_wakeup;
     executor run;
+    lane* on = nullptr;  // when set, `run` is not used
     logger log;
     std::size_t max_pending;
-    std::vector<std::string> keys;  // guarded by the dispatcher's mutex
+    std::vector<std::string> keys;    // sorted; guarded by the dispatcher's mutex, as is
+    std::vector<std::size_t> places;  // where this entry stands among each key's subscribers
 
     std::mutex mutex;  // guards the fields below
     std::vector<delivery> pending;
@@ -3086,20 +3123,47 @@ inline dispatcher::subscription dispatcher::subscribe(handler on_wakeup, executo
     return subscription(this, std::move(e));
 }
 
+inline dispatcher::subscription dispatcher::subscribe(handler on_wakeup, lane& where) {
+    auto sub = subscribe(std::move(on_wakeup));
+    sub.entry_->on = &where;  // before any channel: no notify can see the entry yet
+    return sub;
+}
+
 inline void dispatcher::set_channels(const std::shared_ptr<entry>& e, const std::vector<channel>& channels) {
     std::vector<std::string> keys;
     for (const auto& c : detail::unique_channels(channels)) keys.push_back(c.key());
     std::sort(keys.begin(), keys.end());
+    std::vector<std::size_t> places(keys.size());
     std::unique_lock<std::shared_mutex> lock(mutex_);
-    for (const auto& old : e->keys) {
-        if (std::binary_search(keys.begin(), keys.end(), old)) continue;
-        auto it = by_channel_.find(old);
-        it->second.erase(e);
-        if (it->second.empty()) by_channel_.erase(it);  // no empty entries left behind
+    for (std::size_t i = 0; i < e->keys.size(); ++i)
+        if (!std::binary_search(keys.begin(), keys.end(), e->keys[i])) part(e, e->keys[i], e->places[i]);
+    for (std::size_t i = 0; i < keys.size(); ++i) {
+        auto kept = std::lower_bound(e->keys.begin(), e->keys.end(), keys[i]);
+        if (kept != e->keys.end() && *kept == keys[i]) {
+            places[i] = e->places[std::size_t(kept - e->keys.begin())];
+        } else {
+            auto& members = by_channel_[keys[i]];
+            places[i] = members.size();
+            members.push_back(e);
+        }
     }
-    for (const auto& k : keys)
-        if (!std::binary_search(e->keys.begin(), e->keys.end(), k)) by_channel_[k].insert(e);
     e->keys = std::move(keys);
+    e->places = std::move(places);
+}
+
+// The last subscriber of the channel takes the leaver's place (under the exclusive lock).
+inline void dispatcher::part(const std::shared_ptr<entry>& e, const std::string& key, std::size_t place) noexcept {
+    auto it = by_channel_.find(key);
+    auto& members = it->second;
+    if (place + 1 != members.size()) {
+        members[place] = std::move(members.back());
+        entry& moved = *members[place];
+        auto k = std::lower_bound(moved.keys.begin(), moved.keys.end(), key);
+        moved.places[std::size_t(k - moved.keys.begin())] = place;
+    }
+    members.pop_back();
+    if (members.empty()) by_channel_.erase(it);  // no empty entries left behind
+    (void)e;
 }
 
 inline void dispatcher::leave(const std::shared_ptr<entry>& e) noexcept {
@@ -3109,18 +3173,16 @@ inline void dispatcher::leave(const std::shared_ptr<entry>& e) noexcept {
         e->pending.clear();
     }
     std::unique_lock<std::shared_mutex> lock(mutex_);
-    for (const auto& k : e->keys) {
-        auto it = by_channel_.find(k);
-        it->second.erase(e);
-        if (it->second.empty()) by_channel_.erase(it);
-    }
+    for (std::size_t i = 0; i < e->keys.size(); ++i) part(e, e->keys[i], e->places[i]);
     e->keys.clear();
+    e->places.clear();
     --subscribers_;
 }
 
 inline void dispatcher::notify(std::shared_ptr<const commit_event> event) {
     if (!event || event->channels.empty()) return;
-    std::vector<std::shared_ptr<entry>> to_schedule;
+    std::vector<std::shared_ptr<entry>> to_schedule;                             // executors, inline handlers
+    std::vector<std::pair<lane*, std::vector<std::shared_ptr<entry>>>> lanes;  // those woken, per lane
     {
         std::lock_guard<std::mutex> order(notify_mutex_);  // queues must see events in epoch order
         delivery d{event, 0};
@@ -3132,23 +3194,94 @@ inline void dispatcher::notify(std::shared_ptr<const commit_event> event) {
             sequence_ = std::max(sequence_, event->last_id());
             d.epoch = epoch();
         }
-        std::vector<std::shared_ptr<entry>> targets;
-        {
-            std::shared_lock<std::shared_mutex> lock(mutex_);
+        auto wake = [&](const std::shared_ptr<entry>& e) {
+            if (!enqueue(e, d)) return;  // closed, or coalesced into a run already queued
+            if (!e->on) return to_schedule.push_back(e);
+            if (lanes.empty() || lanes.back().first != e->on) {  // few lanes: one per event loop
+                auto it = std::find_if(lanes.begin(), lanes.end(), [&](const auto& l) { return l.first == e->on; });
+                if (it == lanes.end()) lanes.emplace_back(e->on, std::vector<std::shared_ptr<entry>>());
+                else std::iter_swap(it, lanes.end() - 1);
+            }
+            lanes.back().second.push_back(e);
+        };
+        std::shared_lock<std::shared_mutex> lock(mutex_);
+        if (event->channels.size() == 1) {
+            auto it = by_channel_.find(event->channels.front().key());
+            if (it != by_channel_.end()) {
+                for (const auto& e : it->second) wake(e);
+            }
+        } else {  // a subscriber of several of the channels is woken once
+            std::vector<const std::shared_ptr<entry>*> targets;
             for (const auto& c : event->channels) {
                 auto it = by_channel_.find(c.key());
-                if (it != by_channel_.end()) targets.insert(targets.end(), it->second.begin(), it->second.end());
+                if (it != by_channel_.end())
+                    for (const auto& e : it->second) targets.push_back(&e);
             }
+            auto by_entry = [](const std::shared_ptr<entry>* a, const std::shared_ptr<entry>* b) { return a->get() < b->get(); };
+            std::sort(targets.begin(), targets.end(), by_entry);
+            for (std::size_t i = 0; i < targets.size(); ++i)
+                if (i == 0 || targets[i]->get() != targets[i - 1]->get()) wake(*targets[i]);
         }
-        if (event->channels.size() > 1) {  // a subscriber of several of the channels is woken once
-            std::sort(targets.begin(), targets.end());
-            targets.erase(std::unique(targets.begin(), targets.end()), targets.end());
-        }
-        for (auto& e : targets)
-            if (enqueue(e, d)) to_schedule.push_back(std::move(e));
     }
     // Outside every lock: an inline handler may send, resubscribe or leave.
+    for (auto& l : lanes) l.first->wake(l.second, options_.log);
     for (const auto& e : to_schedule) schedule(e);
+}
+
+inline void dispatcher::lane::wake(std::vector<std::shared_ptr<entry>>& woken, const logger& log) {
+    {
+        std::lock_guard<std::mutex> lock(mutex_);
+        for (auto& e : woken) ready_.push_back(std::move(e));
+        if (std::exchange(posted_, true)) return;
+    }
+    try {
+        post_();
+    } catch (const std::exception& ex) {
+        unwind();
+        if (log) log(log_level::error, std::string("dispatcher: a lane could not post its run: ") + ex.what());
+    }
+}
+
+// No run will come: the waiting subscribers are unscheduled, so that the next notify for each
+// schedules it again (its events stay pending), as when an executor refuses a task.
+inline void dispatcher::lane::unwind() noexcept {
+    std::deque<std::shared_ptr<entry>> stranded;
+    {
+        std::lock_guard<std::mutex> lock(mutex_);
+        stranded.swap(ready_);
+        posted_ = false;
+    }
+    for (const auto& e : stranded) {
+        std::lock_guard<std::mutex> lock(e->mutex);
+        e->scheduled = false;
+    }
+}
+
+inline void dispatcher::lane::run(std::size_t limit) {
+    running_.clear();
+    bool again;
+    {
+        std::lock_guard<std::mutex> lock(mutex_);
+        const std::size_t n = std::min(ready_.size(), std::max<std::size_t>(limit, 1));
+        running_.assign(std::make_move_iterator(ready_.begin()), std::make_move_iterator(ready_.begin() + std::ptrdiff_t(n)));
+        ready_.erase(ready_.begin(), ready_.begin() + std::ptrdiff_t(n));
+        again = !ready_.empty();
+        posted_ = again;
+    }
+    if (again) {
+        try {
+            post_();  // first, so that the rest waits behind whatever the loop has queued meanwhile
+        } catch (...) {
+            unwind();
+        }
+    }
+    for (const auto& e : running_) drain(e);
+    running_.clear();
+}
+
+inline std::size_t dispatcher::lane::waiting() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return ready_.size();
 }
 
 inline bool dispatcher::enqueue(const std::shared_ptr<entry>& e, const delivery& event) {
@@ -4502,6 +4635,9 @@ template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Trans
     shards_.push_back(std::make_unique<shard>());
     shard& home = *shards_.back();
     home.index = index;
+    home.lane = std::make_unique<dispatcher::lane>([this, &home] {
+        detail::post_after_io(home.io, [this, &home] { run_wakeup_slice(home); });
+    });
     auto& endpoint = home.endpoint;
     endpoint.init_asio(&home.io);
     if constexpr (!std::is_same_v<Transport, plain_transport>) detail::use_server_tls(endpoint, options_);
@@ -5057,7 +5193,7 @@ void basic_server<AuthPolicy, Transport>::on_subscribe(const connection_ptr& con
             [this, weak](wakeup& w) {
                 if (auto c = weak.lock()) on_wakeup(c, w);
             },
-            [this, home](std::function<void()> task) { batch(*home, std::move(task)); });
+            *home->lane);
     }
     // Subscribe before polling: whatever commits after the poll reaches us as an event.
     s.subscription.set_channels(channels);
@@ -5102,6 +5238,7 @@ template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Trans
         home.catch_ups.pop_front();
         if (auto con = weak.lock()) bytes += catch_up_frame(con);
     }
+    flush_slice(home);
     if (home.catch_ups.empty()) home.catch_ups_posted = false;
     else detail::post_after_io(home.io, [this, &home] { run_catch_up_slice(home); });
 }
@@ -5130,7 +5267,7 @@ template <class AuthPolicy, class Transport> std::size_t basic_server<AuthPolicy
     if (!frame.empty()) {
         metrics_.count_sent(s.shard, 1, frame.rows);
         send_frame(con, frame.finish());
-        con->flush_outbound();
+        shards_[s.shard]->unflushed.push_back(con);
     }
     if (s.follow->behind()) catch_up(con, false);
     return size;
@@ -5148,30 +5285,22 @@ bool basic_server<AuthPolicy, Transport>::over_budget(const connection_ptr& con,
     return true;
 }
 
-// The wake-ups of a shard's connections join one queue served a slice at a time, each slice
-// posted twice so that it runs after the next poll for I/O. Publishes and handshakes waiting
-// there are served between slices instead of behind a whole fan-out, and the commits they make
-// join the queue's later connections, whose frames then leave in one write (1,000 subscribers:
-// a task per wake-up 141k deliveries/s, one batch 300k, slices of 32 about 650k). A commit
-// wakes each shard once.
-template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Transport>::batch(shard& home, std::function<void()> task) {
-    std::lock_guard<std::mutex> lock(home.batch_mutex);
-    home.batch.push_back(std::move(task));
-    if (std::exchange(home.batch_posted, true)) return;
-    detail::post_after_io(home.io, [this, &home] { run_batch_slice(home); });
+// The wake-ups of a shard's connections join one queue (its dispatcher lane) served a slice at
+// a time, each slice posted twice so that it runs after the next poll for I/O. Publishes and
+// handshakes waiting there are served between slices instead of behind a whole fan-out, and
+// the commits they make join the queue's later connections, whose frames then leave in one
+// write (1,000 subscribers: a task per wake-up 141k deliveries/s, one batch 300k, slices of 32
+// about 650k). A commit posts each shard's lane once, not a task per subscriber.
+template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Transport>::run_wakeup_slice(shard& home) {
+    home.lane->run(options_.delivery_slice);
+    flush_slice(home);
 }
 
-template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Transport>::run_batch_slice(shard& home) {
-    std::vector<std::function<void()>> tasks;
-    {
-        std::lock_guard<std::mutex> lock(home.batch_mutex);
-        const auto n = std::ptrdiff_t(std::min(home.batch.size(), std::max<std::size_t>(options_.delivery_slice, 1)));
-        tasks.assign(std::make_move_iterator(home.batch.begin()), std::make_move_iterator(home.batch.begin() + n));
-        home.batch.erase(home.batch.begin(), home.batch.begin() + n);
-        if (home.batch.empty()) home.batch_posted = false;
-        else detail::post_after_io(home.io, [this, &home] { run_batch_slice(home); });
-    }
-    for (auto& t : tasks) t();
+// The frames of a slice are written after it, back to back: one sleeping reader is woken once
+// for all of them rather than once per connection between the others' work.
+template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Transport>::flush_slice(shard& home) {
+    for (const auto& con : home.unflushed) con->flush_outbound();
+    home.unflushed.clear();
 }
 
 // A held-back client gets nothing live until all it holds has been written; then it is
@@ -5232,7 +5361,7 @@ template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Trans
         },
         options_.catch_up_rows, [&] { return full = over_budget(con, frame.size()); });
     if (!frame.empty()) flush_frame();
-    con->flush_outbound();  // everything of this wake-up in one write
+    if (frames) shards_[s.shard]->unflushed.push_back(con);  // everything of this wake-up in one write
     metrics_.count_sent(s.shard, frames, rows);
     if (full) return lag(con);
     if (s.follow->behind()) catch_up(con, false);

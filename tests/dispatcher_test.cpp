@@ -477,6 +477,112 @@ TEST_CASE("max_pending overflow sets overflowed and bounds the events") {
     CHECK(ids == std::vector<std::int64_t>{6});
 }
 
+// --- lanes ---------------------------------------------------------------------------------------
+
+// A lane whose runs wait until the test calls them, counting how often it was posted.
+struct manual_lane {
+    int posts = 0;
+    imbus::dispatcher::lane lane{[this] { ++posts; }};
+};
+
+// A server's event loop must get one task per commit, not one per subscriber, and serve the
+// subscribers a slice at a time in the order they were woken.
+TEST_CASE("a commit posts a lane once, and run serves its subscribers a slice at a time") {
+    imbus::dispatcher d(options_with(1024));
+    manual_lane ml;
+    std::vector<std::vector<std::int64_t>> got(5);
+    std::vector<int> order;
+    std::vector<imbus::dispatcher::subscription> subs;
+    for (int i = 0; i < 5; ++i) {
+        subs.push_back(d.subscribe(
+            [&, i](imbus::wakeup& w) {
+                order.push_back(i);
+                for (const auto& e : w.events) got[std::size_t(i)].push_back(e->first_id());
+            },
+            ml.lane));
+        subs.back().set_channels({ca});
+    }
+    d.notify(make_event(1, {ca}));
+    CHECK(ml.posts == 1);
+    CHECK(ml.lane.waiting() == 5);
+    ml.lane.run(2);
+    CHECK(order.size() == 2);
+    CHECK(ml.posts == 2);  // more are waiting: posted again
+    CHECK(ml.lane.waiting() == 3);
+    d.notify(make_event(2, {ca}));  // the three waiting coalesce, the two served queue again
+    CHECK(ml.posts == 2);
+    CHECK(ml.lane.waiting() == 5);
+    ml.lane.run(100);
+    CHECK(ml.posts == 2);  // nothing left: not posted again
+    CHECK(ml.lane.waiting() == 0);
+    CHECK(order.size() == 7);
+    for (std::size_t i = 0; i < 5; ++i) CHECK(got[i] == std::vector<std::int64_t>{1, 2});
+    d.notify(make_event(3, {ca}));
+    CHECK(ml.posts == 3);  // an idle lane is posted by the next commit
+    subs[1].close();       // closed while waiting: its handler does not run
+    ml.lane.run(100);
+    CHECK(got[1] == std::vector<std::int64_t>{1, 2});
+    CHECK(got[0] == std::vector<std::int64_t>{1, 2, 3});
+}
+
+TEST_CASE("a lane that cannot post is logged and posts again on the next commit") {
+    log_capture log;
+    imbus::dispatcher d(options_with(1024, log.get()));
+    bool refuse = true;
+    int posts = 0, runs = 0;
+    imbus::dispatcher::lane lane([&] {
+        if (refuse) throw std::runtime_error("loop gone");
+        ++posts;
+    });
+    auto sub = d.subscribe([&](imbus::wakeup&) { ++runs; }, lane);
+    sub.set_channels({ca});
+    CHECK_NOTHROW(d.notify(make_event(1, {ca})));
+    CHECK(log.has(imbus::log_level::error, "loop gone"));
+    refuse = false;
+    d.notify(make_event(2, {ca}));
+    CHECK(posts == 1);
+    lane.run(10);
+    CHECK(runs == 1);
+}
+
+// Each channel's subscribers are a vector in which a leaver's place goes to the last one:
+// after any churn, every subscriber is woken for exactly its channels (checked against a model).
+TEST_CASE("randomized: subscribe, set_channels and leave keep every channel's subscribers exact") {
+    const std::vector<channel> all = {ca, cb, cc, channel("db", "d"), channel("db", "e")};
+    imbus::dispatcher d(options_with(1024));
+    manual_lane ml;
+    constexpr std::size_t n = 40;
+    std::vector<imbus::dispatcher::subscription> subs(n);
+    std::vector<std::vector<channel>> model(n);
+    std::vector<int> woken(n, 0);
+    std::mt19937 rng(7);
+    for (int round = 0; round < 300; ++round) {
+        const std::size_t i = rng() % n;
+        if (rng() % 4 == 0) {
+            subs[i].close();
+            model[i].clear();
+        } else {
+            if (!subs[i]) subs[i] = d.subscribe([&woken, i](imbus::wakeup&) { ++woken[i]; }, ml.lane);
+            std::vector<channel> chans;
+            for (const auto& c : all)
+                if (rng() % 2) chans.push_back(c);
+            subs[i].set_channels(chans);
+            model[i] = chans;
+        }
+        const channel& probe = all[rng() % all.size()];
+        std::fill(woken.begin(), woken.end(), 0);
+        d.notify(make_event(round + 1, {probe}));
+        ml.lane.run(n);
+        std::size_t expected_subscribers = 0;
+        for (std::size_t k = 0; k < n; ++k) {
+            const bool wants = std::find(model[k].begin(), model[k].end(), probe) != model[k].end();
+            expected_subscribers += wants;
+            CHECK(woken[k] == (wants ? 1 : 0));
+        }
+        CHECK(d.subscribers_of(probe) == expected_subscribers);
+    }
+}
+
 // --- containment -------------------------------------------------------------------------------
 
 // One broken handler must neither take down the notifier nor silence anyone, itself included.
