@@ -3388,6 +3388,10 @@ template <class OnRow, class Stop>
 std::size_t follower::catch_up(OnRow&& on_row, std::size_t limit, Stop&& stop, std::size_t max_bytes) {
     // The epoch is read before the poll: any gap that opens later starts a newer epoch.
     const std::uint64_t epoch_before = dispatcher_ ? dispatcher_->epoch() : 0;
+    // Behind until the read succeeds: if it throws, the next take() polls from the position
+    // instead of trusting an event of the same epoch (the rows it was to read would be skipped).
+    behind_ = true;
+    synced_epoch_ = 0;
     // Position 0 after a first poll (an empty store) means every row, not the first-poll window.
     auto found = store_.fetch(channels_, position_ == 0 && polled_ ? -1 : position_, limit, max_bytes);
     std::size_t taken = 0, bytes = 0;

@@ -4,6 +4,7 @@
 #define DOCTEST_CONFIG_IMPLEMENT_WITH_MAIN
 #include <doctest/doctest.h>
 #include "imbus.hpp"
+#include "support/faulty_store.hpp"
 
 #include <algorithm>
 #include <atomic>
@@ -865,6 +866,50 @@ TEST_CASE("a follower polls after an overflow and gets every row once") {
 }
 
 // A bare wake-up (e.g. from another process) names channels only: the rows are in the store.
+// A read of the store that throws (a restarting database) must not leave the follower trusting
+// the next event of the same epoch: rows 1-4 dropped by the overflow were once skipped for good.
+TEST_CASE("a follower whose catch-up failed polls again at the next wake-up") {
+    imbus::manual_clock clock;
+    imbus::memory_store memory(store_options(clock));
+    imbus_test::faulty_store store(memory);
+    log_capture log;
+    imbus::dispatcher d(options_with(2, log.get()));
+    imbus::bus bus(store, d, bus_options());
+    manual_executor ex;
+    bus.send(cb, "t", 0);  // id 1: the dispatcher's sequence starts, and with it an epoch
+    imbus::follower f(store, d, {ca});
+    std::vector<std::int64_t> ids;
+    auto collect = [&](const imbus::notification& n, std::string_view) { ids.push_back(n.id); };
+    auto sub = d.subscribe([&](imbus::wakeup& w) { f.take(w, collect); }, ex.get());
+    sub.set_channels({ca});
+    f.catch_up(collect);  // in sync with that epoch
+    const auto epoch = d.epoch();
+    for (int i = 0; i < 4; ++i) bus.send(ca, "t", i);  // ids 2-5 overflow: the wake-up says "catch up"
+    store.fail(imbus_test::faulty_store::fetch_op, 1);
+    ex.run();
+    CHECK(store.failures() == 1);
+    CHECK(log.has(imbus::log_level::error, "injected failure"));
+    CHECK(ids.empty());
+    CHECK(f.behind());
+    bus.send(ca, "t", 4);  // id 6, same epoch: it continues the dispatcher's sequence, not the follower's
+    CHECK(d.epoch() == epoch);
+    ex.run();
+    CHECK(ids == std::vector<std::int64_t>{2, 3, 4, 5, 6});
+    CHECK_FALSE(f.behind());
+
+    // The same for a catch-up that a gap in the events asked for, failing twice in a row.
+    store.append({message_on(ca, 100)});  // id 7, never notified
+    store.fail(imbus_test::faulty_store::fetch_op, 2);
+    bus.send(ca, "t", 7);  // id 8: a new epoch, a poll, which fails
+    ex.run();
+    bus.send(ca, "t", 8);  // id 9: a poll again, which fails again
+    ex.run();
+    CHECK(store.failures() == 3);
+    bus.send(ca, "t", 9);  // id 10: the poll succeeds and brings 7-10
+    ex.run();
+    CHECK(ids == std::vector<std::int64_t>{2, 3, 4, 5, 6, 7, 8, 9, 10});
+}
+
 TEST_CASE("a follower polls for bare wake-up events") {
     imbus::manual_clock clock;
     imbus::memory_store memory(store_options(clock));
