@@ -1157,6 +1157,12 @@ struct server_options {
     /// read keep flowing). The total stays within this plus catch_up_bytes and a frame per client.
     std::uint64_t max_outbound_total = IMBUS_MAX_OUTBOUND_TOTAL;
     std::size_t catch_up_rows = 1000;           ///< rows per store read when catching up
+    /// A read of the store for a connection that fails (the database restarting, no descriptor
+    /// for a reader) is tried again after this, doubling up to 5 s, the connection keeping its
+    /// position; after store_retries failures in a row the connection is closed with 1011 and
+    /// its client resumes from its last id once it reconnects.
+    std::chrono::milliseconds store_retry_delay{100};
+    std::size_t store_retries = 8;
     /// Bytes per catch-up frame at most (a single larger row goes alone), so a catch-up never
     /// puts more than max_outbound_bytes in one client's queue.
     std::size_t catch_up_bytes = 65536;
@@ -1214,6 +1220,7 @@ public:
     std::atomic<std::uint64_t> pings_received{0};
     std::atomic<std::uint64_t> pongs_replaced{0};       ///< pings answered by a pong already waiting
     std::atomic<std::uint64_t> accept_pauses{0};        ///< accepting paused: out of file descriptors
+    std::atomic<std::uint64_t> store_errors{0};         ///< reads of the store for a connection that failed
     /// The most one connection has held queued and in flight since the server started.
     std::atomic<std::uint64_t> outbound_peak{0};
 
@@ -1363,6 +1370,7 @@ private:
     std::vector<channel> build_channels(const identity& who, const std::vector<std::string>& asked);
     void on_wakeup(const connection_ptr& con, wakeup& w);
     void catch_up(const connection_ptr& con, bool check_missed);
+    void store_failed(const connection_ptr& con, const char* what);
     std::size_t catch_up_frame(const connection_ptr& con);
     void run_catch_up_slice(shard& home);
     bool over_budget(const connection_ptr& con, std::size_t adding);
@@ -4021,6 +4029,8 @@ template <class Identity> struct session_state {
     bool lagging = false;           // over an outbound budget: wake-ups wait for a catch-up
     bool catching_up = false;       // its next catch-up frame waits for a slice; wake-ups wait too
     bool check_missed = false;      // that frame first says whether rows after the position are gone
+    bool retrying = false;          // a store read failed: its catch-up waits for the retry timer
+    std::uint32_t store_failures = 0;  // failed store reads in a row
     bool ping_outstanding = false;  // waiting for the pong; pong_timeout runs from ping_sent
     std::string admitted_address;   // set while the connection counts against the limits
 };
@@ -4569,6 +4579,8 @@ inline std::string server_metrics::prometheus_text() const {
             pongs_replaced.load());
     counter("imbus_accept_pauses_total", "Times accepting paused because the process was out of file descriptors.",
             accept_pauses.load());
+    counter("imbus_store_errors_total", "Reads of the store for a connection that failed (retried, or closed with 1011).",
+            store_errors.load());
     {
         std::lock_guard<std::mutex> lock(mutex_);
         out += "# HELP imbus_closes_total WebSocket connections closed, by close code (1006: dropped without one).\n"
@@ -5224,6 +5236,7 @@ std::vector<channel> basic_server<AuthPolicy, Transport>::build_channels(const i
 template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Transport>::catch_up(const connection_ptr& con, bool check_missed) {
     auto& s = con->imbus_state;
     s.check_missed = s.check_missed || check_missed;
+    if (s.retrying) return;                          // the retry catches up
     if (std::exchange(s.catching_up, true)) return;  // already waiting for its slice
     shard& home = *shards_[s.shard];
     home.catch_ups.push_back(con);
@@ -5255,18 +5268,29 @@ template <class AuthPolicy, class Transport> std::size_t basic_server<AuthPolicy
         lag(con);  // its resume checks for missed rows again
         return 0;
     }
-    const bool missed = std::exchange(s.check_missed, false) && detail::rows_lost_after(bus_.store(), s.follow->position());
-    if (missed && options_.log)
-        options_.log(log_level::info, "server: " + con->get_remote_endpoint() + " missed notifications after " +
-                                          std::to_string(s.follow->position()));
     // Frames sized so that the queue stays within max_outbound_bytes (a lone larger row aside).
     const std::size_t room = std::min(options_.catch_up_bytes, options_.max_outbound_bytes - con->outbound_bytes());
     detail::frame_builder frame;
-    if (missed) frame.add(detail::missed_marker(s.follow->position()), false), metrics_.missed_signals.fetch_add(1);
-    // The store reads about one frame's worth: a catch-up costs what it sends, not what is stored.
-    s.follow->catch_up([&](const notification&, std::string_view wire) { frame.add(wire); }, options_.catch_up_rows,
-                       [&](std::string_view wire) { return !frame.empty() && frame.size() + wire.size() + 1 > room; },
-                       room);
+    bool missed = false;
+    try {
+        missed = s.check_missed && detail::rows_lost_after(bus_.store(), s.follow->position());
+        if (missed) {
+            if (options_.log)
+                options_.log(log_level::info, "server: " + con->get_remote_endpoint() + " missed notifications after " +
+                                                  std::to_string(s.follow->position()));
+            frame.add(detail::missed_marker(s.follow->position()), false);
+        }
+        // The store reads about one frame's worth: a catch-up costs what it sends, not what is stored.
+        s.follow->catch_up([&](const notification&, std::string_view wire) { frame.add(wire); }, options_.catch_up_rows,
+                           [&](std::string_view wire) { return !frame.empty() && frame.size() + wire.size() + 1 > room; },
+                           room);
+    } catch (const std::exception& e) {
+        store_failed(con, e.what());  // nothing taken: the position and check_missed stand
+        return 0;
+    }
+    s.check_missed = false;
+    s.store_failures = 0;
+    if (missed) metrics_.missed_signals.fetch_add(1, std::memory_order_relaxed);
     const std::size_t size = frame.size();
     if (!frame.empty()) {
         metrics_.count_sent(s.shard, 1, frame.rows);
@@ -5275,6 +5299,35 @@ template <class AuthPolicy, class Transport> std::size_t basic_server<AuthPolicy
     }
     if (s.follow->behind()) catch_up(con, false);
     return size;
+}
+
+// One guard for every read of the store made for a connection on an I/O thread: the loop goes
+// on, the connection keeps its position and is caught up again after a backoff, and a store
+// that stays down costs each client a 1011 (it resumes from its last id), never the server.
+template <class AuthPolicy, class Transport>
+void basic_server<AuthPolicy, Transport>::store_failed(const connection_ptr& con, const char* what) {
+    auto& s = con->imbus_state;
+    metrics_.store_errors.fetch_add(1, std::memory_order_relaxed);
+    if (++s.store_failures > options_.store_retries) {
+        if (options_.log)
+            options_.log(log_level::error, "server: reading the store for " + con->get_remote_endpoint() + " failed " +
+                                               std::to_string(s.store_failures) + " times in a row; closing (1011): " + what);
+        return close(con, 1011, "store unavailable");
+    }
+    const auto delay = std::min<std::chrono::milliseconds>(
+        options_.store_retry_delay * (1u << std::min<std::uint32_t>(s.store_failures - 1, 16)), std::chrono::seconds(5));
+    if (options_.log)
+        options_.log(log_level::warning, "server: reading the store for " + con->get_remote_endpoint() + " failed (" + what +
+                                             "); trying again in " + std::to_string(delay.count()) + " ms");
+    s.retrying = true;
+    auto timer = std::make_shared<asio::steady_timer>(shards_[s.shard]->io, delay);
+    std::weak_ptr<typename endpoint_type::connection_type> weak = con;
+    timer->async_wait([this, weak, timer](const asio::error_code& ec) {
+        auto c = weak.lock();
+        if (ec || !c || !c->imbus_state.retrying) return;
+        c->imbus_state.retrying = false;
+        if (c->imbus_state.open) catch_up(c, false);  // a lagging one is caught up by its resume
+    });
 }
 
 // A client at max_outbound_bytes waits; so does, once all queues together reach
@@ -5334,7 +5387,7 @@ template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Trans
 template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Transport>::on_wakeup(const connection_ptr& con, wakeup& w) {
     auto& s = con->imbus_state;
     // A lagging client is caught up after its drain, one catching up by its next frame.
-    if (!s.open || !s.follow || s.lagging || s.catching_up) return;
+    if (!s.open || !s.follow || s.lagging || s.catching_up || s.retrying) return;
     if (!still_valid(con)) return;
     if (w.overflowed || s.follow->behind()) return catch_up(con, true);
     detail::frame_builder frame;  // rows of events shared only in part, sent as one frame
@@ -5350,6 +5403,8 @@ template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Trans
         send_frame(con, frame.finish());
         frame = detail::frame_builder();
     };
+    std::string failure;  // a read of the store failed: what was taken before it still goes out
+    try {
     s.follow->take(
         w, [&](const notification&, std::string_view wire) { frame.add(wire); },
         [&](const commit_event& event) {
@@ -5364,9 +5419,13 @@ template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Trans
             }));
         },
         options_.catch_up_rows, [&] { return full = over_budget(con, frame.size()); });
+    } catch (const std::exception& e) {
+        failure = e.what();
+    }
     if (!frame.empty()) flush_frame();
     if (frames) shards_[s.shard]->unflushed.push_back(con);  // everything of this wake-up in one write
     metrics_.count_sent(s.shard, frames, rows);
+    if (!failure.empty()) return store_failed(con, failure.c_str());
     if (full) return lag(con);
     if (s.follow->behind()) catch_up(con, false);
 }

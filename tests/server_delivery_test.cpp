@@ -7,6 +7,7 @@
 #include <doctest/doctest.h>
 
 #include "imbus.hpp"
+#include "support/faulty_store.hpp"
 #include "support/raw_socket.hpp"
 #include "support/store_helpers.hpp"
 
@@ -941,6 +942,81 @@ TEST_CASE("missed notifications: memory_store max_notifications drops rows and t
 }
 
 // --- HTTP routes -----------------------------------------------------------------------------
+
+// --- store failures ---------------------------------------------------------------------------
+
+// The environment's store behind one that fails on demand.
+template <class Inner> struct faulty_env {
+    Inner inner;
+    imbus_test::faulty_store store{inner.store};
+    explicit faulty_env(store_config c) : inner(c) {}
+};
+
+std::uint64_t store_errors(const imbus::server& s) { return s.metrics().store_errors.load(); }
+
+// A database restarting under a catch-up must neither end the I/O thread nor lose a row: the
+// read is tried again after a backoff, and the other clients are served meanwhile.
+TEST_CASE_TEMPLATE("store failures: a catch-up whose reads fail is tried again, nothing lost, others served", Env,
+                   faulty_env<memory_env>, faulty_env<sqlite_env>) {
+    harness<Env> h;
+    auto o = h.options();
+    o.store_retry_delay = 2ms;
+    o.store_retries = 20;
+    h.start(o);
+    const std::vector<std::int64_t> history{h.send("a", 1), h.send("a", 2), h.send("a", 3)};
+    auto other = connect_client(h.url());
+    other->subscribe({"b"}, history.back());
+    std::vector<json> other_got;
+    const auto b1 = h.send("b", 1);
+    REQUIRE(collect_until(*other, other_got, b1));  // its own catch-up is over
+
+    h.env.store.fail(imbus_test::faulty_store::reads, 3);  // the subscribe's history fails three times
+    auto c = connect_client(h.url());
+    c->subscribe({"a"}, 0);
+    std::vector<json> got;
+    REQUIRE(collect_until(*c, got, history.back()));
+    CHECK(ids_of(got) == history);
+    CHECK(h.env.store.failures() == 3);
+    CHECK(store_errors(*h.server) == 3);
+    CHECK(h.logs.contains("trying again"));
+    const auto b2 = h.send("b", 2);
+    REQUIRE(collect_until(*other, other_got, b2));
+    CHECK(ids_of(other_got) == std::vector<std::int64_t>{b1, b2});
+
+    // A live wake-up that has to poll (a row stored without a notify) fails and retries alike.
+    const auto quiet_row = h.env.inner.store.append(imbus_test::batch_of({{channel("db", "a"), 4}}));
+    h.env.store.fail(imbus_test::faulty_store::fetch_op, 2);
+    const auto last = h.send("a", 5);  // does not continue what the client saw: a poll
+    REQUIRE(collect_until(*c, got, last));
+    CHECK(ids_of(got) == std::vector<std::int64_t>{1, 2, 3, quiet_row.front().id, last});
+    CHECK(store_errors(*h.server) == 5);
+    CHECK(nothing_more(*c));
+}
+
+// A store that stays down costs the client a 1011 after store_retries tries (it resumes from
+// its last id later), and the server goes on serving once the store is back.
+TEST_CASE("store failures: a store that stays down closes the connection with 1011, the server goes on") {
+    harness<faulty_env<memory_env>> h;
+    auto o = h.options();
+    o.store_retry_delay = 1ms;
+    o.store_retries = 3;
+    h.start(o);
+    const auto first = h.send("a", 1);
+    h.env.store.fail(imbus_test::faulty_store::reads);  // until healed
+    auto ws = raw_ws::connect(h.port());
+    ws.send_text(subscribe_text({"a"}, 0));
+    CHECK(ws.wait_close().code == 1011);
+    CHECK(store_errors(*h.server) == 4);  // the first read and three more
+    CHECK(h.server->metrics().closes(1011) == 1);
+    CHECK(h.logs.contains("closing (1011)"));
+
+    h.env.store.heal();
+    auto c = connect_client(h.url());
+    c->subscribe({"a"}, 0);
+    std::vector<json> got;
+    REQUIRE(collect_until(*c, got, first));
+    CHECK(ids_of(got) == std::vector<std::int64_t>{first});
+}
 
 TEST_CASE_TEMPLATE("HTTP routes: health, peek_notifications, has_missed_notifications, /bus/send, 404, on_http",
                    Env, STORES) {
