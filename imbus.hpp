@@ -135,7 +135,7 @@
 #include <array>         // digests
 #include <cctype>        // case-insensitive header names
 #include <cerrno>        // pg_listener's poll()
-#include <condition_variable>  // client waits
+#include <condition_variable>  // client waits, the SQL stores' writer gate
 #include <atomic>        // manual_clock, subscriber state
 #include <chrono>        // created_at, windows, retention
 #include <cstdint>       // int64_t ids
@@ -455,6 +455,23 @@ private:
     time_point newest_created_{};
 };
 
+namespace detail {
+/// The SQL stores' writer lock, held from BEGIN to COMMIT. Unlike a mutex it may be released by
+/// another thread than the one that took it: a transaction is movable and may commit anywhere.
+/// The thread that holds it may take it again (its own reads of an in-memory database).
+class writer_gate {
+public:
+    void lock();
+    void unlock() noexcept;
+
+private:
+    std::mutex mutex_;
+    std::condition_variable free_;
+    std::thread::id holder_;
+    std::size_t depth_ = 0;
+};
+} // namespace detail
+
 #ifdef IMBUS_WITH_SQLITE
 namespace detail { class sqlite_statement; struct sqlite_reader; }
 
@@ -508,7 +525,7 @@ private:
     sqlite3* db_ = nullptr;
     bool owns_db_ = false;
     std::string path_;           // empty: an in-memory database; polls go through db_
-    std::recursive_mutex writer_mutex_;
+    detail::writer_gate writer_mutex_;
     std::unique_ptr<writer_statements> writer_;
     std::unique_ptr<detail::sqlite_reader> writer_reader_;  // used when path_ is empty
     std::mutex readers_mutex_;
@@ -594,7 +611,7 @@ private:
     std::string writer_conninfo_;  // what owned writer connections connect with
     // Held by a borrowed connection's transaction from BEGIN to its end; recursive, so a second
     // begin() on the same thread gets the "already inside a transaction" error, not a deadlock.
-    std::recursive_mutex writer_mutex_;
+    detail::writer_gate writer_mutex_;
     std::unique_ptr<detail::pg_connection> writer_;  // borrowed: the application's; owned: the first
     bool borrowed_ = false;   // the writer connection is the application's
     // Owned writer connections: each is either idle or used by one commit, never closed early.
@@ -1940,6 +1957,27 @@ inline std::size_t memory_store::size() {
     return rows_.size();
 }
 
+// --- writer_gate (the SQL stores' writer lock) ----------------------------------------------
+
+inline void detail::writer_gate::lock() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    const auto me = std::this_thread::get_id();
+    if (depth_ != 0 && holder_ == me) {
+        ++depth_;
+        return;
+    }
+    free_.wait(lock, [&] { return depth_ == 0; });
+    holder_ = me;
+    depth_ = 1;
+}
+
+inline void detail::writer_gate::unlock() noexcept {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (--depth_ != 0) return;
+    holder_ = std::thread::id();
+    free_.notify_one();
+}
+
 // --- sqlite_store ---------------------------------------------------------------------------
 
 #ifdef IMBUS_WITH_SQLITE
@@ -2121,7 +2159,7 @@ public:
 
 private:
     sqlite_store& store_;
-    std::unique_lock<std::recursive_mutex> lock_;
+    std::unique_lock<detail::writer_gate> lock_;
     bool open_ = false;
 };
 
@@ -2203,7 +2241,7 @@ template <class F> auto sqlite_store::with_reader(F&& f) {
             throw;  // the reader is dropped: a fresh one replaces it
         }
     }
-    std::lock_guard<std::recursive_mutex> lock(writer_mutex_);
+    std::lock_guard<detail::writer_gate> lock(writer_mutex_);
     return f(*writer_reader_);
 }
 
@@ -2258,7 +2296,7 @@ inline std::size_t sqlite_store::collect_garbage() {
     const std::int64_t chunk = IMBUS_SQLITE_GC_CHUNK;
     std::size_t total = 0;
     for (;;) {  // small transactions, so writers are never held up for long
-        std::lock_guard<std::recursive_mutex> lock(writer_mutex_);
+        std::lock_guard<detail::writer_gate> lock(writer_mutex_);
         writer_->gc.bind(1, cutoff).bind(2, chunk).run();
         const auto n = std::size_t(sqlite3_changes(db_));
         total += n;
@@ -2464,7 +2502,7 @@ class pg_store::write_tx final : public store::write_transaction {
 public:
     explicit write_tx(pg_store& s) : store_(s) {
         if (borrowed()) {
-            lock_ = std::unique_lock<std::recursive_mutex>(s.writer_mutex_);
+            lock_ = std::unique_lock<detail::writer_gate>(s.writer_mutex_);
             conn_ = s.writer_.get();
             if (PQtransactionStatus(conn_->get()) != PQTRANS_IDLE) {
                 conn_ = nullptr;
@@ -2630,7 +2668,7 @@ private:
     }
 
     pg_store& store_;
-    std::unique_lock<std::recursive_mutex> lock_;  // a borrowed connection's
+    std::unique_lock<detail::writer_gate> lock_;  // a borrowed connection's
     detail::pg_connection* conn_ = nullptr;        // the connection this transaction holds
     bool open_ = false;  // BEGIN was sent on a borrowed connection
     bool rolled_back_ = false;  // run_commit failed and surely stored nothing
@@ -2951,9 +2989,19 @@ inline void pg_listener::connect() {
     connected_ = true;
 }
 
+// A signal (any handler the application installs) interrupts poll(): the rest of the pause is
+// waited out; only the stop pipe, or poll failing otherwise, ends it early.
 inline bool pg_listener::pause(std::chrono::milliseconds how_long) {
-    pollfd stop{stop_fd_, POLLIN, 0};
-    return ::poll(&stop, 1, int(how_long.count())) == 0;
+    const auto until = std::chrono::steady_clock::now() + how_long;
+    for (;;) {
+        const auto left = std::chrono::ceil<std::chrono::milliseconds>(until - std::chrono::steady_clock::now());
+        pollfd stop{stop_fd_, POLLIN, 0};
+        const int ready = ::poll(&stop, 1, int(std::max<std::int64_t>(0, left.count())));
+        if (ready == 0) return true;
+        if (ready < 0 && errno == EINTR) continue;
+        if (ready < 0) log(log_level::error, "pg_listener: poll failed");
+        return false;
+    }
 }
 
 // Every row after the cursor, in pages of one snapshot each: a page holds every row that will

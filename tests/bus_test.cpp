@@ -6,6 +6,9 @@
 #include "imbus.hpp"
 
 #include <cstdio>
+#include <cstdlib>
+#include <future>
+#include <memory>
 #include <thread>
 #include <unistd.h>
 
@@ -344,6 +347,51 @@ struct user { partner p; };
 inline imbus::record bus_channel(const partner& p) { return {"res.partner", p.id, ""}; }
 inline partner bus_channel(const user& u) { return u.p; }
 } // namespace app
+
+// A transaction is movable, so it may end on another thread than the one that began it. The
+// writer lock was a recursive_mutex: unlocked by a non-owner it stayed locked (glibc answers
+// EPERM) and every later begin() waited forever.
+TEST_CASE("a transaction begun on one thread may commit or roll back on another; the next begin goes through") {
+    for (const bool on_file : {false, true}) {
+        CAPTURE(on_file);
+        const std::string path = on_file ? temp_path() : ":memory:";
+        {
+            imbus::sqlite_store store(path);
+            imbus::dispatcher dispatcher;
+            imbus::bus bus(store, dispatcher, {"db", imbus::stderr_logger()});
+            // Fails the run rather than hanging it when begin() never returns.
+            auto begin_send_commit = [&](int n) {
+                auto done = std::async(std::launch::async, [&] {
+                    imbus::transaction tx(bus);
+                    tx.send("room", "t", n);
+                    return tx.commit();
+                });
+                if (done.wait_for(std::chrono::seconds(10)) != std::future_status::ready) {
+                    std::fprintf(stderr, "begin() still waits for a writer lock released on another thread\n");
+                    std::abort();
+                }
+                return done.get();
+            };
+
+            auto tx = std::make_unique<imbus::transaction>(bus);
+            tx->send("room", "t", 1);
+            std::vector<std::int64_t> ids;
+            std::thread([&] {
+                ids = tx->commit();
+                tx.reset();
+            }).join();
+            CHECK(ids.size() == 1);
+            CHECK(begin_send_commit(2).size() == 1);
+
+            auto dropped = std::make_unique<imbus::transaction>(bus);
+            dropped->send("room", "t", 3);
+            std::thread([&] { dropped.reset(); }).join();  // rolls back there
+            CHECK(begin_send_commit(4).size() == 1);
+            CHECK(store.poll({bus.channel_for("room")}, -1).size() == 3);
+        }
+        if (on_file) remove_db(path);
+    }
+}
 
 TEST_CASE("sending to an application type follows bus_channel") {
     imbus::memory_store store;

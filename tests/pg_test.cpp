@@ -12,7 +12,11 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <optional>
 #include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <unistd.h>
 #include <random>
 #include <set>
 #include <thread>
@@ -478,6 +482,57 @@ TEST_CASE("listener survives a killed connection and catches up what it missed")
     REQUIRE(wait_until([&] { return seen.size() == expected.size(); }));
     CHECK(seen.ids() == expected);
     CHECK(listener.reconnects() == 2);
+}
+
+// An application that installs any signal handler interrupts the listener's poll() during
+// its reconnect backoff; that EINTR was read as "stop" and the listener ended without a word.
+// SIGUSR1 is blocked in every thread but the listener's, so each one sent lands there.
+extern "C" void imbus_test_ignore_signal(int) {}
+
+TEST_CASE("listener: signals during the reconnect backoff do not stop it") {
+    pg_test_database db;
+    struct sigaction quiet_handler{}, previous{};
+    quiet_handler.sa_handler = imbus_test_ignore_signal;  // no SA_RESTART: poll() fails with EINTR
+    sigemptyset(&quiet_handler.sa_mask);
+    REQUIRE(sigaction(SIGUSR1, &quiet_handler, &previous) == 0);
+    sigset_t usr1;
+    sigemptyset(&usr1);
+    sigaddset(&usr1, SIGUSR1);
+    REQUIRE(pthread_sigmask(SIG_BLOCK, &usr1, nullptr) == 0);
+
+    imbus::pg_store local(db.conninfo, quiet_options());
+    imbus::pg_store remote(db.conninfo, quiet_options());
+    imbus::dispatcher dispatcher;
+    recorder seen;
+    auto sub = dispatcher.subscribe(seen.handler());
+    sub.set_channels({ch_a});
+    imbus::pg_listener_options o;
+    o.reconnect_min = o.reconnect_max = 300ms;
+    REQUIRE(pthread_sigmask(SIG_UNBLOCK, &usr1, nullptr) == 0);
+    std::optional<imbus::pg_listener> listener;
+    listener.emplace(local, dispatcher, o);  // its thread is the only one taking SIGUSR1
+    REQUIRE(pthread_sigmask(SIG_BLOCK, &usr1, nullptr) == 0);
+    test_connection admin(db.base);
+    const std::string listener_pid_sql = "SELECT pid FROM pg_stat_activity WHERE application_name = "
+                                         "'imbus-listener' AND datname = '" + db.name + "'";
+    REQUIRE(wait_until([&] { return listener->connected(); }));
+
+    admin.exec("ALTER DATABASE " + db.name + " ALLOW_CONNECTIONS false");
+    terminate_backend(admin, admin.exec(listener_pid_sql));
+    CHECK(wait_until([&] { return !listener->connected(); }));
+    for (int i = 0; i < 60; ++i) {  // through at least two pauses of 300 ms
+        kill(getpid(), SIGUSR1);
+        std::this_thread::sleep_for(10ms);
+    }
+    const auto expected = ids_of(remote.append(batch_of({{ch_a, 1}})));
+    admin.exec("ALTER DATABASE " + db.name + " ALLOW_CONNECTIONS true");
+    CHECK(wait_until([&] { return seen.size() == expected.size(); }));
+    CHECK(seen.ids() == expected);
+    CHECK(listener->reconnects() == 1);
+
+    listener.reset();
+    REQUIRE(pthread_sigmask(SIG_UNBLOCK, &usr1, nullptr) == 0);
+    sigaction(SIGUSR1, &previous, nullptr);
 }
 
 // With dispatch_on_commit = false the listener is the only path to the dispatcher, this
