@@ -1329,6 +1329,8 @@ public:
     /// once the last has closed, and wait() (or run()) closes the listening socket.
     /// From any thread, handlers included.
     void stop() noexcept;
+    /// Not from a handler (an I/O thread cannot join itself): that throws std::logic_error, and
+    /// destroying the server there ends the process with that error.
     void wait();
 
     /// Adds the application's routes (set before listen()); the bus routes come first.
@@ -1423,6 +1425,7 @@ private:
     std::uint16_t port_ = 0;
     std::atomic<bool> stopping_{false};
     std::vector<std::thread> threads_;
+    std::atomic<std::thread::id> run_thread_{};  // the caller of run(), the first shard's thread
     mutable std::mutex connections_mutex_;  // guards the three below
     std::unordered_map<const void*, std::weak_ptr<typename endpoint_type::connection_type>> connections_;
     std::size_t admitted_ = 0;                                // handshakes accepted and not yet closed
@@ -3595,9 +3598,11 @@ inline std::vector<std::int64_t> transaction::commit(std::error_code& ec) {
         return {};
     }
     const logger& log = bus_->log();
-    // pre-commit: the application's hooks, then the bus rows, inside the transaction
-    for (auto& hook : precommit_) {
+    // pre-commit: the application's hooks, then the bus rows, inside the transaction. A hook
+    // may add hooks (as in Odoo): they run in this pass, so the list is walked by index.
+    for (std::size_t i = 0; i < precommit_.size(); ++i) {
         try {
+            auto hook = std::move(precommit_[i]);
             hook();
         } catch (const std::exception& e) {
             if (log) log(log_level::warning, std::string("pre-commit hook failed, rolled back: ") + e.what());
@@ -3622,8 +3627,9 @@ inline std::vector<std::int64_t> transaction::commit(std::error_code& ec) {
     ids.reserve(stored.size());
     for (const auto& n : stored) ids.push_back(n.id);
     if (!stored.empty() && bus_->dispatches_on_commit()) bus_->publish(commit_event::from_rows(std::move(stored)));
-    for (auto& hook : postcommit_) {
+    for (std::size_t i = 0; i < postcommit_.size(); ++i) {  // by index: hooks may add hooks
         try {
+            auto hook = std::move(postcommit_[i]);
             hook();
         } catch (const std::exception& e) {
             if (log) log(log_level::error, std::string("post-commit hook failed: ") + e.what());
@@ -4857,7 +4863,9 @@ template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Trans
 
 template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Transport>::run() {
     for (std::size_t i = 1; i < shards_.size(); ++i) threads_.emplace_back([io = &shards_[i]->io] { io->run(); });
+    run_thread_ = std::this_thread::get_id();
     shards_.front()->io.run();
+    run_thread_ = std::thread::id();
     wait();
 }
 
@@ -4866,8 +4874,11 @@ template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Trans
 }
 
 template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Transport>::wait() {
+    const auto me = std::this_thread::get_id();
+    if (run_thread_.load() == me || std::any_of(threads_.begin(), threads_.end(), [&](const std::thread& t) { return t.get_id() == me; }))
+        throw std::logic_error("imbus: basic_server::wait() (or its destructor) called on one of its own I/O threads");
     for (auto& t : threads_)
-        if (t.joinable() && t.get_id() != std::this_thread::get_id()) t.join();
+        if (t.joinable()) t.join();
     threads_.clear();
     // Only now, with no I/O thread left, are the acceptors safe to close: websocketpp restarts
     // accepting from the thread that took the last connection.

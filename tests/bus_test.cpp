@@ -172,6 +172,26 @@ TEST_CASE("pre-commit and post-commit hooks") {
         REQUIRE(logs.lines.size() == 1);
         CHECK(logs.lines[0].find("constraint failed") != std::string::npos);
     }
+    SUBCASE("hooks that add hooks (Odoo allows it): the added ones run in the same pass, in order") {
+        imbus::transaction tx(bus);
+        tx.on_precommit([&] {
+            order.push_back("pre");
+            for (int i = 0; i < 100; ++i) tx.on_precommit([&order, i] { order.push_back("pre" + std::to_string(i)); });
+            tx.send("x", "t", 2);  // a notification from a pre-commit hook is stored with the others
+            tx.on_postcommit([&] { order.push_back("post from pre"); });
+        });
+        tx.on_postcommit([&] {
+            order.push_back("post");
+            for (int i = 0; i < 100; ++i) tx.on_postcommit([&order, i] { order.push_back("post" + std::to_string(i)); });
+        });
+        tx.send("x", "t", 1);
+        CHECK(tx.commit().size() == 2);
+        std::vector<std::string> expected{"pre"};
+        for (int i = 0; i < 100; ++i) expected.push_back("pre" + std::to_string(i));
+        expected.insert(expected.end(), {"dispatch", "post", "post from pre"});
+        for (int i = 0; i < 100; ++i) expected.push_back("post" + std::to_string(i));
+        CHECK(order == expected);
+    }
     SUBCASE("a throwing post-commit hook is logged; the commit stands") {
         imbus::transaction tx(bus);
         tx.send("x", "t", 1);

@@ -1343,6 +1343,32 @@ TEST_CASE_TEMPLATE("graceful stop: 1001 to every client, wait() returns, a new s
     CHECK(ids_of(again->take(1, 5s)) == std::vector<std::int64_t>{live});
 }
 
+// An I/O thread cannot join itself: wait() from a handler is a clear error, not a destroyed
+// joinable std::thread (std::terminate without a word) or a hang.
+TEST_CASE("wait() from a handler throws std::logic_error; the server goes on") {
+    harness<memory_env> h;
+    std::string caught;
+    imbus::http_route route = [&](const imbus::http_request& r, imbus::http_response& out) {
+        if (r.path != "/wait") return false;
+        try {
+            h.server->wait();
+        } catch (const std::logic_error& e) {
+            caught = e.what();
+        }
+        out.status = 200;
+        return true;
+    };
+    h.start(h.options(), imbus::public_policy(), route);
+    CHECK(imbus_test::http_request(h.port(), "GET", "/wait").status == 200);
+    CHECK(caught.find("own I/O threads") != std::string::npos);
+    auto c = connect_client(h.url());
+    c->subscribe({"a"}, 0);
+    REQUIRE(h.wait_subscribers("a", 1));
+    const auto id = h.send("a", 1);
+    std::vector<json> got;
+    CHECK(collect_until(*c, got, id));
+}
+
 TEST_CASE_TEMPLATE("reconnect: imbus::client comes back to a new server on the same port, no gap, no duplicate",
                    Env, STORES) {
     harness<Env> h;
