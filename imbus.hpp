@@ -473,7 +473,7 @@ private:
 } // namespace detail
 
 #ifdef IMBUS_WITH_SQLITE
-namespace detail { class sqlite_statement; struct sqlite_reader; }
+namespace detail { class sqlite_statement; struct sqlite_reader; struct sqlite_collector; }
 
 struct sqlite_store_options : store_options {
     /// For files the store opens itself: journal_mode=WAL, so polls never wait for writers.
@@ -496,6 +496,9 @@ struct sqlite_store_options : store_options {
 /// application's rows (the outbox pattern). Thread-safe; polls use separate reader
 /// connections when the database is a file. A borrowed connection must outlive the store and
 /// must not be used by the application from another thread while an imbus transaction is open.
+/// collect_garbage() on a borrowed file database uses a connection of its own, so it never
+/// joins a transaction of the application's; a borrowed in-memory database has no other
+/// connection: collect its garbage on the thread that uses it (server_options::gc_interval 0).
 class sqlite_store final : public store {
 public:
     explicit sqlite_store(const std::string& path, sqlite_store_options options = {});
@@ -528,6 +531,8 @@ private:
     detail::writer_gate writer_mutex_;
     std::unique_ptr<writer_statements> writer_;
     std::unique_ptr<detail::sqlite_reader> writer_reader_;  // used when path_ is empty
+    std::mutex collector_mutex_;
+    std::unique_ptr<detail::sqlite_collector> collector_;  // a borrowed file's garbage goes through it
     std::mutex readers_mutex_;
     std::vector<std::unique_ptr<detail::sqlite_reader>> idle_readers_;
 };
@@ -1201,7 +1206,8 @@ struct server_options {
     std::vector<std::string> allowed_origins;
     /// Bearer key of POST /bus/send; empty: publishing over HTTP is refused.
     std::string api_key;
-    /// How often the store's garbage is collected; 0: never (the application does it).
+    /// How often the store's garbage is collected, on an I/O thread; 0: never (the application
+    /// does it: needed for a SQLite in-memory database borrowed from the application).
     std::chrono::seconds gc_interval{3600};
     /// Open sockets at most, overall and per peer address (0: no limit); beyond, the handshake
     /// gets 503, so one misbehaving host cannot take every file descriptor.
@@ -2100,6 +2106,25 @@ inline sqlite3* sqlite_open(const std::string& path, int flags, std::chrono::mil
     return db;
 }
 
+// A connection of the store's own for deleting old rows of a borrowed file database.
+struct sqlite_collector {
+    sqlite3* db;
+    std::optional<sqlite_statement> gc;
+    explicit sqlite_collector(sqlite3* d) : db(d) {
+        try {
+            gc.emplace(db, "DELETE FROM bus_bus WHERE id IN "
+                           "(SELECT id FROM bus_bus WHERE create_date < ?1 ORDER BY create_date LIMIT ?2)");
+        } catch (...) {
+            sqlite3_close_v2(db);
+            throw;
+        }
+    }
+    ~sqlite_collector() {
+        gc.reset();  // finalized before its connection closes
+        sqlite3_close_v2(db);
+    }
+};
+
 } // namespace detail
 
 struct sqlite_store::writer_statements {
@@ -2202,6 +2227,7 @@ inline void sqlite_store::create_schema() {
 }
 
 inline sqlite_store::~sqlite_store() {
+    collector_.reset();
     idle_readers_.clear();
     writer_reader_.reset();
     writer_.reset();  // finalize our statements before closing, or before handing the connection back
@@ -2298,6 +2324,21 @@ inline std::size_t sqlite_store::collect_garbage() {
     const std::int64_t cutoff = detail::to_micros(options_.clock() - options_.retention);
     const std::int64_t chunk = IMBUS_SQLITE_GC_CHUNK;
     std::size_t total = 0;
+    // The application may be inside a transaction of its own on a borrowed connection at any
+    // moment (not only inside imbus's): deleting there would join it. SQLite's write lock
+    // orders the collector's deletes with the application's writes instead.
+    if (!owns_db_ && !path_.empty()) {
+        std::lock_guard<std::mutex> lock(collector_mutex_);
+        if (!collector_)
+            collector_ = std::make_unique<detail::sqlite_collector>(
+                detail::sqlite_open(path_, SQLITE_OPEN_READWRITE, options_.busy_timeout, options_.vfs));
+        for (;;) {
+            collector_->gc->bind(1, cutoff).bind(2, chunk).run();
+            const auto n = std::size_t(sqlite3_changes(collector_->db));
+            total += n;
+            if (n < std::size_t(chunk)) return total;
+        }
+    }
     for (;;) {  // small transactions, so writers are never held up for long
         std::lock_guard<detail::writer_gate> lock(writer_mutex_);
         writer_->gc.bind(1, cutoff).bind(2, chunk).run();

@@ -413,6 +413,41 @@ TEST_CASE("a transaction begun on one thread may commit or roll back on another;
     }
 }
 
+// The server collects garbage from an I/O thread while the application may be inside a
+// transaction of its own on the connection it lent: the deletes must not join it (they were
+// undone by the application's rollback, or committed by its commit).
+TEST_CASE("garbage collection on a borrowed file database never joins the application's transaction") {
+    const std::string path = temp_path();
+    sqlite3* app = nullptr;
+    REQUIRE(sqlite3_open(path.c_str(), &app) == SQLITE_OK);
+    exec(app, "PRAGMA journal_mode=WAL");  // readers do not block the writer (what imbus's own files use)
+    exec(app, "CREATE TABLE message (id INTEGER PRIMARY KEY, body TEXT)");
+    {
+        imbus::manual_clock clock;
+        imbus::sqlite_store_options o;
+        o.clock = std::ref(clock);
+        o.retention = std::chrono::seconds(60);
+        imbus::sqlite_store store(app, o);
+        imbus::dispatcher dispatcher;
+        imbus::bus bus(store, dispatcher, {"db", imbus::stderr_logger()});
+        for (int i = 0; i < 3; ++i) bus.send("room", "t", i);
+        clock.advance(std::chrono::seconds(120));
+        const auto kept = bus.send("room", "t", 3);
+
+        // The application's own transaction (not imbus's), still reading: no write lock yet.
+        exec(app, "BEGIN");
+        CHECK(count_rows(app, "message") == 0);
+        std::size_t collected = 0;
+        std::thread([&] { collected = store.collect_garbage(); }).join();  // as the server's timer does
+        exec(app, "ROLLBACK");
+        CHECK(collected == 3);
+        CHECK(count_rows(app, "bus_bus") == 1);
+        CHECK(store.oldest_id() == kept.front());
+    }
+    sqlite3_close(app);
+    remove_db(path);
+}
+
 TEST_CASE("sending to an application type follows bus_channel") {
     imbus::memory_store store;
     imbus::bus bus(store, {"db", imbus::stderr_logger()});
