@@ -406,6 +406,13 @@ public:
     /// Odoo's /bus/has_missed_notifications: row `last` is gone, so rows after it may be too.
     bool has_missed(std::int64_t last) { return last > 0 && !contains(last); }
 
+    /// Whether a client that saw every row of `channels` up to `last` missed some: rows of
+    /// these channels above `last` were deleted unread (retention, a size cap), or the store
+    /// was reset under it (`last` above the newest id). Only the client's own channels count,
+    /// so a quiet channel does not look like a loss. The default, for a store that does not
+    /// remember what it deleted per channel, answers for every channel at once.
+    virtual bool lost_after(const std::vector<channel>& channels, std::int64_t last);
+
     /// Stores one batch in its own transaction.
     std::vector<notification> append(std::vector<pending_message> batch);
 };
@@ -428,6 +435,7 @@ public:
     std::int64_t oldest_id() override;
     bool contains(std::int64_t id) override;
     std::size_t collect_garbage() override;
+    bool lost_after(const std::vector<channel>& channels, std::int64_t last) override;
     std::size_t size();
 
 private:
@@ -453,9 +461,16 @@ private:
     std::unordered_map<std::string, channel_rows> by_channel_;
     std::int64_t newest_id_ = 0;
     time_point newest_created_{};
+    // The newest deleted id of each channel, for lost_after; past detail::dropped_channels_kept
+    // channels the map is folded into dropped_floor_ (any channel may have lost up to there).
+    std::unordered_map<std::string, std::int64_t> dropped_;
+    std::int64_t dropped_floor_ = 0;
 };
 
 namespace detail {
+/// Channels whose newest deleted id memory_store keeps for lost_after (then folded into one floor).
+constexpr std::size_t dropped_channels_kept = 65536;
+
 /// The SQL stores' writer lock, held from BEGIN to COMMIT. Unlike a mutex it may be released by
 /// another thread than the one that took it: a transaction is movable and may commit anywhere.
 /// The thread that holds it may take it again (its own reads of an in-memory database).
@@ -514,6 +529,7 @@ public:
     std::int64_t oldest_id() override;
     bool contains(std::int64_t id) override;
     std::size_t collect_garbage() override;
+    bool lost_after(const std::vector<channel>& channels, std::int64_t last) override;
 
     sqlite3* connection() const noexcept { return db_; }
 
@@ -595,6 +611,7 @@ public:
     std::int64_t newest_id() override;
     std::int64_t oldest_id() override;
     bool contains(std::int64_t id) override;
+    bool lost_after(const std::vector<channel>& channels, std::int64_t last) override;
     std::size_t collect_garbage() override;
 
     PGconn* connection() const noexcept;  ///< the borrowed connection, or the first writer connection
@@ -1834,6 +1851,14 @@ inline std::string make_frame(const std::vector<notification>& notifications) {
 
 // --- store ----------------------------------------------------------------------------------
 
+inline bool store::lost_after(const std::vector<channel>&, std::int64_t last) {
+    if (last <= 0) return false;
+    const std::int64_t newest = newest_id();
+    if (last > newest) return true;  // the store was reset under the client
+    const std::int64_t oldest = oldest_id();
+    return oldest == 0 ? last < newest : oldest > last + 1;
+}
+
 inline std::vector<notification> store::poll(const std::vector<channel>& channels, std::int64_t last,
                                               std::size_t limit) {
     return fetch(channels, last, limit).notifications;
@@ -1887,12 +1912,29 @@ inline std::size_t memory_store::collect_locked(time_point now) {
     while (!rows_.empty() && (rows_.front().created_at < cutoff ||
                               (options_.max_notifications && rows_.size() > options_.max_notifications))) {
         channel_rows* rows = rows_.front().rows;
+        auto& dropped = dropped_[rows->channel.key()];
+        dropped = std::max(dropped, rows_.front().id);
         rows->ids.pop_front();  // the oldest row overall is the oldest of its channel
         if (rows->ids.empty()) by_channel_.erase(rows->channel.key());
         rows_.pop_front();
         ++removed;
     }
+    if (dropped_.size() > detail::dropped_channels_kept) {  // bounded: fold into the floor
+        for (const auto& d : dropped_) dropped_floor_ = std::max(dropped_floor_, d.second);
+        dropped_.clear();
+    }
     return removed;
+}
+
+inline bool memory_store::lost_after(const std::vector<channel>& channels, std::int64_t last) {
+    if (last <= 0) return false;
+    std::shared_lock<std::shared_mutex> lock(mutex_);
+    if (last > newest_id_ || last < dropped_floor_) return true;
+    for (const auto& c : channels) {
+        auto it = dropped_.find(c.key());
+        if (it != dropped_.end() && it->second > last) return true;
+    }
+    return false;
 }
 
 inline std::size_t memory_store::collect_garbage() {
@@ -2079,7 +2121,8 @@ struct sqlite_reader {
           first_since(db, "SELECT min(+id) FROM bus_bus WHERE create_date >= ?1"),
           newest(db, "SELECT seq FROM sqlite_sequence WHERE name = 'bus_bus'"),
           oldest(db, "SELECT min(id) FROM bus_bus"),
-          exists(db, "SELECT 1 FROM bus_bus WHERE id = ?1") {}
+          exists(db, "SELECT 1 FROM bus_bus WHERE id = ?1"),
+          dropped(db, "SELECT max(id) FROM bus_bus_dropped WHERE channel = ?1 OR channel = ''") {}
     ~sqlite_reader() {
         if (owned) {
             // statements are finalized by the members' destructors, which run after this body;
@@ -2090,7 +2133,7 @@ struct sqlite_reader {
     sqlite3* db;
     bool owned;
     bool snapshots;  // false when sharing the writer connection, which the writer mutex guards
-    sqlite_statement begin, commit, rollback, poll, first_since, newest, oldest, exists;
+    sqlite_statement begin, commit, rollback, poll, first_since, newest, oldest, exists, dropped;
 };
 
 inline sqlite3* sqlite_open(const std::string& path, int flags, std::chrono::milliseconds busy_timeout,
@@ -2106,22 +2149,40 @@ inline sqlite3* sqlite_open(const std::string& path, int flags, std::chrono::mil
     return db;
 }
 
-// A connection of the store's own for deleting old rows of a borrowed file database.
+// Deletes old rows a chunk per transaction, remembering the newest deleted id of each channel
+// (bus_bus_dropped, for lost_after). On the writer connection, or on one of its own for a
+// borrowed file database.
 struct sqlite_collector {
     sqlite3* db;
-    std::optional<sqlite_statement> gc;
-    explicit sqlite_collector(sqlite3* d) : db(d) {
+    bool owned;
+    sqlite_statement begin, commit, horizon, remember, erase;
+    sqlite_collector(sqlite3* d, bool own)
+        : db(d), owned(own), begin(db, "BEGIN IMMEDIATE"), commit(db, "COMMIT"),
+          horizon(db, "SELECT max(id) FROM (SELECT id FROM bus_bus WHERE create_date < ?1 ORDER BY create_date LIMIT ?2)"),
+          remember(db, "INSERT INTO bus_bus_dropped (channel, id) SELECT channel, max(id) FROM bus_bus "
+                       "WHERE create_date < ?1 AND id <= ?2 GROUP BY channel "
+                       "ON CONFLICT (channel) DO UPDATE SET id = max(id, excluded.id)"),
+          erase(db, "DELETE FROM bus_bus WHERE create_date < ?1 AND id <= ?2") {}
+    ~sqlite_collector() {
+        if (owned) sqlite3_close_v2(db);  // deferred until the members' statements are finalized
+    }
+    // Rows deleted: those of the `limit` oldest, and any older than the cutoff below them.
+    std::size_t collect_chunk(std::int64_t cutoff, std::int64_t limit) {
+        begin.run();
         try {
-            gc.emplace(db, "DELETE FROM bus_bus WHERE id IN "
-                           "(SELECT id FROM bus_bus WHERE create_date < ?1 ORDER BY create_date LIMIT ?2)");
+            const std::int64_t upto = horizon.bind(1, cutoff).bind(2, limit).scalar(0);
+            std::size_t n = 0;
+            if (upto > 0) {
+                remember.bind(1, cutoff).bind(2, upto).run();
+                erase.bind(1, cutoff).bind(2, upto).run();
+                n = std::size_t(sqlite3_changes(db));
+            }
+            commit.run();
+            return n;
         } catch (...) {
-            sqlite3_close_v2(db);
+            if (!sqlite3_get_autocommit(db)) sqlite3_exec(db, "ROLLBACK", nullptr, nullptr, nullptr);
             throw;
         }
-    }
-    ~sqlite_collector() {
-        gc.reset();  // finalized before its connection closes
-        sqlite3_close_v2(db);
     }
 };
 
@@ -2130,10 +2191,9 @@ struct sqlite_collector {
 struct sqlite_store::writer_statements {
     explicit writer_statements(sqlite3* db)
         : begin(db, "BEGIN IMMEDIATE"), commit(db, "COMMIT"), rollback(db, "ROLLBACK"),
-          insert(db, "INSERT INTO bus_bus (channel, message, create_date) VALUES (?1, ?2, ?3)"),
-          gc(db, "DELETE FROM bus_bus WHERE id IN "
-                 "(SELECT id FROM bus_bus WHERE create_date < ?1 ORDER BY create_date LIMIT ?2)") {}
-    detail::sqlite_statement begin, commit, rollback, insert, gc;
+          insert(db, "INSERT INTO bus_bus (channel, message, create_date) VALUES (?1, ?2, ?3)"), gc(db, false) {}
+    detail::sqlite_statement begin, commit, rollback, insert;
+    detail::sqlite_collector gc;
 };
 
 // Holds the writer mutex from BEGIN IMMEDIATE to COMMIT: one write transaction at a time per
@@ -2220,6 +2280,19 @@ inline void sqlite_store::create_schema() {
                         " create_date INTEGER NOT NULL);"
                         "CREATE INDEX IF NOT EXISTS bus_bus_channel_id ON bus_bus (channel, id);"
                         "CREATE INDEX IF NOT EXISTS bus_bus_create_date ON bus_bus (create_date);");
+    // Per channel, the newest id garbage collection deleted (lost_after). A database made before
+    // the table existed gets a floor under channel '': rows up to it may be gone on any channel.
+    detail::sqlite_exec(db_,
+                        "BEGIN IMMEDIATE;"
+                        "CREATE TEMP TABLE IF NOT EXISTS imbus_new_schema AS SELECT count(*) = 0 AS fresh FROM sqlite_master "
+                        " WHERE type = 'table' AND name = 'bus_bus_dropped';"
+                        "CREATE TABLE IF NOT EXISTS bus_bus_dropped (channel TEXT PRIMARY KEY, id INTEGER NOT NULL) WITHOUT ROWID;"
+                        "INSERT OR IGNORE INTO bus_bus_dropped (channel, id) SELECT '', floor FROM"
+                        " (SELECT coalesce((SELECT min(id) - 1 FROM bus_bus),"
+                        "                  (SELECT seq FROM sqlite_sequence WHERE name = 'bus_bus'), 0) AS floor)"
+                        " WHERE floor > 0 AND (SELECT fresh FROM imbus_new_schema);"
+                        "DROP TABLE imbus_new_schema;"
+                        "COMMIT;");
     writer_ = std::make_unique<writer_statements>(db_);
     const char* file = sqlite3_db_filename(db_, "main");
     path_ = file ? file : "";
@@ -2331,21 +2404,30 @@ inline std::size_t sqlite_store::collect_garbage() {
         std::lock_guard<std::mutex> lock(collector_mutex_);
         if (!collector_)
             collector_ = std::make_unique<detail::sqlite_collector>(
-                detail::sqlite_open(path_, SQLITE_OPEN_READWRITE, options_.busy_timeout, options_.vfs));
+                detail::sqlite_open(path_, SQLITE_OPEN_READWRITE, options_.busy_timeout, options_.vfs), true);
         for (;;) {
-            collector_->gc->bind(1, cutoff).bind(2, chunk).run();
-            const auto n = std::size_t(sqlite3_changes(collector_->db));
+            const std::size_t n = collector_->collect_chunk(cutoff, chunk);
             total += n;
             if (n < std::size_t(chunk)) return total;
         }
     }
     for (;;) {  // small transactions, so writers are never held up for long
         std::lock_guard<detail::writer_gate> lock(writer_mutex_);
-        writer_->gc.bind(1, cutoff).bind(2, chunk).run();
-        const auto n = std::size_t(sqlite3_changes(db_));
+        const std::size_t n = writer_->gc.collect_chunk(cutoff, chunk);
         total += n;
         if (n < std::size_t(chunk)) return total;
     }
+}
+
+inline bool sqlite_store::lost_after(const std::vector<channel>& channels, std::int64_t last) {
+    if (last <= 0) return false;
+    const auto wanted = detail::unique_channels(channels);
+    return with_reader([&](detail::sqlite_reader& r) {
+        if (last > r.newest.scalar(0)) return true;  // the store was reset under the client
+        for (const auto& c : wanted)
+            if (r.dropped.bind(1, c.key()).scalar(0) > last) return true;
+        return false;
+    });
 }
 #endif // IMBUS_WITH_SQLITE
 
@@ -2916,6 +2998,16 @@ inline void pg_store::create_schema() {
                " create_date timestamp NOT NULL)");  // UTC, like Odoo's column
         c.exec("CREATE INDEX IF NOT EXISTS bus_bus_channel_id ON bus_bus (channel, id)");
         c.exec("CREATE INDEX IF NOT EXISTS bus_bus_create_date ON bus_bus (create_date)");
+        // Per channel, the newest id garbage collection deleted (lost_after). A database made
+        // before the table existed gets a floor under channel '': rows up to it may be gone on
+        // any channel.
+        if (c.scalar("SELECT count(*) FROM pg_tables WHERE schemaname = current_schema() AND tablename = 'bus_bus_dropped'", {}, 0) == 0) {
+            c.exec("CREATE TABLE bus_bus_dropped (channel text PRIMARY KEY, id bigint NOT NULL)");
+            c.exec("INSERT INTO bus_bus_dropped (channel, id) SELECT '', floor FROM"
+                   " (SELECT coalesce((SELECT min(id) - 1 FROM bus_bus),"
+                   "                  (SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM bus_bus_id_seq)) AS floor) f"
+                   " WHERE floor > 0");
+        }
         c.exec("COMMIT");
         return 0;
     });
@@ -2979,6 +3071,20 @@ inline std::int64_t pg_store::oldest_id() {
     return with_reader([](detail::pg_connection& c) { return c.scalar("SELECT min(id) FROM bus_bus", {}, 0); });
 }
 
+inline bool pg_store::lost_after(const std::vector<channel>& channels, std::int64_t last) {
+    if (last <= 0) return false;
+    std::vector<std::string_view> keys;
+    const auto wanted = detail::unique_channels(channels);
+    for (const auto& c : wanted) keys.push_back(c.key());
+    return with_reader([&](detail::pg_connection& c) {
+        return c.scalar("SELECT CASE WHEN $2::bigint > (SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM bus_bus_id_seq)"
+                        " OR EXISTS (SELECT 1 FROM bus_bus_dropped WHERE (channel = ANY($1::text[]) OR channel = '')"
+                        "            AND id > $2::bigint AND cardinality($1::text[]) > 0)"
+                        " THEN 1 ELSE 0 END",
+                        {detail::pg_text_array(keys), std::to_string(last)}, 0) == 1;
+    });
+}
+
 inline bool pg_store::contains(std::int64_t id) {
     return with_reader([id](detail::pg_connection& c) {
         return c.scalar("SELECT 1 FROM bus_bus WHERE id = $1::bigint", {std::to_string(id)}, 0) == 1;
@@ -2990,11 +3096,16 @@ inline std::size_t pg_store::collect_garbage() {
     const std::string chunk = std::to_string(options_.gc_chunk ? options_.gc_chunk : 5000);
     std::size_t total = 0;
     for (;;) {  // small statements on a reader connection: writers are never held up for long
+        // One statement: the rows deleted and, per channel, the newest of them (for lost_after).
         const std::size_t n = with_reader([&](detail::pg_connection& c) {
-            auto r = c.exec("DELETE FROM bus_bus WHERE id IN (SELECT id FROM bus_bus WHERE create_date < "
-                            "timestamp '1970-01-01' + $1::bigint * interval '1 microsecond' ORDER BY id LIMIT $2::bigint)",
-                            {cutoff, chunk});
-            return std::size_t(std::stoull(PQcmdTuples(r.get())));
+            return std::size_t(c.scalar(
+                "WITH gone AS (DELETE FROM bus_bus WHERE id IN (SELECT id FROM bus_bus WHERE create_date < "
+                "  timestamp '1970-01-01' + $1::bigint * interval '1 microsecond' ORDER BY id LIMIT $2::bigint)"
+                "  RETURNING id, channel),"
+                " remembered AS (INSERT INTO bus_bus_dropped (channel, id) SELECT channel, max(id) FROM gone GROUP BY channel"
+                "  ON CONFLICT (channel) DO UPDATE SET id = greatest(bus_bus_dropped.id, excluded.id))"
+                " SELECT count(*) FROM gone",
+                {cutoff, chunk}, 0));
         });
         total += n;
         if (n < std::stoull(chunk)) return total;
@@ -4502,14 +4613,6 @@ inline std::string current_error() {
 }
 
 // Rows after `position` were garbage-collected: the client must reload (PROTOCOL ext).
-inline bool rows_lost_after(store& s, std::int64_t position) {
-    if (position <= 0) return false;
-    const std::int64_t newest = s.newest_id();
-    if (position > newest) return true;  // the store was reset under the client
-    const std::int64_t oldest = s.oldest_id();
-    return oldest == 0 ? position < newest : oldest > position + 1;
-}
-
 // The in-band "missed notifications" signal: a frame element shaped like a notification,
 // carrying the client's own cursor as id so that clients tracking the last id stay put.
 inline std::string missed_marker(std::int64_t last) {
@@ -5373,7 +5476,7 @@ template <class AuthPolicy, class Transport> std::size_t basic_server<AuthPolicy
     detail::frame_builder frame;
     bool missed = false;
     try {
-        missed = s.check_missed && detail::rows_lost_after(bus_.store(), s.follow->position());
+        missed = s.check_missed && bus_.store().lost_after(s.follow->channels(), s.follow->position());
         if (missed) {
             if (options_.log)
                 options_.log(log_level::info, "server: " + con->get_remote_endpoint() + " missed notifications after " +

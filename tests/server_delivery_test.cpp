@@ -889,6 +889,14 @@ TEST_CASE_TEMPLATE("missed notifications: a gone `last` gives a first frame star
         CHECK(ids_of(std::vector<json>(frame.begin() + 1, frame.end())) == kept);
         ws.close();
     }
+    SUBCASE("rows gone on other channels only: no marker (a quiet channel is no loss)") {
+        auto ws = raw_ws::connect(h.port());
+        ws.send_text(subscribe_text({"b"}, 2));
+        const std::string text = ws.read_text();
+        CHECK(check_frame(text) == std::vector<std::int64_t>{kept[1]});
+        CHECK(text.find("bus/missed_notifications") == std::string::npos);
+        ws.close();
+    }
     SUBCASE("row still there: no marker") {
         auto ws = raw_ws::connect(h.port());
         ws.send_text(subscribe_text({"a", "b"}, 6));

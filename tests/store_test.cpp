@@ -195,6 +195,32 @@ TEST_CASE_TEMPLATE("garbage collection and has_missed", F, STORE_FIXTURES) {
     CHECK(f.store.append(batch_of({{ch_a, 4}}))[0].id == 4);
 }
 
+// A client whose last row sits on a channel that has been quiet longer than the retention
+// must not be told it missed notifications: only deleted rows of its own channels count.
+TEST_CASE_TEMPLATE("lost_after counts only the rows of the client's own channels", F, STORE_FIXTURES) {
+    F f;
+    f.store.append(batch_of({{ch_a, 1}}));                          // id 1: the client's last row
+    for (int i = 0; i < 5; ++i) f.store.append(batch_of({{ch_b, i}}));  // ids 2-6: a busy channel
+    f.clock.advance(25h);
+    const auto kept = f.store.append(batch_of({{ch_b, 9}}))[0].id;  // id 7
+    f.store.collect_garbage();
+    REQUIRE(f.store.oldest_id() == kept);
+    CHECK_FALSE(f.store.lost_after({ch_a}, 1));     // a's rows after 1: none ever existed
+    CHECK(f.store.lost_after({ch_a, ch_b}, 1));     // b's 2-6 are gone
+    CHECK(f.store.lost_after({ch_b}, 5));           // 6 is gone
+    CHECK_FALSE(f.store.lost_after({ch_b}, 6));     // everything of b after 6 is there
+    CHECK_FALSE(f.store.lost_after({ch_c}, 1));
+    CHECK_FALSE(f.store.lost_after({ch_a}, 0));     // a first poll misses nothing
+    CHECK(f.store.lost_after({ch_a}, kept + 5));    // above the newest id: the store was reset
+
+    // a's own row deleted unread
+    f.store.append(batch_of({{ch_a, 2}}));  // id 8
+    f.clock.advance(25h);
+    f.store.collect_garbage();
+    CHECK(f.store.lost_after({ch_a}, 1));
+    CHECK_FALSE(f.store.lost_after({ch_a}, 8));
+}
+
 // PROTOCOL "commit order": 8 writers at once; a reader following with its cursor must end
 // with every id, which it cannot if any id ever became visible below one it had already seen.
 TEST_CASE_TEMPLATE("ids are visible in commit order under concurrent writers", F, STORE_FIXTURES) {
