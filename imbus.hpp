@@ -1261,6 +1261,7 @@ public:
     std::atomic<std::uint64_t> pongs_replaced{0};       ///< pings answered by a pong already waiting
     std::atomic<std::uint64_t> accept_pauses{0};        ///< accepting paused: out of file descriptors
     std::atomic<std::uint64_t> store_errors{0};         ///< reads of the store for a connection that failed
+    std::atomic<std::uint64_t> event_errors{0};         ///< policy.on_event calls that threw (logged, connection kept)
     /// The most one connection has held queued and in flight since the server started.
     std::atomic<std::uint64_t> outbound_peak{0};
 
@@ -4779,6 +4780,8 @@ inline std::string server_metrics::prometheus_text() const {
             accept_pauses.load());
     counter("imbus_store_errors_total", "Reads of the store for a connection that failed (retried, or closed with 1011).",
             store_errors.load());
+    counter("imbus_event_errors_total", "Client events whose policy.on_event threw (logged; the connection stays open).",
+            event_errors.load());
     {
         std::lock_guard<std::mutex> lock(mutex_);
         out += "# HELP imbus_closes_total WebSocket connections closed, by close code (1006: dropped without one).\n"
@@ -5389,9 +5392,19 @@ void basic_server<AuthPolicy, Transport>::on_message(websocketpp::connection_hdl
             return;
         }
         if (request.what == client_request::kind::subscribe) return on_subscribe(con, request);
-        if constexpr (detail::policy_has_on_event<AuthPolicy>::value)
-            policy_.on_event(*s.identity, request.event_name, request.data);
-    } catch (...) {
+        if constexpr (detail::policy_has_on_event<AuthPolicy>::value) {
+            // As in Odoo, an event handler's failure is the application's: logged, counted, and
+            // the connection (and every tab behind it) stays.
+            try {
+                policy_.on_event(*s.identity, request.event_name, request.data);
+            } catch (...) {
+                metrics_.event_errors.fetch_add(1, std::memory_order_relaxed);
+                if (options_.log)
+                    options_.log(log_level::error, "server: on_event(\"" + request.event_name + "\") from " +
+                                                       con->get_remote_endpoint() + " failed: " + detail::current_error());
+            }
+        }
+    } catch (...) {  // the subscribe's channels (the grant is unknown) or the server itself
         if (options_.log) options_.log(log_level::error, "server: request failed: " + detail::current_error());
         close(con, 1011, "server error");
     }
