@@ -1306,6 +1306,7 @@ struct client_options;
 
 namespace detail {
 template <class Policy> struct checked_identity;  // the policy's identity, or a readable error
+template <class Policy> struct checked_hooks;     // a hook with the wrong signature: a readable error
 struct frame_builder;
 struct wire_frame;  // a frame ready for the wire, shared by its recipients
 using shared_wire_frame = std::shared_ptr<const wire_frame>;
@@ -1330,6 +1331,7 @@ public:
     using policy_type = AuthPolicy;
     using transport = Transport;
     using identity = typename detail::checked_identity<AuthPolicy>::type;
+    static_assert(detail::checked_hooks<AuthPolicy>::value);
     using config = detail::server_config<identity, Transport>;
     using endpoint_type = websocketpp::server<config>;
     using connection_ptr = typename endpoint_type::connection_ptr;
@@ -4654,7 +4656,9 @@ template <class P, class = void> struct policy_has_channels : std::false_type {}
 template <class P>
 struct policy_has_channels<P, std::void_t<decltype(std::declval<P&>().channels(
                                   std::declval<const typename P::identity&>(), std::declval<std::vector<channel>>()))>>
-    : std::true_type {};
+    : std::is_convertible<decltype(std::declval<P&>().channels(std::declval<const typename P::identity&>(),
+                                                                  std::declval<std::vector<channel>>())),
+                          std::vector<channel>> {};
 
 template <class P, class = void> struct policy_has_still_valid : std::false_type {};
 template <class P>
@@ -4676,6 +4680,48 @@ template <class P, class = void> struct policy_has_on_close : std::false_type {}
 template <class P>
 struct policy_has_on_close<P, std::void_t<decltype(std::declval<P&>().on_close(std::declval<const typename P::identity&>()))>>
     : std::true_type {};
+
+// Whether a policy declares a member of a hook's name at all, whatever its signature: the
+// name lookup is ambiguous between the policy's member and the probe's. A hook whose signature
+// misses is then a compile error, not silently skipped (a `channels` taking strings would be
+// ignored and every channel the client asks for granted). Final classes are not probed.
+struct hook_names {
+    int channels, still_valid, on_event, on_open, on_close;
+};
+template <class P> struct hook_probe : P, hook_names {};
+template <class P>
+using probe_of = std::conditional_t<std::is_class<P>::value && !std::is_final<P>::value, hook_probe<P>, hook_names>;
+template <class P, class = void> struct declares_channels : std::true_type {};
+template <class P> struct declares_channels<P, std::void_t<decltype(&probe_of<P>::channels)>> : std::false_type {};
+template <class P, class = void> struct declares_still_valid : std::true_type {};
+template <class P> struct declares_still_valid<P, std::void_t<decltype(&probe_of<P>::still_valid)>> : std::false_type {};
+template <class P, class = void> struct declares_on_event : std::true_type {};
+template <class P> struct declares_on_event<P, std::void_t<decltype(&probe_of<P>::on_event)>> : std::false_type {};
+template <class P, class = void> struct declares_on_open : std::true_type {};
+template <class P> struct declares_on_open<P, std::void_t<decltype(&probe_of<P>::on_open)>> : std::false_type {};
+template <class P, class = void> struct declares_on_close : std::true_type {};
+template <class P> struct declares_on_close<P, std::void_t<decltype(&probe_of<P>::on_close)>> : std::false_type {};
+
+template <class Policy> struct checked_hooks {
+    static_assert(!declares_channels<Policy>::value || policy_has_channels<Policy>::value,
+                  "imbus::basic_server<AuthPolicy>: the policy has a member named `channels` that is not "
+                  "`std::vector<imbus::channel> channels(const identity&, std::vector<imbus::channel> requested)`; "
+                  "as written it would be ignored and every channel the client asks for granted");
+    static_assert(!declares_still_valid<Policy>::value || policy_has_still_valid<Policy>::value,
+                  "imbus::basic_server<AuthPolicy>: the policy has a member named `still_valid` that is not "
+                  "`bool still_valid(const identity&)`; as written it would be ignored and sessions never expire");
+    static_assert(!declares_on_event<Policy>::value || policy_has_on_event<Policy>::value,
+                  "imbus::basic_server<AuthPolicy>: the policy has a member named `on_event` that is not "
+                  "`void on_event(const identity&, const std::string& name, const imbus::json& data)`; "
+                  "as written it would be ignored and client events dropped");
+    static_assert(!declares_on_open<Policy>::value || policy_has_on_open<Policy>::value,
+                  "imbus::basic_server<AuthPolicy>: the policy has a member named `on_open` that is not "
+                  "`void on_open(const identity&)`; as written it would be ignored");
+    static_assert(!declares_on_close<Policy>::value || policy_has_on_close<Policy>::value,
+                  "imbus::basic_server<AuthPolicy>: the policy has a member named `on_close` that is not "
+                  "`void on_close(const identity&)`; as written it would be ignored");
+    static constexpr bool value = true;
+};
 
 // The request as a policy sees it, copied out of websocketpp's connection.
 template <class Connection> http_request make_http_request(Connection& con) {
