@@ -50,6 +50,7 @@
 //     IMBUS_MAX_PENDING_WAKEUPS         1024   per subscriber; beyond it the subscriber re-polls
 //     IMBUS_SQLITE_BUSY_TIMEOUT_MS      5000   how long a SQLite connection waits for a lock
 //     IMBUS_SQLITE_GC_CHUNK             5000   rows deleted per garbage-collection transaction
+//     IMBUS_SQLITE_ID_BLOCK             1000   SQLite ids reserved ahead per synced commit (power cuts)
 //     IMBUS_PROTOCOL_VERSION            "19.0-2"  clients with another version are told OUTDATED_VERSION
 //     IMBUS_MAX_MESSAGE_BYTES           1 MiB  a bigger client message closes with 1009
 //     IMBUS_MAX_JSON_DEPTH              512    client JSON nested deeper is refused (stack safety)
@@ -125,6 +126,12 @@
 
 #ifndef IMBUS_SQLITE_GC_CHUNK
 #define IMBUS_SQLITE_GC_CHUNK 5000
+#endif
+
+// SQLite ids reserved ahead per synced commit (sqlite_store::reserve_ids): after a power cut a
+// file store continues above the reservation, so no id a client saw is handed out again.
+#ifndef IMBUS_SQLITE_ID_BLOCK
+#define IMBUS_SQLITE_ID_BLOCK 1000
 #endif
 
 // ============================================================================================
@@ -539,6 +546,8 @@ private:
     template <class F> auto with_reader(F&& f);
     std::unique_ptr<detail::sqlite_reader> open_reader();
     void create_schema();
+    bool reserves_ids() const noexcept { return !path_.empty(); }
+    void reserve_ids(std::int64_t handed_out);
 
     sqlite_store_options options_;
     sqlite3* db_ = nullptr;
@@ -2194,8 +2203,11 @@ struct sqlite_collector {
 struct sqlite_store::writer_statements {
     explicit writer_statements(sqlite3* db)
         : begin(db, "BEGIN IMMEDIATE"), commit(db, "COMMIT"), rollback(db, "ROLLBACK"),
-          insert(db, "INSERT INTO bus_bus (channel, message, create_date) VALUES (?1, ?2, ?3)"), gc(db, false) {}
-    detail::sqlite_statement begin, commit, rollback, insert;
+          insert(db, "INSERT INTO bus_bus (channel, message, create_date) VALUES (?1, ?2, ?3)"),
+          reserved(db, "SELECT id FROM bus_bus_reserved"),
+          reserve(db, "UPDATE bus_bus_reserved SET id = max(id, ?1)"),
+          safety(db, "PRAGMA synchronous"), gc(db, false) {}
+    detail::sqlite_statement begin, commit, rollback, insert, reserved, reserve, safety;
     detail::sqlite_collector gc;
 };
 
@@ -2229,8 +2241,11 @@ public:
                 stored.push_back(notification{sqlite3_last_insert_rowid(store_.db_), m.channel,
                                               std::move(m.message), now});
             }
+            const bool reserve = store_.reserves_ids() && !stored.empty() &&
+                                 stored.back().id > store_.writer_->reserved.scalar(0);
             store_.writer_->commit.run();
             open_ = false;
+            if (reserve) store_.reserve_ids(stored.back().id);
             return stored;
         } catch (...) {
             rollback();
@@ -2295,6 +2310,15 @@ inline void sqlite_store::create_schema() {
                         "                  (SELECT seq FROM sqlite_sequence WHERE name = 'bus_bus'), 0) AS floor)"
                         " WHERE floor > 0 AND (SELECT fresh FROM imbus_new_schema);"
                         "DROP TABLE imbus_new_schema;"
+                        // The id reservation (reserve_ids): ids up to it may have been handed
+                        // out before a power cut, so the sequence continues above it.
+                        "CREATE TABLE IF NOT EXISTS bus_bus_reserved (id INTEGER NOT NULL);"
+                        "INSERT INTO bus_bus_reserved (id) SELECT coalesce((SELECT seq FROM sqlite_sequence"
+                        " WHERE name = 'bus_bus'), 0) WHERE NOT EXISTS (SELECT 1 FROM bus_bus_reserved);"
+                        "UPDATE sqlite_sequence SET seq = (SELECT id FROM bus_bus_reserved)"
+                        " WHERE name = 'bus_bus' AND seq < (SELECT id FROM bus_bus_reserved);"
+                        "INSERT INTO sqlite_sequence (name, seq) SELECT 'bus_bus', id FROM bus_bus_reserved"
+                        " WHERE id > 0 AND NOT EXISTS (SELECT 1 FROM sqlite_sequence WHERE name = 'bus_bus');"
                         "COMMIT;");
     writer_ = std::make_unique<writer_statements>(db_);
     const char* file = sqlite3_db_filename(db_, "main");
@@ -2302,7 +2326,34 @@ inline void sqlite_store::create_schema() {
     if (path_.empty()) writer_reader_ = std::make_unique<detail::sqlite_reader>(db_, false, false);
 }
 
+// Ids must never come back after a power cut, even with synchronous=NORMAL, whose last commits
+// a power cut may undo while their ids were already sent: a client holding such an id would
+// skip the new rows up to it. So ids are reserved ahead in blocks (PostgreSQL's sequences log
+// ahead the same way): a commit that passes the reservation raises it in a transaction of its
+// own, committed with a sync, which makes the commit before it durable too; a reopened store
+// continues above the reservation. One synced commit per IMBUS_SQLITE_ID_BLOCK ids.
+inline void sqlite_store::reserve_ids(std::int64_t handed_out) {
+    auto& w = *writer_;
+    const std::int64_t safety = w.safety.scalar(1);
+    try {
+        if (safety < 2) detail::sqlite_exec(db_, "PRAGMA synchronous=FULL");
+        w.begin.run();
+        w.reserve.bind(1, handed_out + IMBUS_SQLITE_ID_BLOCK).run();
+        w.commit.run();
+    } catch (const std::exception& e) {
+        if (!sqlite3_get_autocommit(db_)) sqlite3_exec(db_, "ROLLBACK", nullptr, nullptr, nullptr);
+        // The rows are committed; the next commit tries the reservation again.
+        if (options_.log) options_.log(log_level::error, std::string("sqlite_store: reserving ids failed: ") + e.what());
+    }
+    if (safety < 2) sqlite3_exec(db_, ("PRAGMA synchronous=" + std::to_string(safety)).c_str(), nullptr, nullptr, nullptr);
+}
+
 inline sqlite_store::~sqlite_store() {
+    // A clean close gives back the ids reserved and never used (no gap at the next start); a
+    // commit of another process past it reserves again.
+    if (writer_ && reserves_ids() && sqlite3_get_autocommit(db_))
+        sqlite3_exec(db_, "UPDATE bus_bus_reserved SET id = coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'bus_bus'), 0)",
+                     nullptr, nullptr, nullptr);
     collector_.reset();
     idle_readers_.clear();
     writer_reader_.reset();
