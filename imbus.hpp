@@ -1483,6 +1483,13 @@ struct client_options {
     /// server's certificate; empty: the system's. The host name is checked against it too.
     std::string tls_ca_file;
     bool tls_verify = true;  ///< false only for tests against a throwaway certificate
+    /// The largest frame accepted (a larger one closes with 1009). A server's frames stay within
+    /// its catch_up_bytes (64 KiB) or one row, whichever is larger; keep this above your largest
+    /// row, or the client would reconnect for the same frame forever.
+    std::size_t max_message_bytes = 64 * 1024 * 1024;
+    /// Notifications kept for take() at most; beyond, the oldest are dropped (counted by
+    /// dropped(), logged). With an on_notification handler nothing is kept.
+    std::size_t max_received = 100000;
     logger log = stderr_logger();
 };
 
@@ -1507,6 +1514,8 @@ public:
     void connect(const std::string& url);
     /// The status of a refused handshake (401, 403, 426...); 0 when none was refused.
     int handshake_status() const;
+    /// Why it was refused, as the server said (imbus: the policy's reason); empty when none was.
+    std::string handshake_reason() const;
 
     /// Subscribes; `last` < 0 means "from the last id received" (what a reconnect sends).
     void subscribe(std::vector<std::string> channels, std::int64_t last = -1);
@@ -1526,6 +1535,7 @@ public:
     std::int64_t last_id() const;
     bool is_open() const;
     std::size_t connects() const;  ///< successful handshakes so far, reconnects included
+    std::size_t dropped() const;   ///< notifications dropped from take()'s queue (max_received)
 
 private:
     struct impl;
@@ -5716,22 +5726,34 @@ template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Trans
         send_frame(con, frame.finish());
         frame = detail::frame_builder();
     };
+    // No frame grows past catch_up_bytes unless one row does: clients size their frame limit
+    // on it (client_options::max_message_bytes).
+    auto add_row = [&](std::string_view wire) {
+        if (!frame.empty() && frame.size() + wire.size() + 1 > options_.catch_up_bytes) flush_frame();
+        frame.add(wire);
+    };
     std::string failure;  // a read of the store failed: what was taken before it still goes out
     try {
-    s.follow->take(
-        w, [&](const notification&, std::string_view wire) { frame.add(wire); },
-        [&](const commit_event& event) {
-            if (!frame.empty()) flush_frame();
-            metrics_.observe_publish_to_send(s.shard, now - event.noticed_at);
-            ++frames, rows += event.notifications.size();
-            // Encoded once for every recipient of the event.
-            send_frame(con, event.shared_frame<detail::wire_frame>([&] {
-                detail::frame_builder b;
-                for (const auto& wire : event.wire) b.add(wire);
-                return b.finish();
-            }));
-        },
-        options_.catch_up_rows, [&] { return full = over_budget(con, frame.size()); });
+        s.follow->take(
+            w, [&](const notification&, std::string_view wire) { add_row(wire); },
+            [&](const commit_event& event) {
+                if (!frame.empty()) flush_frame();
+                // Encoded once for every recipient of the event.
+                auto shared = event.shared_frame<detail::wire_frame>([&] {
+                    detail::frame_builder b;
+                    for (const auto& wire : event.wire) b.add(wire);
+                    return b.finish();
+                });
+                if (shared->size() > options_.catch_up_bytes && event.wire.size() > 1) {  // a big commit: in pieces
+                    oldest = event.noticed_at;
+                    for (const auto& wire : event.wire) add_row(wire);
+                    return flush_frame();
+                }
+                metrics_.observe_publish_to_send(s.shard, now - event.noticed_at);
+                ++frames, rows += event.notifications.size();
+                send_frame(con, std::move(shared));
+            },
+            options_.catch_up_rows, [&] { return full = over_budget(con, frame.size()); });
     } catch (const std::exception& e) {
         failure = e.what();
     }
@@ -5897,10 +5919,12 @@ template <class Transport> struct basic_client<Transport>::impl {
     bool shutting_down = false;
     std::error_code attempt_error;
     int refused_status = 0;
+    std::string refused_reason;
     std::optional<close_status> closed;
     std::optional<std::vector<std::string>> channels;  // what to subscribe to after a reconnect
     std::int64_t last = 0;
-    std::vector<json> received;
+    std::deque<json> received;
+    std::size_t dropped = 0;
     std::size_t connects = 0;
     std::chrono::milliseconds delay;
     notification_handler handler;
@@ -5909,6 +5933,7 @@ template <class Transport> struct basic_client<Transport>::impl {
         endpoint.clear_access_channels(websocketpp::log::alevel::all);
         endpoint.clear_error_channels(websocketpp::log::elevel::all);
         endpoint.init_asio(&io);
+        endpoint.set_max_message_size(options.max_message_bytes);
         if constexpr (!std::is_same_v<Transport, plain_transport>) detail::use_client_tls(endpoint, options);
         endpoint.set_open_handler([this](websocketpp::connection_hdl h) { on_open(h); });
         endpoint.set_fail_handler([this](websocketpp::connection_hdl h) { on_fail(h); });
@@ -5950,6 +5975,7 @@ template <class Transport> struct basic_client<Transport>::impl {
             attempt_done = true;
             attempt_error.clear();
             refused_status = 0;
+            refused_reason.clear();
             ++connects;
             delay = options.reconnect_delay;
             if (channels) subscribe = subscribe_text();  // a reconnect resumes where it stood
@@ -5967,6 +5993,13 @@ template <class Transport> struct basic_client<Transport>::impl {
         attempt_done = true;
         attempt_error = con ? con->get_ec() : ec;
         refused_status = con ? int(con->get_response_code()) : 0;
+        refused_reason.clear();
+        if (con && refused_status) {  // imbus answers {"error": why}; another server, its status text
+            const json body = json::parse(con->get_response().get_body(), nullptr, false);
+            refused_reason = body.is_object() && body.contains("error") && body["error"].is_string()
+                                 ? body["error"].get<std::string>()
+                                 : con->get_response_msg();
+        }
         if (!attempt_error) attempt_error = websocketpp::error::make_error_code(websocketpp::error::general);
         changed.notify_all();
         if (connects > 0) schedule_reconnect(false);  // only a client that was connected retries
@@ -5975,16 +6008,30 @@ template <class Transport> struct basic_client<Transport>::impl {
     void on_close(websocketpp::connection_hdl h) {
         std::error_code ec;
         auto con = endpoint.get_con_from_hdl(h, ec);
-        std::lock_guard<std::mutex> lock(mutex);
+        std::unique_lock<std::mutex> lock(mutex);
         open = false;
         close_status status;
+        bool too_big = false;  // this client refused a frame: the same frame would come again
         if (con) {
             status.code = con->get_remote_close_code();
             status.reason = con->get_remote_close_reason();
-            if (status.code == websocketpp::close::status::no_status && con->get_ec()) status.code = 1006;
+            const auto local = con->get_local_close_code();
+            too_big = local == websocketpp::close::status::message_too_big;
+            if ((status.code == websocketpp::close::status::no_status || status.code == websocketpp::close::status::abnormal_close) &&
+                local != websocketpp::close::status::no_status && local != websocketpp::close::status::abnormal_close) {
+                status.code = local;  // closed by this side (e.g. 1009), the peer never answered
+                status.reason = con->get_local_close_reason();
+            } else if (status.code == websocketpp::close::status::no_status && con->get_ec()) {
+                status.code = 1006;
+            }
         }
         closed = status;
         changed.notify_all();
+        if (too_big) {
+            lock.unlock();
+            return log(log_level::error, "a frame above max_message_bytes (" + std::to_string(options.max_message_bytes) +
+                                             ") was refused (1009); not reconnecting, it would come again");
+        }
         // 1000 is final, 4001 waits for a new identity; everything else is retried (4002 at once).
         if (status.code != 1000 && status.code != 4001) schedule_reconnect(status.code == 4002);
     }
@@ -6010,16 +6057,23 @@ template <class Transport> struct basic_client<Transport>::impl {
         json frame = json::parse(m->get_payload(), nullptr, false);
         if (!frame.is_array()) return log(log_level::warning, "server sent a frame that is not an array");
         notification_handler h;
+        std::size_t dropping = 0;
         {
             std::lock_guard<std::mutex> lock(mutex);
+            h = handler;
             for (const auto& n : frame) {
                 if (!n.is_object() || !n.contains("id") || !n["id"].is_number_integer()) continue;
                 last = std::max(last, n["id"].get<std::int64_t>());
+                if (h) continue;  // the handler takes them: nothing is kept
                 received.push_back(n);
+                if (received.size() > options.max_received) received.pop_front(), ++dropping;
             }
-            h = handler;
+            dropped += dropping;
             changed.notify_all();
         }
+        if (dropping)
+            log(log_level::warning, std::to_string(dropping) + " notifications dropped: take() is not keeping up (max_received " +
+                                        std::to_string(options.max_received) + ")");
         if (h)
             for (const auto& n : frame) h(n);
     }
@@ -6072,13 +6126,26 @@ template <class Transport> void basic_client<Transport>::connect(const std::stri
 template <class Transport> void basic_client<Transport>::connect(const std::string& url) {
     std::error_code ec;
     connect(url, ec);
-    if (ec) throw std::system_error(ec, "imbus client: cannot connect to " + url +
-                                            (handshake_status() ? " (HTTP " + std::to_string(handshake_status()) + ")" : ""));
+    if (!ec) return;
+    const int status = handshake_status();
+    const std::string reason = handshake_reason();
+    throw std::system_error(ec, "imbus client: cannot connect to " + url +
+                                    (status ? " (HTTP " + std::to_string(status) + (reason.empty() ? "" : ": " + reason) + ")" : ""));
 }
 
 template <class Transport> int basic_client<Transport>::handshake_status() const {
     std::lock_guard<std::mutex> lock(impl_->mutex);
     return impl_->refused_status;
+}
+
+template <class Transport> std::string basic_client<Transport>::handshake_reason() const {
+    std::lock_guard<std::mutex> lock(impl_->mutex);
+    return impl_->refused_reason;
+}
+
+template <class Transport> std::size_t basic_client<Transport>::dropped() const {
+    std::lock_guard<std::mutex> lock(impl_->mutex);
+    return impl_->dropped;
 }
 
 template <class Transport> void basic_client<Transport>::subscribe(std::vector<std::string> channels, std::int64_t last) {

@@ -951,6 +951,77 @@ TEST_CASE("missed notifications: memory_store max_notifications drops rows and t
 
 // --- HTTP routes -----------------------------------------------------------------------------
 
+// --- frame sizes and the client's bounds -------------------------------------------------------
+
+// A client sizes its frame limit on the server's largest frame: a commit bigger than
+// catch_up_bytes goes out in pieces of at most that (a single larger row alone).
+TEST_CASE("frames: a commit larger than catch_up_bytes arrives in frames of at most catch_up_bytes") {
+    harness<memory_env> h;
+    auto o = h.options();
+    o.catch_up_bytes = 4096;
+    h.start(o);
+    auto ws = raw_ws::connect(h.port());
+    ws.send_text(subscribe_text({"a"}, 0));
+    REQUIRE(h.wait_subscribers("a", 1));
+    imbus::transaction tx(h.bus);
+    for (int i = 0; i < 20; ++i) tx.send("a", "t", json{{"i", i}, {"pad", std::string(900, 'x')}});
+    tx.send("a", "t", json{{"big", std::string(6000, 'y')}});  // one row past the cap: alone
+    const auto ids = tx.commit();
+    std::vector<std::int64_t> got;
+    std::size_t frames = 0, largest = 0;
+    while (got.size() < ids.size()) {
+        const std::string text = ws.read_text();
+        const auto in_frame = check_frame(text);
+        ++frames;
+        if (in_frame.size() > 1) largest = std::max(largest, text.size());
+        if (in_frame.back() == ids.back()) CHECK(in_frame.size() == 1);
+        got.insert(got.end(), in_frame.begin(), in_frame.end());
+    }
+    CHECK(got == ids);
+    CHECK(frames >= 6);
+    CHECK(largest <= 4096);
+}
+
+TEST_CASE("client: take()'s queue keeps max_received notifications, the newest, and counts the rest") {
+    harness<memory_env> h;
+    h.start();
+    imbus::client_options o;
+    o.reconnect = false;
+    o.log = quiet();
+    o.max_received = 3;
+    imbus::client c(o);
+    c.connect(h.url());
+    c.subscribe({"a"}, 0);
+    REQUIRE(h.wait_subscribers("a", 1));
+    std::vector<std::int64_t> sent;
+    for (int i = 0; i < 5; ++i) sent.push_back(h.send("a", i));
+    REQUIRE(wait_until([&] { return c.last_id() == sent.back(); }));
+    CHECK(ids_of(c.take(10, 0ms)) == std::vector<std::int64_t>(sent.end() - 3, sent.end()));
+    CHECK(c.dropped() == 2);
+}
+
+TEST_CASE("client: a frame above max_message_bytes is refused (1009), a default client takes it") {
+    harness<memory_env> h;
+    h.start();
+    imbus::client_options o;
+    o.reconnect = false;
+    o.log = quiet();
+    o.max_message_bytes = 2000;
+    imbus::client small(o);
+    small.connect(h.url());
+    small.subscribe({"a"}, 0);
+    auto big = connect_client(h.url());
+    big->subscribe({"a"}, 0);
+    REQUIRE(h.wait_subscribers("a", 2));
+    const auto id = h.bus.send("a", "t", json{{"pad", std::string(5000, 'z')}});
+    std::vector<json> got;
+    CHECK(collect_until(*big, got, id.front()));
+    const auto closed = small.wait_closed(5000ms);
+    REQUIRE(closed);
+    CHECK(closed->code == 1009);
+    CHECK(small.take(1, 0ms).empty());
+}
+
 // --- store failures ---------------------------------------------------------------------------
 
 // The environment's store behind one that fails on demand.

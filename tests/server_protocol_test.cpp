@@ -304,6 +304,14 @@ TEST_CASE("handshake: a policy rejection answers the policy's status") {
     refused.connect(f.url(), ec);
     CHECK(ec);
     CHECK(refused.handshake_status() == 401);
+    CHECK(refused.handshake_reason() == "who are you?");  // the policy's reason, not "Invalid HTTP status."
+    std::string thrown;
+    try {
+        refused.connect(f.url());
+    } catch (const std::system_error& e) {
+        thrown = e.what();
+    }
+    CHECK(thrown.find("HTTP 401: who are you?") != std::string::npos);
 }
 
 // ============================================================================================
