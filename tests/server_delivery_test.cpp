@@ -1072,6 +1072,56 @@ TEST_CASE_TEMPLATE("store failures: a catch-up whose reads fail is tried again, 
     CHECK(nothing_more(*c));
 }
 
+// The other two ways into a catch-up, a wake-up that overflowed (the I/O thread was busy) and
+// a slow client's resume after its queue drained, retry alike.
+TEST_CASE_TEMPLATE("store failures: catch-ups after an overflow and after a slow client's drain are retried", Env,
+                   faulty_env<memory_env>, faulty_env<sqlite_env>) {
+    store_config config;
+    config.max_pending = 2;
+    harness<Env> h(config);
+    auto o = h.options();
+    o.store_retry_delay = 2ms;
+    o.max_outbound_bytes = 64 * 1024;
+    io_pause pause;
+    h.start(o, imbus::public_policy(), pause.route());
+    auto c = connect_client(h.url());
+    c->subscribe({"a"}, 0);
+    std::vector<json> got;
+    const auto first = h.send("a", 0);
+    REQUIRE(collect_until(*c, got, first));
+
+    // Overflow: five commits while the I/O thread is held; the wake-up says "catch up".
+    REQUIRE(pause.hold(h.port()));
+    std::vector<std::int64_t> sent{first};
+    for (int i = 1; i <= 5; ++i) sent.push_back(h.send("a", i));
+    h.env.store.fail(imbus_test::faulty_store::reads, 2);
+    pause.release();
+    REQUIRE(collect_until(*c, got, sent.back()));
+    CHECK(ids_of(got) == sent);
+    CHECK(store_errors(*h.server) == 2);
+
+    // Slow: a client that stops reading is held back past 64 KiB; once it reads again its
+    // resume reads the store, which fails twice first.
+    auto slow = raw_ws::connect(h.port());
+    slow.send_text(subscribe_text({"bulk"}, 0));
+    REQUIRE(h.wait_subscribers("bulk", 1));
+    const std::string filler(25000, 'x');
+    std::vector<std::int64_t> bulk;
+    for (int i = 0; i < 320 && h.server->metrics().slow_consumer_catch_ups.load() == 0; ++i)
+        bulk.push_back(h.bus.send("bulk", "test/bulk", json{{"i", i}, {"pad", filler}})[0]);
+    REQUIRE(wait_until([&] { return h.server->metrics().slow_consumer_catch_ups.load() == 1; }));
+    for (int i = 0; i < 20; ++i) bulk.push_back(h.bus.send("bulk", "test/bulk", json{{"i", -i}, {"pad", filler}})[0]);
+    h.env.store.fail(imbus_test::faulty_store::reads, 2);
+    std::vector<std::int64_t> slow_got;
+    for (const auto& frame : read_frames_until(slow, bulk.back(), 10000ms)) {
+        const auto ids = check_frame(frame);
+        slow_got.insert(slow_got.end(), ids.begin(), ids.end());
+    }
+    CHECK(slow_got == bulk);
+    CHECK(store_errors(*h.server) == 4);
+    slow.close();
+}
+
 // A store that stays down costs the client a 1011 after store_retries tries (it resumes from
 // its last id later), and the server goes on serving once the store is back.
 TEST_CASE("store failures: a store that stays down closes the connection with 1011, the server goes on") {
@@ -1086,7 +1136,7 @@ TEST_CASE("store failures: a store that stays down closes the connection with 10
     ws.send_text(subscribe_text({"a"}, 0));
     CHECK(ws.wait_close().code == 1011);
     CHECK(store_errors(*h.server) == 4);  // the first read and three more
-    CHECK(h.server->metrics().closes(1011) == 1);
+    CHECK(wait_until([&] { return h.server->metrics().closes(1011) == 1; }));  // counted once the close completes
     CHECK(h.logs.contains("closing (1011)"));
 
     h.env.store.heal();

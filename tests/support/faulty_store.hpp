@@ -13,7 +13,7 @@ namespace imbus_test {
 
 class faulty_store final : public imbus::store {
 public:
-    enum operation : unsigned { fetch_op = 1, newest_op = 2, oldest_op = 4, contains_op = 8, reads = 15 };
+    enum operation : unsigned { fetch_op = 1, newest_op = 2, oldest_op = 4, contains_op = 8, lost_op = 16, reads = 31 };
 
     explicit faulty_store(imbus::store& inner) : inner_(inner) {}
 
@@ -38,6 +38,9 @@ public:
     std::int64_t newest_id() override { return maybe_fail(newest_op), inner_.newest_id(); }
     std::int64_t oldest_id() override { return maybe_fail(oldest_op), inner_.oldest_id(); }
     bool contains(std::int64_t id) override { return maybe_fail(contains_op), inner_.contains(id); }
+    bool lost_after(const std::vector<imbus::channel>& channels, std::int64_t last) override {
+        return maybe_fail(lost_op), inner_.lost_after(channels, last);
+    }
     std::size_t collect_garbage() override { return inner_.collect_garbage(); }
 
 private:
