@@ -74,7 +74,7 @@ private:
 // examples/server as a child process; its first line of output names the port it got.
 class server_process {
 public:
-    explicit server_process(const std::string& store) {
+    explicit server_process(const std::string& store, std::vector<std::string> extra = {}) {
         int out[2];
         REQUIRE(pipe(out) == 0);
         posix_spawn_file_actions_t actions;
@@ -82,6 +82,7 @@ public:
         posix_spawn_file_actions_adddup2(&actions, out[1], 1);
         posix_spawn_file_actions_addclose(&actions, out[0]);
         std::vector<std::string> args = {IMBUS_EXAMPLE_SERVER, "--port", "0", "--store", store, "--api-key", "k"};
+        args.insert(args.end(), extra.begin(), extra.end());
         std::vector<char*> argv;
         for (auto& a : args) argv.push_back(a.data());
         argv.push_back(nullptr);
@@ -105,10 +106,12 @@ public:
     std::string url() const { return "ws://127.0.0.1:" + std::to_string(port_) + "/websocket"; }
 
     // POST /bus/send; the ids it answered, or none when the publish failed.
-    std::vector<std::int64_t> publish(const std::string& channel, int i) const {
+    std::vector<std::int64_t> publish(const std::string& channel, int i, const std::string& pad = {}) const {
         try {
+            json payload{{"i", i}};
+            if (!pad.empty()) payload["pad"] = pad;
             const auto reply = imbus_test::http_request(
-                port_, "POST", "/bus/send", json{{"channel", channel}, {"type", "test"}, {"payload", {{"i", i}}}}.dump(),
+                port_, "POST", "/bus/send", json{{"channel", channel}, {"type", "test"}, {"payload", payload}}.dump(),
                 {{"Authorization", "Bearer k"}, {"Content-Type", "application/json"}}, 5s);
             if (reply.status != 200) return {};
             return json::parse(reply.body).at("ids").get<std::vector<std::int64_t>>();
@@ -120,6 +123,15 @@ public:
 private:
     pid_t pid_ = 0;
     std::uint16_t port_ = 0;
+
+public:
+    // A counter from GET /metrics (0 when absent).
+    std::uint64_t metric(const std::string& name) const {
+        const auto reply = imbus_test::http_request(port_, "GET", "/metrics", "", {}, 5s);
+        const auto at = reply.body.find("\n" + name + " ");
+        return at == std::string::npos ? 0 : std::stoull(reply.body.substr(at + name.size() + 2));
+    }
+    bool alive() const { return kill(pid_, 0) == 0 && waitpid(pid_, nullptr, WNOHANG) == 0; }
 };
 
 std::unique_ptr<imbus::client> subscribed_client(const server_process& s, const server_process& publisher,
@@ -223,4 +235,39 @@ TEST_CASE("PostgreSQL restarted under load: every answered publish is delivered 
         for (auto id : answered) missing += received.count(id) == 0;
         CHECK(missing == 0);
     }
+}
+
+// A slow client held back from live frames is caught up from the store once it reads again.
+// Here the database is down at that moment: the catch-up fails, is retried with a backoff, and
+// succeeds after the restart. Before, the store's exception ended the server's I/O thread.
+TEST_CASE("PostgreSQL down while a lagging client drains: its catch-up is retried, nothing lost, the server lives") {
+    throwaway_cluster pg;
+    server_process a("postgres:" + pg.conninfo(), {"--max-outbound-bytes", "65536", "--send-buffer-bytes", "16384"});
+    auto slow = imbus_test::raw_ws::connect(a.port());
+    slow.send_text(json{{"event_name", "subscribe"}, {"data", {{"channels", {"bulk"}}, {"last", 0}}}}.dump());
+    const std::string pad(25000, 'x');
+    std::vector<std::int64_t> sent;
+    for (int i = 0; i < 400 && a.metric("imbus_slow_consumer_catch_ups_total") == 0; ++i) {
+        const auto ids = a.publish("bulk", i, pad);
+        REQUIRE(ids.size() == 1);
+        sent.push_back(ids[0]);
+    }
+    REQUIRE(a.metric("imbus_slow_consumer_catch_ups_total") == 1);
+    for (int i = 0; i < 10; ++i) sent.push_back(a.publish("bulk", -i, pad).at(0));  // held back: from the store
+
+    pg.stop();
+    std::vector<std::int64_t> got;
+    std::thread restart([&] {
+        std::this_thread::sleep_for(1s);  // the drain's catch-up meets the database down
+        pg.start();
+    });
+    const auto deadline = std::chrono::steady_clock::now() + 30s;
+    while ((got.empty() || got.back() < sent.back()) && std::chrono::steady_clock::now() < deadline) {
+        const auto frame = json::parse(slow.read_text(30s));
+        for (const auto& n : frame) got.push_back(n.at("id").get<std::int64_t>());
+    }
+    restart.join();
+    CHECK(got == sent);
+    CHECK(a.alive());
+    CHECK(a.metric("imbus_store_errors_total") >= 1);
 }
