@@ -1239,6 +1239,10 @@ struct server_options {
     /// gets 503, so one misbehaving host cannot take every file descriptor.
     std::size_t max_connections = 0;
     std::size_t max_connections_per_address = 0;
+    /// Channel names one subscribe may ask for (0: no limit). Beyond, the connection is closed
+    /// with 1008 "TOO_MANY_CHANNELS": a subscribe then costs at most this many channels' work,
+    /// and the frame rate limit bounds how often (Odoo's clients ask for tens).
+    std::size_t max_channels = 1000;
     /// GET here answers the counters in Prometheus text format; empty: no such route.
     std::string metrics_path = "/metrics";
     /// When set, /metrics wants "Authorization: Bearer <token>".
@@ -1265,6 +1269,7 @@ public:
     std::atomic<std::uint64_t> slow_consumer_catch_ups{0};
     std::atomic<std::uint64_t> missed_signals{0};       ///< bus/missed_notifications markers sent
     std::atomic<std::uint64_t> rate_limited{0};         ///< connections closed 1013 for their frame rate
+    std::atomic<std::uint64_t> too_many_channels{0};    ///< connections closed 1008: a subscribe over max_channels
     std::atomic<std::uint64_t> outbound_total_lags{0};  ///< clients held back by max_outbound_total
     std::atomic<std::uint64_t> pings_received{0};
     std::atomic<std::uint64_t> pongs_replaced{0};       ///< pings answered by a pong already waiting
@@ -1318,6 +1323,7 @@ template <class Policy> struct checked_identity;  // the policy's identity, or a
 template <class Policy> struct checked_hooks;     // a hook with the wrong signature: a readable error
 struct frame_builder;
 struct wire_frame;  // a frame ready for the wire, shared by its recipients
+struct connection_ledger;  // open TCP connections, overall and per address
 using shared_wire_frame = std::shared_ptr<const wire_frame>;
 // What one shard's connections hold in their outbound queues, on a cache line of its own.
 struct alignas(64) outbound_meter {
@@ -1379,6 +1385,8 @@ public:
     AuthPolicy& policy() noexcept { return policy_; }
     imbus::bus& bus() noexcept { return bus_; }
     std::size_t connection_count() const;
+    /// Open TCP connections (WebSocket, HTTP, or no request yet): what max_connections bounds.
+    std::size_t tcp_connection_count() const;
     const server_metrics& metrics() const noexcept { return metrics_; }
     /// Bytes queued and in flight to every client together (bounded by max_outbound_total).
     std::uint64_t outbound_bytes() const noexcept;
@@ -1444,6 +1452,7 @@ private:
     void send_frame(const connection_ptr& con, detail::shared_wire_frame frame);
     void serve_route(const http_request& request, http_response& response);
     bool admit(const connection_ptr& con, std::string& why);
+    void refuse_at_accept(shard& home, connection_ptr con, const std::string& why);
     std::string metrics_text();
     void schedule_gc();
     void accept_when_ready(shard& home);
@@ -1463,8 +1472,7 @@ private:
     std::atomic<std::thread::id> run_thread_{};  // the caller of run(), the first shard's thread
     mutable std::mutex connections_mutex_;  // guards the three below
     std::unordered_map<const void*, std::weak_ptr<typename endpoint_type::connection_type>> connections_;
-    std::size_t admitted_ = 0;                                // handshakes accepted and not yet closed
-    std::unordered_map<std::string, std::size_t> admitted_by_address_;
+    std::shared_ptr<detail::connection_ledger> ledger_ = std::make_shared<detail::connection_ledger>();
     server_metrics metrics_;
 };
 
@@ -4245,6 +4253,42 @@ constexpr std::size_t accept_batch = 64;
 constexpr std::size_t catch_up_slice_bytes = 256 * 1024;
 // How long accepting waits when the process is out of file descriptors.
 constexpr std::chrono::milliseconds accept_pause_time{100};
+// How long a connection refused at accept may take to read its 503 before it is closed.
+constexpr std::chrono::milliseconds refusal_linger{1000};
+
+// Open TCP connections, overall and per peer address, counted from accept to the end of the
+// connection object, whatever ends it (a close, an HTTP answer, a handshake timeout).
+struct connection_ledger {
+    std::mutex mutex;  // guards the two below
+    std::size_t total = 0;
+    std::unordered_map<std::string, std::size_t> by_address;
+};
+
+// A connection's place in the ledger, given back by release() or with the connection.
+class ledger_ticket {
+public:
+    ledger_ticket() = default;
+    ledger_ticket(std::shared_ptr<connection_ledger> ledger, std::string address)
+        : ledger_(std::move(ledger)), address_(std::move(address)) {}
+    ledger_ticket(ledger_ticket&& other) noexcept = default;
+    ledger_ticket& operator=(ledger_ticket&& other) noexcept {
+        if (this != &other) release(), ledger_ = std::move(other.ledger_), address_ = std::move(other.address_);
+        return *this;
+    }
+    ~ledger_ticket() { release(); }
+    void release() noexcept {
+        if (!ledger_) return;
+        std::lock_guard<std::mutex> lock(ledger_->mutex);
+        --ledger_->total;
+        auto it = ledger_->by_address.find(address_);
+        if (it != ledger_->by_address.end() && --it->second == 0) ledger_->by_address.erase(it);
+        ledger_.reset();
+    }
+
+private:
+    std::shared_ptr<connection_ledger> ledger_;
+    std::string address_;
+};
 
 // Runs `task` after the loop's next poll for I/O: posted once it would run before the I/O
 // completions that poll adds; posted twice it runs behind them, so a slice never starves I/O.
@@ -4302,7 +4346,7 @@ template <class Identity> struct session_state {
     bool retrying = false;          // a store read failed: its catch-up waits for the retry timer
     std::uint32_t store_failures = 0;  // failed store reads in a row
     bool ping_outstanding = false;  // waiting for the pong; pong_timeout runs from ping_sent
-    std::string admitted_address;   // set while the connection counts against the limits
+    detail::ledger_ticket admission;  // its place under max_connections(_per_address)
 };
 
 template <class Identity> struct session_slot {
@@ -4878,6 +4922,8 @@ inline std::string server_metrics::prometheus_text() const {
     counter("imbus_missed_notifications_signals_total", "bus/missed_notifications markers sent.", missed_signals.load());
     counter("imbus_rate_limited_total", "Connections closed with 1013 for sending frames (pings included) too fast.",
             rate_limited.load());
+    counter("imbus_too_many_channels_total", "Connections closed with 1008 for a subscribe asking for more than max_channels.",
+            too_many_channels.load());
     counter("imbus_outbound_total_lags_total", "Times a client was held back because all queues together reached max_outbound_total.",
             outbound_total_lags.load());
     counter("imbus_pings_received_total", "Pings received from clients.", pings_received.load());
@@ -5091,6 +5137,11 @@ template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Trans
                 return;
             }
             if (aec) continue;  // the peer gave up before we took it (ECONNABORTED): the next one
+            std::string why;
+            if (!admit(home.spare, why)) {
+                refuse_at_accept(home, std::exchange(home.spare, nullptr), why);
+                continue;
+            }
             std::exchange(home.spare, nullptr)->start();
         }
         accept_when_ready(home);
@@ -5174,6 +5225,11 @@ template <class AuthPolicy, class Transport> std::size_t basic_server<AuthPolicy
     return connections_.size();
 }
 
+template <class AuthPolicy, class Transport> std::size_t basic_server<AuthPolicy, Transport>::tcp_connection_count() const {
+    std::lock_guard<std::mutex> lock(ledger_->mutex);
+    return ledger_->total;
+}
+
 template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Transport>::revalidate() {
     std::vector<connection_ptr> open;
     {
@@ -5249,8 +5305,6 @@ template <class AuthPolicy, class Transport> bool basic_server<AuthPolicy, Trans
     } catch (...) {
         return refuse(500, "auth policy failed: " + detail::current_error());
     }
-    std::string why;
-    if (!admit(con, why)) return refuse(503, why);
     return true;
 }
 
@@ -5262,6 +5316,8 @@ template <class AuthPolicy, class Transport> std::string basic_server<AuthPolicy
                std::to_string(value) + "\n";
     };
     gauge("imbus_connections_open", "Open WebSocket connections.", std::int64_t(connection_count()));
+    gauge("imbus_tcp_connections", "Open TCP connections (WebSocket, HTTP, or no request yet): what max_connections bounds.",
+          std::int64_t(tcp_connection_count()));
     gauge("imbus_connections_subscribed", "Open connections that subscribed.", metrics_.subscribed.load());
     gauge("imbus_channels", "Channels with at least one local subscriber.", std::int64_t(dispatcher_.channel_count()));
     gauge("imbus_store_newest_id", "The newest notification id in the store (ids count the notifications stored).",
@@ -5279,26 +5335,69 @@ template <class AuthPolicy, class Transport> std::string basic_server<AuthPolicy
     return out;
 }
 
-// Takes a place under max_connections and max_connections_per_address; on_close gives it back.
+// Takes a place under max_connections and max_connections_per_address, at accept, before any
+// byte of HTTP is read: a host holding bare TCP connections is bounded too. The place goes
+// back when the connection closes, or at the latest with the connection object.
 template <class AuthPolicy, class Transport> bool basic_server<AuthPolicy, Transport>::admit(const connection_ptr& con, std::string& why) {
     std::error_code ec;
     const auto peer = con->get_raw_socket().remote_endpoint(ec);
     std::string address = ec ? std::string("?") : peer.address().to_string();
-    std::lock_guard<std::mutex> lock(connections_mutex_);
-    if (options_.max_connections && admitted_ >= options_.max_connections) {
+    std::lock_guard<std::mutex> lock(ledger_->mutex);
+    if (options_.max_connections && ledger_->total >= options_.max_connections) {
         why = "too many connections";
         return false;
     }
-    auto& mine = admitted_by_address_[address];
+    auto& mine = ledger_->by_address[address];
     if (options_.max_connections_per_address && mine >= options_.max_connections_per_address) {
-        if (mine == 0) admitted_by_address_.erase(address);
+        if (mine == 0) ledger_->by_address.erase(address);
         why = "too many connections from " + address;
         return false;
     }
     ++mine;
-    ++admitted_;
-    con->imbus_state.admitted_address = std::move(address);
+    ++ledger_->total;
+    con->imbus_state.admission = detail::ledger_ticket(ledger_, std::move(address));
     return true;
+}
+
+// A connection over the limits gets a 503 at once, its write side shut, and its input read
+// and dropped for a short while, so that its client reads the answer instead of a reset. (On
+// a wss:// port the answer is plain HTTP: a TLS client sees a failed handshake instead.)
+template <class AuthPolicy, class Transport>
+void basic_server<AuthPolicy, Transport>::refuse_at_accept(shard& home, connection_ptr con, const std::string& why) {
+    metrics_.count_refusal(503);
+    if (options_.log) options_.log(log_level::warning, "server: connection refused (503): " + why);
+    const std::string body = json({{"error", why}}).dump();
+    const std::string answer = "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: " +
+                               std::to_string(body.size()) + "\r\nConnection: close\r\n\r\n" + body;
+    auto& socket = con->get_raw_socket();
+    asio::error_code ignored;
+    socket.non_blocking(true, ignored);
+    (void)::send(socket.native_handle(), answer.data(), answer.size(), MSG_NOSIGNAL);  // a fresh socket takes it whole
+    socket.shutdown(asio::socket_base::shutdown_send, ignored);
+    struct refusal {
+        connection_ptr con;  // never started: it only holds the socket
+        asio::steady_timer linger;
+    };
+    auto r = std::make_shared<refusal>(refusal{std::move(con), asio::steady_timer(home.io, detail::refusal_linger)});
+    r->linger.async_wait([r](const asio::error_code&) {
+        asio::error_code ec;
+        r->con->get_raw_socket().close(ec);
+    });
+    struct drain {
+        std::shared_ptr<refusal> r;
+        void operator()(const asio::error_code& ec = {}) const {
+            if (ec) return;  // closed by the linger
+            auto& socket = r->con->get_raw_socket();
+            char sink[512];
+            ssize_t n;
+            while ((n = ::recv(socket.native_handle(), sink, sizeof sink, 0)) > 0) {
+            }
+            if (n == 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR))
+                return (void)r->linger.cancel();  // the peer is done (or gone): close now
+            socket.async_wait(asio::socket_base::wait_read, drain{r});
+        }
+    };
+    drain{r}();
 }
 
 template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Transport>::on_open(websocketpp::connection_hdl h) {
@@ -5414,12 +5513,7 @@ template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Trans
             const auto local = con->get_local_close_code(), remote = con->get_remote_close_code();
             metrics_.count_close(local != blank ? local : remote != blank ? remote : std::uint16_t(1006));
         }
-        if (!s.admitted_address.empty()) {
-            --admitted_;
-            auto it = admitted_by_address_.find(s.admitted_address);
-            if (it != admitted_by_address_.end() && --it->second == 0) admitted_by_address_.erase(it);
-            s.admitted_address.clear();
-        }
+        s.admission.release();
         if (stopping_ && connections_.empty()) stop_shards();  // the last one: run() may return
     }
     s.open = false;
@@ -5520,6 +5614,14 @@ void basic_server<AuthPolicy, Transport>::on_message(websocketpp::connection_hdl
 template <class AuthPolicy, class Transport>
 void basic_server<AuthPolicy, Transport>::on_subscribe(const connection_ptr& con, const client_request& request) {
     auto& s = con->imbus_state;
+    if (options_.max_channels && request.channels.size() > options_.max_channels) {
+        metrics_.too_many_channels.fetch_add(1, std::memory_order_relaxed);
+        if (options_.log)
+            options_.log(log_level::warning, "server: " + con->get_remote_endpoint() + " asked for " +
+                                                 std::to_string(request.channels.size()) + " channels (max_channels " +
+                                                 std::to_string(options_.max_channels) + "); closing (1008)");
+        return close(con, 1008, "TOO_MANY_CHANNELS");
+    }
     const std::int64_t last = request.last;
     std::vector<channel> channels = build_channels(*s.identity, request.channels);
     const bool first = !s.follow;

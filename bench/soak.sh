@@ -86,6 +86,7 @@ KEY=soak-key-$$
 store_arg=memory
 [[ $STORE == sqlite ]] && store_arg="sqlite:$WORK/soak.db"
 "$BUILD/example_server" --port 0 --api-key "$KEY" --store "$store_arg" --retention "$RETENTION" \
+  --max-connections-per-address 0 \
   --gc-interval "$RETENTION" > "$WORK/server.out" 2> "$WORK/server.log" &
 SERVER_PID=$!
 PORT=""

@@ -232,6 +232,9 @@ START_DATE=$(date -u '+%Y-%m-%d %H:%M UTC')
 PORT=""
 METRIC_PID=""  # the process whose RSS and CPU time are measured (nginx: the worker)
 IMBUS_EXTRA=()  # extra example_server options of the current run (slowreaders: the outbound bound)
+# Every client of the bench comes from 127.0.0.1: no per-address limit (an older build has no flag).
+OPEN=""
+if { "$BUILD/example_server" --help 2>&1 || true; } | grep -q -- --max-connections-per-address; then OPEN="--max-connections-per-address 0"; fi
 free_port() {
   local p
   for _ in $(seq 50); do
@@ -258,10 +261,10 @@ start_server_once() {  # system run-name
   METRIC_PID=""
   case $system in
     floor)   $cpus "$BUILD/floor_server" --port "$PORT" --api-key "$KEY" > "$log" 2>&1 & ;;
-    memory1) $cpus "$BUILD/example_server" --port "$PORT" --api-key "$KEY" --store memory --threads 1 ${IMBUS_EXTRA[@]+"${IMBUS_EXTRA[@]}"} > "$log" 2>&1 & ;;
-    memory2) $cpus "$BUILD/example_server" --port "$PORT" --api-key "$KEY" --store memory --threads 2 ${IMBUS_EXTRA[@]+"${IMBUS_EXTRA[@]}"} > "$log" 2>&1 & ;;
+    memory1) $cpus "$BUILD/example_server" --port "$PORT" --api-key "$KEY" --store memory --threads 1 $OPEN ${IMBUS_EXTRA[@]+"${IMBUS_EXTRA[@]}"} > "$log" 2>&1 & ;;
+    memory2) $cpus "$BUILD/example_server" --port "$PORT" --api-key "$KEY" --store memory --threads 2 $OPEN ${IMBUS_EXTRA[@]+"${IMBUS_EXTRA[@]}"} > "$log" 2>&1 & ;;
     sqlite1) rm -f "$WORK/$name.db"*
-             $cpus "$BUILD/example_server" --port "$PORT" --api-key "$KEY" --store "sqlite:$WORK/$name.db" --threads 1 ${IMBUS_EXTRA[@]+"${IMBUS_EXTRA[@]}"} > "$log" 2>&1 & ;;
+             $cpus "$BUILD/example_server" --port "$PORT" --api-key "$KEY" --store "sqlite:$WORK/$name.db" --threads 1 $OPEN ${IMBUS_EXTRA[@]+"${IMBUS_EXTRA[@]}"} > "$log" 2>&1 & ;;
     ws|socketio|uws)
              $cpus node "$PEERS/${system}_server.mjs" "$PORT" > "$log" 2>&1 & ;;
     nchan)   local dir=$WORK/nginx.$name

@@ -8,6 +8,8 @@
 //        -d '{"channel":"broadcast","type":"hello","payload":1}'
 #include "imbus.hpp"
 
+#include <sys/resource.h>
+
 #include <csignal>
 #include <cstdlib>
 #include <iostream>
@@ -25,20 +27,27 @@ struct settings {
 };
 
 [[noreturn]] void usage(const std::string& problem) {
-    std::cerr << "example_server: " << problem << "\n"
-              << "usage: example_server [--host ADDR] [--port N] [--store memory|sqlite:PATH|postgres:CONNINFO] [--api-key KEY]\n"
-              << "                      [--db NAME] [--version STRING] [--threads N] [--origin URL]...\n"
-              << "                      [--static DIR] [--tls-cert PEM --tls-key PEM]\n"
-              << "                      [--retention SECONDS] [--gc-interval SECONDS]\n"
-              << "                      [--max-outbound-bytes N] [--max-outbound-total N] [--send-buffer-bytes N]\n";
-    std::exit(2);
+    (problem.empty() ? std::cout : std::cerr)
+        << (problem.empty() ? "" : "example_server: " + problem + "\n")
+        << "usage: example_server [--host ADDR] [--port N] [--store memory|sqlite:PATH|postgres:CONNINFO] [--api-key KEY]\n"
+        << "                      [--db NAME] [--version STRING] [--threads N] [--origin URL]...\n"
+        << "                      [--static DIR] [--tls-cert PEM --tls-key PEM]\n"
+        << "                      [--retention SECONDS] [--gc-interval SECONDS]\n"
+        << "                      [--max-outbound-bytes N] [--max-outbound-total N] [--send-buffer-bytes N]\n"
+        << "                      [--max-connections N] [--max-connections-per-address N] [--max-channels N]\n"
+        << "                      [--metrics-token TOKEN]   (or IMBUS_API_KEY, IMBUS_METRICS_TOKEN in the environment)\n";
+    std::exit(problem.empty() ? 0 : 2);
 }
 
 settings parse(int argc, char** argv) {
     settings s;
     s.server.api_key = std::getenv("IMBUS_API_KEY") ? std::getenv("IMBUS_API_KEY") : "";
+    s.server.metrics_token = std::getenv("IMBUS_METRICS_TOKEN") ? std::getenv("IMBUS_METRICS_TOKEN") : "";
+    // Internet-facing defaults: one host may not hold more than this many sockets.
+    s.server.max_connections_per_address = 256;
     for (int i = 1; i < argc; ++i) {
         const std::string flag = argv[i];
+        if (flag == "--help" || flag == "-h") usage("");
         if (i + 1 >= argc) usage("missing value after " + flag);
         const std::string value = argv[++i];
         try {
@@ -58,6 +67,10 @@ settings parse(int argc, char** argv) {
             else if (flag == "--max-outbound-bytes") s.server.max_outbound_bytes = std::stoul(value);
             else if (flag == "--max-outbound-total") s.server.max_outbound_total = std::stoull(value);
             else if (flag == "--send-buffer-bytes") s.server.send_buffer_bytes = std::stoul(value);
+            else if (flag == "--max-connections") s.server.max_connections = std::stoul(value);
+            else if (flag == "--max-connections-per-address") s.server.max_connections_per_address = std::stoul(value);
+            else if (flag == "--max-channels") s.server.max_channels = std::stoul(value);
+            else if (flag == "--metrics-token") s.server.metrics_token = value;
             else usage("unknown option " + flag);
         } catch (const std::logic_error&) {
             usage("bad value for " + flag + ": " + value);
@@ -104,8 +117,18 @@ template <class Transport> void serve(const settings& s, imbus::bus& bus) {
 
 } // namespace
 
+// Every open socket is a descriptor: take the hard limit (Debian's soft default is 1024).
+void raise_descriptor_limit() {
+    rlimit limit{};
+    if (getrlimit(RLIMIT_NOFILE, &limit) == 0 && limit.rlim_cur < limit.rlim_max) {
+        limit.rlim_cur = limit.rlim_max;
+        setrlimit(RLIMIT_NOFILE, &limit);
+    }
+}
+
 int main(int argc, char** argv) {
     settings s = parse(argc, argv);
+    raise_descriptor_limit();
     try {
         auto store = open_store(s.store, s.retention_seconds);
         imbus::dispatcher dispatcher;

@@ -817,6 +817,29 @@ TEST_CASE("request: a non-std exception from policy.on_event is contained as wel
     check_receives(f, *other);
 }
 
+// A subscribe's cost is bounded by max_channels: a client asking for more is closed with 1008
+// TOO_MANY_CHANNELS (counted), and one at the limit is served.
+TEST_CASE("request: a subscribe over max_channels closes 1008 TOO_MANY_CHANNELS; one at the limit is served") {
+    fixture<> f([](imbus::server_options& o) { o.max_channels = 5; });
+    auto other = subscribed_other(f);
+    std::vector<std::string> five{"a", "b", "c", "d", "e"}, six{"a", "b", "c", "d", "e", "f"};
+    auto ok = raw_ws::connect(f.port());
+    ok.send_text(json{{"event_name", "subscribe"}, {"data", {{"channels", five}, {"last", 0}}}}.dump());
+    auto greedy = raw_ws::connect(f.port());
+    greedy.send_text(json{{"event_name", "subscribe"}, {"data", {{"channels", six}, {"last", 0}}}}.dump());
+    const auto closed = greedy.wait_close(wait_limit);
+    CHECK(closed.code == 1008);
+    CHECK(closed.reason == "TOO_MANY_CHANNELS");
+    CHECK(f.server.metrics().too_many_channels.load() == 1);
+    CHECK(f.log.dump().find("asked for 6 channels") != std::string::npos);
+    REQUIRE(wait_until([&] { return f.subscribers_of("e") == 1; }));
+    const auto id = f.send("e", {{"n", 1}});
+    std::int64_t seen = 0;
+    while (seen < id) seen = json::parse(ok.read_text(wait_limit)).back()["id"].get<std::int64_t>();
+    CHECK(seen == id);
+    check_receives(f, *other);
+}
+
 // --- admission limits (issue 7) ------------------------------------------------------------
 
 TEST_CASE("limits: beyond max_connections a handshake is 503, and a closed connection frees its place") {
@@ -845,6 +868,33 @@ TEST_CASE("limits: beyond max_connections_per_address a handshake from that addr
     open.pop_back();  // dropped without a close frame: the place comes back all the same
     REQUIRE(wait_until([&] { return f.server.connection_count() == 1; }));
     CHECK(raw_ws::handshake_reply(f.port(), "/websocket?version=19.0-2").status == 101);
+}
+
+// A host holding bare TCP connections (no HTTP yet) must not escape the limits: they count
+// from accept, and the connection beyond gets its 503 at once, readable before the close.
+TEST_CASE("limits: bare TCP connections count against max_connections from accept; the next one gets 503") {
+    fixture<> f([](imbus::server_options& o) {
+        o.max_connections = 2;
+        o.open_handshake_timeout = 10s;  // the bare ones stay for the whole test
+    });
+    asio::io_context io;
+    std::vector<asio::ip::tcp::socket> bare;
+    for (int i = 0; i < 2; ++i) {
+        bare.emplace_back(io);
+        bare.back().connect({asio::ip::make_address("127.0.0.1"), f.port()});
+    }
+    REQUIRE(wait_until([&] { return f.server.tcp_connection_count() == 2; }));
+    const auto refused = raw_ws::handshake_reply(f.port(), "/websocket?version=19.0-2");
+    CHECK(refused.status == 503);
+    CHECK(refused.body.find("too many connections") != std::string::npos);
+    CHECK(f.server.metrics().refusals(503) == 1);
+    CHECK(f.server.tcp_connection_count() == 2);
+    bare.pop_back();  // closed by its client: the place comes back
+    REQUIRE(wait_until([&] { return f.server.tcp_connection_count() == 1; }));
+    auto ok = raw_ws::connect(f.port());
+    f.send("a", {{"n", 1}});
+    ok.send_text(subscribe_text({"a"}, 0));
+    CHECK(read_frame_json(ok).size() == 1);
 }
 
 TEST_CASE("limits: a TCP connection that never completes a handshake is dropped after open_handshake_timeout") {
