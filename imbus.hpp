@@ -4189,6 +4189,18 @@ inline bool signed_token_policy::still_valid(const identity& who) const {
     return revoked_->subjects.count(who.subject) == 0;
 }
 
+namespace detail {
+// A notification id sent by a client, read one way everywhere (subscribe's last, the routes'):
+// any JSON integer; below 0 counts as 0, above int64 as the largest id (a far future); not an
+// integer (a float, a string): no id.
+inline std::optional<std::int64_t> client_id(const json& value) {
+    if (!value.is_number_integer()) return std::nullopt;
+    if (value.is_number_unsigned()) return std::int64_t(std::min<std::uint64_t>(value.get<std::uint64_t>(), INT64_MAX));
+    return std::max<std::int64_t>(0, value.get<std::int64_t>());
+}
+
+} // namespace detail
+
 inline client_request parse_client_request(std::string_view text, std::size_t max_depth) noexcept {
     client_request r;
     try {
@@ -4218,10 +4230,7 @@ inline client_request parse_client_request(std::string_view text, std::size_t ma
                 r.error = "data.last must be an integer";
                 return r;
             }
-            // An unsigned above int64 is no id of ours: it counts as a far future (first poll).
-            r.last = data["last"].is_number_unsigned() && data["last"].get<std::uint64_t>() > std::uint64_t(INT64_MAX)
-                         ? INT64_MAX
-                         : std::max<std::int64_t>(0, data["last"].get<std::int64_t>());
+            r.last = *detail::client_id(data["last"]);  // above int64: a far future (a first poll)
         }
         for (const auto& c : data["channels"]) {
             if (!c.is_string()) {
@@ -5937,13 +5946,13 @@ void basic_server<AuthPolicy, Transport>::serve_route(const http_request& reques
             asked.push_back(c.get<std::string>());
         }
         const auto channels = detail::unique_channels(build_channels(verdict.identity(), asked));
-        const json last_json = params.value("last", json(0));
-        if (!last_json.is_number_integer()) return bad_request("last must be an integer");
+        const auto last = detail::client_id(params.value("last", json(0)));
+        if (!last) return bad_request("last must be an integer");
         std::string out = "{\"channels\":[";
         for (std::size_t i = 0; i < channels.size(); ++i) out += (i ? "," : "") + channels[i].key();
         out += "],\"notifications\":[";
         bool comma = false;
-        for (const auto& n : bus_.store().poll(channels, std::max<std::int64_t>(0, last_json.get<std::int64_t>()))) {
+        for (const auto& n : bus_.store().poll(channels, *last)) {
             out += comma ? "," : "";
             out += n.wire();
             comma = true;
@@ -5957,10 +5966,11 @@ void basic_server<AuthPolicy, Transport>::serve_route(const http_request& reques
         if (too_deep()) return;
         const json body = json::parse(request.body, nullptr, false);
         const json params = detail::rpc_params(body);
-        if (!params.is_object() || !params.contains("last_notification_id") ||
-            !params["last_notification_id"].is_number_integer())
-            return bad_request("expected {\"last_notification_id\": N}");
-        const bool missed = bus_.store().has_missed(params["last_notification_id"].get<std::int64_t>());
+        const auto last = params.is_object() && params.contains("last_notification_id")
+                              ? detail::client_id(params["last_notification_id"])
+                              : std::nullopt;
+        if (!last) return bad_request("expected {\"last_notification_id\": N}");
+        const bool missed = bus_.store().has_missed(*last);
         response.status = 200;
         response.headers.emplace_back("Content-Type", "application/json");
         response.body = detail::rpc_result(body, missed ? "true" : "false");

@@ -1238,6 +1238,11 @@ TEST_CASE_TEMPLATE("HTTP routes: health, peek_notifications, has_missed_notifica
         CHECK(ask(R"({"last_notification_id":)" + std::to_string(a2) + "}") == false);
         CHECK(ask(R"({"last_notification_id":0})") == false);
         CHECK(ask(R"({"last_notification_id":1000})") == true);  // beyond the newest id: a reset store
+        // Read as subscribe reads `last`: above int64 is the largest id, below 0 is 0.
+        CHECK(ask(R"({"last_notification_id":9223372036854775807})") == true);
+        CHECK(ask(R"({"last_notification_id":18446744073709551615})") == true);
+        CHECK(ask(R"({"last_notification_id":-5})") == false);
+        CHECK(http_request(port, "POST", "/bus/has_missed_notifications", R"({"last_notification_id":1.5})", json_type).status == 400);
         const json rpc_true = ask(R"({"jsonrpc":"2.0","id":3,"params":{"last_notification_id":1}})");
         CHECK(rpc_true == json{{"jsonrpc", "2.0"}, {"id", 3}, {"result", true}});
         const json rpc_false = ask(R"({"jsonrpc":"2.0","id":4,"params":{"last_notification_id":)" +
