@@ -4287,11 +4287,11 @@ public:
     ~ledger_ticket() { release(); }
     void release() noexcept {
         if (!ledger_) return;
-        std::lock_guard<std::mutex> lock(ledger_->mutex);
-        --ledger_->total;
-        auto it = ledger_->by_address.find(address_);
-        if (it != ledger_->by_address.end() && --it->second == 0) ledger_->by_address.erase(it);
-        ledger_.reset();
+        const auto ledger = std::move(ledger_);  // the last owner may be this ticket: kept past the lock
+        std::lock_guard<std::mutex> lock(ledger->mutex);
+        --ledger->total;
+        auto it = ledger->by_address.find(address_);
+        if (it != ledger->by_address.end() && --it->second == 0) ledger->by_address.erase(it);
     }
 
 private:
