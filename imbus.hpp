@@ -860,8 +860,7 @@ public:
 
 private:
     void set_channels(const std::shared_ptr<entry>& e, const std::vector<channel>& channels);
-    void join(const std::shared_ptr<entry>& e, const std::string& key);
-    void part(const std::shared_ptr<entry>& e, const std::string& key, std::size_t place) noexcept;
+    void part(const std::string& key, std::size_t place) noexcept;
     void leave(const std::shared_ptr<entry>& e) noexcept;
     bool enqueue(const std::shared_ptr<entry>& e, const delivery& d);  // true: needs a drain
     void schedule(const std::shared_ptr<entry>& e);
@@ -3419,7 +3418,7 @@ inline void dispatcher::set_channels(const std::shared_ptr<entry>& e, const std:
     std::vector<std::size_t> places(keys.size());
     std::unique_lock<std::shared_mutex> lock(mutex_);
     for (std::size_t i = 0; i < e->keys.size(); ++i)
-        if (!std::binary_search(keys.begin(), keys.end(), e->keys[i])) part(e, e->keys[i], e->places[i]);
+        if (!std::binary_search(keys.begin(), keys.end(), e->keys[i])) part(e->keys[i], e->places[i]);
     for (std::size_t i = 0; i < keys.size(); ++i) {
         auto kept = std::lower_bound(e->keys.begin(), e->keys.end(), keys[i]);
         if (kept != e->keys.end() && *kept == keys[i]) {
@@ -3435,7 +3434,7 @@ inline void dispatcher::set_channels(const std::shared_ptr<entry>& e, const std:
 }
 
 // The last subscriber of the channel takes the leaver's place (under the exclusive lock).
-inline void dispatcher::part(const std::shared_ptr<entry>& e, const std::string& key, std::size_t place) noexcept {
+inline void dispatcher::part(const std::string& key, std::size_t place) noexcept {
     auto it = by_channel_.find(key);
     auto& members = it->second;
     if (place + 1 != members.size()) {
@@ -3446,7 +3445,6 @@ inline void dispatcher::part(const std::shared_ptr<entry>& e, const std::string&
     }
     members.pop_back();
     if (members.empty()) by_channel_.erase(it);  // no empty entries left behind
-    (void)e;
 }
 
 inline void dispatcher::leave(const std::shared_ptr<entry>& e) noexcept {
@@ -3456,7 +3454,7 @@ inline void dispatcher::leave(const std::shared_ptr<entry>& e) noexcept {
         e->pending.clear();
     }
     std::unique_lock<std::shared_mutex> lock(mutex_);
-    for (std::size_t i = 0; i < e->keys.size(); ++i) part(e, e->keys[i], e->places[i]);
+    for (std::size_t i = 0; i < e->keys.size(); ++i) part(e->keys[i], e->places[i]);
     e->keys.clear();
     e->places.clear();
     --subscribers_;
