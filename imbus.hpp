@@ -741,8 +741,9 @@ struct commit_event {
     bool complete() const noexcept { return has_rows() && (complete_after >= 0 || contiguous()); }
     std::int64_t after() const noexcept { return complete_after >= 0 ? complete_after : first_id() - 1; }
 
-    /// A transport's encoding of all the rows as one frame, made once by `make` and then
-    /// shared by every recipient: fan-out costs one encoding, not one per connection.
+    /// A transport's encoding of all the rows (a frame, or frames of a capped size), made once
+    /// by `make` and then shared by every recipient: fan-out costs one encoding, not one per
+    /// connection. The first caller's encoding is kept (one server per process frames it).
     template <class T, class Make> std::shared_ptr<const T> shared_frame(Make&& make) const {
         std::call_once(frame_once_, [&] { frame_ = std::shared_ptr<const void>(make()); });
         return std::static_pointer_cast<const T>(frame_);
@@ -4441,6 +4442,24 @@ struct frame_builder {
     shared_wire_frame finish() { return finish_frame(std::move(text += ']'), 0x1); }
 };
 
+// A commit's rows as frames of at most `cap` bytes each (a single larger row alone): made once
+// per commit and shared by every recipient, like the single frame of a small commit.
+struct wire_frames {
+    std::vector<shared_wire_frame> pieces;
+    std::size_t rows = 0;
+};
+inline wire_frames frames_of(const std::vector<std::string>& wire, std::size_t cap) {
+    wire_frames out;
+    frame_builder frame;
+    for (const auto& w : wire) {
+        if (!frame.empty() && frame.size() + w.size() + 1 > cap) out.pieces.push_back(frame.finish()), frame = frame_builder();
+        frame.add(w);
+    }
+    if (!frame.empty()) out.pieces.push_back(frame.finish());
+    out.rows = wire.size();
+    return out;
+}
+
 // A buffer sequence over a vector that does not change while its write is in flight, so that
 // asio does not copy the vector for each write.
 struct buffer_span {
@@ -5847,20 +5866,12 @@ template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Trans
             w, [&](const notification&, std::string_view wire) { add_row(wire); },
             [&](const commit_event& event) {
                 if (!frame.empty()) flush_frame();
-                // Encoded once for every recipient of the event.
-                auto shared = event.shared_frame<detail::wire_frame>([&] {
-                    detail::frame_builder b;
-                    for (const auto& wire : event.wire) b.add(wire);
-                    return b.finish();
-                });
-                if (shared->size() > options_.catch_up_bytes && event.wire.size() > 1) {  // a big commit: in pieces
-                    oldest = event.noticed_at;
-                    for (const auto& wire : event.wire) add_row(wire);
-                    return flush_frame();
-                }
+                // Encoded once for every recipient of the event (a big commit in pieces).
+                const auto shared = event.shared_frame<detail::wire_frames>(
+                    [&] { return std::make_shared<detail::wire_frames>(detail::frames_of(event.wire, options_.catch_up_bytes)); });
                 metrics_.observe_publish_to_send(s.shard, now - event.noticed_at);
-                ++frames, rows += event.notifications.size();
-                send_frame(con, std::move(shared));
+                frames += shared->pieces.size(), rows += shared->rows;
+                for (const auto& piece : shared->pieces) send_frame(con, piece);
             },
             options_.catch_up_rows, [&] { return full = over_budget(con, frame.size()); });
     } catch (const std::exception& e) {

@@ -192,6 +192,15 @@ std::unique_ptr<imbus::client> connect_client(const std::string& url, bool recon
     return c;
 }
 
+// A client that does not reconnect and logs nothing, with `tweak` applied to its options.
+imbus::client_options quiet_client(void (*tweak)(imbus::client_options&)) {
+    imbus::client_options o;
+    o.reconnect = false;
+    o.log = quiet();
+    tweak(o);
+    return o;
+}
+
 std::vector<std::int64_t> ids_of(const std::vector<json>& notifications) {
     std::vector<std::int64_t> ids;
     for (const auto& n : notifications) ids.push_back(n.at("id").get<std::int64_t>());
@@ -985,11 +994,7 @@ TEST_CASE("frames: a commit larger than catch_up_bytes arrives in frames of at m
 TEST_CASE("client: take()'s queue keeps max_received notifications, the newest, and counts the rest") {
     harness<memory_env> h;
     h.start();
-    imbus::client_options o;
-    o.reconnect = false;
-    o.log = quiet();
-    o.max_received = 3;
-    imbus::client c(o);
+    imbus::client c(quiet_client([](imbus::client_options& o) { o.max_received = 3; }));
     c.connect(h.url());
     c.subscribe({"a"}, 0);
     REQUIRE(h.wait_subscribers("a", 1));
@@ -1003,11 +1008,7 @@ TEST_CASE("client: take()'s queue keeps max_received notifications, the newest, 
 TEST_CASE("client: a frame above max_message_bytes is refused (1009), a default client takes it") {
     harness<memory_env> h;
     h.start();
-    imbus::client_options o;
-    o.reconnect = false;
-    o.log = quiet();
-    o.max_message_bytes = 2000;
-    imbus::client small(o);
+    imbus::client small(quiet_client([](imbus::client_options& o) { o.max_message_bytes = 2000; }));
     small.connect(h.url());
     small.subscribe({"a"}, 0);
     auto big = connect_client(h.url());
