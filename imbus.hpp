@@ -1027,7 +1027,7 @@ private:
 /// An HTTP request as an auth policy or a route sees it: the WebSocket handshake, or a POST.
 struct http_request {
     std::string method;
-    std::string path;    ///< without the query string, percent-decoded
+    std::string path;    ///< as sent, without the query string: routes match it (`/%62us/send` is not `/bus/send`)
     std::string query;   ///< raw text after '?'
     std::string body;
     std::string remote;  ///< peer address, e.g. "127.0.0.1:53412"
@@ -1038,6 +1038,8 @@ struct http_request {
     bool has_header(std::string_view name) const;
     /// A query parameter, percent-decoded; "" when absent.
     std::string param(std::string_view name) const;
+    /// The path percent-decoded ('+' stays '+'), for a route that serves names.
+    std::string decoded_path() const;
     /// A cookie from the Cookie header; "" when absent.
     std::string cookie(std::string_view name) const;
     /// The token of an `Authorization: Bearer <token>` header; "" when absent.
@@ -1274,6 +1276,7 @@ public:
     std::atomic<std::uint64_t> pings_received{0};
     std::atomic<std::uint64_t> pongs_replaced{0};       ///< pings answered by a pong already waiting
     std::atomic<std::uint64_t> accept_pauses{0};        ///< accepting paused: out of file descriptors
+    std::atomic<std::uint64_t> bad_requests{0};         ///< HTTP requests refused as malformed (400, 431, 501)
     std::atomic<std::uint64_t> store_errors{0};         ///< reads of the store for a connection that failed
     std::atomic<std::uint64_t> event_errors{0};         ///< policy.on_event calls that threw (logged, connection kept)
     /// The most one connection has held queued and in flight since the server started.
@@ -4006,8 +4009,8 @@ inline std::string_view trim(std::string_view s) {
     return s;
 }
 
-// Query strings arrive percent-encoded, with '+' for spaces in forms.
-inline std::string percent_decode(std::string_view s) {
+// Query strings arrive percent-encoded, with '+' for spaces in forms; in a path '+' is itself.
+inline std::string percent_decode(std::string_view s, bool plus_is_space = true) {
     std::string out;
     out.reserve(s.size());
     auto hex = [](char c) -> int {
@@ -4021,7 +4024,7 @@ inline std::string percent_decode(std::string_view s) {
             out += static_cast<char>(hex(s[i + 1]) * 16 + hex(s[i + 2]));
             i += 2;
         } else {
-            out += s[i] == '+' ? ' ' : s[i];
+            out += s[i] == '+' && plus_is_space ? ' ' : s[i];
         }
     }
     return out;
@@ -4087,6 +4090,7 @@ inline bool http_request::has_header(std::string_view name) const {
 }
 
 inline std::string http_request::param(std::string_view name) const { return detail::query_param(query, name); }
+inline std::string http_request::decoded_path() const { return detail::percent_decode(path, false); }
 
 inline std::string http_request::cookie(std::string_view name) const {
     std::string found;
@@ -4284,6 +4288,7 @@ public:
         return *this;
     }
     ~ledger_ticket() { release(); }
+    const std::string& address() const noexcept { return address_; }  // the peer's, taken at accept
     void release() noexcept {
         if (!ledger_) return;
         const auto ledger = std::move(ledger_);  // the last owner may be this ticket: kept past the lock
@@ -4304,11 +4309,86 @@ template <class Task> void post_after_io(asio::io_context& io, Task task) {
     asio::post(io, [&io, task = std::move(task)]() mutable { asio::post(io, std::move(task)); });
 }
 
+// What websocketpp's parser lets through and a proxy in front may read differently (request
+// smuggling): the header section is checked as sent, before websocketpp parses it. Returns ""
+// or the reason for a 400 (a 501 for a transfer coding, which imbus does not decode).
+inline std::string header_section_fault(std::string_view head, int& status) {
+    status = 400;
+    auto token_char = [](unsigned char c) {
+        return std::isalnum(c) || std::string_view("!#$%&'*+-.^_`|~").find(char(c)) != std::string_view::npos;
+    };
+    for (std::size_t i = 0; i < head.size(); ++i) {
+        const unsigned char c = static_cast<unsigned char>(head[i]);
+        if (c == '\r' && (i + 1 == head.size() || head[i + 1] != '\n')) return "bare CR in the header section";
+        if (c == '\n' && (i == 0 || head[i - 1] != '\r')) return "bare LF in the header section";
+        if ((c < 0x20 && c != '\t' && c != '\r' && c != '\n') || c == 0x7f) return "control character in the header section";
+    }
+    int lengths = 0;
+    bool chunked = false;
+    std::size_t at = head.find("\r\n");  // after the request line
+    while (at != std::string_view::npos && at + 2 < head.size()) {
+        const std::size_t start = at + 2, end = head.find("\r\n", start);
+        const std::string_view line = head.substr(start, (end == std::string_view::npos ? head.size() : end) - start);
+        at = end;
+        if (line.empty()) break;
+        if (line.front() == ' ' || line.front() == '\t') return "folded header line";
+        const std::size_t colon = line.find(':');
+        if (colon == std::string_view::npos) return "header line without a colon";
+        const std::string_view name = line.substr(0, colon), value = trim(line.substr(colon + 1));
+        if (name.empty()) return "empty header name";
+        for (const char c : name)
+            if (!token_char(static_cast<unsigned char>(c))) return "invalid character or whitespace in header name";
+        if (iequals(name, "Content-Length")) {
+            ++lengths;
+            if (value.empty() || value.size() > 15 ||
+                value.find_first_not_of("0123456789") != std::string_view::npos)
+                return "malformed Content-Length";
+        }
+        if (iequals(name, "Transfer-Encoding")) chunked = true;
+    }
+    if (lengths > 1) return "more than one Content-Length";
+    if (chunked && lengths > 0) return "both Content-Length and Transfer-Encoding";
+    if (chunked) {
+        status = 501;
+        return "Transfer-Encoding is not supported; send Content-Length";
+    }
+    return "";
+}
+
 // websocketpp picks its handshake code from the version header and answers 400 to versions it
 // does not know, while it still speaks drafts 0, 7 and 8. Reporting "13" for every version
 // lets the server itself refuse all but 13 with 426, as RFC 6455 asks.
 class ws_request : public websocketpp::http::parser::request {
 public:
+    // Hides the parser's consume (websocketpp calls it on the configured request type): the
+    // header section is kept as sent until it is complete and checked, then parsed in one piece,
+    // so how the bytes were split never changes the answer.
+    std::size_t consume(char const* buf, std::size_t len) {
+        using base = websocketpp::http::parser::request;
+        if (head_checked_) return base::consume(buf, len);
+        const std::size_t cap = websocketpp::http::max_header_size + 4;
+        const std::size_t from = head_.size() < 3 ? 0 : head_.size() - 3, before = head_.size();
+        head_.append(buf, std::min(len, cap + 1 - before));
+        const std::size_t blank = head_.find("\r\n\r\n", from);
+        if (blank == std::string::npos) {
+            if (head_.size() > cap)
+                throw websocketpp::http::exception("header section too large",
+                                                   websocketpp::http::status_code::request_header_fields_too_large,
+                                                   "header section too large");
+            return len;
+        }
+        head_.resize(blank + 4);
+        const std::size_t taken = head_.size() - before;  // this call's bytes that end the header section
+        int status = 400;
+        const std::string fault = header_section_fault(head_, status);
+        if (!fault.empty())
+            throw websocketpp::http::exception(fault, static_cast<websocketpp::http::status_code::value>(status), fault);
+        head_checked_ = true;
+        base::consume(head_.data(), head_.size());
+        std::string().swap(head_);
+        return ready() ? taken : taken + base::consume(buf + taken, len - taken);
+    }
+
     std::string const& get_header(std::string const& key) const {
         std::string const& value = websocketpp::http::parser::request::get_header(key);
         static const std::string thirteen = "13";
@@ -4317,6 +4397,10 @@ public:
     std::string const& real_header(std::string const& key) const {
         return websocketpp::http::parser::request::get_header(key);
     }
+
+private:
+    std::string head_;  // the header section so far, as sent
+    bool head_checked_ = false;
 };
 
 // websocketpp keeps the handshake's request, response and URI in the connection; once open,
@@ -4861,7 +4945,7 @@ template <class Connection> http_request make_http_request(Connection& con) {
     r.method = raw.get_method();
     const std::string& target = raw.get_uri();
     const auto q = target.find('?');
-    r.path = percent_decode(std::string_view(target).substr(0, q));
+    r.path = target.substr(0, q);
     if (q != std::string::npos) r.query = target.substr(q + 1);
     r.body = raw.get_body();
     r.remote = con.get_remote_endpoint();
@@ -4957,6 +5041,9 @@ inline std::string server_metrics::prometheus_text() const {
             pongs_replaced.load());
     counter("imbus_accept_pauses_total", "Times accepting paused because the process was out of file descriptors.",
             accept_pauses.load());
+    counter("imbus_bad_requests_total",
+            "HTTP requests refused before routing because their framing was malformed or ambiguous (400, 413, 431, 501).",
+            bad_requests.load());
     counter("imbus_store_errors_total", "Reads of the store for a connection that failed (retried, or closed with 1011).",
             store_errors.load());
     counter("imbus_event_errors_total", "Client events whose policy.on_event threw (logged; the connection stays open).",
@@ -4993,7 +5080,7 @@ inline std::string server_metrics::prometheus_text() const {
 inline http_route static_files(std::string root, std::string url_prefix) {
     return [root = std::move(root), prefix = std::move(url_prefix)](const http_request& request, http_response& response) {
         if (request.method != "GET" || request.path.compare(0, prefix.size(), prefix) != 0) return false;
-        std::string relative = request.path.substr(prefix.size());
+        std::string relative = detail::percent_decode(std::string_view(request.path).substr(prefix.size()), false);
         if (relative.empty() || relative.back() == '/') relative += "index.html";
         if (relative.find("..") != std::string::npos || relative.find('\0') != std::string::npos) return false;
         std::ifstream file(root + "/" + relative, std::ios::binary);
@@ -5528,6 +5615,13 @@ template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Trans
     auto con = connection_of(h);
     if (!con) return;
     auto& s = con->imbus_state;
+    if (!s.open && con->get_ec() == websocketpp::error::make_error_code(websocketpp::error::http_parse_error)) {
+        if (options_.log)
+            options_.log(log_level::warning, "server: malformed request from " + s.admission.address() + " answered " +
+                                                 std::to_string(int(con->get_response_code())) + " (" +
+                                                 con->get_response_msg() + ")");
+        metrics_.bad_requests.fetch_add(1, std::memory_order_release);  // after the log: who sees the count sees the line
+    }
     if (s.open) forget_open(con);
     s.subscription.close();
     if (s.follow) metrics_.subscribed.fetch_sub(1, std::memory_order_relaxed);

@@ -10,7 +10,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 seconds=${1:-30}
 [[ $seconds =~ ^[1-9][0-9]*$ ]] || { echo "usage: $0 [SECONDS_PER_TARGET]" >&2; exit 2; }
-targets=(fuzz_request fuzz_channel fuzz_http_routes fuzz_http_request)
+targets=(fuzz_request fuzz_channel fuzz_http_routes fuzz_http_request fuzz_http_framing)
 build=build-fuzz
 
 command -v clang++ >/dev/null 2>&1 || { echo "fuzz.sh: clang++ not found (bash scripts/setup.sh)" >&2; exit 1; }

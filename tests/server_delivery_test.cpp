@@ -1163,7 +1163,7 @@ TEST_CASE_TEMPLATE("HTTP routes: health, peek_notifications, has_missed_notifica
     std::atomic<int> route_calls{0};
     imbus::http_route route = [&](const imbus::http_request& r, imbus::http_response& out) {
         ++route_calls;
-        if (r.path != "/custom path") return false;
+        if (r.path != "/custom%20path" || r.decoded_path() != "/custom path") return false;
         out.status = 201;
         out.headers.emplace_back("Content-Type", "text/plain");
         out.body = r.method + " " + r.param("x") + " " + r.body;

@@ -928,7 +928,7 @@ TEST_CASE("limits: a handshake with more than 16000 bytes of headers is refused"
     CHECK(raw_ws::handshake_reply(f.port(), "/websocket?version=19.0-2").status == 101);
 }
 
-// --- metrics (issue 7) -----------------------------------------------------------------------
+// --- HTTP framing (issue 14) ------------------------------------------------------------------
 
 // The value of one sample line "name{labels} value" of a Prometheus text page; -1 when absent.
 double metric(const std::string& page, const std::string& sample) {
@@ -936,6 +936,78 @@ double metric(const std::string& page, const std::string& sample) {
     if (at == std::string::npos) return -1;
     return std::stod(page.substr(at + sample.size() + 2));
 }
+
+
+// A POST /bus/send that would publish one row on "a" if the server read it as the sender meant.
+std::string send_request(const std::string& extra_headers, const std::string& body, bool with_length = true) {
+    return "POST /bus/send HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\nContent-Type: application/json\r\n" +
+           (with_length ? "Content-Length: " + std::to_string(body.size()) + "\r\n" : std::string()) + extra_headers +
+           "\r\n" + body;
+}
+
+TEST_CASE("http: ambiguous or malformed framing is refused before routing, logged and counted; nothing is published") {
+    fixture<> f([](imbus::server_options& o) { o.api_key = "k"; });
+    const std::string body = R"({"channel":"a","type":"t","payload":1})";
+    const std::string chunked = "26\r\n" + body + "\r\n0\r\n\r\n";
+    struct attempt {
+        std::string name, bytes;
+        int status;
+    };
+    const std::vector<attempt> attempts = {
+        {"Content-Length and Transfer-Encoding", send_request("Transfer-Encoding: chunked\r\n", chunked), 400},
+        {"two Content-Length headers", send_request("Content-Length: 5\r\n", body), 400},
+        {"two equal Content-Length headers", send_request("Content-Length: " + std::to_string(body.size()) + "\r\n", body), 400},
+        {"Content-Length with trailing junk", send_request("Content-Length: 38abc\r\n", body, false), 400},
+        {"Content-Length with a sign", send_request("Content-Length: +38\r\n", body, false), 400},
+        {"negative Content-Length", send_request("Content-Length: -1\r\n", body, false), 400},
+        {"empty Content-Length", send_request("Content-Length: \r\n", body, false), 400},
+        {"whitespace before the colon", send_request("Content-Length : 38\r\n", body, false), 400},
+        {"whitespace before the colon, other header", send_request("X-Note : 1\r\n", body), 400},
+        {"folded header line", send_request("X-Note: 1\r\n continued\r\n", body), 400},
+        {"bare LF inside the headers", send_request("X-Note: 1\nContent-Length: 5\r\n", body), 400},
+        {"control character in a value", send_request(std::string("X-Note: a\x01b\r\n"), body), 400},
+        {"Transfer-Encoding alone", send_request("Transfer-Encoding: chunked\r\n", chunked, false), 501},
+    };
+    double counted = 0;
+    for (const auto& a : attempts) {
+        CAPTURE(a.name);
+        const auto reply = imbus_test::raw_http(f.port(), a.bytes);
+        CHECK(reply.status == a.status);
+        CHECK(!reply.reason.empty());
+        ++counted;
+    }
+    // Logged and counted, one each (after the reply is written, so waited for); the store got nothing.
+    CHECK(wait_until([&] { return f.server.metrics().bad_requests.load() == counted; }));
+    const auto page = imbus_test::http_request(f.port(), "GET", "/metrics").body;
+    CHECK(metric(page, "imbus_bad_requests_total") == counted);
+    INFO(f.log.dump());
+    CHECK(f.log.dump().find("malformed request from 127.0.0.1") != std::string::npos);
+    CHECK(f.store.newest_id() == 0);
+
+    // The same request, well framed, publishes; a WebSocket client is served meanwhile.
+    const auto ok = imbus_test::raw_http(f.port(), send_request("", body));
+    CHECK(ok.status == 200);
+    CHECK(f.store.newest_id() == 1);
+    auto ws = raw_ws::connect(f.port());
+    ws.send_text(subscribe_text({"a"}, 0));
+    CHECK(ids_of(read_frame_json(ws)) == std::vector<std::int64_t>{1});
+}
+
+TEST_CASE("http: routes match the path as sent; a percent-encoded path is not the route") {
+    fixture<> f([](imbus::server_options& o) { o.api_key = "k"; });
+    const std::string body = R"({"channel":"a","type":"t","payload":1})";
+    for (const std::string path : {"/bus%2fsend", "/%62us/send", "/bus/sen%64"}) {
+        CAPTURE(path);
+        auto r = imbus_test::http_request(f.port(), "POST", path, body, {{"Authorization", "Bearer k"}});
+        CHECK(r.status == 404);
+    }
+    CHECK(imbus_test::http_request(f.port(), "GET", "/%6detrics").status == 404);
+    CHECK(raw_ws::handshake_reply(f.port(), "/%77ebsocket?version=19.0-2").status == 404);
+    CHECK(f.store.newest_id() == 0);
+    CHECK(imbus_test::http_request(f.port(), "GET", "/metrics").status == 200);
+}
+
+// --- metrics (issue 7) -----------------------------------------------------------------------
 
 TEST_CASE("metrics: GET /metrics counts connections, subscriptions, sends, closes by code, refusals and latency") {
     fixture<> f;

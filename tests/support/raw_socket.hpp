@@ -38,6 +38,7 @@ inline constexpr std::chrono::milliseconds default_timeout = 5s;
 
 struct http_reply {
     int status = 0;
+    std::string reason;                         // the status line's text after the code
     std::map<std::string, std::string> headers; // lower-case names; repeats joined by ", "
     std::string body;
 
@@ -261,6 +262,8 @@ inline http_reply read_http_head(connection& c, connection::clock::time_point de
     if (status_line.rfind("HTTP/", 0) != 0 || sp == std::string::npos)
         throw std::runtime_error("bad HTTP status line: " + status_line);
     reply.status = std::atoi(status_line.c_str() + sp + 1);
+    const std::size_t reason_at = status_line.find(' ', sp + 1);
+    if (reason_at != std::string::npos) reply.reason = status_line.substr(reason_at + 1);
 
     for (std::size_t pos = line_end + 2; pos < head.size();) {
         std::size_t next = head.find("\r\n", pos);
@@ -317,6 +320,18 @@ inline http_reply http_request(std::uint16_t port, const std::string& method,
 
     http_reply reply = detail::read_http_head(c, deadline);
     if (detail::has_body(method, reply.status)) detail::read_http_body(c, reply, deadline);
+    return reply;
+}
+
+// Sends `bytes` exactly as given (a request of any shape), then reads the reply: its head, and
+// its body by Content-Length or to the end of the stream. Throws on connection errors and timeout.
+inline http_reply raw_http(std::uint16_t port, std::string_view bytes,
+                           std::chrono::milliseconds timeout = default_timeout) {
+    auto deadline = detail::connection::clock::now() + timeout;
+    detail::connection c(port, timeout);
+    c.write(bytes, timeout);
+    http_reply reply = detail::read_http_head(c, deadline);
+    if (reply.status >= 200 && reply.status != 204 && reply.status != 304) detail::read_http_body(c, reply, deadline);
     return reply;
 }
 
