@@ -1455,7 +1455,7 @@ private:
     void send_frame(const connection_ptr& con, detail::shared_wire_frame frame);
     void serve_route(const http_request& request, http_response& response);
     bool admit(const connection_ptr& con, std::string& why);
-    void refuse_at_accept(shard& home, connection_ptr con, const std::string& why);
+    void refuse_at_accept(connection_ptr con, const std::string& why);
     std::string metrics_text();
     void schedule_gc();
     void accept_when_ready(shard& home);
@@ -4267,6 +4267,8 @@ constexpr std::size_t catch_up_slice_bytes = 256 * 1024;
 constexpr std::chrono::milliseconds accept_pause_time{100};
 // How long a connection refused at accept may take to read its 503 before it is closed.
 constexpr std::chrono::milliseconds refusal_linger{1000};
+// How long a client closed for a protocol error may go on sending before it is cut off.
+constexpr std::chrono::milliseconds close_drain_linger{1000};
 
 // Open TCP connections, overall and per peer address, counted from accept to the end of the
 // connection object, whatever ends it (a close, an HTTP answer, a handshake timeout).
@@ -4307,6 +4309,59 @@ private:
 // completions that poll adds; posted twice it runs behind them, so a slice never starves I/O.
 template <class Task> void post_after_io(asio::io_context& io, Task task) {
     asio::post(io, [&io, task = std::move(task)]() mutable { asio::post(io, std::move(task)); });
+}
+
+// websocketpp checks each fragment of a text message as it comes, but at the end it asks
+// whether the message ends on a whole character only when the last frame is not a
+// continuation. What it let through is a valid prefix, so only the tail needs a look.
+inline bool ends_on_character(std::string_view text) {
+    std::size_t i = text.size(), continuation = 0;
+    while (i > 0 && continuation < 4 && (static_cast<unsigned char>(text[i - 1]) & 0xC0) == 0x80) --i, ++continuation;
+    if (i == 0) return continuation == 0;
+    const unsigned char lead = static_cast<unsigned char>(text[i - 1]);
+    const std::size_t needed = lead >= 0xF0 ? 3 : lead >= 0xE0 ? 2 : lead >= 0xC0 ? 1 : 0;
+    return continuation == needed;
+}
+
+// A socket closed with input unread sends RST, and a client still sending (the rest of a
+// message too big, frames after a protocol error) then loses the answer written before it (a
+// 503, a close frame). So the write side ends first, and what still arrives is read and dropped
+// until the peer closes or `linger` passes; then done() runs, once. `owner` keeps the socket.
+template <class Owner, class Done>
+void drain_input(std::shared_ptr<Owner> owner, asio::ip::tcp::socket& socket, std::chrono::milliseconds linger, Done done) {
+    struct state {
+        std::shared_ptr<Owner> owner;
+        asio::ip::tcp::socket& socket;
+        asio::steady_timer timer;
+        Done done;
+        bool finished = false;
+        void finish() {
+            if (std::exchange(finished, true)) return;
+            timer.cancel();
+            done();
+        }
+    };
+    struct reader {
+        std::shared_ptr<state> s;
+        void operator()(const asio::error_code& ec = {}) const {
+            if (ec) return s->finish();  // cancelled by the timer
+            char sink[4096];  // on the stack: a drain holds no buffer between reads
+            ssize_t n;
+            while ((n = ::recv(s->socket.native_handle(), sink, sizeof sink, 0)) > 0) {
+            }
+            if (n == 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) return s->finish();
+            s->socket.async_wait(asio::socket_base::wait_read, reader{s});
+        }
+    };
+    asio::error_code ignored;
+    socket.shutdown(asio::socket_base::shutdown_send, ignored);
+    socket.non_blocking(true, ignored);
+    auto s = std::make_shared<state>(state{std::move(owner), socket, asio::steady_timer(socket.get_executor(), linger), std::move(done)});
+    s->timer.async_wait([s](const asio::error_code& ec) {
+        asio::error_code ignored;
+        if (!ec) s->socket.cancel(ignored);
+    });
+    reader{s}();
 }
 
 // What websocketpp's parser lets through and a proxy in front may read differently (request
@@ -4577,10 +4632,28 @@ public:
     // TLS shutdown writes): the TCP stream ends under it first, websocketpp's shutdown follows.
     void async_shutdown(websocketpp::transport::shutdown_handler done) {
         drop_frames();
+        if (draining_) {  // the drain's end shuts down
+            shutdown_ = std::move(done);
+            return;
+        }
+        if (close_sent_ && !reading_ && !writing_ && !failed_ && !this->is_secure()) {
+            shutdown_ = std::move(done);
+            return drain_after_close();
+        }
         if (!writing_) return base::async_shutdown(std::move(done));
         asio::error_code ignored;
         this->get_raw_socket().shutdown(asio::ip::tcp::socket::shutdown_both, ignored);
         shutdown_ = std::move(done);
+    }
+
+    // websocketpp stops reading after the close it sends for a protocol error (and waits for
+    // the close handshake timeout); whether a read of its is pending tells that close apart.
+    void async_read_at_least(std::size_t num_bytes, char* buf, std::size_t len, websocketpp::transport::read_handler handler) {
+        reading_ = true;
+        base::async_read_at_least(num_bytes, buf, len, [this, handler = std::move(handler)](const std::error_code& ec, std::size_t n) {
+            reading_ = false;
+            handler(ec, n);
+        });
     }
 
     /// Counts this connection's bytes in its shard's total as well.
@@ -4634,6 +4707,9 @@ public:
         asio::async_write(this->get_socket(), buffer_span{gather_.data(), gather_.data() + gather_.size()},
                           write_done{std::static_pointer_cast<outbound_connection>(this->shared_from_this())});
     }
+    /// The close code this side sent when it is not the one websocketpp reports; 0 otherwise.
+    std::uint16_t close_code_sent() const noexcept { return close_code_sent_; }
+
     /// Bytes queued and in flight on this connection (readable from any thread).
     std::size_t outbound_bytes() const noexcept { return bytes_.load(std::memory_order_relaxed); }
 
@@ -4677,7 +4753,16 @@ private:
     }
 
     void library_write(std::vector<asio::const_buffer> buffers, websocketpp::transport::write_handler done) {
-        if (open_) close_outbound();  // a close frame: nothing of ours goes after it
+        if (open_) {  // a close frame: nothing of ours goes after it
+            close_outbound();
+            close_sent_ = true;
+            if (answers_bad_close_reason(buffers)) {
+                static const std::string reason = "\x03\xefinvalid UTF-8 in the close reason";  // 1007
+                static const std::string header{char(0x88), char(reason.size())};
+                buffers = {asio::const_buffer(header.data(), header.size()), asio::const_buffer(reason.data(), reason.size())};
+                close_code_sent_ = 1007;
+            }
+        }
         if (failed_) {
             asio::post(this->get_raw_socket().get_executor(), [done = std::move(done)] {
                 done(websocketpp::transport::error::make_error_code(websocketpp::transport::error::pass_through));
@@ -4688,6 +4773,14 @@ private:
         count(item.size(), true);
         queue_.push_back(std::move(item));
         flush_outbound();
+    }
+
+    // websocketpp answers a close frame whose reason is not UTF-8 with 1002 and this reason;
+    // RFC 6455 (§7.4.1, §8.1) asks for 1007, which the frame becomes instead.
+    static bool answers_bad_close_reason(const std::vector<asio::const_buffer>& buffers) {
+        static const std::string websocketpp_answer = "\x03\xeaInvalid close reason";  // 1002
+        if (buffers.size() != 2 || buffers[1].size() != websocketpp_answer.size()) return false;
+        return std::memcmp(buffers[1].data(), websocketpp_answer.data(), websocketpp_answer.size()) == 0;
     }
 
     // Imbus's frames not yet in flight go; websocketpp's writes stay (it waits for them).
@@ -4734,6 +4827,21 @@ private:
         }
     }
 
+    // websocketpp ends the connection right after the close it sends for a protocol error, and
+    // reads no more: a peer still sending would get a reset instead of that close frame, so its
+    // input is drained first (TLS aside: its shutdown writes, and draining under it would cut
+    // the close_notify).
+    void drain_after_close() {
+        draining_ = true;
+        auto self = std::static_pointer_cast<outbound_connection>(this->shared_from_this());
+        drain_input(self, this->get_raw_socket(), close_drain_linger, [self] {
+            self->draining_ = false;
+            auto finish = std::move(self->shutdown_);
+            self->shutdown_ = nullptr;
+            if (finish) self->base::async_shutdown(std::move(finish));
+        });
+    }
+
     std::vector<outgoing> queue_;      // waiting for the write in flight to finish
     std::vector<outgoing> in_flight_;  // the write in flight
     std::vector<asio::const_buffer> gather_;
@@ -4744,6 +4852,8 @@ private:
     void* drained_context_ = nullptr;
     websocketpp::transport::shutdown_handler shutdown_;
     bool writing_ = false, open_ = false, closing_ = false, failed_ = false, notify_drained_ = false;
+    std::uint16_t close_code_sent_ = 0;
+    bool reading_ = false, close_sent_ = false, draining_ = false;
 };
 
 // websocketpp's asio transport, making outbound_connections.
@@ -5252,7 +5362,7 @@ template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Trans
             if (aec) continue;  // the peer gave up before we took it (ECONNABORTED): the next one
             std::string why;
             if (!admit(home.spare, why)) {
-                refuse_at_accept(home, std::exchange(home.spare, nullptr), why);
+                refuse_at_accept(std::exchange(home.spare, nullptr), why);
                 continue;
             }
             std::exchange(home.spare, nullptr)->start();
@@ -5476,7 +5586,7 @@ template <class AuthPolicy, class Transport> bool basic_server<AuthPolicy, Trans
 // and dropped for a short while, so that its client reads the answer instead of a reset. (On
 // a wss:// port the answer is plain HTTP: a TLS client sees a failed handshake instead.)
 template <class AuthPolicy, class Transport>
-void basic_server<AuthPolicy, Transport>::refuse_at_accept(shard& home, connection_ptr con, const std::string& why) {
+void basic_server<AuthPolicy, Transport>::refuse_at_accept(connection_ptr con, const std::string& why) {
     metrics_.count_refusal(503);
     if (options_.log) options_.log(log_level::warning, "server: connection refused (503): " + why);
     const std::string body = json({{"error", why}}).dump();
@@ -5486,31 +5596,11 @@ void basic_server<AuthPolicy, Transport>::refuse_at_accept(shard& home, connecti
     asio::error_code ignored;
     socket.non_blocking(true, ignored);
     (void)::send(socket.native_handle(), answer.data(), answer.size(), MSG_NOSIGNAL);  // a fresh socket takes it whole
-    socket.shutdown(asio::socket_base::shutdown_send, ignored);
-    struct refusal {
-        connection_ptr con;  // never started: it only holds the socket
-        asio::steady_timer linger;
-    };
-    auto r = std::make_shared<refusal>(refusal{std::move(con), asio::steady_timer(home.io, detail::refusal_linger)});
-    r->linger.async_wait([r](const asio::error_code&) {
+    // Never started, the connection only holds the socket, closed when the client is done.
+    detail::drain_input(con, socket, detail::refusal_linger, [&socket] {
         asio::error_code ec;
-        r->con->get_raw_socket().close(ec);
+        socket.close(ec);
     });
-    struct drain {
-        std::shared_ptr<refusal> r;
-        void operator()(const asio::error_code& ec = {}) const {
-            if (ec) return;  // closed by the linger
-            auto& socket = r->con->get_raw_socket();
-            char sink[512];
-            ssize_t n;
-            while ((n = ::recv(socket.native_handle(), sink, sizeof sink, 0)) > 0) {
-            }
-            if (n == 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR))
-                return (void)r->linger.cancel();  // the peer is done (or gone): close now
-            socket.async_wait(asio::socket_base::wait_read, drain{r});
-        }
-    };
-    drain{r}();
 }
 
 template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Transport>::on_open(websocketpp::connection_hdl h) {
@@ -5630,7 +5720,8 @@ template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Trans
         std::lock_guard<std::mutex> lock(connections_mutex_);
         if (connections_.erase(con.get()) != 0) {  // the first code sent wins; an echo repeats it
             using websocketpp::close::status::blank;
-            const auto local = con->get_local_close_code(), remote = con->get_remote_close_code();
+            const auto local = con->close_code_sent() ? con->close_code_sent() : con->get_local_close_code();
+            const auto remote = con->get_remote_close_code();
             metrics_.count_close(local != blank ? local : remote != blank ? remote : std::uint16_t(1006));
         }
         s.admission.release();
@@ -5703,6 +5794,12 @@ void basic_server<AuthPolicy, Transport>::on_message(websocketpp::connection_hdl
     auto& s = con->imbus_state;
     if (!within_rate(con)) return;
     const std::string& text = msg->get_payload();
+    if (msg->get_opcode() == websocketpp::frame::opcode::text && !detail::ends_on_character(text)) {
+        if (options_.log)
+            options_.log(log_level::warning, "server: text message from " + con->get_remote_endpoint() +
+                                                 " ends inside a UTF-8 sequence; closed 1007");
+        return close(con, 1007, "invalid UTF-8");
+    }
     if (msg->get_opcode() == websocketpp::frame::opcode::binary && text.size() == 1 && text[0] == '\0') return;
     if (!still_valid(con)) return;
     try {

@@ -580,6 +580,27 @@ TEST_CASE("close 1009: a message over max_message_bytes, whole or in fragments")
     check_receives(f, *other);
 }
 
+TEST_CASE("close 1009: a client still sending its too-big message reads the close code, not a reset") {
+    // The server stops reading at the frame header; without draining, the client's write
+    // blocks on full buffers until the close handshake timeout closes the socket with input
+    // unread, and the reset loses the close frame waiting in the client's buffer.
+    fixture<> f([](imbus::server_options& o) {
+        o.max_message_bytes = 1024;
+        o.close_handshake_timeout = 500ms;
+    });
+    auto other = subscribed_other(f);
+    auto big = raw_ws::connect(f.port());
+    const std::size_t size = 32u << 20;  // more than loopback's socket buffers hold
+    std::string header = {char(0x81), char(0x80 | 127)};
+    for (int shift = 56; shift >= 0; shift -= 8) header += char((std::uint64_t(size) >> shift) & 0xff);
+    header += std::string("\x11\x22\x33\x44", 4);  // the masking key
+    big.send_raw_bytes(header);
+    big.send_raw_bytes(std::string(size, 'x'));  // throws on a reset
+    CHECK(big.wait_close(wait_limit).code == 1009);
+    CHECK(wait_until([&] { return f.server.metrics().closes(1009) == 1; }));
+    check_receives(f, *other);
+}
+
 TEST_CASE("close 1013: more than rate_burst frames within rate_burst * rate_delay") {
     fixture<> f([](imbus::server_options& o) {
         o.rate_burst = 5;
@@ -612,6 +633,30 @@ TEST_CASE("close 1007: invalid UTF-8 in a text message") {
     auto ws = raw_ws::connect(f.port());
     ws.send_text("{\"event_name\":\"\xc3\x28\"}");
     CHECK(ws.wait_close(wait_limit).code == 1007);
+    check_receives(f, *other);
+}
+
+TEST_CASE("close 1007: a text message whose fragments end inside a UTF-8 sequence, or an invalid close reason") {
+    fixture<> f;
+    auto other = subscribed_other(f);
+    // "ab" and the first byte of the euro sign (e2 82 ac), then its second byte with FIN.
+    auto cut = raw_ws::connect(f.port());
+    cut.send_frame(raw_ws::op_text, "ab\xe2", /*fin=*/false);
+    cut.send_frame(raw_ws::op_continuation, "\x82", /*fin=*/true);
+    CHECK(cut.wait_close(wait_limit).code == 1007);
+    // The same sequence split over fragments but whole is a text message like any other.
+    auto whole = raw_ws::connect(f.port());
+    whole.send_frame(raw_ws::op_text, "{\"event_name\":\"\xe2", false);
+    whole.send_frame(raw_ws::op_continuation, "\x82", false);
+    whole.send_frame(raw_ws::op_continuation, "\xac\"}", true);
+    whole.send_text(subscribe_text({"a"}, 0));
+    const auto id = f.send("a");
+    CHECK(ids_of(read_frame_json(whole)).back() == id);
+    REQUIRE(other->take(1, wait_limit).size() == 1);
+    // A close frame whose reason is not UTF-8.
+    auto reason = raw_ws::connect(f.port());
+    reason.send_frame(raw_ws::op_close, std::string("\x03\xe8\xc3\x28", 4));
+    CHECK(reason.wait_close(wait_limit).code == 1007);
     check_receives(f, *other);
 }
 
