@@ -1277,6 +1277,7 @@ public:
     std::atomic<std::uint64_t> pongs_replaced{0};       ///< pings answered by a pong already waiting
     std::atomic<std::uint64_t> accept_pauses{0};        ///< accepting paused: out of file descriptors
     std::atomic<std::uint64_t> bad_requests{0};         ///< HTTP requests refused as malformed (400, 431, 501)
+    std::atomic<std::uint64_t> requests_refused{0};     ///< malformed client requests, answered bus/request_refused
     std::atomic<std::uint64_t> store_errors{0};         ///< reads of the store for a connection that failed
     std::atomic<std::uint64_t> event_errors{0};         ///< policy.on_event calls that threw (logged, connection kept)
     /// The most one connection has held queued and in flight since the server started.
@@ -1453,6 +1454,7 @@ private:
     bool still_valid(const connection_ptr& con);
     void close(const connection_ptr& con, std::uint16_t code, const std::string& reason);
     void send_frame(const connection_ptr& con, detail::shared_wire_frame frame);
+    void refuse_request(const connection_ptr& con, const client_request& request);
     void serve_route(const http_request& request, http_response& response);
     bool admit(const connection_ptr& con, std::string& why);
     void refuse_at_accept(connection_ptr con, const std::string& why);
@@ -4327,11 +4329,11 @@ inline bool ends_on_character(std::string_view text) {
 // message too big, frames after a protocol error) then loses the answer written before it (a
 // 503, a close frame). So the write side ends first, and what still arrives is read and dropped
 // until the peer closes or `linger` passes; then done() runs, once. `owner` keeps the socket.
-template <class Owner, class Done>
-void drain_input(std::shared_ptr<Owner> owner, asio::ip::tcp::socket& socket, std::chrono::milliseconds linger, Done done) {
+template <class Owner, class Socket, class Done>
+void drain_input(std::shared_ptr<Owner> owner, Socket& socket, std::chrono::milliseconds linger, Done done) {
     struct state {
         std::shared_ptr<Owner> owner;
-        asio::ip::tcp::socket& socket;
+        Socket& socket;
         asio::steady_timer timer;
         Done done;
         bool finished = false;
@@ -4940,6 +4942,14 @@ inline std::string current_error() {
     }
 }
 
+// A malformed request, answered in-band like the missed marker (the connection stays, as in
+// Odoo, but the client learns why nothing happened); `id` is the client's cursor again.
+inline std::string refusal_marker(std::int64_t id, const std::string& event_name, const std::string& error) {
+    const json payload = {{"event_name", event_name.empty() ? json() : json(event_name)}, {"error", error}};
+    return "{\"id\":" + std::to_string(id) + ",\"message\":{\"type\":\"bus/request_refused\",\"payload\":" +
+           payload.dump(-1, ' ', false, json::error_handler_t::replace) + "}}";
+}
+
 // Rows after `position` were garbage-collected: the client must reload (PROTOCOL ext).
 // The in-band "missed notifications" signal: a frame element shaped like a notification,
 // carrying the client's own cursor as id so that clients tracking the last id stay put.
@@ -5151,6 +5161,9 @@ inline std::string server_metrics::prometheus_text() const {
             pongs_replaced.load());
     counter("imbus_accept_pauses_total", "Times accepting paused because the process was out of file descriptors.",
             accept_pauses.load());
+    counter("imbus_requests_refused_total",
+            "Malformed client requests (bad JSON, a subscribe with wrong types), answered with a bus/request_refused element.",
+            requests_refused.load());
     counter("imbus_bad_requests_total",
             "HTTP requests refused before routing because their framing was malformed or ambiguous (400, 413, 431, 501).",
             bad_requests.load());
@@ -5806,8 +5819,8 @@ void basic_server<AuthPolicy, Transport>::on_message(websocketpp::connection_hdl
         client_request request = parse_client_request(text, options_.max_json_depth);
         if (request.what == client_request::kind::invalid) {
             if (options_.log)
-                options_.log(log_level::warning, "server: request from " + con->get_remote_endpoint() + " ignored: " + request.error);
-            return;
+                options_.log(log_level::warning, "server: request from " + con->get_remote_endpoint() + " refused: " + request.error);
+            return refuse_request(con, request);
         }
         if (request.what == client_request::kind::subscribe) return on_subscribe(con, request);
         if constexpr (detail::policy_has_on_event<AuthPolicy>::value) {
@@ -6074,6 +6087,21 @@ template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Trans
     if (!failure.empty()) return store_failed(con, failure.c_str());
     if (full) return lag(con);
     if (s.follow->behind()) catch_up(con, false);
+}
+
+// The answer's id is the connection's position, or before its first subscribe the `last` it
+// sent (0 if none could be read): a client tracking the last element's id stays where it was.
+// Unanswered (logged only) when its queue is over budget: the rate limit bounds the rest.
+template <class AuthPolicy, class Transport>
+void basic_server<AuthPolicy, Transport>::refuse_request(const connection_ptr& con, const client_request& request) {
+    auto& s = con->imbus_state;
+    metrics_.requests_refused.fetch_add(1, std::memory_order_relaxed);
+    const std::int64_t id = s.follow ? s.follow->position() : request.last;
+    detail::frame_builder frame;
+    frame.add(detail::refusal_marker(id, request.event_name, request.error), false);
+    if (con->outbound_bytes() + frame.size() >= options_.max_outbound_bytes) return;
+    send_frame(con, frame.finish());
+    con->flush_outbound();
 }
 
 // Catch-up frames are counted by catch_up; live ones by on_wakeup, once per wake-up.

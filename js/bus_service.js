@@ -163,7 +163,7 @@ export class BusService extends EventTarget {
             case "initialized":
                 this.workerState = data.state;
                 return;
-            default:  // connect, disconnect, reconnecting, reconnect, missed_notifications
+            default:  // connect, disconnect, reconnecting, reconnect, missed_notifications, request_refused
                 return this._emit(type, data);
         }
     }

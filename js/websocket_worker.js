@@ -216,6 +216,11 @@ export class WebsocketWorker {
                 this.broadcast("missed_notifications", n.message.payload);
                 continue;
             }
+            if (n?.message?.type === "bus/request_refused") {  // a request of ours was malformed
+                console.warn("imbus: the server refused a request:", n.message.payload);
+                this.broadcast("request_refused", n.message.payload);
+                continue;
+            }
             delivered.push(n);
             // The server's ids are the truth: after a store reset they start over, lower.
             if (typeof n.id === "number") this.lastNotificationId = n.id;

@@ -232,6 +232,17 @@ template <class F> std::unique_ptr<imbus::client> subscribed_other(F& f) {
     return other;
 }
 
+// The answer to a malformed request: one element shaped like a notification, whose id is the
+// client's cursor, saying which event was refused and why.
+void check_refused(raw_ws& ws, const json& event_name, std::int64_t id = 0) {
+    const json frame = read_frame_json(ws);
+    REQUIRE(frame.size() == 1);
+    CHECK(frame[0]["id"] == id);
+    CHECK(frame[0]["message"]["type"] == "bus/request_refused");
+    CHECK(frame[0]["message"]["payload"]["event_name"] == event_name);
+    CHECK(!frame[0]["message"]["payload"]["error"].get<std::string>().empty());
+}
+
 // After a malformed request on `bad`: `bad` is still open, a valid subscribe on it brings the
 // rows already stored, live rows follow, and `other` keeps receiving.
 template <class F> void check_both_still_work(F& f, raw_ws& bad, imbus::client& other) {
@@ -459,49 +470,66 @@ TEST_CASE("request: the binary 0x00 probe is ignored") {
     CHECK(f.log.at_least(imbus::log_level::warning) == 0);
 }
 
-TEST_CASE("request: invalid JSON is logged, the connection stays open") {
+TEST_CASE("request: invalid JSON is logged and answered bus/request_refused, the connection stays open") {
     fixture<> f;
     auto other = subscribed_other(f);
     auto ws = raw_ws::connect(f.port());
     ws.send_text("{\"event_name\": \"subscribe\", ");
     ws.send_text("not json at all");
     ws.send_binary("\xff\xfe");  // binary messages are not UTF-8 checked: just not JSON
-    REQUIRE(wait_until([&] { return f.log.at_least(imbus::log_level::warning) >= 3; }));
+    for (int i = 0; i < 3; ++i) check_refused(ws, nullptr);
+    CHECK(f.log.at_least(imbus::log_level::warning) >= 3);
+    CHECK(f.server.metrics().requests_refused.load() == 3);
     check_both_still_work(f, ws, *other);
 }
 
-TEST_CASE("request: a missing or non-string event_name is logged, the connection stays open") {
+TEST_CASE("request: a missing or non-string event_name is answered bus/request_refused, the connection stays open") {
     fixture<> f;
     auto other = subscribed_other(f);
     auto ws = raw_ws::connect(f.port());
     ws.send_text(R"({"data":{"channels":["a"],"last":0}})");
     ws.send_text(R"({"event_name":7,"data":{"channels":["a"],"last":0}})");
     ws.send_text(R"(["subscribe"])");
-    REQUIRE(wait_until([&] { return f.log.at_least(imbus::log_level::warning) >= 3; }));
+    for (int i = 0; i < 3; ++i) check_refused(ws, nullptr);
     CHECK(f.subscribers_of("a") == 1);  // only `other`: nothing was subscribed
     check_both_still_work(f, ws, *other);
 }
 
-TEST_CASE("request: a subscribe with a non-string channel is rejected, the connection stays open") {
+TEST_CASE("request: a subscribe with a non-string channel is answered bus/request_refused, the connection stays open") {
     fixture<> f;
     auto other = subscribed_other(f);
     auto ws = raw_ws::connect(f.port());
     ws.send_text(R"({"event_name":"subscribe","data":{"channels":["a",1],"last":0}})");
     ws.send_text(R"({"event_name":"subscribe","data":{"channels":["a",["db","b"]],"last":0}})");
-    REQUIRE(wait_until([&] { return f.log.at_least(imbus::log_level::warning) >= 2; }));
+    for (int i = 0; i < 2; ++i) check_refused(ws, "subscribe");
     CHECK(f.subscribers_of("a") == 1);
     check_both_still_work(f, ws, *other);
 }
 
-TEST_CASE("request: a subscribe with a non-integer last is rejected, the connection stays open") {
+TEST_CASE("request: a subscribe with a non-integer last is answered bus/request_refused, the connection stays open") {
     fixture<> f;
     auto other = subscribed_other(f);
     auto ws = raw_ws::connect(f.port());
     ws.send_text(R"({"event_name":"subscribe","data":{"channels":["a"],"last":"1"}})");
     ws.send_text(R"({"event_name":"subscribe","data":{"channels":["a"],"last":1.5}})");
-    REQUIRE(wait_until([&] { return f.log.at_least(imbus::log_level::warning) >= 2; }));
+    for (int i = 0; i < 2; ++i) check_refused(ws, "subscribe");
     CHECK(f.subscribers_of("a") == 1);
     check_both_still_work(f, ws, *other);
+}
+
+TEST_CASE("request: before a subscribe a refusal carries the last the client sent, after it the connection's position") {
+    fixture<> f;
+    f.send("a");
+    f.send("a");
+    auto ws = raw_ws::connect(f.port());
+    ws.send_text(R"({"event_name":"subscribe","data":{"channels":[7],"last":1}})");
+    check_refused(ws, "subscribe", 1);
+    ws.send_text(subscribe_text({"a"}, 1));
+    CHECK(ids_of(read_frame_json(ws)) == std::vector<std::int64_t>{2});
+    ws.send_text(R"({"event_name":"subscribe","data":{"channels":"a","last":0}})");
+    check_refused(ws, "subscribe", 2);
+    const auto live = f.send("a");
+    CHECK(ids_of(read_frame_json(ws)) == std::vector<std::int64_t>{live});
 }
 
 TEST_CASE("request: custom events reach policy.on_event with the identity, name and data") {
