@@ -6168,6 +6168,8 @@ void basic_server<AuthPolicy, Transport>::serve_route(const http_request& reques
             return bad_request("expected {\"channels\": [...], \"last\": N, \"is_first_poll\": bool}");
         auto verdict = policy_.authenticate(request);
         if (!verdict.accepted()) return response.set_json(verdict.status() ? verdict.status() : 403, {{"error", verdict.reason()}});
+        if (options_.max_channels && params["channels"].size() > options_.max_channels)
+            return bad_request("more than max_channels (" + std::to_string(options_.max_channels) + ") channels");
         std::vector<std::string> asked;
         for (const auto& c : params["channels"]) {
             if (!c.is_string()) return bad_request("channels must be strings");
@@ -6176,18 +6178,23 @@ void basic_server<AuthPolicy, Transport>::serve_route(const http_request& reques
         const auto channels = detail::unique_channels(build_channels(verdict.identity(), asked));
         const auto last = detail::client_id(params.value("last", json(0)));
         if (!last) return bad_request("last must be an integer");
+        // One page, priced like a catch-up frame; "more" says to ask again from "last".
+        const auto page = bus_.store().fetch(channels, *last, options_.catch_up_rows, options_.catch_up_bytes);
         std::string out = "{\"channels\":[";
         for (std::size_t i = 0; i < channels.size(); ++i) out += (i ? "," : "") + channels[i].key();
         out += "],\"notifications\":[";
-        bool comma = false;
-        for (const auto& n : bus_.store().poll(channels, *last)) {
-            out += comma ? "," : "";
-            out += n.wire();
-            comma = true;
+        std::size_t bytes = 0;
+        for (std::size_t i = 0; i < page.notifications.size(); ++i) {
+            const std::string& wire = page.notifications[i].wire();
+            out += i ? "," : "";
+            out += wire;
+            bytes += wire.size();
         }
+        const bool more = page.notifications.size() >= options_.catch_up_rows || bytes >= options_.catch_up_bytes;
+        out += "],\"last\":" + std::to_string(page.horizon) + ",\"more\":" + (more ? "true" : "false") + "}";
         response.status = 200;
         response.headers.emplace_back("Content-Type", "application/json");
-        response.body = detail::rpc_result(body, out + "]}");
+        response.body = detail::rpc_result(body, out);
         return;
     }
     if (request.path == "/bus/has_missed_notifications" && post) {

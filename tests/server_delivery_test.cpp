@@ -1206,6 +1206,60 @@ TEST_CASE_TEMPLATE("HTTP routes: health, peek_notifications, has_missed_notifica
         CHECK(first["channels"] == json::parse(R"([["db","a"],["db","b"],["db","always"]])"));
     }
 
+    SUBCASE("peek_notifications, paged: at most catch_up_rows rows or catch_up_bytes bytes, then more from last") {
+        // A second server on the same bus with small pages (the harness's has the defaults).
+        imbus::server_options small = o;
+        small.catch_up_rows = 2;
+        small.catch_up_bytes = 1 << 20;
+        small.log = {};
+        imbus::basic_server<imbus::public_policy> paged(h.bus, imbus::public_policy({channel("db", "always")}), small);
+        paged.listen("127.0.0.1", 0);
+        paged.start();
+        std::vector<std::int64_t> all;
+        for (int i = 0; i < 5; ++i) all.push_back(h.send("a", 10 + i));
+        std::vector<std::int64_t> seen;
+        std::int64_t last = a2;
+        int pages = 0;
+        for (bool more = true; more; ++pages) {
+            REQUIRE(pages < 10);
+            const auto r = http_request(paged.port(), "POST", "/websocket/peek_notifications",
+                                        R"({"channels":["a"],"last":)" + std::to_string(last) + "}", json_type);
+            REQUIRE(r.status == 200);
+            const json page = json::parse(r.body);
+            const auto ids = ids_of(page["notifications"].get<std::vector<json>>());
+            CHECK(ids.size() <= 2);
+            seen.insert(seen.end(), ids.begin(), ids.end());
+            last = page["last"].get<std::int64_t>();
+            more = page["more"].get<bool>();
+        }
+        std::vector<std::int64_t> expected{always4};
+        expected.insert(expected.end(), all.begin(), all.end());
+        CHECK(seen == expected);
+        // A byte cap: one row whose message is bigger than it still comes, alone.
+        small.catch_up_rows = 1000;
+        small.catch_up_bytes = 16;
+        imbus::basic_server<imbus::public_policy> tiny(h.bus, imbus::public_policy(), small);
+        tiny.listen("127.0.0.1", 0);
+        tiny.start();
+        const json one = json::parse(http_request(tiny.port(), "POST", "/websocket/peek_notifications",
+                                                  R"({"channels":["a"],"last":)" + std::to_string(a2) + "}", json_type)
+                                         .body);
+        CHECK(ids_of(one["notifications"].get<std::vector<json>>()) == std::vector<std::int64_t>{all[0]});
+        CHECK(one["more"] == true);
+        CHECK(one["last"] == all[0]);
+        // More channels than max_channels is a 400.
+        small.max_channels = 2;
+        imbus::basic_server<imbus::public_policy> narrow(h.bus, imbus::public_policy(), small);
+        narrow.listen("127.0.0.1", 0);
+        narrow.start();
+        CHECK(http_request(narrow.port(), "POST", "/websocket/peek_notifications",
+                           R"({"channels":["a","b","c"],"last":0})", json_type).status == 400);
+        for (auto* s : {&paged, &tiny, &narrow}) {
+            s->stop();
+            s->wait();
+        }
+    }
+
     SUBCASE("peek_notifications, JSON-RPC") {
         auto r = http_request(port, "POST", "/websocket/peek_notifications",
                               R"({"jsonrpc":"2.0","method":"call","id":7,"params":{"channels":["b"],"last":)" +
