@@ -1200,6 +1200,9 @@ struct server_options {
     std::chrono::milliseconds lifetime_jitter{1800000};  ///< ...plus up to this, at random
     std::chrono::milliseconds open_handshake_timeout{5000};
     std::chrono::milliseconds close_handshake_timeout{5000};
+    /// After a close for a protocol error (1002, 1007, 1009), how long the client's input is
+    /// still read and dropped so that a client still sending reads the close, not a reset.
+    std::chrono::milliseconds close_drain_linger{1000};
     /// Bytes queued for one client before it counts as slow and is caught up from the store.
     std::size_t max_outbound_bytes = IMBUS_MAX_OUTBOUND_BYTES;
     /// Bytes queued for all clients together; past it, a client holding catch_up_bytes or more
@@ -4269,8 +4272,6 @@ constexpr std::size_t catch_up_slice_bytes = 256 * 1024;
 constexpr std::chrono::milliseconds accept_pause_time{100};
 // How long a connection refused at accept may take to read its 503 before it is closed.
 constexpr std::chrono::milliseconds refusal_linger{1000};
-// How long a client closed for a protocol error may go on sending before it is cut off.
-constexpr std::chrono::milliseconds close_drain_linger{1000};
 
 // Open TCP connections, overall and per peer address, counted from accept to the end of the
 // connection object, whatever ends it (a close, an HTTP answer, a handshake timeout).
@@ -4638,7 +4639,7 @@ public:
             shutdown_ = std::move(done);
             return;
         }
-        if (close_sent_ && !reading_ && !writing_ && !failed_ && !this->is_secure()) {
+        if (close_sent_ && !reading_ && !in_read_handler_ && !writing_ && !failed_ && !this->is_secure()) {
             shutdown_ = std::move(done);
             return drain_after_close();
         }
@@ -4654,10 +4655,14 @@ public:
         reading_ = true;
         base::async_read_at_least(num_bytes, buf, len, [this, handler = std::move(handler)](const std::error_code& ec, std::size_t n) {
             reading_ = false;
+            in_read_handler_ = true;  // a shutdown from in here ends a close handshake the peer finished
             handler(ec, n);
+            in_read_handler_ = false;
         });
     }
 
+    /// How long a drain after a protocol-error close may last (server_options::close_drain_linger).
+    void set_drain_linger(std::chrono::milliseconds linger) noexcept { drain_linger_ = linger; }
     /// Counts this connection's bytes in its shard's total as well.
     void set_outbound_meter(outbound_meter* meter) noexcept { meter_ = meter; }
     using drained_hook = void (*)(void* context, outbound_connection& con);
@@ -4836,7 +4841,7 @@ private:
     void drain_after_close() {
         draining_ = true;
         auto self = std::static_pointer_cast<outbound_connection>(this->shared_from_this());
-        drain_input(self, this->get_raw_socket(), close_drain_linger, [self] {
+        drain_input(self, this->get_raw_socket(), drain_linger_, [self] {
             self->draining_ = false;
             auto finish = std::move(self->shutdown_);
             self->shutdown_ = nullptr;
@@ -4854,8 +4859,9 @@ private:
     void* drained_context_ = nullptr;
     websocketpp::transport::shutdown_handler shutdown_;
     bool writing_ = false, open_ = false, closing_ = false, failed_ = false, notify_drained_ = false;
+    std::chrono::milliseconds drain_linger_{1000};
     std::uint16_t close_code_sent_ = 0;
-    bool reading_ = false, close_sent_ = false, draining_ = false;
+    bool reading_ = false, in_read_handler_ = false, close_sent_ = false, draining_ = false;
 };
 
 // websocketpp's asio transport, making outbound_connections.
@@ -5266,6 +5272,7 @@ template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Trans
             con->get_raw_socket().set_option(asio::socket_base::send_buffer_size(int(options_.send_buffer_bytes)), ignored);
         con->imbus_state.shard = home.index;
         con->set_outbound_meter(&home.outbound);
+        con->set_drain_linger(options_.close_drain_linger);
         con->set_drained_hook(
             [](void* server, auto& drained) {
                 static_cast<basic_server*>(server)->resume(

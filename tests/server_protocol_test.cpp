@@ -849,6 +849,38 @@ TEST_CASE("close 4001: server.revalidate() closes connections no longer valid") 
     check_receives(f, *other);
 }
 
+TEST_CASE("close: a finished close handshake ends TCP at once, whoever began it; only a protocol-error close drains") {
+    // A drain that lasts until the peer ends TCP: only a close the peer may not have read (it
+    // is still sending) waits for that; the clients here never end TCP themselves.
+    fixture<test_policy> f([](imbus::server_options& o) {
+        o.close_drain_linger = 60s;
+        o.close_handshake_timeout = 60s;
+    });
+    auto connections = [&] { return f.server.tcp_connection_count(); };
+    // The server closes (4001), the client answers: the server ends the connection.
+    auto alice = raw_ws::connect(f.port(), "/websocket?version=19.0-2", {{"X-User", "alice"}});
+    alice.send_text(subscribe_text({"a"}, 0));
+    f.send("a");
+    read_frame_json(alice);
+    f.server.policy().state->invalidate("alice");
+    f.server.revalidate();
+    CHECK(alice.wait_close(wait_limit).code == 4001);
+    CHECK(wait_until([&] { return connections() == 0; }));
+    // The client closes, the server answers and ends the connection.
+    auto bob = raw_ws::connect(f.port(), "/websocket?version=19.0-2", {{"X-User", "bob"}});
+    bob.close(1000);
+    CHECK(bob.wait_close(wait_limit).code == 1000);
+    CHECK(wait_until([&] { return connections() == 0; }));
+    // A protocol error: the connection stays, reading, until the client ends TCP.
+    auto carol = std::make_unique<raw_ws>(raw_ws::connect(f.port(), "/websocket?version=19.0-2", {{"X-User", "carol"}}));
+    carol->send_frame(0x3, "x");
+    CHECK(carol->wait_close(wait_limit).code == 1002);
+    std::this_thread::sleep_for(quiet_time);
+    CHECK(connections() == 1);
+    carol.reset();
+    CHECK(wait_until([&] { return connections() == 0; }));
+}
+
 TEST_CASE("close 1001: stop() closes every connected client") {
     fixture<> f;
     auto c1 = f.client();
