@@ -18,7 +18,7 @@
 //     bus.send("broadcast", "chat/message", {{"text", "hello"}});   // stored, then dispatched
 //
 // Several processes on one PostgreSQL database: each has one listener that dispatches every
-// commit, its own included (PROTOCOL §3: NOTIFY imbus at commit):
+// commit, its own included (docs/PROTOCOL.md §3: NOTIFY imbus at commit):
 //
 //     #define IMBUS_WITH_POSTGRES
 //     imbus::pg_store store("host=... dbname=app");    // or pg_store(app_pgconn) for the outbox
@@ -27,7 +27,7 @@
 //     imbus::bus bus(store, dispatcher, options);
 //     imbus::pg_listener listener(store, dispatcher);
 //
-// A server browsers connect to (PROTOCOL §4-5), with the public policy or your own:
+// A server browsers connect to (docs/PROTOCOL.md §4-5), with the public policy or your own:
 //
 //     #define IMBUS_WITH_WEBSOCKETPP
 //     #include "imbus.hpp"
@@ -393,7 +393,7 @@ public:
     /// Opens a write transaction (for SQL stores: BEGIN on the writer connection).
     virtual std::unique_ptr<write_transaction> begin() = 0;
 
-    /// The notifications on `channels` after `last`, ascending ids (PROTOCOL §2): `last == 0`
+    /// The notifications on `channels` after `last`, ascending ids (docs/PROTOCOL.md §2): `last == 0`
     /// means the first-poll window, a negative `last` every row; `last` above the newest id
     /// (a reset store) counts as 0.
     /// At most `limit` rows when limit > 0 (the oldest ones); with max_bytes > 0, no row after
@@ -1162,7 +1162,7 @@ private:
 // Client requests (Odoo: the parsing in Websocket._process_next_message)
 // --------------------------------------------------------------------------------------------
 
-/// One text frame from a client, as PROTOCOL §4 reads it. Kept apart from the server so the
+/// One text frame from a client, as docs/PROTOCOL.md §4 reads it. Kept apart from the server so the
 /// rules are testable (and fuzzable) without a socket.
 struct client_request {
     enum class kind { invalid, subscribe, event };
@@ -1184,7 +1184,7 @@ client_request parse_client_request(std::string_view text, std::size_t max_depth
 // Server (Odoo: the /websocket controller, the Websocket class and its _serve_forever loop)
 // --------------------------------------------------------------------------------------------
 
-/// Every limit and timer of the protocol (PROTOCOL §4), with its defaults.
+/// Every limit and timer of the protocol (docs/PROTOCOL.md §4), with its defaults.
 struct server_options {
     std::string version = IMBUS_PROTOCOL_VERSION;  ///< browsers with another one: OUTDATED_VERSION
     std::string path = "/websocket";               ///< the socket; routes live under it
@@ -1212,7 +1212,7 @@ struct server_options {
     std::size_t catch_up_rows = 1000;           ///< rows per store read when catching up
     /// A read of the store for a connection that fails (the database restarting, no descriptor
     /// for a reader) is tried again after this, doubling up to 5 s, the connection keeping its
-    /// position; after store_retries failures in a row the connection is closed with 1011 and
+    /// position; when store_retries retries in a row have failed too, the connection is closed with 1011 and
     /// its client resumes from its last id once it reconnects.
     std::chrono::milliseconds store_retry_delay{100};
     std::size_t store_retries = 8;
@@ -1345,7 +1345,7 @@ template <class Connection> void check_server_name(Connection& con, const client
 }
 
 /// The bus's WebSocket server: authenticates peers with AuthPolicy, subscribes them to the
-/// policy's channels, and pushes committed notifications to them (PROTOCOL §4-5).
+/// policy's channels, and pushes committed notifications to them (docs/PROTOCOL.md §4-5).
 /// Thread-safe. Outlives every connection: stop(), then let run() return (or wait()).
 template <class AuthPolicy, class Transport = plain_transport>
 class basic_server {
@@ -2633,7 +2633,7 @@ inline std::string pg_text_array(const std::vector<std::string_view>& items) {
     return out;
 }
 
-// PROTOCOL §3: JSON arrays of the channel keys, in order, each below PostgreSQL's 8000-byte
+// docs/PROTOCOL.md §3: JSON arrays of the channel keys, in order, each below PostgreSQL's 8000-byte
 // NOTIFY limit (a single key too long for it fails the commit with the server's message).
 inline std::vector<std::string> notify_payloads(const std::vector<channel>& channels,
                                                 std::size_t max_bytes = 7999) {
@@ -4956,7 +4956,7 @@ inline std::string refusal_marker(std::int64_t id, const std::string& event_name
            payload.dump(-1, ' ', false, json::error_handler_t::replace) + "}}";
 }
 
-// Rows after `position` were garbage-collected: the client must reload (PROTOCOL ext).
+// Rows after `position` were garbage-collected: the client must reload (docs/PROTOCOL.md §4).
 // The in-band "missed notifications" signal: a frame element shaped like a notification,
 // carrying the client's own cursor as id so that clients tracking the last id stay put.
 inline std::string missed_marker(std::int64_t last) {
@@ -6231,7 +6231,7 @@ void basic_server<AuthPolicy, Transport>::serve_route(const http_request& reques
         transaction tx(bus_);
         for (const auto& item : items) {
             if (!item.is_object() || !item.contains("channel") || !item.contains("type") || !item["type"].is_string())
-                return bad_request("each notification needs \"channel\", \"type\" (string) and \"payload\"");
+                return bad_request("each notification needs \"channel\" and \"type\" (string); \"payload\" is optional");
             std::error_code ec;
             const json& c = item["channel"];
             channel target;

@@ -1,4 +1,4 @@
-// ws_loadgen: a lean WebSocket load generator for the imbus protocol (PROTOCOL.md §4-5) and for
+// ws_loadgen: a lean WebSocket load generator for the imbus protocol (docs/PROTOCOL.md §4-5) and for
 // the peers of the bench (bench/peers/): Node `ws`, Socket.IO, uWebSockets.js, nchan.
 //
 // One thread, one io_context, many connections; hand-written client framing (handshake with

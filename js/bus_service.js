@@ -1,4 +1,4 @@
-// The imbus bus service of one tab (PROTOCOL §6). It talks to the shared worker that holds the
+// The imbus bus service of one tab (docs/PROTOCOL.md §6). It talks to the shared worker that holds the
 // origin's single WebSocket, and hands notifications to the handlers subscribed by type.
 //
 //     import { BusService } from "/js/bus_service.js";

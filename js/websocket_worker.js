@@ -1,4 +1,4 @@
-// The imbus browser worker: ONE WebSocket per origin, shared by every tab (PROTOCOL §6).
+// The imbus browser worker: ONE WebSocket per origin, shared by every tab (docs/PROTOCOL.md §6).
 // Runs as a SharedWorker, or as a dedicated Worker per tab where SharedWorker is missing.
 // Tabs send {action, data}; the worker answers with {type, data} events.
 

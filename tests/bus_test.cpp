@@ -1,4 +1,4 @@
-// Transactions and commit hooks (PROTOCOL §3): store at commit, dispatch after it, nothing on rollback.
+// Transactions and commit hooks (docs/PROTOCOL.md §3): store at commit, dispatch after it, nothing on rollback.
 #define DOCTEST_CONFIG_IMPLEMENT_WITH_MAIN
 #include <doctest/doctest.h>
 
@@ -82,7 +82,7 @@ void exec(sqlite3* db, const char* sql) { REQUIRE(sqlite3_exec(db, sql, nullptr,
 
 } // namespace
 
-// The example of PROTOCOL §3: three rows, and one wake-up naming two channels in order.
+// The example of docs/PROTOCOL.md §3: three rows, and one wake-up naming two channels in order.
 TEST_CASE("sends on channel 1, 2, 1 give three rows and one wake-up naming two channels") {
     imbus::memory_store store;
     imbus::dispatcher dispatcher;

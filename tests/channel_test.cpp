@@ -1,5 +1,5 @@
 // Channels, canonical keys, the channel mapping, notifications and the manual clock
-// (PROTOCOL §1-2). Built WITHOUT IMBUS_WITH_SQLITE: the core must compile on its own.
+// (docs/PROTOCOL.md §1-2). Built WITHOUT IMBUS_WITH_SQLITE: the core must compile on its own.
 #define DOCTEST_CONFIG_IMPLEMENT_WITH_MAIN
 #include <doctest/doctest.h>
 #include "imbus.hpp"
@@ -127,7 +127,7 @@ TEST_CASE("code points at UTF-8 boundaries are escaped like Python does") {
 
 // --- shapes -----------------------------------------------------------------------------------
 
-// The three shapes of PROTOCOL §1, and with_sub turning a record channel into its sub-channel.
+// The three shapes of docs/PROTOCOL.md §1, and with_sub turning a record channel into its sub-channel.
 TEST_CASE("the three channel shapes and with_sub") {
     const channel empty;
     CHECK(empty.empty());
@@ -447,7 +447,7 @@ TEST_CASE("bus::channel_for uses the bus's database") {
 
 // --- notifications ----------------------------------------------------------------------------
 
-// Clients parse exactly {"id":N,"message":{"type":T,"payload":P}} (PROTOCOL §2, §4).
+// Clients parse exactly {"id":N,"message":{"type":T,"payload":P}} (docs/PROTOCOL.md §2, §4).
 TEST_CASE("notification wire form, type and payload") {
     imbus::notification n;
     n.id = 42;

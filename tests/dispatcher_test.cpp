@@ -242,7 +242,7 @@ TEST_CASE("a notify wakes each distinct subscriber once, and only subscribers of
     CHECK(runs_none == 0);
 }
 
-// set_channels is a replacement (PROTOCOL §4 subscribe): left channels stop delivering, and
+// set_channels is a replacement (docs/PROTOCOL.md §4 subscribe): left channels stop delivering, and
 // the dispatcher's index does not keep empty entries for channels nobody listens to.
 TEST_CASE("set_channels replaces the channel set and removes empty entries") {
     imbus::dispatcher d(options_with(1024));
@@ -933,7 +933,7 @@ TEST_CASE("a follower polls for bare wake-up events") {
     CHECK(ids == std::vector<std::int64_t>{1, 3});
 }
 
-// set_channels keeps the position (later subscribes keep the server cursor, PROTOCOL §4), and
+// set_channels keeps the position (later subscribes keep the server cursor, docs/PROTOCOL.md §4), and
 // a follower starting at a position does not repeat what is at or below it.
 TEST_CASE("a follower keeps its position across set_channels") {
     imbus::manual_clock clock;

@@ -379,7 +379,7 @@ TEST_CASE("group commit: waiting batches share a transaction, and a bad batch fa
     CHECK(store.poll({too_long}, -1).empty());
 }
 
-// PROTOCOL §3 over NOTIFY: one transaction on 1,000 channels (and a repeated one) gives several
+// docs/PROTOCOL.md §3 over NOTIFY: one transaction on 1,000 channels (and a repeated one) gives several
 // payloads, each below 8000 bytes, whose union is the 1,000 keys once each, in send order.
 TEST_CASE("NOTIFY payloads are split below 8000 bytes and name every channel once, in order") {
     pg_test_database db;

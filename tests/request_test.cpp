@@ -1,4 +1,4 @@
-// PROTOCOL §4 requests as the server reads them: imbus::parse_client_request, without sockets.
+// docs/PROTOCOL.md §4 requests as the server reads them: imbus::parse_client_request, without sockets.
 #define DOCTEST_CONFIG_IMPLEMENT_WITH_MAIN
 #include <doctest/doctest.h>
 

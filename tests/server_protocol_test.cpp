@@ -1,4 +1,4 @@
-// WebSocket endpoint rules (PROTOCOL §4): handshake, version check, requests, subscribe
+// WebSocket endpoint rules (docs/PROTOCOL.md §4): handshake, version check, requests, subscribe
 // semantics, limits, timers and close codes, over real sockets on 127.0.0.1.
 //
 // Every case builds its own memory store + dispatcher + bus + server (port 0, one I/O thread,

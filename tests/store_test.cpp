@@ -1,4 +1,4 @@
-// Store semantics of PROTOCOL §2, one test body run against every store.
+// Store semantics of docs/PROTOCOL.md §2, one test body run against every store.
 #define DOCTEST_CONFIG_IMPLEMENT_WITH_MAIN
 #include <doctest/doctest.h>
 
@@ -221,7 +221,7 @@ TEST_CASE_TEMPLATE("lost_after counts only the rows of the client's own channels
     CHECK_FALSE(f.store.lost_after({ch_a}, 8));
 }
 
-// PROTOCOL "commit order": 8 writers at once; a reader following with its cursor must end
+// docs/PROTOCOL.md §2 ("commit order"): 8 writers at once; a reader following with its cursor must end
 // with every id, which it cannot if any id ever became visible below one it had already seen.
 TEST_CASE_TEMPLATE("ids are visible in commit order under concurrent writers", F, STORE_FIXTURES) {
     F f;

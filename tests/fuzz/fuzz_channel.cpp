@@ -1,4 +1,4 @@
-// libFuzzer target: channels and their canonical keys (PROTOCOL §1). Checks that the
+// libFuzzer target: channels and their canonical keys (docs/PROTOCOL.md §1). Checks that the
 // error_code forms of from_key / from_json never throw and agree with the throwing forms,
 // that a key parses only when it is byte-identical to the compact ensure_ascii JSON of the
 // channel (Python's json.dumps), and that from_key(c.key()) == c for every channel made.
@@ -29,7 +29,7 @@ void check(bool ok, const char* what) {
 // (\uXXXX in lowercase, 0x7f included), so it is an independent reference for keys.
 std::string reference_key(const json& j) { return j.dump(-1, ' ', true); }
 
-// The shapes PROTOCOL §1 allows, decided without imbus.
+// The shapes docs/PROTOCOL.md §1 allows, decided without imbus.
 bool is_channel_shape(const json& j) {
     if (!j.is_array() || j.size() < 2 || j.size() > 4) return false;
     if (!j[0].is_string() || j[0].get_ref<const std::string&>().empty() || !j[1].is_string()) return false;

@@ -1,4 +1,4 @@
-// libFuzzer target: the JSON bodies of the bus's HTTP routes (PROTOCOL §5) through serve_http on
+// libFuzzer target: the JSON bodies of the bus's HTTP routes (docs/PROTOCOL.md §5) through serve_http on
 // a server that never listens; byte 0 picks route, auth header and JSON-RPC envelope. Checks:
 // never a 500, only 200/400/401/403/404, 200 bodies are the documented JSON, and the ids a
 // /bus/send answers with are in the store.

@@ -1,4 +1,4 @@
-// libFuzzer target: imbus::parse_client_request on any text (PROTOCOL §4). Checks: it never
+// libFuzzer target: imbus::parse_client_request on any text (docs/PROTOCOL.md §4). Checks: it never
 // throws; invalid <=> an error; a subscribe has last >= 0 and no data; event data copies and
 // prints (bounded nesting); the server can make [db, name] channels of the subscribed strings.
 #include "imbus.hpp"
