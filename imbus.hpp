@@ -6407,6 +6407,12 @@ template <class Transport> struct basic_client<Transport>::impl {
         });
     }
 
+    static bool is_marker(const json& n) {
+        const json* type = n.contains("message") && n["message"].is_object() && n["message"].contains("type")
+                               ? &n["message"]["type"] : nullptr;
+        return type && type->is_string() && (*type == "bus/missed_notifications" || *type == "bus/request_refused");
+    }
+
     void on_message(const message_ptr& m) {
         json frame = json::parse(m->get_payload(), nullptr, false);
         if (!frame.is_array()) return log(log_level::warning, "server sent a frame that is not an array");
@@ -6417,7 +6423,10 @@ template <class Transport> struct basic_client<Transport>::impl {
             h = handler;
             for (const auto& n : frame) {
                 if (!n.is_object() || !n.contains("id") || !n["id"].is_number_integer()) continue;
-                last = std::max(last, n["id"].get<std::int64_t>());
+                // A row's id is the position to resume from, assigned as Odoo's worker does:
+                // after a store reset the ids start over, lower. A marker's id is the position
+                // the server had for us, not a row.
+                if (!is_marker(n)) last = n["id"].get<std::int64_t>();
                 if (h) continue;  // the handler takes them: nothing is kept
                 received.push_back(n);
                 if (received.size() > options.max_received) received.pop_front(), ++dropping;

@@ -455,6 +455,19 @@ TEST_CASE("subscribe: last above the newest id counts as 0 (first-poll window)")
     CHECK(ids_of(read_frame_json(ws)) == std::vector<std::int64_t>{a4});
 }
 
+TEST_CASE("subscribe: after a store reset imbus::client resumes from the rows it got, not from the marker's id") {
+    fixture<> f;
+    const auto a1 = f.send("a"), a2 = f.send("a");
+    auto c = f.client();
+    c->subscribe({"a"}, 1000);  // a last from before the store was reset
+    const auto got = c->take(3, wait_limit);
+    REQUIRE(got.size() == 3);
+    CHECK(got[0]["message"]["type"] == "bus/missed_notifications");
+    CHECK(ids_of(std::vector<json>{got[1], got[2]}) == std::vector<std::int64_t>{a1, a2});
+    // The marker carried 1000; resuming from it would ask for a reset store again and again.
+    CHECK(c->last_id() == a2);
+}
+
 // ============================================================================================
 // Requests: probe, malformed requests, events
 // ============================================================================================
