@@ -628,16 +628,18 @@ TEST_CASE("close 1009: a client still sending its too-big message reads the clos
     fixture<> f([](imbus::server_options& o) {
         o.max_message_bytes = 1024;
         o.close_handshake_timeout = 500ms;
+        o.close_drain_linger = 60s;  // ends when the client does: no race with a slow drain
     });
     auto other = subscribed_other(f);
-    auto big = raw_ws::connect(f.port());
+    auto big = std::make_unique<raw_ws>(raw_ws::connect(f.port()));
     const std::size_t size = 32u << 20;  // more than loopback's socket buffers hold
     std::string header = {char(0x81), char(0x80 | 127)};
     for (int shift = 56; shift >= 0; shift -= 8) header += char((std::uint64_t(size) >> shift) & 0xff);
     header += std::string("\x11\x22\x33\x44", 4);  // the masking key
-    big.send_raw_bytes(header);
-    big.send_raw_bytes(std::string(size, 'x'));  // throws on a reset
-    CHECK(big.wait_close(wait_limit).code == 1009);
+    big->send_raw_bytes(header);
+    big->send_raw_bytes(std::string(size, 'x'));  // throws on a reset
+    CHECK(big->wait_close(wait_limit).code == 1009);
+    big.reset();  // the client leaves: the drain ends, the connection closes
     CHECK(wait_until([&] { return f.server.metrics().closes(1009) == 1; }));
     check_receives(f, *other);
 }
