@@ -4948,20 +4948,21 @@ inline std::string current_error() {
     }
 }
 
-// A malformed request, answered in-band like the missed marker (the connection stays, as in
-// Odoo, but the client learns why nothing happened); `id` is the client's cursor again.
-inline std::string refusal_marker(std::int64_t id, const std::string& event_name, const std::string& error) {
-    const json payload = {{"event_name", event_name.empty() ? json() : json(event_name)}, {"error", error}};
-    return "{\"id\":" + std::to_string(id) + ",\"message\":{\"type\":\"bus/request_refused\",\"payload\":" +
-           payload.dump(-1, ' ', false, json::error_handler_t::replace) + "}}";
+// An in-band signal: a frame element shaped like a notification, carrying the client's own
+// cursor as id so that clients tracking the last element's id stay put (docs/PROTOCOL.md §4).
+inline std::string marker(std::int64_t id, const char* type, const json& payload) {
+    return "{\"id\":" + std::to_string(id) + ",\"message\":{\"type\":\"" + type +
+           "\",\"payload\":" + payload.dump(-1, ' ', false, json::error_handler_t::replace) + "}}";
 }
 
-// Rows after `position` were garbage-collected: the client must reload (docs/PROTOCOL.md §4).
-// The in-band "missed notifications" signal: a frame element shaped like a notification,
-// carrying the client's own cursor as id so that clients tracking the last id stay put.
+// Rows after `last` were garbage-collected: the client must reload.
 inline std::string missed_marker(std::int64_t last) {
-    return "{\"id\":" + std::to_string(last) +
-           ",\"message\":{\"type\":\"bus/missed_notifications\",\"payload\":{\"last\":" + std::to_string(last) + "}}}";
+    return marker(last, "bus/missed_notifications", {{"last", last}});
+}
+
+// A malformed request: the connection stays, as in Odoo, but the client learns why nothing happened.
+inline std::string refusal_marker(std::int64_t id, const std::string& event_name, const std::string& error) {
+    return marker(id, "bus/request_refused", {{"event_name", event_name.empty() ? json() : json(event_name)}, {"error", error}});
 }
 
 // Which optional members a policy has (by signature, so the defaults apply otherwise).

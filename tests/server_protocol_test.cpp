@@ -1113,6 +1113,18 @@ TEST_CASE("http: ambiguous or malformed framing is refused before routing, logge
     CHECK(ids_of(read_frame_json(ws)) == std::vector<std::int64_t>{1});
 }
 
+TEST_CASE("http: websocketpp's own refusals (headers over 16,000 bytes: 431, a body over max_http_body_bytes: 413) are counted too") {
+    fixture<> f([](imbus::server_options& o) {
+        o.api_key = "k";
+        o.max_http_body_bytes = 1024;
+    });
+    const std::string big_body(2000, 'x');
+    CHECK(imbus_test::raw_http(f.port(), send_request("", big_body)).status == 413);
+    CHECK(imbus_test::raw_http(f.port(), send_request("X-Padding: " + std::string(17000, 'x') + "\r\n", "{}")).status == 431);
+    CHECK(wait_until([&] { return f.server.metrics().bad_requests.load() == 2; }));
+    CHECK(f.store.newest_id() == 0);
+}
+
 TEST_CASE("http: routes match the path as sent; a percent-encoded path is not the route") {
     fixture<> f([](imbus::server_options& o) { o.api_key = "k"; });
     const std::string body = R"({"channel":"a","type":"t","payload":1})";
