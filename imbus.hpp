@@ -1431,6 +1431,8 @@ private:
     };
 
     bool on_validate(websocketpp::connection_hdl h);
+    std::optional<std::pair<int, std::string>> handshake_refusal(const http_request& request, std::optional<identity>& who,
+                                                                 bool check_origin = true);
     void on_open(websocketpp::connection_hdl h);
     void on_message(websocketpp::connection_hdl h, message_ptr msg);
     void on_close(websocketpp::connection_hdl h);
@@ -5540,16 +5542,28 @@ template <class AuthPolicy, class Transport> bool basic_server<AuthPolicy, Trans
         con->replace_header("Sec-WebSocket-Version", "13");
         return refuse(426, "WebSocket version 13 required");
     }
-    if (!detail::origin_allowed(options_.allowed_origins, request))
-        return refuse(403, "origin not allowed: " + request.header("Origin"));
+    std::optional<identity> who;
+    if (auto refusal = handshake_refusal(request, who)) return refuse(refusal->first, refusal->second);
+    con->imbus_state.identity.emplace(std::move(*who));
+    return true;
+}
+
+// What the handshake of `request` gets from the origin check and the policy: a refusal, or
+// none and the peer's identity. The handshake and its probe (GET without upgrade) share it.
+template <class AuthPolicy, class Transport>
+std::optional<std::pair<int, std::string>> basic_server<AuthPolicy, Transport>::handshake_refusal(const http_request& request,
+                                                                                                  std::optional<identity>& who,
+                                                                                                  bool check_origin) {
+    if (check_origin && !detail::origin_allowed(options_.allowed_origins, request))
+        return std::make_pair(403, "origin not allowed: " + request.header("Origin"));
     try {
         auto verdict = policy_.authenticate(request);
-        if (!verdict.accepted()) return refuse(verdict.status() ? verdict.status() : 403, verdict.reason());
-        con->imbus_state.identity.emplace(std::move(verdict.identity()));
+        if (!verdict.accepted()) return std::make_pair(verdict.status() ? verdict.status() : 403, verdict.reason());
+        who.emplace(std::move(verdict.identity()));
     } catch (...) {
-        return refuse(500, "auth policy failed: " + detail::current_error());
+        return std::make_pair(500, "auth policy failed: " + detail::current_error());
     }
-    return true;
+    return std::nullopt;
 }
 
 // The counters, plus the gauges read at scrape time.
@@ -6161,6 +6175,19 @@ void basic_server<AuthPolicy, Transport>::serve_route(const http_request& reques
         response.headers.emplace_back("Content-Type", "text/plain; version=0.0.4");
         response.headers.emplace_back("Cache-Control", "no-store");
         response.body = metrics_text();
+        return;
+    }
+    // A browser cannot read why a handshake failed; its worker asks here with the same URL
+    // and cookies: 426 means the handshake would be accepted, else the refusal it would get.
+    // Browsers send no Origin on a same-origin GET, and a cross-site page cannot read the
+    // answer, so the origin is checked only when one is named.
+    if (request.path == options_.path && request.method == "GET") {
+        std::optional<identity> who;
+        auto refusal = handshake_refusal(request, who, request.has_header("Origin"));
+        if (!refusal) refusal.emplace(426, "send a WebSocket handshake (Upgrade: websocket) to this URL");
+        response.set_json(refusal->first, {{"error", refusal->second}});
+        if (refusal->first == 426) response.headers.emplace_back("Upgrade", "websocket");
+        response.headers.emplace_back("Cache-Control", "no-store");
         return;
     }
     if (request.path == options_.path + "/health") {

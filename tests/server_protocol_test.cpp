@@ -325,6 +325,21 @@ TEST_CASE("handshake: a policy rejection answers the policy's status") {
     CHECK(thrown.find("HTTP 401: who are you?") != std::string::npos);
 }
 
+TEST_CASE("handshake probe: a plain GET of the WebSocket path answers what the handshake would get") {
+    fixture<test_policy> f;
+    auto probe = [&](imbus_test::header_list headers) { return imbus_test::http_request(f.port(), "GET", "/websocket?version=19.0-2", "", headers); };
+    const auto refused = probe({{"X-Reject", "401"}});
+    CHECK(refused.status == 401);
+    CHECK(json::parse(refused.body)["error"] == "who are you?");
+    CHECK(probe({{"X-Reject", "403"}}).status == 403);
+    const auto accepted = probe({{"X-User", "alice"}});
+    CHECK(accepted.status == 426);
+    CHECK(accepted.header("upgrade") == "websocket");
+    CHECK(json::parse(accepted.body)["error"].get<std::string>().find("Upgrade: websocket") != std::string::npos);
+    CHECK(imbus_test::http_request(f.port(), "POST", "/websocket", "{}").status == 404);  // GET only
+    CHECK(f.server.connection_count() == 0);
+}
+
 // ============================================================================================
 // OUTDATED_VERSION
 // ============================================================================================
