@@ -1095,7 +1095,16 @@ private:
 //       bool still_valid(const identity&);            // true; false closes with 4001
 //       void on_event(const identity&, const std::string& name, const json& data);  // ignored
 //       void on_open(const identity&);  void on_close(const identity&);              // nothing
+//       std::vector<direct_message> on_subscribe(const identity&, const std::vector<channel>& granted);
+//                                         // none: messages for this client alone after its history
 //   };
+
+/// A message for one connection only, not stored (Odoo: what _after_subscribe_data sends), e.g.
+/// the current presence of a room's members. It arrives as an in-band element (docs/PROTOCOL.md §4).
+struct direct_message {
+    std::string type;
+    json payload;
+};
 
 /// Admits everybody as one public identity, subscribed to `always` plus its string channels.
 class public_policy {
@@ -1282,7 +1291,7 @@ public:
     std::atomic<std::uint64_t> bad_requests{0};         ///< HTTP requests refused as malformed (400, 431, 501)
     std::atomic<std::uint64_t> requests_refused{0};     ///< malformed client requests, answered bus/request_refused
     std::atomic<std::uint64_t> store_errors{0};         ///< reads of the store for a connection that failed
-    std::atomic<std::uint64_t> event_errors{0};         ///< policy.on_event calls that threw (logged, connection kept)
+    std::atomic<std::uint64_t> event_errors{0};         ///< policy.on_event/on_subscribe calls that threw (logged, connection kept)
     /// The most one connection has held queued and in flight since the server started.
     std::atomic<std::uint64_t> outbound_peak{0};
 
@@ -4495,6 +4504,7 @@ template <class Identity> struct session_state {
     bool lagging = false;           // over an outbound budget: wake-ups wait for a catch-up
     bool catching_up = false;       // its next catch-up frame waits for a slice; wake-ups wait too
     bool check_missed = false;      // that frame first says whether rows after the position are gone
+    std::vector<direct_message> after_history;  // the policy's on_subscribe answer, sent once the history is
     bool retrying = false;          // a store read failed: its catch-up waits for the retry timer
     std::uint32_t store_failures = 0;  // failed store reads in a row
     bool ping_outstanding = false;  // waiting for the pong; pong_timeout runs from ping_sent
@@ -4957,6 +4967,11 @@ inline std::string marker(std::int64_t id, const char* type, const json& payload
            "\",\"payload\":" + payload.dump(-1, ' ', false, json::error_handler_t::replace) + "}}";
 }
 
+// A policy's direct message, numbered like a marker (the position it follows).
+inline std::string direct_element(std::int64_t id, const direct_message& m) {
+    return "{\"id\":" + std::to_string(id) + ",\"message\":" + make_message(m.type, m.payload) + "}";
+}
+
 // Rows after `last` were garbage-collected: the client must reload.
 inline std::string missed_marker(std::int64_t last) {
     return marker(last, "bus/missed_notifications", {{"last", last}});
@@ -5020,6 +5035,14 @@ template <class P>
 struct policy_has_on_open<P, std::void_t<decltype(std::declval<P&>().on_open(std::declval<const typename P::identity&>()))>>
     : std::true_type {};
 
+template <class P, class = void> struct policy_has_on_subscribe : std::false_type {};
+template <class P>
+struct policy_has_on_subscribe<P, std::void_t<decltype(std::declval<P&>().on_subscribe(
+                                      std::declval<const typename P::identity&>(), std::declval<const std::vector<channel>&>()))>>
+    : std::is_convertible<decltype(std::declval<P&>().on_subscribe(std::declval<const typename P::identity&>(),
+                                                                   std::declval<const std::vector<channel>&>())),
+                          std::vector<direct_message>> {};
+
 template <class P, class = void> struct policy_has_on_close : std::false_type {};
 template <class P>
 struct policy_has_on_close<P, std::void_t<decltype(std::declval<P&>().on_close(std::declval<const typename P::identity&>()))>>
@@ -5030,7 +5053,7 @@ struct policy_has_on_close<P, std::void_t<decltype(std::declval<P&>().on_close(s
 // misses is then a compile error, not silently skipped (a `channels` taking strings would be
 // ignored and every channel the client asks for granted). Final classes are not probed.
 struct hook_names {
-    int channels, still_valid, on_event, on_open, on_close;
+    int channels, still_valid, on_event, on_open, on_close, on_subscribe;
 };
 template <class P> struct hook_probe : P, hook_names {};
 template <class P>
@@ -5045,6 +5068,8 @@ template <class P, class = void> struct declares_on_open : std::true_type {};
 template <class P> struct declares_on_open<P, std::void_t<decltype(&probe_of<P>::on_open)>> : std::false_type {};
 template <class P, class = void> struct declares_on_close : std::true_type {};
 template <class P> struct declares_on_close<P, std::void_t<decltype(&probe_of<P>::on_close)>> : std::false_type {};
+template <class P, class = void> struct declares_on_subscribe : std::true_type {};
+template <class P> struct declares_on_subscribe<P, std::void_t<decltype(&probe_of<P>::on_subscribe)>> : std::false_type {};
 
 template <class Policy> struct checked_hooks {
     static_assert(!declares_channels<Policy>::value || policy_has_channels<Policy>::value,
@@ -5064,6 +5089,10 @@ template <class Policy> struct checked_hooks {
     static_assert(!declares_on_close<Policy>::value || policy_has_on_close<Policy>::value,
                   "imbus::basic_server<AuthPolicy>: the policy has a member named `on_close` that is not "
                   "`void on_close(const identity&)`; as written it would be ignored");
+    static_assert(!declares_on_subscribe<Policy>::value || policy_has_on_subscribe<Policy>::value,
+                  "imbus::basic_server<AuthPolicy>: the policy has a member named `on_subscribe` that is not "
+                  "`std::vector<imbus::direct_message> on_subscribe(const identity&, const std::vector<imbus::channel>& granted)`; "
+                  "as written it would be ignored");
     static constexpr bool value = true;
 };
 
@@ -5178,7 +5207,7 @@ inline std::string server_metrics::prometheus_text() const {
             bad_requests.load());
     counter("imbus_store_errors_total", "Reads of the store for a connection that failed (retried, or closed with 1011).",
             store_errors.load());
-    counter("imbus_event_errors_total", "Client events whose policy.on_event threw (logged; the connection stays open).",
+    counter("imbus_event_errors_total", "Calls of policy.on_event or policy.on_subscribe that threw or gave a bad message (logged; the connection stays open).",
             event_errors.load());
     {
         std::lock_guard<std::mutex> lock(mutex_);
@@ -5890,6 +5919,14 @@ void basic_server<AuthPolicy, Transport>::on_subscribe(const connection_ptr& con
     }
     // Subscribe before polling: whatever commits after the poll reaches us as an event.
     s.subscription.set_channels(channels);
+    if constexpr (detail::policy_has_on_subscribe<AuthPolicy>::value) {
+        try {
+            s.after_history = policy_.on_subscribe(*s.identity, channels);  // the latest subscribe's answer only
+        } catch (...) {
+            metrics_.event_errors.fetch_add(1, std::memory_order_relaxed);
+            if (options_.log) options_.log(log_level::error, "server: policy.on_subscribe failed: " + detail::current_error());
+        }
+    }
     s.follow->set_channels(std::move(channels));
     if (s.lagging) return;  // the catch-up after the drain covers the new channels
     catch_up(con, first && last > 0);
@@ -5968,6 +6005,16 @@ template <class AuthPolicy, class Transport> std::size_t basic_server<AuthPolicy
     s.check_missed = false;
     s.store_failures = 0;
     if (missed) metrics_.missed_signals.fetch_add(1, std::memory_order_relaxed);
+    if (!s.follow->behind()) {  // after the history, so that it cannot undo what they say
+        for (const auto& m : std::exchange(s.after_history, {})) {
+            try {
+                frame.add(detail::direct_element(s.follow->position(), m), false);
+            } catch (const std::exception& e) {
+                metrics_.event_errors.fetch_add(1, std::memory_order_relaxed);
+                if (options_.log) options_.log(log_level::error, std::string("server: policy.on_subscribe gave a bad message: ") + e.what());
+            }
+        }
+    }
     const std::size_t size = frame.size();
     if (!frame.empty()) {
         metrics_.count_sent(s.shard, 1, frame.rows);

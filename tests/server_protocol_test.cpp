@@ -930,6 +930,61 @@ TEST_CASE("close 1001: stop() closes every connected client") {
     CHECK_THROWS(raw_ws::connect(f.port()));
 }
 
+// Odoo's _after_subscribe_data: what the policy's on_subscribe returns reaches that client
+// alone, after the history it asked for (so it is never older than what precedes it), numbered
+// with the position it follows; a later subscribe answers again.
+namespace {
+struct greeting_policy {
+    using identity = imbus::public_policy::identity;
+    imbus::admission<identity> authenticate(const imbus::http_request&) { return imbus::admission<identity>::accept({}); }
+    std::vector<imbus::direct_message> on_subscribe(const identity&, const std::vector<imbus::channel>& granted) {
+        json names = json::array();
+        for (const auto& c : granted) names.push_back(c.to_json()[1]);
+        if (names.size() == 1 && names[0] == "explode") throw std::runtime_error("on_subscribe exploded");
+        if (names.size() == 1 && names[0] == "garbled") return {{"hello", std::string("\xff")}};  // not UTF-8
+        return {{"hello", {{"channels", names}}}, {"second", 2}};
+    }
+};
+} // namespace
+
+TEST_CASE("request: policy.on_subscribe's messages reach that client alone, after its history") {
+    fixture<greeting_policy> f;
+    const auto old1 = f.send("a"), old2 = f.send("a");
+    auto ws = raw_ws::connect(f.port());
+    ws.send_text(subscribe_text({"a"}, old1 - 1));
+    json got = read_frame_json(ws);
+    while (got.size() < 4) {
+        const json more = read_frame_json(ws);
+        got.insert(got.end(), more.begin(), more.end());
+    }
+    REQUIRE(got.size() == 4);
+    CHECK(ids_of(json::array({got[0], got[1]})) == std::vector<std::int64_t>{old1, old2});
+    CHECK(got[2] == json({{"id", old2}, {"message", {{"type", "hello"}, {"payload", {{"channels", {"a"}}}}}}}));
+    CHECK(got[3] == json({{"id", old2}, {"message", {{"type", "second"}, {"payload", 2}}}}));
+
+    auto other = raw_ws::connect(f.port());  // gets its own greeting, and nothing of ws's
+    other.send_text(subscribe_text({"a"}, old2));
+    CHECK(read_frame_json(other).size() == 2);
+    ws.send_text(subscribe_text({"a", "b"}, old2));
+    const json again = read_frame_json(ws);
+    REQUIRE(again.size() == 2);
+    CHECK(again[0]["message"]["payload"]["channels"] == json({"a", "b"}));
+    const auto next = f.send("a");
+    CHECK(ids_of(read_frame_json(other)) == std::vector<std::int64_t>{next});
+
+    // A hook that throws, or a message that cannot be serialized: logged, counted, and the
+    // connection goes on.
+    ws.send_text(subscribe_text({"explode"}, 0));
+    ws.send_text(subscribe_text({"garbled"}, 0));
+    CHECK(wait_until([&] { return f.server.metrics().event_errors.load() == 2; }));
+    CHECK(f.log.dump().find("on_subscribe exploded") != std::string::npos);
+    ws.send_text(subscribe_text({"a"}, 0));
+    const auto live = f.send("a");
+    auto is_live_row = [&](const json& n) { return n["id"] == live && n["message"]["type"] == "test/note"; };
+    json tail = read_frame_json(ws);
+    while (std::none_of(tail.begin(), tail.end(), is_live_row)) tail = read_frame_json(ws);
+}
+
 // Exposes a bug: on_message catches std::exception only; anything else thrown by a policy hook
 // escapes into the I/O thread's io_context::run() and std::terminate()s the whole server.
 // Last in the file: when the bug is present this case aborts the process.

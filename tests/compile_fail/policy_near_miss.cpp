@@ -34,6 +34,10 @@ struct on_open_near_miss : base_policy {
 struct on_close_near_miss : base_policy {
     void on_close() {}
 };
+// Returning JSON instead of direct messages.
+struct on_subscribe_near_miss : base_policy {
+    imbus::json on_subscribe(const identity&, const std::vector<imbus::channel>&) { return {}; }
+};
 
 } // namespace
 
@@ -43,3 +47,4 @@ template class imbus::basic_server<still_valid_near_miss>;
 template class imbus::basic_server<on_event_near_miss>;
 template class imbus::basic_server<on_open_near_miss>;
 template class imbus::basic_server<on_close_near_miss>;
+template class imbus::basic_server<on_subscribe_near_miss>;

@@ -11,7 +11,7 @@ if [ "$status" -eq 0 ]; then
   exit 1
 fi
 missing=0
-for hook in channels still_valid on_event on_open on_close; do
+for hook in channels still_valid on_event on_open on_close on_subscribe; do
   if ! grep -q "has a member named \`$hook\` that is not" <<<"$out"; then
     echo "compile_fail: no readable error for the near-miss \`$hook\`" >&2
     missing=1
@@ -22,4 +22,4 @@ if [ "$missing" -ne 0 ]; then
   head -60 <<<"$out" >&2
   exit 1
 fi
-echo "compile_fail: $target fails with imbus's message for each of the 5 hooks"
+echo "compile_fail: $target fails with imbus's message for each of the 6 hooks"
