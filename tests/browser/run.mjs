@@ -519,6 +519,93 @@ test("stop_start", async ({ harness, context }) => {
 
 // --- regressions: bugs of js/ and imbus.hpp this suite found ------------------------------------
 
+// --- main tab election (js/main_tab.js) ---------------------------------------------------------
+
+// Opens `count` tabs of one browser, each running a MainTab; window.mainLog keeps its events.
+async function mainTabs(harness, context, count, initScript) {
+    const pages = [];
+    for (let i = 0; i < count; ++i) {
+        const page = await openPage(context, harness.url("/tests/browser/blank.html"), { initScript });
+        await page.evaluate(async () => {
+            const { MainTab } = await import("/js/main_tab.js");
+            window.mainLog = [];
+            window.mainTab = new MainTab({ name: "test-main-tab" });
+            window.mainTab.addEventListener("change", (e) => window.mainLog.push(e.detail));
+            window.mainTab.start();
+        });
+        pages.push(page);
+    }
+    return pages;
+}
+
+const isMain = (page) => page.evaluate(() => window.mainTab.isMain);
+
+// Waits until exactly one of `pages` is main and returns it; the others must not be.
+async function theMainTab(pages, timeout = WAIT_MS) {
+    const deadline = Date.now() + timeout;
+    for (;;) {
+        const flags = await Promise.all(pages.map(isMain));
+        const mains = pages.filter((_, i) => flags[i]);
+        if (mains.length === 1) return mains[0];
+        if (Date.now() > deadline) throw new AssertionError(`expected one main tab, found ${mains.length}`);
+        await sleep(50);
+    }
+}
+
+test("main_tab_election", async ({ harness, context }) => {
+    const pages = await mainTabs(harness, context, 3);
+    const first = await theMainTab(pages);
+    check(pages.indexOf(first) === 0, "the first tab to start is main");
+    const firstId = await first.evaluate(() => window.mainTab.id);
+    for (const page of pages.slice(1)) {
+        await waitFor(page, "the announcement of the main tab", (id) => window.mainTab.main === id, firstId);
+        check((await page.evaluate(() => window.mainLog)).every((d) => !d.isMain), "a waiting tab never called itself main");
+    }
+
+    // Closing the main tab hands the lock to exactly one of the others, which announces itself.
+    await first.close();
+    const rest = pages.slice(1);
+    const second = await theMainTab(rest);
+    const secondId = await second.evaluate(() => window.mainTab.id);
+    const other = rest.find((p) => p !== second);
+    await waitFor(other, "the new main tab's announcement", (id) => window.mainTab.main === id, secondId);
+    await waitFor(second, "a change event saying it is main", () => window.mainLog.some((d) => d.isMain));
+
+    // A frozen main tab lets go (a frozen page runs nothing, so it must not keep the role); on
+    // resume it queues again behind the tab that took over.
+    await second.evaluate(() => document.dispatchEvent(new Event("freeze")));
+    check(!await isMain(second), "a frozen tab is not main");
+    check(await theMainTab(rest) === other, "the other tab took over from the frozen one");
+    await second.evaluate(() => document.dispatchEvent(new Event("resume")));
+    await sleep(200);  // proves a negative: the resumed tab waits its turn
+    check(!await isMain(second), "the resumed tab waits while another is main");
+
+    // Into the back-forward cache: let go; back from it: queue again. stop(): leave for good.
+    await other.evaluate(() => window.dispatchEvent(new PageTransitionEvent("pagehide", { persisted: true })));
+    check(await theMainTab(rest) === second, "the tab waiting took over from the one in the back-forward cache");
+    await other.evaluate(() => window.dispatchEvent(new PageTransitionEvent("pageshow", { persisted: true })));
+    await second.evaluate(() => window.mainTab.stop());
+    check(await theMainTab(rest) === other, "after stop(), the tab back from the cache is main");
+});
+
+test("main_tab_without_web_locks", async ({ harness, context }) => {
+    // Not a secure context (plain http to another machine): no navigator.locks. The tabs elect
+    // through localStorage heartbeats; a closed main tab is replaced once its stamp is stale.
+    const noLocks = () => Object.defineProperty(Navigator.prototype, "locks", { get: () => undefined });
+    const pages = await mainTabs(harness, context, 2, noLocks);
+    check(await pages[0].evaluate(() => !navigator.locks), "the init script hid navigator.locks");
+    const first = await theMainTab(pages);
+    const other = pages.find((p) => p !== first);
+    // A main tab that hangs stops stamping: the other takes over once the stamp is 3 s old.
+    await first.evaluate(() => clearInterval(window.mainTab._timer));
+    await waitFor(other, "the take-over of a stale stamp", () => window.mainTab.isMain);
+    await first.close();
+    await other.evaluate(() => window.mainTab.stop());
+    check(!await isMain(other), "stop() gives the role up");
+    check(await other.evaluate((name) => localStorage.getItem(name), "test-main-tab") === null,
+          "stop() removes the stamp, so the next tab need not wait for it to go stale");
+});
+
 test("http_connection_close", async ({ harness }) => {
     // websocketpp serves one HTTP request per connection and closes it after the response, but
     // the response does not say `Connection: close`. HTTP/1.1 clients (Node's fetch, keep-alive
