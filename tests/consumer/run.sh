@@ -28,10 +28,13 @@ step() {
 }
 
 # consume <mode> <extra cmake args...>: configure, build and run the consumer.
+# CONSUMER_DIR_SUFFIX tells two runs of one mode apart; CONSUMER_CONFIGURE_ONLY=1 stops after
+# the configure (what a missing optional dependency used to break).
 consume() {
   local mode=$1; shift
-  local dir="$out/consumer-$mode"
+  local dir="$out/consumer-$mode${CONSUMER_DIR_SUFFIX:-}"
   step "$cmake_bin" -S "$here" -B "$dir" "${common[@]}" -DIMBUS_CONSUMER_MODE="$mode" "$@"
+  if [ "${CONSUMER_CONFIGURE_ONLY:-0}" = 1 ]; then echo "ok: $mode${CONSUMER_DIR_SUFFIX:-} (configure)"; return; fi
   step "$cmake_bin" --build "$dir" -j2
   step "$dir/consumer"
   if [ "${IMBUS_WITH_SQLITE:-ON}" = ON ]; then
@@ -41,12 +44,16 @@ consume() {
 }
 
 consume subdirectory -DIMBUS_SOURCE_DIR="$src"
+# A project that uses neither PostgreSQL nor TLS builds on a machine without libpq and OpenSSL.
+hide=(-DCMAKE_DISABLE_FIND_PACKAGE_PostgreSQL=ON -DCMAKE_DISABLE_FIND_PACKAGE_OpenSSL=ON -DIMBUS_CONSUMER_WITHOUT_PQ_SSL=ON)
+CONSUMER_DIR_SUFFIX=-no-pq-ssl CONSUMER_CONFIGURE_ONLY=1 consume subdirectory -DIMBUS_SOURCE_DIR="$src" "${hide[@]}"
 
 step "$cmake_bin" -S "$src" -B "$out/imbus-build" "${common[@]}" \
   -DIMBUS_BUILD_TESTS=OFF -DIMBUS_BUILD_EXAMPLES=OFF -DIMBUS_BUILD_BENCH=OFF \
   -DCMAKE_INSTALL_PREFIX="$out/prefix"
 step "$cmake_bin" --install "$out/imbus-build"
 consume package -DCMAKE_PREFIX_PATH="$out/prefix"
+CONSUMER_DIR_SUFFIX=-no-pq-ssl CONSUMER_CONFIGURE_ONLY=1 consume package -DCMAKE_PREFIX_PATH="$out/prefix" "${hide[@]}"
 # Make sure the package came from our prefix, not from somewhere on the system.
 if ! grep -qF "imbus_DIR:PATH=$out/prefix/" "$out/consumer-package/CMakeCache.txt"; then
   echo "FAILED: find_package(imbus) did not use $out/prefix" >&2
