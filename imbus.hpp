@@ -124,6 +124,13 @@
 #define IMBUS_READ_BUFFER_BYTES 512
 #endif
 
+// A macro that changes a type's layout names the inline namespace that type lives in, so two
+// translation units built with different values fail to link (a missing symbol) instead of
+// sharing one copy of code that disagrees about the layout. Layout macros must be integer literals.
+#define IMBUS_DETAIL_CONCAT2(a, b) a##b
+#define IMBUS_DETAIL_CONCAT(a, b) IMBUS_DETAIL_CONCAT2(a, b)
+#define IMBUS_ABI_NAMESPACE IMBUS_DETAIL_CONCAT(abi_read_buffer_, IMBUS_READ_BUFFER_BYTES)
+
 #ifndef IMBUS_SQLITE_GC_CHUNK
 #define IMBUS_SQLITE_GC_CHUNK 5000
 #endif
@@ -1346,7 +1353,7 @@ struct alignas(64) outbound_meter {
     std::atomic<std::uint64_t> bytes{0};
 };
 template <class Identity> struct session_slot;
-template <class Identity, class Transport> struct server_config;
+inline namespace IMBUS_ABI_NAMESPACE { template <class Identity, class Transport> struct server_config; }
 // Give an endpoint its TLS context (defined with IMBUS_WITH_TLS, used only by tls_transport).
 template <class Endpoint> void use_server_tls(Endpoint& endpoint, const server_options& options);
 template <class Endpoint> void use_client_tls(Endpoint& endpoint, const client_options& options);
@@ -1356,6 +1363,7 @@ template <class Connection> void check_server_name(Connection& con, const client
 /// The bus's WebSocket server: authenticates peers with AuthPolicy, subscribes them to the
 /// policy's channels, and pushes committed notifications to them (docs/PROTOCOL.md §4-5).
 /// Thread-safe. Outlives every connection: stop(), then let run() return (or wait()).
+inline namespace IMBUS_ABI_NAMESPACE {  // see IMBUS_ABI_NAMESPACE
 template <class AuthPolicy, class Transport = plain_transport>
 class basic_server {
 public:
@@ -1494,6 +1502,7 @@ private:
     std::shared_ptr<detail::connection_ledger> ledger_ = std::make_shared<detail::connection_ledger>();
     server_metrics metrics_;
 };
+} // namespace IMBUS_ABI_NAMESPACE
 
 // --------------------------------------------------------------------------------------------
 // Client: for native programs and tests (the browser has js/)
@@ -4883,6 +4892,7 @@ public:
     using transport_con_ptr = std::shared_ptr<transport_con_type>;
 };
 
+inline namespace IMBUS_ABI_NAMESPACE {
 template <class Identity, class Transport> struct server_config : websocketpp_configs<Transport>::server {
     using connection_base = session_slot<Identity>;
     using request_type = ws_request;
@@ -4897,6 +4907,7 @@ template <class Identity, class Transport> struct server_config : websocketpp_co
     static const websocketpp::log::level alog_level = websocketpp::log::alevel::none;
     static const websocketpp::log::level elog_level = websocketpp::log::elevel::none;
 };
+} // namespace IMBUS_ABI_NAMESPACE
 
 #ifdef IMBUS_WITH_TLS
 inline std::shared_ptr<asio::ssl::context> tls_context(asio::ssl::context::method method) {
