@@ -4,6 +4,7 @@
 // channels inside their own transaction; at commit the notifications are stored and the
 // dispatcher wakes the live connections subscribed to those channels; clients poll "what
 // happened after my last id" so that nothing is lost across reconnects.
+// docs/ARCHITECTURE.md walks through this file: one notification's path, threads, and Odoo.
 //
 // Quick start (core only, no network):
 //
@@ -42,21 +43,25 @@
 //     IMBUS_WITH_WEBSOCKETPP  basic_server, client           needs websocketpp + standalone Asio
 //                             (defines ASIO_STANDALONE)      link: -pthread
 //     IMBUS_WITH_TLS          tls_transport: wss://          with IMBUS_WITH_WEBSOCKETPP; link OpenSSL
+//     IMBUS_WITH_PRESENCE     presence_tracker: online/away/offline for any policy (see "Presence")
 //
-// Configuration macros (define before including to change a compile-time default; every
-// one of them is also a runtime option of the class that uses it):
+// Configuration macros (define before including to change a compile-time default; each is
+// also a runtime option of the class that uses it, except the three marked "compile-time only"):
 //     IMBUS_FIRST_POLL_WINDOW_SECONDS   50     a first poll (last == 0) returns this much history
 //     IMBUS_RETENTION_SECONDS           86400  notifications older than this are garbage
 //     IMBUS_MAX_PENDING_WAKEUPS         1024   per subscriber; beyond it the subscriber re-polls
 //     IMBUS_SQLITE_BUSY_TIMEOUT_MS      5000   how long a SQLite connection waits for a lock
-//     IMBUS_SQLITE_GC_CHUNK             5000   rows deleted per garbage-collection transaction
-//     IMBUS_SQLITE_ID_BLOCK             1000   SQLite ids reserved ahead per synced commit (power cuts)
+//     IMBUS_SQLITE_GC_CHUNK             5000   rows deleted per SQLite garbage-collection transaction
+//                                              (compile-time only; pg_store_options::gc_chunk for PostgreSQL)
+//     IMBUS_SQLITE_ID_BLOCK             1000   SQLite ids reserved ahead per synced commit (power cuts;
+//                                              compile-time only)
 //     IMBUS_PROTOCOL_VERSION            "19.0-2"  clients with another version are told OUTDATED_VERSION
 //     IMBUS_MAX_MESSAGE_BYTES           1 MiB  a bigger client message closes with 1009
 //     IMBUS_MAX_JSON_DEPTH              512    client JSON nested deeper is refused (stack safety)
 //     IMBUS_MAX_OUTBOUND_BYTES          1 MiB  queued for one client before it is caught up from the store
 //     IMBUS_MAX_OUTBOUND_TOTAL        256 MiB  queued for all clients; above it the largest queues wait
-//     IMBUS_READ_BUFFER_BYTES           512    per-connection read buffer (compile-time only: websocketpp)
+//     IMBUS_READ_BUFFER_BYTES           512    per-connection read buffer (compile-time only: websocketpp;
+//                                              an integer literal, part of basic_server's mangled name)
 //
 // Threading model:
 //     channel, notification, commit_event: values; immutable once shared.
@@ -1028,7 +1033,7 @@ private:
 };
 
 // --------------------------------------------------------------------------------------------
-// Auth policies (Odoo: _build_bus_channels_list, _serve_ir_websocket, the session check)
+// Auth policies (Odoo: _build_bus_channel_list, _serve_ir_websocket, the session check)
 // --------------------------------------------------------------------------------------------
 
 /// An HTTP request as an auth policy or a route sees it: the WebSocket handshake, or a POST.
@@ -1194,6 +1199,145 @@ struct client_request {
 /// {"event_name": string, "data": any}; anything else, or JSON nested deeper than
 /// `max_depth` arrays and objects, is invalid. Never throws.
 client_request parse_client_request(std::string_view text, std::size_t max_depth = IMBUS_MAX_JSON_DEPTH) noexcept;
+
+#ifdef IMBUS_WITH_PRESENCE
+// --------------------------------------------------------------------------------------------
+// Presence (Odoo: bus.presence, the update_presence event, the im_status notifications)
+// --------------------------------------------------------------------------------------------
+//
+// A presence_tracker follows who is connected and active, and publishes each identity's
+// transitions (online, away, offline) as notifications {"who": key, "status": ...} of
+// options.type on the channel the application chooses. Any auth policy opts in by calling it
+// from its hooks with a string key of its identity:
+//
+//     struct my_policy {                       // e.g. around signed_token_policy
+//         std::shared_ptr<imbus::presence_tracker> presence;  // shared: the server copies policies
+//         void on_open(const identity& who) { presence->on_open(who.subject); }
+//         void on_close(const identity& who) { presence->on_close(who.subject); }
+//         void on_event(const identity& who, const std::string& name, const imbus::json& data) {
+//             presence->on_event(who.subject, name, data);   // takes "update_presence"
+//         }
+//     };
+//
+// An identity is online while one of its connections reported activity within away_after
+// (a connection that opens counts as activity; the client's update_presence {"inactivity_period":
+// ms} sets the last activity to now - ms, the latest report winning, as in Odoo), away while
+// connected but idle longer, offline once its last connection closed.
+//
+// Across processes (one PostgreSQL database, one tracker per process): each tracker writes its
+// own contribution, the local status of each identity connected to it, as rows on the internal
+// channel [db, "imbus.presence", 0] (a channel a client's string cannot name): a row per local
+// change, and every `refresh` the whole contribution, which also says the tracker is alive for
+// 3 * refresh. Every tracker follows that channel in id order, so all of them merge the same
+// rows in the same order (an identity's status is the best of its contributions), and each
+// publishes the transitions that ITS OWN rows cause: every transition is published once, by
+// the process that caused it. A tracker that sees another's contribution expire (a crashed
+// process) writes a row withdrawing it; the transitions that follow are its to publish. A new
+// tracker learns the others' contributions from the store's first-poll window: keep
+// 3 * refresh below the store's first_poll_window (default 50 s).
+//
+// Bound: the tracker keeps one entry per identity connected to this process, one per identity
+// connected to any process (the merged view), and one per live tracker.
+// Thread-safe: on_open, on_close, on_event and tick may be called from every I/O thread at once
+// (one lock: a call that changes a local status commits its row under it, so this process's
+// rows keep their order); the tracker's own thread reads the internal channel and publishes.
+
+/// Ordered: the best contribution wins.
+enum class presence_status { offline, away, online };
+
+/// "offline", "away", "online": the wire form in the notifications.
+const char* to_string(presence_status s) noexcept;
+
+struct presence_options {
+    /// The channel of each identity's transitions (e.g. its record channel); see also the
+    /// constructor that takes one channel for everybody.
+    std::function<channel(const std::string& who)> channel_of;
+    std::string type = "imbus/presence";
+    /// Idle this long: away (Odoo's AWAY_TIMER, 30 minutes).
+    std::chrono::milliseconds away_after = std::chrono::minutes(30);
+    clock_function clock = system_clock();
+    /// The whole contribution is written this often; another tracker's expires after 3 * refresh.
+    std::chrono::milliseconds refresh = std::chrono::seconds(15);
+    /// The tracker's thread calls tick() this often (real time); 0: only when the application does.
+    std::chrono::milliseconds tick_every = std::chrono::seconds(1);
+    logger log = stderr_logger();
+};
+
+class presence_tracker {
+public:
+    /// Starts the tracker's thread and writes its first contribution (empty). The bus needs a
+    /// dispatcher (the tracker follows the internal channel); bus and dispatcher must outlive it.
+    presence_tracker(imbus::bus& b, presence_options options);
+    /// Every transition on `where`.
+    presence_tracker(imbus::bus& b, channel where, presence_options options = {});
+    ~presence_tracker();  ///< stops the thread; writes nothing (closing connections does)
+    presence_tracker(const presence_tracker&) = delete;
+    presence_tracker& operator=(const presence_tracker&) = delete;
+
+    void on_open(const std::string& who);   ///< a connection of `who` opened: activity
+    void on_close(const std::string& who);  ///< the last one to close makes `who` offline
+    /// Takes "update_presence" {"inactivity_period": ms}; returns false for any other event.
+    bool on_event(const std::string& who, const std::string& name, const json& data);
+    /// The user of `who` was last active `inactivity` ago (ignored when `who` has no connection).
+    void update(const std::string& who, std::chrono::milliseconds inactivity);
+    /// Time-driven work: idle identities become away, the contribution is refreshed, expired
+    /// contributions of other trackers are withdrawn. The thread calls it every tick_every.
+    void tick();
+
+    /// The merged status of `who`, as of the last internal row this tracker read.
+    presence_status status(const std::string& who) const;
+    std::size_t local_size() const;   ///< identities connected to this process
+    std::size_t size() const;         ///< identities connected to any process (the merged view)
+    std::size_t trackers() const;     ///< live trackers, this one included, as far as it knows
+    /// The last internal row read and whose transitions (if any) are published.
+    std::int64_t processed() const noexcept { return processed_.load(); }
+    const std::string& id() const noexcept { return id_; }
+    const channel& sync_channel() const noexcept { return sync_channel_; }
+
+private:
+    struct local_entry {
+        std::size_t connections = 0;
+        time_point last_activity{};
+        presence_status written = presence_status::offline;  // in this tracker's last row
+    };
+    struct contribution {  // one tracker's, as read from the internal channel
+        time_point until{};
+        std::int64_t last_row = 0;
+        std::unordered_map<std::string, presence_status> statuses;
+    };
+    using transition = std::pair<std::string, presence_status>;
+
+    presence_status local_status(const local_entry& e, time_point now) const;
+    json row(time_point now) const;
+    void write(std::vector<json> rows);  // under mutex_
+    void changed(const std::string& who, local_entry& e, time_point now, std::vector<json>& rows);
+    void run();
+    void post(std::function<void()> task);
+    void read(wakeup& w);  // the thread
+    void apply(const notification& n, std::vector<transition>& out);  // under mutex_
+    presence_status merged(const std::string& who) const;  // under mutex_
+    void publish(const std::vector<transition>& transitions);
+
+    imbus::bus& bus_;
+    presence_options options_;
+    std::string id_;
+    channel sync_channel_;
+    follower follower_;  // the thread's
+    mutable std::mutex mutex_;  // the state below; held across a write so rows keep their order
+    std::unordered_map<std::string, local_entry> local_;
+    std::unordered_map<std::string, contribution> trackers_;
+    std::unordered_map<std::string, presence_status> merged_;  // offline: absent
+    std::unordered_map<std::string, std::int64_t> withdrawn_;  // tracker -> its last row when withdrawn
+    time_point last_refresh_{};
+    std::atomic<std::int64_t> processed_{0};
+    std::mutex tasks_mutex_;
+    std::condition_variable tasks_ready_;
+    std::deque<std::function<void()>> tasks_;
+    bool stopping_ = false;
+    dispatcher::subscription subscription_;
+    std::thread thread_;
+};
+#endif // IMBUS_WITH_PRESENCE
 
 #ifdef IMBUS_WITH_WEBSOCKETPP
 // --------------------------------------------------------------------------------------------
@@ -4277,6 +4421,330 @@ inline client_request parse_client_request(std::string_view text, std::size_t ma
     return r;
 }
 
+#ifdef IMBUS_WITH_PRESENCE
+// --- presence -------------------------------------------------------------------------------
+
+namespace detail {
+constexpr const char* presence_sync_type = "imbus/presence.sync";
+
+inline presence_status presence_from_string(const std::string& s) {
+    return s == "online" ? presence_status::online : s == "away" ? presence_status::away : presence_status::offline;
+}
+
+inline presence_options presence_on(channel where, presence_options options) {
+    options.channel_of = [where = std::move(where)](const std::string&) { return where; };
+    return options;
+}
+
+inline std::string presence_tracker_id() {
+    std::random_device seed;
+    std::mt19937_64 random((std::uint64_t(seed()) << 32) ^ seed());
+    char text[17];
+    std::snprintf(text, sizeof text, "%016llx", static_cast<unsigned long long>(random()));
+    return text;
+}
+} // namespace detail
+
+inline const char* to_string(presence_status s) noexcept {
+    switch (s) {
+    case presence_status::online: return "online";
+    case presence_status::away: return "away";
+    default: return "offline";
+    }
+}
+
+inline presence_tracker::presence_tracker(imbus::bus& b, channel where, presence_options options)
+    : presence_tracker(b, detail::presence_on(std::move(where), std::move(options))) {}
+
+inline presence_tracker::presence_tracker(imbus::bus& b, presence_options options)
+    : bus_(b),
+      options_(std::move(options)),
+      id_(detail::presence_tracker_id()),
+      sync_channel_(b.db(), "imbus.presence", 0),
+      follower_(b.store(), b.get_dispatcher(), {sync_channel_}, 0) {
+    if (!options_.channel_of) throw std::invalid_argument("presence_tracker: options.channel_of is empty");
+    if (options_.refresh.count() <= 0) throw std::invalid_argument("presence_tracker: options.refresh must be positive");
+    subscription_ = b.get_dispatcher().subscribe([this](wakeup& w) { read(w); },
+                                                 [this](std::function<void()> task) { post(std::move(task)); });
+    subscription_.set_channels({sync_channel_});
+    post([this] {  // the first read: the others' contributions from the first-poll window
+        wakeup w;
+        w.overflowed = true;
+        read(w);
+    });
+    thread_ = std::thread([this] { run(); });
+    tick();  // the first contribution: the others learn that this tracker is alive
+}
+
+inline presence_tracker::~presence_tracker() {
+    {
+        std::lock_guard<std::mutex> lock(tasks_mutex_);
+        stopping_ = true;
+    }
+    tasks_ready_.notify_all();
+    thread_.join();
+    subscription_.close();  // a task posted after the join is dropped with tasks_
+}
+
+inline presence_status presence_tracker::local_status(const local_entry& e, time_point now) const {
+    if (e.connections == 0) return presence_status::offline;
+    return now - e.last_activity >= options_.away_after ? presence_status::away : presence_status::online;
+}
+
+// Every row names its writer and how long the writer is alive without another row.
+inline json presence_tracker::row(time_point now) const {
+    const auto until = now + 3 * std::chrono::duration_cast<clock_type::duration>(options_.refresh);
+    return {{"p", id_}, {"until", detail::to_micros(until)}};
+}
+
+inline void presence_tracker::changed(const std::string& who, local_entry& e, time_point now, std::vector<json>& rows) {
+    const presence_status s = local_status(e, now);
+    if (s == e.written) return;
+    e.written = s;
+    json r = row(now);
+    r["who"] = who;
+    r["s"] = to_string(s);
+    rows.push_back(std::move(r));
+}
+
+// A failed write loses rows of this tracker only: the next refresh writes its whole contribution.
+inline void presence_tracker::write(std::vector<json> rows) {
+    if (rows.empty()) return;
+    std::error_code ec;
+    try {
+        transaction tx(bus_);  // begin() may throw (a SQL store that lost its server)
+        for (const auto& r : rows) tx.send(sync_channel_, detail::presence_sync_type, r, ec);
+        if (!ec) tx.commit(ec);
+    } catch (const std::exception& e) {
+        if (options_.log) options_.log(log_level::error, std::string("presence: writing the contribution failed: ") + e.what());
+        return;
+    }
+    if (ec && options_.log) options_.log(log_level::error, "presence: writing the contribution failed: " + ec.message());
+}
+
+inline void presence_tracker::on_open(const std::string& who) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const time_point now = options_.clock();
+    auto& e = local_[who];
+    ++e.connections;
+    e.last_activity = now;
+    std::vector<json> rows;
+    changed(who, e, now, rows);
+    write(std::move(rows));
+}
+
+inline void presence_tracker::on_close(const std::string& who) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto it = local_.find(who);
+    if (it == local_.end()) return;
+    if (--it->second.connections > 0) return;
+    std::vector<json> rows;
+    changed(who, it->second, options_.clock(), rows);
+    local_.erase(it);
+    write(std::move(rows));
+}
+
+inline bool presence_tracker::on_event(const std::string& who, const std::string& name, const json& data) {
+    if (name != "update_presence") return false;
+    const json* ms = data.is_object() && data.contains("inactivity_period") ? &data["inactivity_period"] : nullptr;
+    if (!ms || !ms->is_number()) return true;  // malformed: ignored
+    const double period = std::clamp(ms->get<double>(), 0.0, 1e12);  // NaN-free: JSON has none
+    update(who, std::chrono::milliseconds(static_cast<std::int64_t>(period)));
+    return true;
+}
+
+inline void presence_tracker::update(const std::string& who, std::chrono::milliseconds inactivity) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto it = local_.find(who);
+    if (it == local_.end()) return;
+    const time_point now = options_.clock();
+    it->second.last_activity = now - std::chrono::duration_cast<clock_type::duration>(inactivity);
+    std::vector<json> rows;
+    changed(who, it->second, now, rows);
+    write(std::move(rows));
+}
+
+inline void presence_tracker::tick() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const time_point now = options_.clock();
+    std::vector<json> rows;
+    for (auto& [who, e] : local_) changed(who, e, now, rows);
+    if (last_refresh_ == time_point{} || now - last_refresh_ >= options_.refresh) {
+        last_refresh_ = now;
+        json r = row(now);
+        r["all"] = json::object();
+        for (const auto& [who, e] : local_) r["all"][who] = to_string(e.written);
+        rows.push_back(std::move(r));
+    }
+    for (const auto& [tracker, c] : trackers_) {
+        if (tracker == id_ || c.until >= now) continue;
+        auto [at, fresh] = withdrawn_.emplace(tracker, c.last_row);
+        if (!fresh && at->second == c.last_row) continue;  // already written, not yet read back
+        at->second = c.last_row;
+        json r = row(now);
+        r["gone"] = tracker;
+        r["seen"] = c.last_row;  // withdrawn only if it wrote nothing since
+        rows.push_back(std::move(r));
+    }
+    write(std::move(rows));
+}
+
+inline presence_status presence_tracker::merged(const std::string& who) const {
+    presence_status best = presence_status::offline;
+    for (const auto& [tracker, c] : trackers_) {
+        auto it = c.statuses.find(who);
+        if (it != c.statuses.end()) best = std::max(best, it->second);
+    }
+    return best;
+}
+
+// Every tracker applies the same rows in the same order, so each merged transition is seen by
+// all of them at the same row; the row's writer publishes it.
+inline void presence_tracker::apply(const notification& n, std::vector<transition>& out) {
+    if (n.channel != sync_channel_) return;
+    const json m = json::parse(n.message, nullptr, false);
+    if (!m.is_object() || m.value("type", "") != detail::presence_sync_type) return;
+    const json& p = m["payload"];
+    if (!p.is_object() || !p.contains("p") || !p["p"].is_string() || !p.contains("until")) return;
+    const std::string writer = p["p"].get<std::string>();
+    auto& c = trackers_[writer];
+    c.until = detail::from_micros(p["until"].get<std::int64_t>());
+    c.last_row = n.id;
+    withdrawn_.erase(writer);  // it wrote again: alive
+    std::vector<std::string> touched;
+    if (p.contains("who")) {
+        const std::string who = p["who"].get<std::string>();
+        const presence_status s = detail::presence_from_string(p.value("s", ""));
+        if (s == presence_status::offline) c.statuses.erase(who);
+        else c.statuses[who] = s;
+        touched.push_back(who);
+    } else if (p.contains("all")) {
+        std::unordered_map<std::string, presence_status> statuses;
+        for (const auto& [who, s] : p["all"].items()) {
+            const presence_status status = detail::presence_from_string(s.get<std::string>());
+            if (status != presence_status::offline) statuses.emplace(who, status);
+        }
+        for (const auto& [who, s] : c.statuses) touched.push_back(who);
+        for (const auto& [who, s] : statuses) touched.push_back(who);
+        c.statuses = std::move(statuses);
+    } else if (p.contains("gone")) {
+        const std::string gone = p["gone"].get<std::string>();
+        auto it = trackers_.find(gone);
+        if (gone != writer && it != trackers_.end() && it->second.last_row == p.value("seen", std::int64_t(-1))) {
+            for (const auto& [who, s] : it->second.statuses) touched.push_back(who);
+            trackers_.erase(it);
+            withdrawn_.erase(gone);
+        }
+    }
+    for (const auto& who : touched) {
+        const presence_status now = merged(who);
+        auto it = merged_.find(who);
+        const presence_status before = it == merged_.end() ? presence_status::offline : it->second;
+        if (now == before) continue;
+        if (now == presence_status::offline) merged_.erase(it);
+        else merged_[who] = now;
+        if (writer == id_) out.emplace_back(who, now);
+    }
+}
+
+inline void presence_tracker::read(wakeup& w) {
+    std::vector<notification> rows;
+    try {
+        follower_.take(w, [&](const notification& n, std::string_view) { rows.push_back(n); });
+    } catch (const std::exception& e) {  // the store failed: the next wake-up polls again
+        if (options_.log) options_.log(log_level::error, std::string("presence: reading the contributions failed: ") + e.what());
+        return;
+    }
+    std::vector<transition> transitions;
+    {
+        std::lock_guard<std::mutex> lock(mutex_);
+        for (const auto& n : rows) {
+            try {
+                apply(n, transitions);
+            } catch (const std::exception& e) {  // a row of another version: skipped
+                if (options_.log) options_.log(log_level::warning, std::string("presence: a row skipped: ") + e.what());
+            }
+        }
+    }
+    publish(transitions);
+    processed_.store(follower_.position());
+}
+
+inline void presence_tracker::publish(const std::vector<transition>& transitions) {
+    if (transitions.empty()) return;
+    std::error_code ec;
+    try {
+        transaction tx(bus_);
+        for (const auto& [who, s] : transitions)
+            if (!ec) tx.send(options_.channel_of(who), options_.type, {{"who", who}, {"status", to_string(s)}}, ec);
+        if (!ec) tx.commit(ec);
+    } catch (const std::exception& e) {
+        if (options_.log) options_.log(log_level::error, std::string("presence: publishing transitions failed: ") + e.what());
+        return;
+    }
+    if (ec && options_.log) options_.log(log_level::error, "presence: publishing transitions failed: " + ec.message());
+}
+
+inline void presence_tracker::post(std::function<void()> task) {
+    {
+        std::lock_guard<std::mutex> lock(tasks_mutex_);
+        tasks_.push_back(std::move(task));
+    }
+    tasks_ready_.notify_one();
+}
+
+inline void presence_tracker::run() {
+    using steady = std::chrono::steady_clock;
+    const bool ticking = options_.tick_every.count() > 0;
+    auto next_tick = steady::now() + options_.tick_every;
+    std::unique_lock<std::mutex> lock(tasks_mutex_);
+    for (;;) {
+        const auto ready = [this] { return stopping_ || !tasks_.empty(); };
+        if (ticking) tasks_ready_.wait_until(lock, next_tick, ready);
+        else tasks_ready_.wait(lock, ready);
+        if (stopping_) return;
+        std::function<void()> task;
+        if (!tasks_.empty()) {
+            task = std::move(tasks_.front());
+            tasks_.pop_front();
+        }
+        const bool tick_due = ticking && steady::now() >= next_tick;
+        if (tick_due) next_tick = steady::now() + options_.tick_every;
+        lock.unlock();
+        try {
+            if (task) task();
+            if (tick_due) tick();
+        } catch (const std::exception& e) {
+            if (options_.log) options_.log(log_level::error, std::string("presence: ") + e.what());
+        }
+        lock.lock();
+    }
+}
+
+inline presence_status presence_tracker::status(const std::string& who) const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto it = merged_.find(who);
+    return it == merged_.end() ? presence_status::offline : it->second;
+}
+
+inline std::size_t presence_tracker::local_size() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return local_.size();
+}
+
+inline std::size_t presence_tracker::size() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return merged_.size();
+}
+
+inline std::size_t presence_tracker::trackers() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const time_point now = options_.clock();
+    return std::size_t(std::count_if(trackers_.begin(), trackers_.end(),
+                                     [&](const auto& t) { return t.first == id_ || t.second.until >= now; }));
+}
+#endif // IMBUS_WITH_PRESENCE
+
 #ifdef IMBUS_WITH_WEBSOCKETPP
 // --- server ---------------------------------------------------------------------------------
 
@@ -5943,7 +6411,7 @@ void basic_server<AuthPolicy, Transport>::on_subscribe(const connection_ptr& con
     catch_up(con, first && last > 0);
 }
 
-// Odoo's _build_bus_channels_list: the client's strings as [db, s], then the policy's say.
+// Odoo's _build_bus_channel_list: the client's strings as [db, s], then the policy's say.
 template <class AuthPolicy, class Transport>
 std::vector<channel> basic_server<AuthPolicy, Transport>::build_channels(const identity& who, const std::vector<std::string>& asked) {
     std::vector<channel> requested;
