@@ -3,21 +3,35 @@
 # npm package (playwright-core, from tests/browser/package-lock.json). Idempotent: calls apt
 # only for missing packages and npm only when tests/browser/node_modules is missing or older
 # than the lock file. Uses sudo when not run as root.
+#   bash scripts/setup.sh          everything (scripts/test.sh)
+#   bash scripts/setup.sh --demo   only what the chat demo's build needs (scripts/demo.sh)
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
+case "${1:-}" in
+  "") demo=false ;;
+  --demo) demo=true ;;
+  *) echo "usage: $0 [--demo]" >&2; exit 2 ;;
+esac
+
+# The demo (examples/chat, examples/outbox.cpp): a compiler, CMake and the headers and libraries
+# of imbus::server and imbus::sqlite. demo.sh configures without PostgreSQL, TLS and the tests.
 packages=(
-  build-essential cmake clang libclang-rt-14-dev
-  libasio-dev libwebsocketpp-dev nlohmann-json3-dev doctest-dev
-  libsqlite3-dev libpq-dev
-  libssl-dev openssl  # wss:// (imbus::tls) and the TLS tests' throwaway certificates
-  postgresql  # the PostgreSQL tests run on a throwaway cluster (scripts/pg_cluster.sh)
-  chromium  # the browser tests (tests/browser) drive /usr/bin/chromium
+  build-essential cmake
+  libasio-dev libwebsocketpp-dev nlohmann-json3-dev libsqlite3-dev
 )
-# Debian's nodejs/npm only where there is no node or npm at all: a node from elsewhere (e.g.
-# NodeSource) ships its own npm, which Debian's npm package would conflict with.
-command -v node >/dev/null 2>&1 || packages+=(nodejs)
-command -v npm >/dev/null 2>&1 || packages+=(npm)
+if [ "$demo" = false ]; then
+  packages+=(
+    clang libclang-rt-14-dev doctest-dev libpq-dev
+    libssl-dev openssl  # wss:// (imbus::tls) and the TLS tests' throwaway certificates
+    postgresql  # the PostgreSQL tests run on a throwaway cluster (scripts/pg_cluster.sh)
+    chromium  # the browser tests (tests/browser) drive /usr/bin/chromium
+  )
+  # Debian's nodejs/npm only where there is no node or npm at all: a node from elsewhere (e.g.
+  # NodeSource) ships its own npm, which Debian's npm package would conflict with.
+  command -v node >/dev/null 2>&1 || packages+=(nodejs)
+  command -v npm >/dev/null 2>&1 || packages+=(npm)
+fi
 
 fail() {
   echo "setup.sh: $*" >&2
@@ -49,6 +63,8 @@ else
     fi
   fi
 fi
+
+if [ "$demo" = true ]; then exit 0; fi  # the demo needs no npm package
 
 # playwright-core for the browser tests, exactly as locked. Without it CMake skips the browser
 # tests with a message (CI, which configures with IMBUS_REQUIRE_BROWSER_TESTS=ON, fails instead).

@@ -5,30 +5,48 @@ const AWAY_AFTER_MS = 60000;       // the server's rule too: away after 60 s wit
 const PRESENCE_EVERY_MS = 30000;
 const TYPING_SHOWN_MS = 3000;
 const TYPING_EVERY_MS = 2000;      // at most one "typing" request per 2 s
+const DEFAULT_ROOM = "general";    // the server puts every new user in it
+const ROOM_NAME = /^[A-Za-z0-9_-]{1,32}$/;  // the server's rule (valid_room in chat.cpp)
+const UNREACHABLE = "Can't reach the server. Check your connection; the chat reconnects by itself.";
 
 const $ = (id) => document.getElementById(id);
 const state = {
     me: null,
     rooms: [],                     // joined rooms, sorted
+    allRooms: [],                  // every room on the server: [{name, members}]
     current: null,                 // the room on screen
     messages: new Map(),           // room -> Map(id -> message)
     unread: new Map(),             // room -> count
+    seen: new Map(),               // room -> the highest message id shown or counted (a replay is not unread)
     presence: new Map(),           // user -> "online" | "away" | "offline"
+    connected: false,              // this tab's socket is up: without it presence is unknown
     typing: new Map(),             // user -> {room, timer}
 };
 let bus = null;
 const ACTIVITY_KEY = "imbus-chat.last_activity";  // shared by the tabs: one presence per browser
 let lastTypingSent = 0;
+let retryAction = null;            // what "Retry now" runs again
 
 async function api(method, path, body) {
-    const response = await fetch(path, {
-        method,
-        headers: body ? { "Content-Type": "application/json" } : {},
-        body: body ? JSON.stringify(body) : undefined,
-    });
+    let response;
+    try {
+        response = await fetch(path, {
+            method,
+            headers: body ? { "Content-Type": "application/json" } : {},
+            body: body ? JSON.stringify(body) : undefined,
+        });
+    } catch {  // fetch rejects only when no answer came at all (server down, network gone)
+        throw Object.assign(new Error(UNREACHABLE), { unreachable: true });
+    }
     const data = await response.json().catch(() => ({}));
-    if (!response.ok) throw Object.assign(new Error(data.error || response.statusText), { status: response.status });
+    if (!response.ok) throw Object.assign(new Error(readable(response.status, data.error)), { status: response.status });
     return data;
+}
+
+function readable(status, error) {
+    if (status === 401) return "Your session has ended: log in again.";
+    if (status >= 500 || !error) return `The server could not do that (error ${status}). Try again in a moment.`;
+    return error[0].toUpperCase() + error.slice(1) + ".";  // the server's messages are lower-case phrases
 }
 
 function element(tag, attributes = {}, text = "") {
@@ -42,15 +60,81 @@ function showError(id, error) {
     $(id).textContent = error ? error.message || String(error) : "";
 }
 
+// The chat's error line; `again` is offered as "Retry now" when the server could not be reached.
+function showChatError(error, again) {
+    $("chat-error").textContent = error ? error.message || String(error) : "";
+    $("chat-alert").hidden = !error;
+    retryAction = error?.unreachable ? again : null;
+    $("retry").hidden = !retryAction;
+}
+
+// Runs a user action: a failure goes to the error line (with a retry), a success clears it.
+async function attempt(action) {
+    try {
+        await action();
+        showChatError(null);
+    } catch (error) {
+        showChatError(error, action);
+    }
+}
+
+// --- what this browser remembers per user: unread counts and the room on screen -------------------
+
+const savedKey = () => `imbus-chat.user.${state.me}`;
+
+function loadSaved() {
+    let saved = {};
+    try {
+        saved = JSON.parse(localStorage.getItem(savedKey())) || {};
+    } catch { /* unreadable: start afresh */ }
+    state.unread = new Map(Object.entries(saved.unread || {}));
+    state.seen = new Map(Object.entries(saved.seen || {}));
+    return saved;
+}
+
+function save() {
+    localStorage.setItem(savedKey(), JSON.stringify({
+        current: state.current, unread: Object.fromEntries(state.unread), seen: Object.fromEntries(state.seen),
+    }));
+}
+
+// A message arrived (live, replayed or in a history): unread unless on screen, mine, or counted before.
+function account(m) {
+    if (m.room !== state.current && m.user !== state.me && m.id > (state.seen.get(m.room) || 0))
+        state.unread.set(m.room, (state.unread.get(m.room) || 0) + 1);
+    if (m.id > (state.seen.get(m.room) || 0)) state.seen.set(m.room, m.id);
+}
+
 // --- rendering ---------------------------------------------------------------------------------
 
 function renderRooms() {
+    let total = 0;
     $("rooms").replaceChildren(...state.rooms.map((room) => {
         const unread = state.unread.get(room) || 0;
-        const button = element("button", { type: "button", "data-testid": "room-button", "data-room": room },
-                               `#${room}${unread ? ` (${unread})` : ""}`);
+        total += unread;
+        const button = element("button", { type: "button", "data-testid": "room-button", "data-room": room });
+        button.append(element("span", { class: "name" }, `#${room}`));
+        if (unread) button.append(element("span", { class: "badge", "data-testid": "unread-count" }, String(unread)));
         if (room === state.current) button.setAttribute("aria-current", "true");
-        button.addEventListener("click", () => selectRoom(room));
+        button.addEventListener("click", () => { showDrawer(false); selectRoom(room); });
+        const item = element("li");
+        item.append(button);
+        return item;
+    }));
+    $("unread-total").textContent = String(total);
+    $("unread-total").hidden = total === 0;
+    renderDirectory();
+}
+
+function renderDirectory() {
+    const others = state.allRooms.filter(({ name }) => !state.rooms.includes(name));
+    $("directory-title").hidden = others.length === 0;
+    $("directory").replaceChildren(...others.map(({ name, members }) => {
+        const button = element("button", { type: "button", "data-testid": "directory-room", "data-room": name,
+                                            title: `Join #${name}` });
+        button.append(element("span", { class: "name" }, `#${name}`),
+                      element("span", { class: "count" }, `${members} ${members === 1 ? "member" : "members"}`));
+        button.addEventListener("click", () => { showDrawer(false); attempt(() => joinRoom(name)); });
         const item = element("li");
         item.append(button);
         return item;
@@ -66,7 +150,7 @@ function renderMessages() {
         item.append(element("span", { class: "author" }, m.user),
                     element("time", { datetime: new Date(m.at).toISOString() },
                             new Date(m.at).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" })),
-                    element("span", { class: "text", "data-testid": "message-text" }, m.text));
+                    element("p", { class: "text", "data-testid": "message-text" }, m.text));
         return item;
     }));
     list.scrollTop = list.scrollHeight;
@@ -74,10 +158,15 @@ function renderMessages() {
 
 function renderPresence() {
     const users = [...state.presence.keys()].sort();
+    $("presence-note").hidden = state.connected;
     $("presence").replaceChildren(...users.map((user) => {
-        const status = state.presence.get(user);
-        return element("li", { "data-testid": "presence-item", "data-user": user, "data-status": status, class: status },
-                       `${user}${user === state.me ? " (you)" : ""} · ${status}`);
+        // Disconnected, this tab hears no changes: what it last heard may be wrong by now.
+        const status = state.connected ? state.presence.get(user) : "unknown";
+        const item = element("li", { "data-testid": "presence-item", "data-user": user, "data-status": status,
+                                     class: status, title: status });
+        item.append(element("span", { class: "name" }, user + (user === state.me ? " (you)" : "")),
+                    element("span", { class: "status" }, status));
+        return item;
     }));
 }
 
@@ -90,6 +179,7 @@ function renderTyping() {
 function renderRoom() {
     const inRoom = state.current !== null;
     $("room-title").textContent = inRoom ? `#${state.current}` : "Join a room to start";
+    $("room-title").title = $("room-title").textContent;  // a long name is cut on screen
     $("leave").hidden = !inRoom;
     $("message-input").disabled = $("send-button").disabled = !inRoom;
     renderRooms();
@@ -109,18 +199,30 @@ function addMessage(m) {
 async function loadHistory(room) {
     const { messages } = await api("GET", `/chat/history?room=${encodeURIComponent(room)}`);
     messages.forEach(addMessage);  // de-duplicated by id
+    messages.forEach(account);  // what came while this page was closed counts as unread too
+    save();
     if (state.current === room) renderMessages();
+    renderRooms();
 }
 
 async function selectRoom(room) {
     state.current = room;
     state.unread.delete(room);
+    save();
     renderRoom();
-    try {
-        await loadHistory(room);
-    } catch (error) {
-        showError("chat-error", error);
-    }
+    await attempt(() => loadHistory(room));
+}
+
+async function loadDirectory() {
+    state.allRooms = (await api("GET", "/chat/rooms")).rooms;
+    renderDirectory();
+}
+
+async function joinRoom(room) {
+    await api("POST", "/chat/join", { room });
+    addRoom(room);
+    await selectRoom(room);
+    loadDirectory().catch(() => {});  // its member count changed
 }
 
 // Joined here or in another tab (chat/joined on the user's own channel): idempotent.
@@ -138,8 +240,10 @@ function removeRoom(room) {
     if (!state.rooms.includes(room)) return;
     state.rooms = state.rooms.filter((r) => r !== room);
     bus.deleteChannel(`room:${room}`);
-    if (state.current === room) state.current = null;
-    renderRoom();
+    state.unread.delete(room);
+    if (state.current === room) state.current = state.rooms.includes(DEFAULT_ROOM) ? DEFAULT_ROOM : state.rooms[0] ?? null;
+    if (state.current) selectRoom(state.current);
+    else renderRoom();
 }
 
 async function loadPresence() {
@@ -166,6 +270,18 @@ function banner(text) {
     $("connection-banner").hidden = !text || bus.isOutdated;
 }
 
+function setConnected(connected) {
+    state.connected = connected;
+    renderPresence();
+    if (connected && retryAction) showChatError(null);  // the server is back: "can't reach" is over
+}
+
+// Phones: the sidebar is a drawer over the room, opened by the ☰ button.
+function showDrawer(open) {
+    document.body.classList.toggle("drawer-open", open);
+    $("rooms-toggle").setAttribute("aria-expanded", String(open));
+}
+
 // --- the bus ----------------------------------------------------------------------------------
 
 function startBus() {
@@ -173,8 +289,9 @@ function startBus() {
     bus.subscribe("chat/message", (m) => {
         if (!addMessage(m)) return;
         state.typing.delete(m.user);
+        account(m);
+        save();
         if (m.room === state.current) renderMessages();
-        else if (m.user !== state.me) state.unread.set(m.room, (state.unread.get(m.room) || 0) + 1);
         renderRooms();
         renderTyping();
     });
@@ -192,10 +309,17 @@ function startBus() {
     });
     bus.subscribe("chat/joined", ({ room }) => addRoom(room));
     bus.subscribe("chat/left", ({ room }) => removeRoom(room));
-    bus.addEventListener("connect", () => { banner(""); reportPresence(); });
-    bus.addEventListener("reconnect", () => { banner(""); reportPresence(); loadPresence().catch(() => {}); });
-    bus.addEventListener("reconnecting", () => banner("Connection lost, reconnecting…"));
+    bus.addEventListener("connect", () => { banner(""); setConnected(true); reportPresence(); });
+    bus.addEventListener("reconnect", () => {
+        banner("");
+        setConnected(true);
+        reportPresence();
+        loadPresence().catch(() => {});
+        loadDirectory().catch(() => {});
+    });
+    bus.addEventListener("reconnecting", () => { banner("Connection lost, reconnecting…"); setConnected(false); });
     bus.addEventListener("disconnect", ({ detail }) => {
+        setConnected(false);
         if (detail?.code === 4001) banner("Your session has expired: log in again.");
         else if (detail?.code !== 1000) banner("Disconnected.");
     });
@@ -219,11 +343,27 @@ async function enter({ name, rooms }) {
     $("login-form").hidden = true;
     $("chat").hidden = false;
     localStorage.setItem(ACTIVITY_KEY, String(Date.now()));
+    const saved = loadSaved();
     startBus();
     rooms.forEach(addRoom);
-    loadPresence().catch((error) => showError("chat-error", error));
+    loadPresence().catch((error) => showChatError(error));
+    loadDirectory().catch(() => {});
     renderRoom();
-    if (rooms.length) await selectRoom(rooms[0]);
+    const first = [saved.current, DEFAULT_ROOM, rooms[0]].find((room) => rooms.includes(room));
+    if (first) await selectRoom(first);
+}
+
+function showLogin() {
+    $("login-form").hidden = false;
+    $("login-name").focus();
+}
+
+// Why a room name is refused, in words (the same rule as the server's), or "" when it is fine.
+function roomNameProblem(room) {
+    if (ROOM_NAME.test(room)) return "";
+    if (!room) return "Type a room name.";
+    if (room.length > 32) return "A room name has at most 32 characters.";
+    return "Room names use only letters A–Z, digits, - and _ (no spaces or accents), up to 32 characters.";
 }
 
 // --- forms ------------------------------------------------------------------------------------
@@ -232,50 +372,65 @@ $("login-form").addEventListener("submit", async (event) => {
     event.preventDefault();
     try {
         await api("POST", "/chat/login", { name: $("login-name").value.trim() });
+        showError("login-error", null);
         await enter(await api("GET", "/chat/me"));
     } catch (error) {
         showError("login-error", error);
     }
 });
 
+function checkRoomName() {
+    const problem = $("join-room").value ? roomNameProblem($("join-room").value.trim()) : "";
+    $("join-error").textContent = problem;
+    $("join-room").setAttribute("aria-invalid", String(Boolean(problem)));
+    return !problem;
+}
+
+$("join-room").addEventListener("input", checkRoomName);
+
 $("join-form").addEventListener("submit", async (event) => {
     event.preventDefault();
     const room = $("join-room").value.trim();
-    try {
-        await api("POST", "/chat/join", { room });
+    if (!room) return $("join-room").focus();
+    if (!checkRoomName()) return;
+    showDrawer(false);
+    await attempt(async () => {
+        await joinRoom(room);
         $("join-room").value = "";
-        addRoom(room);
-        await selectRoom(room);
-        showError("chat-error", null);
-    } catch (error) {
-        showError("chat-error", error);
-    }
+    });
 });
 
-$("leave").addEventListener("click", async () => {
+$("leave").addEventListener("click", () => {
     const room = state.current;
-    try {
+    attempt(async () => {
         await api("POST", "/chat/leave", { room });
         removeRoom(room);
-    } catch (error) {
-        showError("chat-error", error);
-    }
+        loadDirectory().catch(() => {});
+    });
 });
 
-$("send-form").addEventListener("submit", async (event) => {
+$("send-form").addEventListener("submit", (event) => {
     event.preventDefault();
-    const text = $("message-input").value;
-    if (!text.trim() || !state.current) return;
-    try {
-        const message = await api("POST", "/chat/send", { room: state.current, text });
-        $("message-input").value = "";
+    const text = $("message-input").value, room = state.current;
+    if (!text.trim() || !room) return;
+    attempt(async () => {
+        const message = await api("POST", "/chat/send", { room, text });
+        if ($("message-input").value === text) $("message-input").value = "";  // unless a new one is being typed
         lastTypingSent = 0;
+        account(message);
         if (addMessage(message) && message.room === state.current) renderMessages();
-        showError("chat-error", null);
-    } catch (error) {
-        showError("chat-error", error);
-    }
+    });
 });
+
+$("retry").addEventListener("click", async () => {
+    $("retry").disabled = true;
+    await attempt(retryAction);
+    $("retry").disabled = false;
+});
+
+$("rooms-toggle").addEventListener("click", () => showDrawer(!document.body.classList.contains("drawer-open")));
+$("backdrop").addEventListener("click", () => showDrawer(false));
+addEventListener("keydown", (event) => { if (event.key === "Escape") showDrawer(false); });
 
 $("message-input").addEventListener("input", () => {
     if (!state.current || !$("message-input").value || Date.now() - lastTypingSent < TYPING_EVERY_MS) return;
@@ -292,7 +447,7 @@ $("logout").addEventListener("click", async () => {
 $("reload").addEventListener("click", () => location.reload());
 
 // Already signed in (the session cookie)? Otherwise ask for a name.
-api("GET", "/chat/me").then(enter, () => {
-    $("login-form").hidden = false;
-    $("login-name").focus();
+api("GET", "/chat/me").then((me) => (me.name ? enter(me) : showLogin()), (error) => {
+    showLogin();
+    showError("login-error", error);
 });

@@ -4,6 +4,10 @@
 // (js/) come from the same origin as the WebSocket.
 //
 //   example_chat --port 8080 --data chat.db        # then open http://127.0.0.1:8080/
+//
+// Routes (JSON): POST /chat/login {name}, /chat/logout, /chat/join {room}, /chat/leave {room},
+// /chat/send {room, text}; GET /chat/me ({"name": null} before logging in), /chat/online,
+// /chat/rooms (every room, with its member count), /chat/history?room=NAME.
 #include "imbus.hpp"
 
 #include <csignal>
@@ -19,6 +23,7 @@ using imbus::json;
 using steady = std::chrono::steady_clock;
 constexpr auto session_ttl = std::chrono::hours(24 * 7);
 constexpr auto away_after = std::chrono::seconds(60);
+constexpr const char* default_room = "general";  // every new user is in it: nobody starts in an empty list
 
 std::int64_t now_ms() {
     return std::chrono::duration_cast<std::chrono::milliseconds>(imbus::clock_type::now().time_since_epoch()).count();
@@ -52,10 +57,14 @@ struct chat {
         return reinterpret_cast<const char*>(sqlite3_column_text(st, col));
     }
 
-    std::int64_t user_id(const std::string& name) {  // creates the user on first sight
+    std::int64_t user_id(const std::string& name) {  // creates the user on first sight, in the default room
         std::int64_t id = 0;
         sql("INSERT OR IGNORE INTO users (name) VALUES (?)", {name});
+        const bool created = sqlite3_changes(db) == 1;
         sql("SELECT id FROM users WHERE name = ?", {name}, [&](sqlite3_stmt* st) { id = sqlite3_column_int64(st, 0); });
+        if (created)
+            sql("INSERT OR IGNORE INTO memberships (user_id, room_id) SELECT ?, id FROM rooms WHERE name = ?",
+                {id, std::string(default_room)});
         return id;
     }
     imbus::channel user_channel(const std::string& name) {  // ["chat","chat.user",id]: no client can ask for it
@@ -169,11 +178,23 @@ bool chat::route(const imbus::http_request& r, imbus::http_response& res) {
         set_cookie("", std::chrono::seconds(0));
         return reply(200, json::object());
     }
-    const auto who = tokens.verify(r.cookie("imbus_session"));
-    if (!who || !tokens.still_valid(*who)) return reply(401, {{"error", "log in first"}});
+    auto who = tokens.verify(r.cookie("imbus_session"));
+    if (who && !tokens.still_valid(*who)) who.reset();
+    // "Who am I?" is a normal question before logging in: 200 with no name, not an error in the console.
+    if (get && action == "me")
+        return who ? reply(200, {{"name", who->subject}, {"rooms", rooms_of(who->subject)}})
+                   : reply(200, {{"name", nullptr}, {"rooms", json::array()}});
+    if (!who) return reply(401, {{"error", "log in first"}});
     const std::string user = who->subject, room = get ? r.param("room") : field("room");
 
-    if (get && action == "me") return reply(200, {{"name", user}, {"rooms", rooms_of(user)}});
+    if (get && action == "rooms") {  // every room, to pick one to join
+        json rooms = json::array();
+        sql("SELECT r.name, COUNT(m.user_id) FROM rooms r LEFT JOIN memberships m ON m.room_id = r.id "
+            "GROUP BY r.id ORDER BY r.name", {}, [&](sqlite3_stmt* st) {
+            rooms.push_back({{"name", text(st, 0)}, {"members", sqlite3_column_int64(st, 1)}});
+        });
+        return reply(200, {{"rooms", rooms}});
+    }
     if (get && action == "online") {  // everybody known, with their current presence
         json users = json::array();
         sql("SELECT name FROM users ORDER BY name", {}, [&](sqlite3_stmt* st) {
@@ -289,6 +310,7 @@ int main(int argc, char** argv) {
         imbus::dispatcher dispatcher;
         imbus::bus bus(store, dispatcher, {"chat"});
         chat app{db, bus, imbus::signed_token_policy(s.secret), {}, {}, {}};
+        app.sql("INSERT OR IGNORE INTO rooms (name) VALUES (?)", {std::string(default_room)});
 
         // The Origin check is on: the printed URL's origin and localhost. With --port 0
         // the port is known only after listen(), so the policy and the routes check it as well.
