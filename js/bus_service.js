@@ -10,6 +10,8 @@
 
 const LAST_ID_KEY = "imbus.last_notification_id";  // shared by the tabs, kept across reloads
 const DEFAULT_VERSION = "19.0-2";
+// Back online, the network is often not usable yet: a retry at once would fail and back off.
+export const BACK_ONLINE_RECONNECT_DELAY = 5000;
 
 export class BusService extends EventTarget {
     constructor({
@@ -18,8 +20,13 @@ export class BusService extends EventTarget {
         version = DEFAULT_VERSION,
         storage = globalThis.localStorage,
         useSharedWorker = true,
+        uid = undefined,  // who the page is (Odoo: the user id; undefined: not known)
+        db = undefined,   // and where (Odoo: the database name)
+        backOnlineDelay = BACK_ONLINE_RECONNECT_DELAY,  // ms from `online` to the restart
     } = {}) {
         super();
+        this.uid = uid;
+        this.db = db;
         this.websocketURL = new URL(websocketURL, location.href).href.replace(/^http/, "ws");
         this.workerURL = workerURL;
         this.version = version;
@@ -33,6 +40,9 @@ export class BusService extends EventTarget {
         this.channelCounts = new Map();  // this tab's adds, replayed if the worker is replaced
         this.started = false;
         this.queued = [];  // posts made before start(): nothing connects until the page says so
+        this.backOnlineTimer = null;
+        this.backOnlineDelay = backOnlineDelay;
+        this.listening = false;
     }
 
     // --- the tab API ----------------------------------------------------------------------------
@@ -63,9 +73,13 @@ export class BusService extends EventTarget {
         this._post("delete_channel", channel);
     }
 
-    /** Any request to the server, e.g. send("update_presence", {inactivity_period: 0}). */
-    send(eventName, data) {
-        this._post("send", { event_name: eventName, data });
+    /**
+     * Any request to the server, e.g. send("update_presence", {inactivity_period: 0}). With a
+     * `key`, a request still waiting for the socket is replaced by a later one of the same event
+     * name and key (e.g. send("typing", {room, on}, {key: room})); update_presence always is.
+     */
+    send(eventName, data, { key } = {}) {
+        this._post("send", key === undefined ? { event_name: eventName, data } : { event_name: eventName, data, key });
     }
 
     start() {
@@ -74,9 +88,16 @@ export class BusService extends EventTarget {
         this._post("start");
     }
 
+    /** This tab leaves the socket (its channels are released); the last tab to stop closes it. */
     stop() {
         this.started = false;
+        clearTimeout(this.backOnlineTimer);
         this._post("stop");
+    }
+
+    /** Subscribes again even if the channels did not change (debounced with the channel changes). */
+    forceUpdateChannels() {
+        this._post("force_update_channels");
     }
 
     get lastNotificationId() {
@@ -88,18 +109,48 @@ export class BusService extends EventTarget {
     // One SharedWorker per origin; a dedicated Worker where SharedWorker is missing or fails.
     // Called by start(): a page that is not logged in yet has no reason to connect.
     startWorker() {
+        this._attachWorker();
+        for (const message of this.queued.splice(0)) this.port.postMessage(message);
+        if (this.listening) return;
+        this.listening = true;
+        addEventListener("pagehide", (event) => {
+            // A page kept in the back-forward cache may come back: it stays registered.
+            if (!event.persisted) this._post("leave");
+        });
+        addEventListener("pageshow", (event) => {
+            if (event.persisted) this._reattach();
+        });
+        addEventListener("online", () => {
+            clearTimeout(this.backOnlineTimer);
+            this.backOnlineTimer = setTimeout(() => {
+                if (this.started) this._post("start");
+            }, this.backOnlineDelay);
+        });
+        addEventListener("offline", () => {
+            clearTimeout(this.backOnlineTimer);
+            this._post("offline");
+        });
+        addEventListener("storage", (event) => {
+            if (event.key === LAST_ID_KEY) this._post("set_last_notification_id", Number(event.newValue) || 0);
+        });
+    }
+
+    _attachWorker() {
         if (this.useSharedWorker) {
             try {
                 // One worker per protocol version: tabs of an old deploy must not pull new ones
                 // into their OUTDATED_VERSION state, nor the other way round.
-                this.worker = new SharedWorker(this.workerURL, { type: "module", name: `imbus@${this.version}` });
-                this.worker.addEventListener("error", () => this._fallBackToWorker());
-                this.port = this.worker.port;
-                this.port.addEventListener("message", (event) => this._onWorkerMessage(event.data));
+                const worker = new SharedWorker(this.workerURL, { type: "module", name: `imbus@${this.version}` });
+                worker.addEventListener("error", () => {
+                    if (worker === this.worker) this._fallBackToWorker();
+                });
+                this.worker = worker;
+                this.port = worker.port;
+                this.port.addEventListener("message", this._onPortMessage);
                 this.port.start();
                 this._initialize();
             } catch {
-                // Nothing reached a worker yet: the queue below carries every post made so far.
+                // Nothing reached a worker yet: the queue carries every post made so far.
                 this.useSharedWorker = false;
                 this._startDedicatedWorker();
                 this._initialize();
@@ -108,27 +159,40 @@ export class BusService extends EventTarget {
             this._startDedicatedWorker();
             this._initialize();
         }
-        for (const message of this.queued.splice(0)) this.port.postMessage(message);
-        addEventListener("pagehide", () => this._post("leave"));
-        addEventListener("online", () => this._post("start"));
-        addEventListener("offline", () => this._post("stop"));
-        addEventListener("storage", (event) => {
-            if (event.key === LAST_ID_KEY) this._post("set_last_notification_id", Number(event.newValue) || 0);
-        });
     }
+
+    _onPortMessage = (event) => this._onWorkerMessage(event.data);
 
     _startDedicatedWorker() {
         this.worker = new Worker(this.workerURL, { type: "module", name: "imbus" });
         this.port = this.worker;
-        this.port.addEventListener("message", (event) => this._onWorkerMessage(event.data));
+        this.port.addEventListener("message", this._onPortMessage);
     }
 
     _fallBackToWorker() {
         if (!this.useSharedWorker) return;  // already on a dedicated worker
+        this.port.removeEventListener("message", this._onPortMessage);
         this.useSharedWorker = false;
         this._startDedicatedWorker();
         this._initialize();
-        // what was posted to the failed SharedWorker is lost: replay this tab's state
+        this._replay();  // what was posted to the failed SharedWorker is lost
+    }
+
+    // Back from the back-forward cache: the worker may have dropped this tab, or ended (and its
+    // port with it) while the page was frozen. Join afresh, then leave the old port.
+    _reattach() {
+        if (!this.port) return;
+        const [oldPort, oldWorker, wasShared] = [this.port, this.worker, this.useSharedWorker];
+        oldPort.removeEventListener("message", this._onPortMessage);
+        this._attachWorker();
+        this._replay();
+        // after the new port's start: a worker kept alive by this tab alone keeps its socket
+        if (wasShared) oldPort.postMessage({ action: "leave" });
+        else oldWorker.terminate();
+    }
+
+    // This tab's state, for a worker that does not know it.
+    _replay() {
         for (const [channel, count] of this.channelCounts)
             for (let i = 0; i < count; ++i) this.port.postMessage({ action: "add_channel", data: channel });
         if (this.started) this.port.postMessage({ action: "start" });
@@ -137,7 +201,8 @@ export class BusService extends EventTarget {
     _initialize() {
         this.port.postMessage({
             action: "initialize_connection",
-            data: { websocketURL: this.websocketURL, version: this.version, lastNotificationId: this.lastNotificationId },
+            data: { websocketURL: this.websocketURL, version: this.version, lastNotificationId: this.lastNotificationId,
+                    uid: this.uid, db: this.db },
         });
     }
 
@@ -163,7 +228,7 @@ export class BusService extends EventTarget {
             case "initialized":
                 this.workerState = data.state;
                 return;
-            default:  // connect, disconnect, reconnecting, reconnect, missed_notifications, request_refused
+            default:  // connect, disconnect, reconnecting, reconnect, refused, missed_notifications, request_refused
                 return this._emit(type, data);
         }
     }

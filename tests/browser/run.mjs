@@ -142,11 +142,12 @@ class ServerProcess {
 
 class Harness extends ServerProcess {
     /** tls: {cert, key} PEM paths to serve https:// and wss:// */
-    constructor({ data, port = 0, version, tls }) {
+    constructor({ data, port = 0, version, tls, extra = [] }) {
         super("harness", port);
         this.data = data;
         this.version = version;
         this.tls = tls;
+        this.extra = extra;  // more flags, e.g. --presence-away-ms
     }
 
     start() {
@@ -154,6 +155,7 @@ class Harness extends ServerProcess {
         if (this.version) args.push("--version", this.version);
         if (options.root) args.push("--root", options.root);
         if (this.tls) args.push("--tls-cert", this.tls.cert, "--tls-key", this.tls.key);
+        args.push(...this.extra);
         return this.launch(options.harness, args, /^PORT (\d+)$/);
     }
 
@@ -197,6 +199,29 @@ class Harness extends ServerProcess {
             if (Date.now() > deadline) throw new AssertionError(`expected ${count} WebSocket connection(s), the server has ${now}`);
             await sleep(50);
         }
+    }
+
+    /** GET /test/stats: {connections, handshakes, probes, subscribes} (harness.cpp). */
+    async stats() {
+        const { status, body } = await this.request("GET", "/test/stats");
+        check(status === 200, `GET /test/stats answered ${status}`);
+        return JSON.parse(body);
+    }
+
+    async waitStat(name, value, timeout = WAIT_MS) {
+        const deadline = Date.now() + timeout;
+        let now;
+        while ((now = (await this.stats())[name]) < value) {
+            if (Date.now() > deadline) throw new AssertionError(`expected ${name} >= ${value}, the server has ${now}`);
+            await sleep(50);
+        }
+    }
+
+    /** GET /test/events: the client requests other than subscribe this server received, in order. */
+    async clientEvents() {
+        const { status, body } = await this.request("GET", "/test/events");
+        check(status === 200, `GET /test/events answered ${status}`);
+        return JSON.parse(body);
     }
 }
 
@@ -512,9 +537,243 @@ test("stop_start", async ({ harness, context }) => {
     await sleep(1500);  // longer than the first retry delay: a stopped worker must not reconnect
     checkEqual(await harness.connections(), 0, "a stopped worker does not reconnect");
     await busCall(page, "start");
-    await waitEvent(page, "reconnect");
+    await waitEvent(page, "connect", 2);  // a clean close is no outage: `connect`, not `reconnect`
     await waitReceived(page, whileStopped);
     checkEqual(await receivedIds(page), [...first, ...whileStopped], "resumed from the last id, nothing repeated");
+});
+
+// --- lifecycle, identity, offline queue, refused login (Odoo 19's worker behaviour) -------------
+
+const countOf = (log, name) => log.filter((e) => e === name).length;
+
+test("tab_stop_leaves_only_that_tab", async ({ harness, context }) => {
+    // stop() is this tab leaving the shared socket: its channels are released and it hears no
+    // more notifications, while the other tab keeps the socket. The last tab to stop closes it;
+    // start() joins again with the tab's channels.
+    const a = await openPage(context, harness.page("channel=a-only"));
+    const b = await openPage(context, harness.page("channel=b-only"));
+    await waitEvent(a, "connect");
+    await waitEvent(b, "connect");
+    await harness.waitConnections(1);
+    await barrier(harness, a);
+    check(await deliveredOn(harness, a, "b-only"), "tab B's channel is subscribed while B is started");
+
+    await busCall(b, "stop");
+    await barrier(harness, a);
+    const heardByB = await receivedIds(b);
+    check(!await deliveredOn(harness, a, "b-only"), "tab B's channel is released once B stopped");
+    check(await deliveredOn(harness, a, "a-only"), "tab A still receives on its own channel");
+    const ids = await harness.publishMany(2);
+    await waitReceived(a, ids);
+    checkEqual(await receivedIds(b), heardByB, "the stopped tab hears no notification");
+    checkEqual(await harness.connections(), 1, "the socket stays open for tab A");
+    checkEqual(countOf(await events(a), "disconnect"), 0, "tab A saw no disconnect");
+
+    await busCall(a, "stop");
+    await harness.waitConnections(0);  // the last started tab stopped
+    await busCall(b, "start");
+    await waitEvent(b, "connect", 2);
+    await barrier(harness, b);
+    check(await deliveredOn(harness, b, "b-only"), "tab B's channel is back once B started again");
+});
+
+test("bfcache_restore", async ({ harness }) => {
+    // A page left for another one may stay in the back-forward cache (pagehide with persisted):
+    // it must not leave the worker, and once restored (pageshow with persisted) it must hear the
+    // socket again. Before, every pagehide left and a restored tab was deaf. Playwright turns the
+    // cache off (--disable-back-forward-cache): this test runs a browser of its own with it on.
+    const cacheBrowser = await chromium.launch({ executablePath: options.chromium, args: CHROMIUM_ARGS, timeout: 30000,
+                                                ignoreDefaultArgs: ["--disable-back-forward-cache"] });
+    try {
+        const context = await cacheBrowser.newContext();
+        const page = await openPage(context, harness.page("channel=cached"));
+        await waitEvent(page, "connect");
+        const before = await harness.publishMany(2, "cached", "before");
+        await waitReceived(page, before);
+        await page.goto(harness.url("/test/stats"));
+        const away = await harness.publishMany(2, "cached", "away");
+        await page.goBack({ waitUntil: "commit" });  // a page restored from the cache fires no load
+        await waitFor(page, "the page restored from the back-forward cache", () => window.restoredFromCache === true);
+        const after = await harness.publishMany(2, "cached", "after");
+        await waitReceived(page, [...away, ...after]);
+        checkEqual(await receivedIds(page), [...before, ...away, ...after], "each notification once, across the cache");
+        checkEqual(await harness.connections(), 1, "one socket");
+    } finally {
+        await cacheBrowser.close();
+    }
+});
+
+test("pagehide_pageshow_persisted", async ({ harness, context }) => {
+    // The handlers themselves, with synthetic events: pagehide persisted keeps the tab, pagehide
+    // not persisted leaves, pageshow persisted joins again (with the tab's channels).
+    const a = await openPage(context, harness.page("channel=stay"));
+    const b = await openPage(context, harness.page("channel=hidden"));
+    await waitEvent(a, "connect");
+    await waitEvent(b, "connect");
+    const transition = (page, type, persisted) =>
+        page.evaluate(([t, p]) => dispatchEvent(new PageTransitionEvent(t, { persisted: p })), [type, persisted]);
+
+    await transition(b, "pagehide", true);
+    await barrier(harness, a);
+    check(await deliveredOn(harness, a, "hidden"), "a page kept in the cache keeps its channels");
+    await transition(b, "pagehide", false);
+    await barrier(harness, a);
+    check(!await deliveredOn(harness, a, "hidden"), "a page unloaded for good releases them");
+    await transition(b, "pageshow", true);
+    await barrier(harness, b);
+    check(await deliveredOn(harness, b, "hidden"), "restored: the tab's channel is subscribed again and the tab hears it");
+    checkEqual(await harness.connections(), 1, "one socket throughout");
+});
+
+test("online_waits_before_restart", async ({ harness, context }) => {
+    // `offline` closes the socket; back `online`, the tab restarts it after backOnlineDelay
+    // (default 5 s: the network is rarely usable at once, and a retry at once would fail and
+    // back off), and only if the tab is started. Before, `online` reconnected at once, started
+    // or not. The test shortens the delay to 1 s.
+    const page = await openPage(context, harness.page("backOnlineDelay=1000"));
+    await waitEvent(page, "connect");
+    await page.evaluate(() => dispatchEvent(new Event("offline")));
+    await harness.waitConnections(0);
+    const online = await page.evaluate(() => { dispatchEvent(new Event("online")); return performance.now(); });
+    await waitEvent(page, "connect", 2);  // a clean close: `connect` again, not `reconnect`
+    const at = await page.evaluate(() => window.log.filter((e) => e.event === "connect")[1].at);
+    check(at - online >= 990 && at - online < 4000, `reconnected ${Math.round(at - online)} ms after online (about 1000 expected)`);
+
+    await page.evaluate(() => dispatchEvent(new Event("offline")));
+    await harness.waitConnections(0);
+    await busCall(page, "stop");
+    await page.evaluate(() => dispatchEvent(new Event("online")));
+    await sleep(1500);  // proves a negative: past the 1 s delay, a stopped tab does not restart
+    checkEqual(await harness.connections(), 0, "no reconnection for a stopped tab");
+    checkEqual(countOf(await events(page), "connect"), 2, "no connect after online while stopped");
+});
+
+test("disconnect_once_per_outage", async ({ harness, context, restart }) => {
+    // While the server is away the worker fails attempt after attempt; the tabs hear one
+    // `disconnect` and one `reconnecting` for the outage, then one `reconnect`. Before, both
+    // fired on every failed attempt.
+    const page = await openPage(context, harness.page());
+    await waitEvent(page, "connect");
+    await harness.stop();
+    await waitEvent(page, "reconnecting");
+    // each attempt is CONNECTING then DISCONNECTED: the first DISCONNECTED is the outage's start
+    await waitFor(page, "three failed attempts", () =>
+        window.log.filter((e) => e.event === "worker_state_updated" && e.detail === "DISCONNECTED").length >= 4, null, RECONNECT_MS);
+    await restart();
+    await waitEvent(page, "reconnect", 1, RECONNECT_MS);
+    const log = await events(page);
+    checkEqual(["connect", "disconnect", "reconnecting", "reconnect"].map((name) => countOf(log, name)), [1, 1, 1, 1],
+               "connect, disconnect, reconnecting, reconnect: once each");
+});
+
+test("reconnect_after_unclean_close_only", async ({ harness, context, restart }) => {
+    // `reconnect` means an unclean close was recovered (the server went away: 1001); a socket
+    // the tab closed itself (stop) and opened again is a `connect`.
+    const page = await openPage(context, harness.page());
+    await waitEvent(page, "connect");
+    await busCall(page, "stop");
+    await waitEvent(page, "disconnect");
+    await busCall(page, "start");
+    await waitEvent(page, "connect", 2);
+    checkEqual(countOf(await events(page), "reconnect"), 0, "no reconnect after stop() and start()");
+    await harness.stop();
+    await restart();
+    await waitEvent(page, "reconnect", 1, RECONNECT_MS);
+    const log = await events(page);
+    checkEqual([countOf(log, "connect"), countOf(log, "reconnect")], [2, 1], "the server's restart is a reconnect");
+});
+
+test("identity_change", async ({ harness, context }) => {
+    // A tab of another user joins the worker (Odoo's initialize_connection with another uid):
+    // the socket is closed cleanly and reopened for the new user, and no channel of the old one
+    // stays subscribed. A tab of the same identity just shares the socket.
+    const a = await openPage(context, harness.page("uid=1&db=test&channel=user-1"));
+    await waitEvent(a, "connect");
+    await barrier(harness, a);
+    check(await deliveredOn(harness, a, "user-1"), "user 1's channel is subscribed");
+    const { handshakes } = await harness.stats();
+
+    const b = await openPage(context, harness.page("uid=2&db=test&channel=user-2"));
+    await waitEvent(a, "connect", 2);
+    await waitEvent(b, "connect");
+    const disconnect = (await a.evaluate(() => window.log)).find((e) => e.event === "disconnect");
+    checkEqual(disconnect?.detail, { code: 1000, reason: "identity changed" }, "the old socket was closed cleanly");
+    checkEqual((await harness.stats()).handshakes, handshakes + 1, "one new handshake, for the new user");
+    await harness.waitConnections(1);
+    await barrier(harness, b);
+    check(await deliveredOn(harness, b, "user-2"), "the new user's channel is subscribed");
+    check(!await deliveredOn(harness, b, "user-1"), "the old user's channel is not");
+
+    const c = await openPage(context, harness.page("uid=2&db=test"));
+    await waitEvent(c, "connect");
+    checkEqual((await harness.stats()).handshakes, handshakes + 1, "a tab of the same identity shares the socket");
+});
+
+test("force_update_channels", async ({ harness, context }) => {
+    // forceUpdateChannels() subscribes again although the set did not change; calls in a row
+    // are debounced into one subscribe.
+    const page = await openPage(context, harness.page("channel=forced"));
+    await waitEvent(page, "connect");
+    await barrier(harness, page);
+    const { subscribes } = await harness.stats();
+    await page.evaluate(() => { for (let i = 0; i < 3; ++i) window.bus.forceUpdateChannels(); });
+    await harness.waitStat("subscribes", subscribes + 1);
+    await busCall(page, "addChannel", "forced");
+    await busCall(page, "deleteChannel", "forced");
+    await sleep(800);  // past the 300 ms debounce: nothing more was sent
+    checkEqual((await harness.stats()).subscribes, subscribes + 1,
+               "three forced updates made one subscribe; an unchanged set without force none");
+});
+
+test("offline_queue_coalesced", async ({ harness, context, restart }) => {
+    // During an outage the page sends 36 presence updates, 36 typing states (key "r1") and 12
+    // distinct requests. Replayed as is, 84 frames at once would exceed the server's rate limit
+    // (10 frames per 2 s: close 1013, the queue lost). The worker keeps the latest request per
+    // event name and key (update_presence always coalesces) and spreads the replay: the
+    // restarted server gets exactly the 12 distinct ones and the two latest states, in order.
+    const page = await openPage(context, harness.page());
+    await waitEvent(page, "connect");
+    await harness.stop();
+    await waitEvent(page, "reconnecting");
+    await page.evaluate(() => {
+        for (let i = 0; i < 36; ++i) {
+            window.bus.send("update_presence", { inactivity_period: i });
+            window.bus.send("typing", { room: "r1", i }, { key: "r1" });
+            if (i % 3 === 0) window.bus.send("note", { i });
+        }
+    });
+    const expected = [];  // keys sorted, as the server's JSON prints them
+    for (let i = 0; i < 36; i += 3) expected.push({ data: { i }, event_name: "note" });
+    expected.push({ data: { inactivity_period: 35 }, event_name: "update_presence" },
+                  { data: { i: 35, room: "r1" }, event_name: "typing" });
+
+    const server = await restart();
+    await waitEvent(page, "reconnect", 1, RECONNECT_MS);
+    const deadline = Date.now() + WAIT_MS;
+    while ((await server.clientEvents()).length < expected.length && Date.now() < deadline) await sleep(100);
+    checkEqual(await server.clientEvents(), expected, "the server got the coalesced requests, in order");
+    const log = await page.evaluate(() => window.log);
+    checkEqual(log.filter((e) => e.event === "disconnect").map((e) => e.detail.code), [1001],
+               "one disconnect (the server's stop), no 1013 after the reconnect");
+});
+
+test("refused_login", async ({ harness, context }) => {
+    // A handshake the policy refuses (401) reaches the browser as a bare 1006. The worker asks
+    // the socket's URL with a plain GET, which answers the refusal: it broadcasts `refused`
+    // and stops retrying until start() is called again. Before, it retried forever.
+    const page = await openPage(context, harness.page("token=bad"));
+    await waitEvent(page, "refused");
+    const log = await page.evaluate(() => window.log);
+    checkEqual(log.find((e) => e.event === "refused").detail, { status: 401, reason: "bad token" }, "the refusal's status and reason");
+    check(!log.some((e) => e.event === "reconnecting"), "no reconnection scheduled");
+    const stats = await harness.stats();
+    checkEqual([stats.handshakes, stats.probes], [1, 1], "one handshake, one probe");
+    await sleep(2500);  // past the first retry delays (1 s, then 1.5-2.5 s)
+    checkEqual((await harness.stats()).handshakes, 1, "no handshake after the refusal");
+    await busCall(page, "start");  // e.g. after a new login: one more attempt
+    await waitEvent(page, "refused", 2);
+    checkEqual((await harness.stats()).handshakes, 2, "start() tried once more");
+    checkEqual(await harness.connections(), 0, "never connected");
 });
 
 // --- regressions: bugs of js/ and imbus.hpp this suite found ------------------------------------
@@ -706,6 +965,64 @@ test("store_reset_stale_cursor", async ({ harness, context, restart }) => {
                "after the reset, every notification of the new store exactly once");
 });
 
+// --- presence (js/presence.js, imbus::presence_tracker) -------------------------------------------
+
+// Waits until a tab has received exactly these statuses from the tracker, in order; with
+// `tail`, until the statuses it received end with them (a tab that joined the shared socket
+// later missed the first ones).
+const waitStatuses = (page, statuses, timeout = WAIT_MS, tail = false) =>
+    waitFor(page, `presence ${statuses.join(",")}`, ([want, tail]) => {
+        const got = window.notifications.filter((n) => n.type === "imbus/presence").map((n) => n.payload.status);
+        return JSON.stringify(tail ? got.slice(-want.length) : got) === JSON.stringify(want);
+    }, [statuses, tail], timeout);
+const serverPresenceUpdates = async (server) =>
+    JSON.parse((await server.request("GET", "/test/events")).body)
+        .filter((e) => e.event_name === "update_presence").map((e) => e.data.inactivity_period);
+
+test("presence_shared_activity", async ({ context }) => {
+    // A harness whose tracker says away after 1.5 s idle: activity in tab A is tab B's too
+    // (localStorage), both tell the server, and the server publishes online, away, online, away.
+    const AWAY_MS = 1500;
+    const dir = mkdtempSync(join(tmpdir(), "imbus-browser-presence-"));
+    let server;
+    try {
+        server = await new Harness({ data: join(dir, "bus.db"), extra: ["--presence-away-ms", String(AWAY_MS)] }).start();
+        const start = (page) => page.evaluate(async (awayAfter) => {
+            const { Presence } = await import("/js/presence.js");
+            window.presence = new Presence(window.bus, { awayAfter });
+        }, AWAY_MS);
+        const a = await openPage(context, server.url("/tests/browser/page.html?channel=presence"));
+        const b = await openPage(context, server.url("/tests/browser/page.html?channel=presence"));
+        await start(a);
+        await start(b);
+        await waitStatuses(a, ["online"]);
+        await waitStatuses(a, ["online", "away"], AWAY_MS + WAIT_MS);
+        await waitStatuses(b, ["away"], WAIT_MS, true);
+        check(await b.evaluate((ms) => window.presence.inactivityPeriod() >= ms, AWAY_MS), "tab B is idle too");
+
+        const before = (await serverPresenceUpdates(server)).length;
+        const sentByB = await b.evaluate(() => window.presence.sent);
+        await a.keyboard.press("Shift");  // activity in tab A only
+        await waitStatuses(a, ["online", "away", "online"]);
+        await waitStatuses(b, ["away", "online"], WAIT_MS, true);
+        check(await b.evaluate(() => window.presence.inactivityPeriod() < 1000), "tab B shares tab A's activity");
+        // Tab B, back from away through the storage event, told the server as well.
+        await waitFor(b, "tab B's update_presence", (n) => window.presence.sent > n, sentByB);
+        const deadline = Date.now() + WAIT_MS;
+        let updates;
+        while ((updates = (await serverPresenceUpdates(server)).slice(before)).length < 2) {
+            check(Date.now() < deadline, `the server got ${updates.length} update_presence after the activity, not 2`);
+            await sleep(50);
+        }
+        check(updates.every((ms) => ms < 1000), `the server sees small inactivity periods: ${updates}`);
+
+        await waitStatuses(a, ["online", "away", "online", "away"], AWAY_MS + WAIT_MS);  // idle again
+    } finally {
+        if (server) await server.stop();
+        rmSync(dir, { recursive: true, force: true });
+    }
+});
+
 // --- the chat demo (examples/chat, --chat PATH) ----------------------------------------------------
 //
 // A chat test drives index.html/app.js through their data-testid elements, one browser context
@@ -782,7 +1099,7 @@ async function chatLogin(context, server, name) {
     page.on("pageerror", (error) => page.consoleLines.push(`pageerror: ${error.message}`));
     await page.addInitScript(recordBusNotifications);
     await page.goto(server.url("/"));
-    await page.locator(tid("login-name")).fill(name);  // waits for the form (shown after GET /chat/me: 401)
+    await page.locator(tid("login-name")).fill(name);  // waits for the form (shown after GET /chat/me: no name)
     await page.locator(tid("login-submit")).click();
     await waitChat(page, `the chat view for ${name}`,
                    (n) => !document.querySelector('[data-testid="chat-view"]').hidden
@@ -1085,6 +1402,216 @@ test("chat_join_sees_message_sent_meanwhile", { chat: true }, async ({ newContex
     } finally {
         carolSocket.destroy();
     }
+});
+
+// --- the chat demo as a newcomer sees it: phone layout, default room, unread counts, outages ---------
+
+// What a page reports as wrong: console errors, uncaught exceptions and HTTP error answers.
+// (Not "requestfailed": playwright reports the SharedWorker's script as aborted when the page
+// navigates away, which nobody sees.) Listening starts before the first request.
+function watchErrors(page) {
+    const errors = [];
+    page.on("console", (message) => { if (message.type() === "error") errors.push(`console: ${message.text()}`); });
+    page.on("pageerror", (error) => errors.push(`pageerror: ${error.message}`));
+    page.on("response", (response) => { if (response.status() >= 400) errors.push(`${response.status()}: ${response.url()}`); });
+    return errors;
+}
+
+// Runs in a page: what sticks out of the viewport (sideways scroll, cut-off or covered elements
+// of `ids`); the elements of `across` (in a scrolled list) need only fit across.
+function layoutProblems([ids, across = []]) {
+    const problems = [];
+    const { clientWidth, clientHeight } = document.documentElement;
+    for (const e of [document.documentElement, document.body])
+        if (e.scrollWidth > clientWidth) problems.push(`${e.tagName} scrolls sideways: ${e.scrollWidth} > ${clientWidth}`);
+    for (const id of ids)
+        for (const e of document.querySelectorAll(`[data-testid="${id}"]`)) {
+            const r = e.getBoundingClientRect();
+            if (r.width === 0 || r.left < 0 || r.top < 0 || r.right > clientWidth || r.bottom > clientHeight)
+                problems.push(`${id} at (${r.left},${r.top})-(${r.right},${r.bottom}), viewport ${clientWidth}x${clientHeight}`);
+            else if (!e.contains(document.elementFromPoint(r.left + r.width / 2, r.top + r.height / 2)))
+                problems.push(`${id} is covered`);
+        }
+    for (const id of across)
+        for (const e of document.querySelectorAll(`[data-testid="${id}"]`)) {
+            const r = e.getBoundingClientRect();
+            if (r.left < 0 || r.right > clientWidth) problems.push(`${id} from x ${r.left} to ${r.right}, viewport ${clientWidth} wide`);
+        }
+    return problems;
+}
+
+test("chat_phone_layout", { chat: true }, async ({ newContext, startChat }) => {
+    // At 360x740 (a small phone) nothing is cut off: no sideways scroll, the message box and Send
+    // on screen with a long message in the room, the room list one tap away (a drawer).
+    const server = await startChat();
+    const bob = await chatSession(server, "Bartholomew the Exceedingly Long");
+    checkEqual((await chatApi(server, bob, "/chat/join", { room: "engineering-backend-platform-x" })).status, 200, "bob makes a room");
+    const alice = await chatLogin(await newContext(), server, "alice");
+    await joinRoom(alice, "engineering-backend-platform-x");
+    await alice.setViewportSize({ width: 360, height: 740 });
+    await sendMessage(alice, `a long word: ${"x".repeat(300)} and a long line ${"lorem ipsum ".repeat(40)}`);
+    await chatApi(server, bob, "/chat/send", { room: "engineering-backend-platform-x", text: "y".repeat(500) });
+    await waitChat(alice, "bob's message", () => document.querySelectorAll('[data-testid="message"]').length === 2);
+    checkEqual(await alice.evaluate(layoutProblems, [["message-input", "send-button", "room-title", "rooms-toggle"], ["message"]]),
+               [], "the room at 360x740");
+
+    await alice.locator(tid("rooms-toggle")).click();  // the room list, in a drawer
+    await waitChat(alice, "the drawer open", () => {
+        const r = document.querySelector('[data-testid="room-list"]').getBoundingClientRect();
+        return r.left >= 0 && r.width > 0;
+    });
+    checkEqual(await alice.evaluate(layoutProblems, [["room-list", "join-input", "join-button"]]), [], "the drawer at 360x740");
+    await alice.locator(`${tid("room-button")}[data-room="general"]`).click();
+    await waitChat(alice, "#general on screen, the drawer closed", () =>
+        document.querySelector('[data-testid="room-title"]').textContent === "#general"
+        && document.querySelector('[data-testid="room-list"]').getBoundingClientRect().right <= 0);
+    checkEqual(await alice.evaluate(layoutProblems, [["message-input", "send-button", "rooms-toggle"]]), [], "#general at 360x740");
+});
+
+test("chat_default_room_and_directory", { chat: true }, async ({ newContext, startChat }) => {
+    // A newcomer is in #general from the first login and sees the rooms others made, to join
+    // with one click; a bad room name is explained (the characters allowed, the length).
+    const server = await startChat();
+    const bob = await chatSession(server, "bob");
+    checkEqual((await chatApi(server, bob, "/chat/me")).json.rooms, ["general"], "bob is in #general from the start");
+    checkEqual((await chatApi(server, bob, "/chat/join", { room: "design" })).status, 200, "bob makes #design");
+    const alice = await chatLogin(await newContext(), server, "alice");
+    await waitChat(alice, "#general on screen", () =>
+        document.querySelector('[data-testid="room-title"]').textContent === "#general"
+        && document.querySelector('[data-testid="room-button"][data-room="general"]') !== null);
+    const fromBob = (await chatApi(server, bob, "/chat/send", { room: "general", text: "welcome, newcomers" })).json;
+    await waitMessage(alice, { id: String(fromBob.id), user: "bob", text: fromBob.text });
+
+    const design = alice.locator(`${tid("directory-room")}[data-room="design"]`);
+    await design.click();  // waits for the list of rooms to show it
+    await waitChat(alice, "#design joined from the list", () =>
+        document.querySelector('[data-testid="room-title"]').textContent === "#design"
+        && document.querySelector('[data-testid="room-button"][data-room="design"]') !== null
+        && document.querySelector('[data-testid="directory-room"][data-room="design"]') === null);
+    checkEqual((await chatApi(server, bob, "/chat/rooms")).json.rooms.map(({ name, members }) => `${name}:${members}`),
+               ["design:2", "general:2"], "GET /chat/rooms: each room and its members");
+
+    await alice.locator(tid("join-input")).fill("my room!");
+    await alice.locator(tid("join-button")).click();
+    await waitChat(alice, "the room name explained", () => {
+        const text = document.querySelector('[data-testid="join-error"]').textContent;
+        return /letters/.test(text) && /digits/.test(text) && /32/.test(text);
+    });
+    checkEqual(await alice.locator(`${tid("room-button")}[data-room="my room!"]`).count(), 0, "no room joined");
+});
+
+test("chat_unread_kept_across_reload", { chat: true }, async ({ newContext, startChat }) => {
+    // alice looks at #general while bob writes in #lobby: the count is on #lobby's button, and
+    // a reload keeps it without counting again what the reload replays (socket and history).
+    const server = await startChat();
+    const bob = await chatSession(server, "bob");
+    const aliceApi = await chatSession(server, "alice");
+    for (const session of [bob, aliceApi])
+        checkEqual((await chatApi(server, session, "/chat/join", { room: "lobby" })).status, 200, "joins #lobby");
+    const alice = await chatLogin(await newContext(), server, "alice");
+    await waitChat(alice, "#general on screen", () => document.querySelector('[data-testid="room-title"]').textContent === "#general");
+    const unread = (room) => alice.evaluate((r) =>
+        document.querySelector(`[data-testid="room-button"][data-room="${r}"] [data-testid="unread-count"]`)?.textContent ?? "0", room);
+    const waitUnread = (room, count) => waitChat(alice, `${count} unread in #${room}`, ([r, n]) =>
+        (document.querySelector(`[data-testid="room-button"][data-room="${r}"] [data-testid="unread-count"]`)?.textContent ?? "0") === n,
+        [room, String(count)]);
+
+    const sent = [];
+    for (const text of ["one", "two"])
+        sent.push((await chatApi(server, bob, "/chat/send", { room: "lobby", text })).json.id);
+    await waitUnread("lobby", 2);
+
+    // After the reload: the bus replays the last seconds and #lobby's history is read once
+    // more; a third message must make it 3, with both sources done.
+    // (app.js asks for a joined room's history 1 s after the page's start: well after the load event.)
+    let reloaded = false;
+    const replayed = new Promise((resolve) => alice.on("response", (r) => {
+        if (reloaded && urlIs(r, "/chat/history", "lobby")) resolve();
+    }));
+    await alice.reload();
+    reloaded = true;
+    await waitChat(alice, "the chat view after the reload", () => !document.querySelector('[data-testid="chat-view"]').hidden);
+    await waitUnread("lobby", 2);
+    sent.push((await chatApi(server, bob, "/chat/send", { room: "lobby", text: "three" })).json.id);
+    await waitChat(alice, "the third message on alice's socket", (id) =>
+        window.busNotifications.some((n) => n.message?.type === "chat/message" && n.message.payload.id === id), sent[2]);
+    await replayed;
+    await waitUnread("lobby", 3);
+    checkEqual(await unread("general"), "0", "nothing unread in #general");
+
+    await alice.locator(`${tid("room-button")}[data-room="lobby"]`).click();  // read: the count goes, for good
+    await waitUnread("lobby", 0);
+    await waitChat(alice, "#lobby's messages", () => document.querySelectorAll('[data-testid="message"]').length === 3);
+    await alice.reload();
+    await waitChat(alice, "#lobby on screen after the reload", () => document.querySelector('[data-testid="room-title"]').textContent === "#lobby");
+    checkEqual(await unread("lobby"), "0", "still read after a reload");
+});
+
+test("chat_offline_error_and_retry", { chat: true }, async ({ newContext, startChat }) => {
+    // A send that cannot reach the server says so in words with "Retry now"; a retry that gets
+    // through clears it, and so does the connection coming back. Meanwhile presence is unknown.
+    const first = await startChat();
+    const alice = await chatLogin(await newContext(), first, "alice");
+    await joinRoom(alice, "lobby");
+    await waitPresence(alice, "alice", "online");
+    const waitError = (shown) => waitChat(alice, `the error line ${shown ? "with Retry now" : "gone"}`, (s) => {
+        const alert = document.querySelector('[data-testid="chat-error"]').parentElement;
+        const retry = document.querySelector('[data-testid="retry-button"]');
+        const text = document.querySelector('[data-testid="chat-error"]').textContent;
+        return s ? !alert.hidden && !retry.hidden && !retry.disabled && text.startsWith("Can't reach the server")
+                 : alert.hidden && retry.hidden;
+    }, shown);
+
+    // The network drops the request (the socket stays up): Retry now sends it once it passes.
+    await alice.route("**/chat/send", (route) => route.abort("internetdisconnected"));
+    await alice.locator(tid("message-input")).fill("first try");
+    await alice.locator(tid("send-button")).click();
+    await waitError(true);
+    checkEqual(await alice.locator(tid("message-input")).inputValue(), "first try", "the text is kept");
+    await alice.unroute("**/chat/send");
+    const sent = alice.waitForResponse((r) => urlIs(r, "/chat/send"));
+    await alice.locator(tid("retry-button")).click();
+    const { id } = await (await sent).json();
+    await waitMessage(alice, { id: String(id), user: "alice", text: "first try" });
+    await waitError(false);
+    checkEqual(await alice.locator(tid("message-input")).inputValue(), "", "the box is empty once sent");
+
+    // The server is down: presence unknown, the same error; back up: both recover by themselves.
+    await first.stop();
+    await waitBanner(alice, true);
+    await waitPresence(alice, "alice", "unknown");
+    await alice.locator(tid("message-input")).fill("while down");
+    await alice.locator(tid("send-button")).click();
+    await waitError(true);
+    const failed = alice.waitForEvent("requestfailed", (r) => new URL(r.url()).pathname === "/chat/send");
+    await alice.locator(tid("retry-button")).click();
+    await failed;
+    await waitError(true);  // still down: still said in words
+    await startChat({ port: first.port });
+    await waitBanner(alice, false, RECONNECT_MS);
+    await waitError(false);
+    await waitPresence(alice, "alice", "online");
+    await sendMessage(alice, "after the outage");
+    checkEqual((await shownMessages(alice)).map((m) => m.text), ["first try", "after the outage"], "each message once");
+});
+
+test("chat_first_visit_no_console_errors", { chat: true }, async ({ newContext, startChat }) => {
+    // A normal visit (the login form, logging in, the chat live, logging out) logs no error and
+    // gets no failed request: "not signed in" is an answer, not a 401.
+    const server = await startChat();
+    const page = await (await newContext()).newPage();
+    page.user = "alice";
+    const errors = watchErrors(page);
+    await page.addInitScript(recordBusNotifications);
+    await page.goto(server.url("/"));
+    await page.locator(tid("login-name")).fill("alice");
+    await page.locator(tid("login-submit")).click();
+    await waitPresence(page, "alice", "online");  // logged in, the socket up
+    const reloaded = page.waitForNavigation();
+    await page.locator(tid("logout-button")).click();
+    await reloaded;
+    await waitChat(page, "the login form after logging out", () => !document.querySelector('[data-testid="login-form"]').hidden);
+    checkEqual(errors, [], "errors on the page");
 });
 
 // --- runner ---------------------------------------------------------------------------------------
