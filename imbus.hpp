@@ -6,6 +6,29 @@
 // happened after my last id" so that nothing is lost across reconnects.
 // docs/ARCHITECTURE.md walks through this file: one notification's path, threads, and Odoo.
 //
+// Contents (each section's declarations are under "N. Title" below, its code under "--- N."
+// in the Implementation part, in the same order; the order follows a notification's path):
+//     Configuration (macros), Includes, then Declarations:
+//      1. Time: clocks, errors, logging        7. Cross-process listener: pg_listener
+//      2. Channels                              8. Auth policies: admission, public and signed
+//      3. Notifications                            token policies, http_request
+//      4. Stores: memory, SQLite, PostgreSQL    9. Client requests (the WebSocket's JSON)
+//      5. Bus and transactions                 10. Presence (opt-in)
+//      6. Dispatcher and follower              11. Server: basic_server, server_options, metrics
+//                                              12. Client: basic_client (native programs)
+//
+// The path of one notification (docs/ARCHITECTURE.md §2 tells each step, with Odoo's names):
+//     transaction::send                  buffers it (Odoo: _sendone)
+//     transaction::commit                pre-commit hooks, then the store writes the batch:
+//       memory_store / sqlite_store / pg_store ::write_tx::commit   ids in commit order
+//     commit_event::from_rows            the rows, encoded once for every recipient
+//     bus::publish -> dispatcher::notify wakes each subscriber of the channels once
+//       (another process: pg_store's NOTIFY imbus -> pg_listener -> dispatcher::notify)
+//     dispatcher::lane::run -> dispatcher::drain      on the connection's I/O thread
+//     basic_server::on_wakeup -> follower::take       the rows this connection has not had
+//     basic_server::send_frame -> detail::outbound_connection::flush_outbound   one gather write
+//     js/websocket_worker.js -> js/bus_service.js     one socket per browser, one service per tab
+//
 // Quick start (core only, no network):
 //
 //     #define IMBUS_WITH_SQLITE            // optional: the SQLite store (link -lsqlite3)
@@ -220,7 +243,7 @@ using json = nlohmann::json;
 std::string version_string();
 
 // --------------------------------------------------------------------------------------------
-// Time: every store reads time through a clock_function, so tests can move time by hand.
+// 1. Time: every store reads time through a clock_function, so tests can move time by hand.
 // --------------------------------------------------------------------------------------------
 
 using clock_type = std::chrono::system_clock;
@@ -275,7 +298,7 @@ template <> struct is_error_code_enum<imbus::errc> : true_type {};
 namespace imbus {
 
 // --------------------------------------------------------------------------------------------
-// Channels (Odoo: the tuples given to _sendone and their JSON form in bus_bus.channel)
+// 2. Channels (Odoo: the tuples given to _sendone and their JSON form in bus_bus.channel)
 // --------------------------------------------------------------------------------------------
 
 /// A channel: [db, name], [db, model, id] or [db, model, id, sub]. Its identity is its
@@ -335,7 +358,7 @@ template <class Target>
 channel to_channel(std::string_view db, const Target& target);
 
 // --------------------------------------------------------------------------------------------
-// Notifications (Odoo: a bus_bus row)
+// 3. Notifications (Odoo: a bus_bus row)
 // --------------------------------------------------------------------------------------------
 
 /// A stored notification. `message` keeps the JSON text {"type":T,"payload":P} exactly as it
@@ -366,7 +389,7 @@ struct pending_message {
 };
 
 // --------------------------------------------------------------------------------------------
-// Stores (Odoo: the bus_bus table and _poll)
+// 4. Stores (Odoo: the bus_bus table and _poll)
 // --------------------------------------------------------------------------------------------
 
 struct store_options {
@@ -668,60 +691,103 @@ private:
     std::vector<std::unique_ptr<detail::pg_connection>> idle_readers_;
 };
 
-class dispatcher;
-
-struct pg_listener_options {
-    /// Rows read per query while catching up.
-    std::size_t page_size = 1000;
-    /// Wait before reconnecting after the connection was lost, doubled after each failure.
-    std::chrono::milliseconds reconnect_min{50};
-    std::chrono::milliseconds reconnect_max{2000};
-};
-
-/// The process's one listener on PostgreSQL: a thread with its own connection that LISTENs
-/// on the store's NOTIFY channel and, per wake-up, reads the new rows once (every id after
-/// its cursor, ascending, in pages) and hands them to the dispatcher, so every commit of every
-/// process reaches local subscribers without a query per connection. With a listener, build
-/// the bus with dispatch_on_commit = false so this process's own commits come this way too.
-/// After a dropped connection or a server restart it reconnects with backoff and catches up
-/// from its cursor: nothing is lost, nothing repeated. Thread-safe; the store and the
-/// dispatcher must outlive it.
-class pg_listener {
-public:
-    /// Connects and LISTENs before it returns (throws if it cannot); the cursor starts at the
-    /// newest committed id, so every commit after the constructor is dispatched.
-    pg_listener(pg_store& store, dispatcher& d, pg_listener_options options = {});
-    ~pg_listener();  ///< stops the thread and closes the connection
-    pg_listener(const pg_listener&) = delete;
-    pg_listener& operator=(const pg_listener&) = delete;
-
-    std::int64_t cursor() const noexcept { return cursor_.load(); }  ///< the last id dispatched
-    std::uint64_t reads() const noexcept { return reads_.load(); }   ///< row queries so far
-    std::uint64_t reconnects() const noexcept { return reconnects_.load(); }
-    bool connected() const noexcept { return connected_.load(); }
-
-private:
-    void connect();  // throws
-    void run();
-    bool read_new_rows();  // false: the connection is gone
-    bool pause(std::chrono::milliseconds how_long);  // false: stop was asked
-    void log(log_level level, const std::string& text) const;
-
-    pg_store& store_;
-    dispatcher& dispatcher_;
-    pg_listener_options options_;
-    std::unique_ptr<detail::pg_connection> connection_;  // the thread's alone after construction
-    int stop_fd_ = -1;  // an eventfd: wakes the thread's poll() at once to stop
-    std::atomic<std::int64_t> cursor_{0};
-    std::atomic<std::uint64_t> reads_{0};
-    std::atomic<std::uint64_t> reconnects_{0};
-    std::atomic<bool> connected_{false};
-    std::thread thread_;
-};
 #endif // IMBUS_WITH_POSTGRES
 
 // --------------------------------------------------------------------------------------------
-// Dispatcher (Odoo: ImDispatch and _channels_to_ws)
+// 5. Bus and transactions (Odoo: _sendone, _ensure_hooks, precommit and postcommit)
+// --------------------------------------------------------------------------------------------
+
+// Declared below: the bus tells the dispatcher what each commit stored.
+class dispatcher;
+struct commit_event;
+
+struct bus_options {
+    std::string db = "imbus";  ///< the first element of every channel this bus makes
+    logger log = stderr_logger();
+    /// The post-commit step tells the dispatcher. False when a pg_listener dispatches every
+    /// row, this process's own included: one path keeps the dispatcher's sequence in id order
+    /// (rows from two paths interleave out of order, and each such event makes followers poll).
+    bool dispatch_on_commit = true;
+};
+
+class transaction;
+
+/// The application's entry point: makes channels, opens transactions, and runs the
+/// post-commit step (tell the dispatcher). Thread-safe.
+class bus {
+public:
+    bus(imbus::store& s, dispatcher& d, bus_options options = {});
+    explicit bus(imbus::store& s, bus_options options = {});  ///< store only: nobody is woken
+
+    const std::string& db() const noexcept { return options_.db; }
+    imbus::store& store() noexcept { return store_; }
+    bool has_dispatcher() const noexcept { return dispatcher_ != nullptr; }
+    /// The dispatcher the post-commit step tells; throws if the bus was made without one.
+    dispatcher& get_dispatcher() const;
+    const logger& log() const noexcept { return options_.log; }
+    bool dispatches_on_commit() const noexcept { return options_.dispatch_on_commit; }
+
+    template <class Target> channel channel_for(const Target& target) const {
+        return to_channel(options_.db, target);
+    }
+
+    /// Autocommit: one notification in its own transaction. Returns its ids.
+    template <class Target>
+    std::vector<std::int64_t> send(const Target& target, std::string_view type, const json& payload,
+                                   std::error_code& ec);
+    template <class Target>
+    std::vector<std::int64_t> send(const Target& target, std::string_view type, const json& payload);
+
+    /// The post-commit step for rows stored outside a transaction of this bus.
+    void publish(std::shared_ptr<const commit_event> event);
+
+private:
+    imbus::store& store_;
+    dispatcher* dispatcher_ = nullptr;
+    bus_options options_;
+};
+
+/// The application's transaction with the bus's commit hooks. send() only buffers; commit()
+/// runs the pre-commit hooks, stores the buffered notifications in call order and commits
+/// (with a SQL store on the application's connection, together with the application's own
+/// writes since the transaction began), then the post-commit step dispatches. Rollback, or
+/// destruction without commit, stores and sends nothing. One thread at a time.
+class transaction {
+public:
+    explicit transaction(imbus::bus& b);  ///< begins: for SQL stores, BEGIN IMMEDIATE
+    ~transaction();                       ///< rolls back if still open
+    transaction(transaction&&) noexcept = default;
+    transaction& operator=(transaction&&) = delete;
+    transaction(const transaction&) = delete;
+
+    /// Buffers a notification (Odoo: _sendone).
+    template <class Target>
+    void send(const Target& target, std::string_view type, const json& payload, std::error_code& ec);
+    template <class Target> void send(const Target& target, std::string_view type, const json& payload);
+
+    /// Runs inside the transaction just before the bus rows are written; a throw rolls back.
+    void on_precommit(std::function<void()> hook);
+    /// Runs after the commit and the dispatch; a throw is logged.
+    void on_postcommit(std::function<void()> hook);
+
+    /// Returns the ids of the stored notifications; on failure nothing is stored or sent.
+    std::vector<std::int64_t> commit(std::error_code& ec);
+    std::vector<std::int64_t> commit();
+    void rollback() noexcept;
+
+    bool open() const noexcept { return store_tx_ != nullptr; }
+    std::size_t pending() const noexcept { return batch_.size(); }
+
+private:
+    imbus::bus* bus_;
+    std::unique_ptr<store::write_transaction> store_tx_;
+    std::vector<pending_message> batch_;
+    std::vector<std::function<void()>> precommit_;
+    std::vector<std::function<void()>> postcommit_;
+};
+
+// --------------------------------------------------------------------------------------------
+// 6. Dispatcher (Odoo: ImDispatch and _channels_to_ws)
 // --------------------------------------------------------------------------------------------
 
 /// What one commit tells the dispatcher (Odoo: the NOTIFY payload, plus the rows themselves
@@ -943,97 +1009,63 @@ private:
     bool polled_ = false;  // after the first poll, position 0 means "nothing yet", not "first poll"
 };
 
+#ifdef IMBUS_WITH_POSTGRES
 // --------------------------------------------------------------------------------------------
-// Bus and transactions (Odoo: _sendone, _ensure_hooks, precommit and postcommit)
+// 7. Cross-process listener (Odoo: the NOTIFY imbus listener thread, ImDispatch.loop)
 // --------------------------------------------------------------------------------------------
 
-struct bus_options {
-    std::string db = "imbus";  ///< the first element of every channel this bus makes
-    logger log = stderr_logger();
-    /// The post-commit step tells the dispatcher. False when a pg_listener dispatches every
-    /// row, this process's own included: one path keeps the dispatcher's sequence in id order
-    /// (rows from two paths interleave out of order, and each such event makes followers poll).
-    bool dispatch_on_commit = true;
+struct pg_listener_options {
+    /// Rows read per query while catching up.
+    std::size_t page_size = 1000;
+    /// Wait before reconnecting after the connection was lost, doubled after each failure.
+    std::chrono::milliseconds reconnect_min{50};
+    std::chrono::milliseconds reconnect_max{2000};
 };
 
-class transaction;
-
-/// The application's entry point: makes channels, opens transactions, and runs the
-/// post-commit step (tell the dispatcher). Thread-safe.
-class bus {
+/// The process's one listener on PostgreSQL: a thread with its own connection that LISTENs
+/// on the store's NOTIFY channel and, per wake-up, reads the new rows once (every id after
+/// its cursor, ascending, in pages) and hands them to the dispatcher, so every commit of every
+/// process reaches local subscribers without a query per connection. With a listener, build
+/// the bus with dispatch_on_commit = false so this process's own commits come this way too.
+/// After a dropped connection or a server restart it reconnects with backoff and catches up
+/// from its cursor: nothing is lost, nothing repeated. Thread-safe; the store and the
+/// dispatcher must outlive it.
+class pg_listener {
 public:
-    bus(imbus::store& s, dispatcher& d, bus_options options = {});
-    explicit bus(imbus::store& s, bus_options options = {});  ///< store only: nobody is woken
+    /// Connects and LISTENs before it returns (throws if it cannot); the cursor starts at the
+    /// newest committed id, so every commit after the constructor is dispatched.
+    pg_listener(pg_store& store, dispatcher& d, pg_listener_options options = {});
+    ~pg_listener();  ///< stops the thread and closes the connection
+    pg_listener(const pg_listener&) = delete;
+    pg_listener& operator=(const pg_listener&) = delete;
 
-    const std::string& db() const noexcept { return options_.db; }
-    imbus::store& store() noexcept { return store_; }
-    bool has_dispatcher() const noexcept { return dispatcher_ != nullptr; }
-    /// The dispatcher the post-commit step tells; throws if the bus was made without one.
-    dispatcher& get_dispatcher() const;
-    const logger& log() const noexcept { return options_.log; }
-    bool dispatches_on_commit() const noexcept { return options_.dispatch_on_commit; }
-
-    template <class Target> channel channel_for(const Target& target) const {
-        return to_channel(options_.db, target);
-    }
-
-    /// Autocommit: one notification in its own transaction. Returns its ids.
-    template <class Target>
-    std::vector<std::int64_t> send(const Target& target, std::string_view type, const json& payload,
-                                   std::error_code& ec);
-    template <class Target>
-    std::vector<std::int64_t> send(const Target& target, std::string_view type, const json& payload);
-
-    /// The post-commit step for rows stored outside a transaction of this bus.
-    void publish(std::shared_ptr<const commit_event> event);
+    std::int64_t cursor() const noexcept { return cursor_.load(); }  ///< the last id dispatched
+    std::uint64_t reads() const noexcept { return reads_.load(); }   ///< row queries so far
+    std::uint64_t reconnects() const noexcept { return reconnects_.load(); }
+    bool connected() const noexcept { return connected_.load(); }
 
 private:
-    imbus::store& store_;
-    dispatcher* dispatcher_ = nullptr;
-    bus_options options_;
+    void connect();  // throws
+    void run();
+    bool read_new_rows();  // false: the connection is gone
+    bool pause(std::chrono::milliseconds how_long);  // false: stop was asked
+    void log(log_level level, const std::string& text) const;
+
+    pg_store& store_;
+    dispatcher& dispatcher_;
+    pg_listener_options options_;
+    std::unique_ptr<detail::pg_connection> connection_;  // the thread's alone after construction
+    int stop_fd_ = -1;  // an eventfd: wakes the thread's poll() at once to stop
+    std::atomic<std::int64_t> cursor_{0};
+    std::atomic<std::uint64_t> reads_{0};
+    std::atomic<std::uint64_t> reconnects_{0};
+    std::atomic<bool> connected_{false};
+    std::thread thread_;
 };
-
-/// The application's transaction with the bus's commit hooks. send() only buffers; commit()
-/// runs the pre-commit hooks, stores the buffered notifications in call order and commits
-/// (with a SQL store on the application's connection, together with the application's own
-/// writes since the transaction began), then the post-commit step dispatches. Rollback, or
-/// destruction without commit, stores and sends nothing. One thread at a time.
-class transaction {
-public:
-    explicit transaction(imbus::bus& b);  ///< begins: for SQL stores, BEGIN IMMEDIATE
-    ~transaction();                       ///< rolls back if still open
-    transaction(transaction&&) noexcept = default;
-    transaction& operator=(transaction&&) = delete;
-    transaction(const transaction&) = delete;
-
-    /// Buffers a notification (Odoo: _sendone).
-    template <class Target>
-    void send(const Target& target, std::string_view type, const json& payload, std::error_code& ec);
-    template <class Target> void send(const Target& target, std::string_view type, const json& payload);
-
-    /// Runs inside the transaction just before the bus rows are written; a throw rolls back.
-    void on_precommit(std::function<void()> hook);
-    /// Runs after the commit and the dispatch; a throw is logged.
-    void on_postcommit(std::function<void()> hook);
-
-    /// Returns the ids of the stored notifications; on failure nothing is stored or sent.
-    std::vector<std::int64_t> commit(std::error_code& ec);
-    std::vector<std::int64_t> commit();
-    void rollback() noexcept;
-
-    bool open() const noexcept { return store_tx_ != nullptr; }
-    std::size_t pending() const noexcept { return batch_.size(); }
-
-private:
-    imbus::bus* bus_;
-    std::unique_ptr<store::write_transaction> store_tx_;
-    std::vector<pending_message> batch_;
-    std::vector<std::function<void()>> precommit_;
-    std::vector<std::function<void()>> postcommit_;
-};
+#endif // IMBUS_WITH_POSTGRES
 
 // --------------------------------------------------------------------------------------------
-// Auth policies (Odoo: _build_bus_channel_list, _serve_ir_websocket, the session check)
+// 8. Auth policies (Odoo: _build_bus_channel_list, _serve_ir_websocket, the session check)
 // --------------------------------------------------------------------------------------------
 
 /// An HTTP request as an auth policy or a route sees it: the WebSocket handshake, or a POST.
@@ -1180,7 +1212,7 @@ private:
 };
 
 // --------------------------------------------------------------------------------------------
-// Client requests (Odoo: the parsing in Websocket._process_next_message)
+// 9. Client requests (Odoo: the parsing in Websocket._process_next_message)
 // --------------------------------------------------------------------------------------------
 
 /// One text frame from a client, as docs/PROTOCOL.md §4 reads it. Kept apart from the server so the
@@ -1202,7 +1234,7 @@ client_request parse_client_request(std::string_view text, std::size_t max_depth
 
 #ifdef IMBUS_WITH_PRESENCE
 // --------------------------------------------------------------------------------------------
-// Presence (Odoo: bus.presence, the update_presence event, the im_status notifications)
+// 10. Presence (Odoo: bus.presence, the update_presence event, the im_status notifications)
 // --------------------------------------------------------------------------------------------
 //
 // A presence_tracker follows who is connected and active, and publishes each identity's
@@ -1341,7 +1373,7 @@ private:
 
 #ifdef IMBUS_WITH_WEBSOCKETPP
 // --------------------------------------------------------------------------------------------
-// Server (Odoo: the /websocket controller, the Websocket class and its _serve_forever loop)
+// 11. Server (Odoo: the /websocket controller, the Websocket class and its _serve_forever loop)
 // --------------------------------------------------------------------------------------------
 
 /// Every limit and timer of the protocol (docs/PROTOCOL.md §4), with its defaults.
@@ -1649,7 +1681,7 @@ private:
 } // namespace IMBUS_ABI_NAMESPACE
 
 // --------------------------------------------------------------------------------------------
-// Client: for native programs and tests (the browser has js/)
+// 12. Client: for native programs and tests (the browser has js/)
 // --------------------------------------------------------------------------------------------
 
 struct client_options {
@@ -1834,7 +1866,7 @@ struct has_bus_channel<T, std::void_t<decltype(bus_channel(std::declval<const T&
 
 } // namespace detail
 
-// --- version, clocks, errors, logging -------------------------------------------------------
+// --- 1. version, clocks, errors, logging -----------------------------------------------------
 
 inline std::string version_string() {
     return std::to_string(IMBUS_VERSION_MAJOR) + "." + std::to_string(IMBUS_VERSION_MINOR) + "." +
@@ -1886,7 +1918,7 @@ inline logger stderr_logger(log_level threshold) {
     };
 }
 
-// --- channel --------------------------------------------------------------------------------
+// --- 2. channel ------------------------------------------------------------------------------
 
 inline channel::channel(std::string_view db, std::string_view name) : size_(2) {
     if (db.empty()) detail::throw_error(errc::invalid_channel, "a channel needs a database name");
@@ -2010,7 +2042,7 @@ template <> struct hash<imbus::channel> {
 
 namespace imbus {
 
-// --- notification ---------------------------------------------------------------------------
+// --- 3. notification -------------------------------------------------------------------------
 
 inline std::string make_message(std::string_view type, const json& payload) {
     try {
@@ -2051,7 +2083,7 @@ inline std::string make_frame(const std::vector<notification>& notifications) {
     return f;
 }
 
-// --- store ----------------------------------------------------------------------------------
+// --- 4. store --------------------------------------------------------------------------------
 
 inline bool store::lost_after(const std::vector<channel>&, std::int64_t last) {
     if (last <= 0) return false;
@@ -2071,7 +2103,7 @@ inline std::vector<notification> store::append(std::vector<pending_message> batc
     return tx->commit(batch);
 }
 
-// --- memory_store ---------------------------------------------------------------------------
+// --- 4. memory_store -------------------------------------------------------------------------
 
 class memory_store::write_tx final : public store::write_transaction {
 public:
@@ -2210,7 +2242,7 @@ inline std::size_t memory_store::size() {
     return rows_.size();
 }
 
-// --- writer_gate (the SQL stores' writer lock) ----------------------------------------------
+// --- 4. writer_gate (the SQL stores' writer lock) --------------------------------------------
 
 inline void detail::writer_gate::lock() {
     std::unique_lock<std::mutex> lock(mutex_);
@@ -2231,7 +2263,7 @@ inline void detail::writer_gate::unlock() noexcept {
     free_.notify_one();
 }
 
-// --- sqlite_store ---------------------------------------------------------------------------
+// --- 4. sqlite_store -------------------------------------------------------------------------
 
 #ifdef IMBUS_WITH_SQLITE
 namespace detail {
@@ -2675,7 +2707,7 @@ inline bool sqlite_store::lost_after(const std::vector<channel>& channels, std::
 }
 #endif // IMBUS_WITH_SQLITE
 
-// --- pg_store -------------------------------------------------------------------------------
+// --- 4. pg_store -----------------------------------------------------------------------------
 
 #ifdef IMBUS_WITH_POSTGRES
 namespace detail {
@@ -3356,139 +3388,139 @@ inline std::size_t pg_store::collect_garbage() {
     }
 }
 
-// --- pg_listener ----------------------------------------------------------------------------
-
-inline pg_listener::pg_listener(pg_store& store, dispatcher& d, pg_listener_options options)
-    : store_(store), dispatcher_(d), options_(std::move(options)) {
-    connect();
-    // LISTEN came first: a commit after this read is both above the cursor and notified.
-    cursor_ = connection_->scalar("SELECT max(id) FROM bus_bus", {}, 0);
-    stop_fd_ = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-    if (stop_fd_ < 0) detail::throw_error(errc::store_failure, "pg_listener: eventfd failed");
-    thread_ = std::thread([this] { run(); });
-}
-
-inline pg_listener::~pg_listener() {
-    const std::uint64_t one = 1;
-    if (write(stop_fd_, &one, sizeof one) != ssize_t(sizeof one)) log(log_level::error, "pg_listener: cannot signal stop");
-    if (thread_.joinable()) thread_.join();
-    close(stop_fd_);
-}
-
-inline void pg_listener::log(log_level level, const std::string& text) const {
-    if (store_.options().log) store_.options().log(level, text);
-}
-
-inline void pg_listener::connect() {
-    connection_.reset();
-    connected_ = false;
-    auto c = detail::pg_connection::open(store_.conninfo(), store_.options().log, "imbus-listener");
-    c->exec((std::string("LISTEN ") + pg_store::notify_channel).c_str());
-    connection_ = std::move(c);
-    connected_ = true;
-}
-
-// A signal (any handler the application installs) interrupts poll(): the rest of the pause is
-// waited out; only the stop pipe, or poll failing otherwise, ends it early.
-inline bool pg_listener::pause(std::chrono::milliseconds how_long) {
-    const auto until = std::chrono::steady_clock::now() + how_long;
-    for (;;) {
-        const auto left = std::chrono::ceil<std::chrono::milliseconds>(until - std::chrono::steady_clock::now());
-        pollfd stop{stop_fd_, POLLIN, 0};
-        const int ready = ::poll(&stop, 1, int(std::max<std::int64_t>(0, left.count())));
-        if (ready == 0) return true;
-        if (ready < 0 && errno == EINTR) continue;
-        if (ready < 0) log(log_level::error, "pg_listener: poll failed");
-        return false;
-    }
-}
-
-// Every row after the cursor, in pages of one snapshot each: a page holds every row that will
-// ever exist in (cursor, its last id], since writers commit in id order.
-inline bool pg_listener::read_new_rows() {
-    const std::string page = std::to_string(options_.page_size ? options_.page_size : 1000);
-    for (;;) {
-        const std::int64_t after = cursor_;
-        detail::pg_result r;
-        try {
-            ++reads_;
-            r = connection_->exec("SELECT " IMBUS_PG_ROW_COLUMNS " FROM bus_bus WHERE id > $1::bigint ORDER BY id LIMIT $2::bigint",
-                                  {std::to_string(after), page});
-        } catch (const std::system_error& e) {
-            log(log_level::warning, std::string("pg_listener: ") + e.what());
-            return false;
-        }
-        const int rows = PQntuples(r.get());
-        std::vector<notification> found;
-        found.reserve(std::size_t(rows));
-        std::int64_t last = after;
-        for (int i = 0; i < rows; ++i) {
-            last = std::stoll(PQgetvalue(r.get(), i, 0));
-            std::error_code ec;
-            auto c = channel::from_key(std::string_view(PQgetvalue(r.get(), i, 1), std::size_t(PQgetlength(r.get(), i, 1))), ec);
-            if (ec) {  // no subscriber can follow a channel that is not canonical
-                log(log_level::warning, "pg_listener: skipped row " + std::to_string(last) + " on a non-canonical channel");
-                continue;
-            }
-            found.push_back(detail::pg_row(r.get(), i, 0, std::move(c)));
-        }
-        if (!found.empty()) dispatcher_.notify(commit_event::from_range(after, std::move(found)));
-        cursor_ = last;
-        if (std::size_t(rows) < std::stoull(page)) return true;
-    }
-}
-
-inline void pg_listener::run() {
-    auto backoff = options_.reconnect_min;
-    bool must_read = false;  // commits after the constructor's cursor are notified
-    for (;;) {
-        if (!connection_) {
-            if (!pause(backoff)) return;
-            try {
-                connect();
-                ++reconnects_;
-                log(log_level::info, "pg_listener: listening again; catching up after id " + std::to_string(cursor_));
-                backoff = options_.reconnect_min;
-                must_read = true;
-            } catch (const std::system_error& e) {
-                log(log_level::warning, std::string("pg_listener: ") + e.what());
-                backoff = std::min(backoff * 2, options_.reconnect_max);
-                continue;
-            }
-        }
-        PGconn* c = connection_->get();
-        // Drain every pending notification first: one read answers them all.
-        while (PGnotify* n = PQnotifies(c)) {
-            PQfreemem(n);
-            must_read = true;
-        }
-        if (must_read) {
-            must_read = false;
-            if (!read_new_rows()) {
-                connection_.reset();
-                connected_ = false;
-                continue;
-            }
-            continue;  // notifications that arrived during the read are already buffered
-        }
-        pollfd fds[2] = {{PQsocket(c), POLLIN, 0}, {stop_fd_, POLLIN, 0}};
-        if (::poll(fds, 2, -1) < 0) {
-            if (errno == EINTR) continue;
-            log(log_level::error, "pg_listener: poll failed");
-            return;
-        }
-        if (fds[1].revents) return;
-        if (fds[0].revents && (!PQconsumeInput(c) || connection_->broken())) {
-            log(log_level::warning, "pg_listener: connection lost: " + detail::pg_error_text(c));
-            connection_.reset();
-            connected_ = false;
-        }
-    }
-}
-#undef IMBUS_PG_ROW_COLUMNS
 #endif // IMBUS_WITH_POSTGRES
 
-// --- dispatcher -----------------------------------------------------------------------------
+// --- 5. bus and transaction ------------------------------------------------------------------
+
+inline bus::bus(imbus::store& s, dispatcher& d, bus_options options)
+    : store_(s), dispatcher_(&d), options_(std::move(options)) {}
+
+inline bus::bus(imbus::store& s, bus_options options) : store_(s), options_(std::move(options)) {}
+
+inline dispatcher& bus::get_dispatcher() const {
+    if (!dispatcher_) throw std::logic_error("imbus::bus: this bus was made without a dispatcher");
+    return *dispatcher_;
+}
+
+inline void bus::publish(std::shared_ptr<const commit_event> event) {
+    if (dispatcher_) dispatcher_->notify(std::move(event));
+}
+
+template <class Target>
+std::vector<std::int64_t> bus::send(const Target& target, std::string_view type, const json& payload,
+                                    std::error_code& ec) {
+    try {
+        transaction tx(*this);
+        tx.send(target, type, payload, ec);
+        if (ec) return {};
+        return tx.commit(ec);
+    } catch (const std::system_error& e) {  // begin() failed: the store is unreachable
+        ec = errc::store_failure;
+        if (options_.log) options_.log(log_level::error, e.what());
+        return {};
+    }
+}
+
+template <class Target>
+std::vector<std::int64_t> bus::send(const Target& target, std::string_view type, const json& payload) {
+    transaction tx(*this);
+    tx.send(target, type, payload);
+    return tx.commit();
+}
+
+inline transaction::transaction(imbus::bus& b) : bus_(&b), store_tx_(b.store().begin()) {}
+
+inline transaction::~transaction() { rollback(); }
+
+template <class Target>
+void transaction::send(const Target& target, std::string_view type, const json& payload, std::error_code& ec) {
+    ec.clear();
+    if (!open()) {
+        ec = errc::transaction_finished;
+        return;
+    }
+    try {
+        batch_.push_back(pending_message{bus_->channel_for(target), make_message(type, payload)});
+    } catch (const std::system_error& e) {
+        ec = e.code();
+        if (bus_->log()) bus_->log()(log_level::warning, e.what());
+    }
+}
+
+template <class Target>
+void transaction::send(const Target& target, std::string_view type, const json& payload) {
+    if (!open()) detail::throw_error(errc::transaction_finished, "send after commit or rollback");
+    batch_.push_back(pending_message{bus_->channel_for(target), make_message(type, payload)});
+}
+
+inline void transaction::on_precommit(std::function<void()> hook) { precommit_.push_back(std::move(hook)); }
+inline void transaction::on_postcommit(std::function<void()> hook) { postcommit_.push_back(std::move(hook)); }
+
+inline std::vector<std::int64_t> transaction::commit(std::error_code& ec) {
+    ec.clear();
+    if (!open()) {
+        ec = errc::transaction_finished;
+        return {};
+    }
+    const logger& log = bus_->log();
+    // pre-commit: the application's hooks, then the bus rows, inside the transaction. A hook
+    // may add hooks (as in Odoo): they run in this pass, so the list is walked by index.
+    for (std::size_t i = 0; i < precommit_.size(); ++i) {
+        try {
+            auto hook = std::move(precommit_[i]);
+            hook();
+        } catch (const std::exception& e) {
+            if (log) log(log_level::warning, std::string("pre-commit hook failed, rolled back: ") + e.what());
+            rollback();
+            ec = errc::hook_failed;
+            return {};
+        }
+    }
+    std::vector<notification> stored;
+    try {
+        stored = store_tx_->commit(batch_);
+    } catch (const std::exception& e) {
+        if (log) log(log_level::error, std::string("commit failed, rolled back: ") + e.what());
+        rollback();
+        ec = errc::store_failure;
+        return {};
+    }
+    store_tx_.reset();
+    batch_.clear();
+    // post-commit: only now may anybody hear of it
+    std::vector<std::int64_t> ids;
+    ids.reserve(stored.size());
+    for (const auto& n : stored) ids.push_back(n.id);
+    if (!stored.empty() && bus_->dispatches_on_commit()) bus_->publish(commit_event::from_rows(std::move(stored)));
+    for (std::size_t i = 0; i < postcommit_.size(); ++i) {  // by index: hooks may add hooks
+        try {
+            auto hook = std::move(postcommit_[i]);
+            hook();
+        } catch (const std::exception& e) {
+            if (log) log(log_level::error, std::string("post-commit hook failed: ") + e.what());
+        }
+    }
+    postcommit_.clear();
+    return ids;
+}
+
+inline std::vector<std::int64_t> transaction::commit() {
+    std::error_code ec;
+    auto ids = commit(ec);
+    if (ec) detail::throw_error(static_cast<errc>(ec.value()), "commit failed: " + ec.message());
+    return ids;
+}
+
+inline void transaction::rollback() noexcept {
+    if (!store_tx_) return;
+    store_tx_->rollback();
+    store_tx_.reset();
+    batch_.clear();
+    precommit_.clear();
+    postcommit_.clear();
+}
+
+// --- 6. dispatcher ---------------------------------------------------------------------------
 
 inline std::shared_ptr<const commit_event> commit_event::wake_up(std::vector<channel> channels) {
     auto e = std::make_shared<commit_event>();
@@ -3803,7 +3835,7 @@ inline std::size_t dispatcher::subscribers_of(const channel& c) const {
     return it == by_channel_.end() ? 0 : it->second.size();
 }
 
-// --- follower -------------------------------------------------------------------------------
+// --- 6. follower -----------------------------------------------------------------------------
 
 inline follower::follower(store& s, std::vector<channel> channels, std::int64_t last)
     : store_(s), position_(last) {
@@ -3920,137 +3952,140 @@ std::size_t follower::take(const wakeup& w, OnRow&& on_row, OnEvent&& on_event, 
     return taken;
 }
 
-// --- bus and transaction --------------------------------------------------------------------
+#ifdef IMBUS_WITH_POSTGRES
+// --- 7. pg_listener --------------------------------------------------------------------------
 
-inline bus::bus(imbus::store& s, dispatcher& d, bus_options options)
-    : store_(s), dispatcher_(&d), options_(std::move(options)) {}
-
-inline bus::bus(imbus::store& s, bus_options options) : store_(s), options_(std::move(options)) {}
-
-inline dispatcher& bus::get_dispatcher() const {
-    if (!dispatcher_) throw std::logic_error("imbus::bus: this bus was made without a dispatcher");
-    return *dispatcher_;
+inline pg_listener::pg_listener(pg_store& store, dispatcher& d, pg_listener_options options)
+    : store_(store), dispatcher_(d), options_(std::move(options)) {
+    connect();
+    // LISTEN came first: a commit after this read is both above the cursor and notified.
+    cursor_ = connection_->scalar("SELECT max(id) FROM bus_bus", {}, 0);
+    stop_fd_ = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (stop_fd_ < 0) detail::throw_error(errc::store_failure, "pg_listener: eventfd failed");
+    thread_ = std::thread([this] { run(); });
 }
 
-inline void bus::publish(std::shared_ptr<const commit_event> event) {
-    if (dispatcher_) dispatcher_->notify(std::move(event));
+inline pg_listener::~pg_listener() {
+    const std::uint64_t one = 1;
+    if (write(stop_fd_, &one, sizeof one) != ssize_t(sizeof one)) log(log_level::error, "pg_listener: cannot signal stop");
+    if (thread_.joinable()) thread_.join();
+    close(stop_fd_);
 }
 
-template <class Target>
-std::vector<std::int64_t> bus::send(const Target& target, std::string_view type, const json& payload,
-                                    std::error_code& ec) {
-    try {
-        transaction tx(*this);
-        tx.send(target, type, payload, ec);
-        if (ec) return {};
-        return tx.commit(ec);
-    } catch (const std::system_error& e) {  // begin() failed: the store is unreachable
-        ec = errc::store_failure;
-        if (options_.log) options_.log(log_level::error, e.what());
-        return {};
+inline void pg_listener::log(log_level level, const std::string& text) const {
+    if (store_.options().log) store_.options().log(level, text);
+}
+
+inline void pg_listener::connect() {
+    connection_.reset();
+    connected_ = false;
+    auto c = detail::pg_connection::open(store_.conninfo(), store_.options().log, "imbus-listener");
+    c->exec((std::string("LISTEN ") + pg_store::notify_channel).c_str());
+    connection_ = std::move(c);
+    connected_ = true;
+}
+
+// A signal (any handler the application installs) interrupts poll(): the rest of the pause is
+// waited out; only the stop pipe, or poll failing otherwise, ends it early.
+inline bool pg_listener::pause(std::chrono::milliseconds how_long) {
+    const auto until = std::chrono::steady_clock::now() + how_long;
+    for (;;) {
+        const auto left = std::chrono::ceil<std::chrono::milliseconds>(until - std::chrono::steady_clock::now());
+        pollfd stop{stop_fd_, POLLIN, 0};
+        const int ready = ::poll(&stop, 1, int(std::max<std::int64_t>(0, left.count())));
+        if (ready == 0) return true;
+        if (ready < 0 && errno == EINTR) continue;
+        if (ready < 0) log(log_level::error, "pg_listener: poll failed");
+        return false;
     }
 }
 
-template <class Target>
-std::vector<std::int64_t> bus::send(const Target& target, std::string_view type, const json& payload) {
-    transaction tx(*this);
-    tx.send(target, type, payload);
-    return tx.commit();
-}
-
-inline transaction::transaction(imbus::bus& b) : bus_(&b), store_tx_(b.store().begin()) {}
-
-inline transaction::~transaction() { rollback(); }
-
-template <class Target>
-void transaction::send(const Target& target, std::string_view type, const json& payload, std::error_code& ec) {
-    ec.clear();
-    if (!open()) {
-        ec = errc::transaction_finished;
-        return;
-    }
-    try {
-        batch_.push_back(pending_message{bus_->channel_for(target), make_message(type, payload)});
-    } catch (const std::system_error& e) {
-        ec = e.code();
-        if (bus_->log()) bus_->log()(log_level::warning, e.what());
-    }
-}
-
-template <class Target>
-void transaction::send(const Target& target, std::string_view type, const json& payload) {
-    if (!open()) detail::throw_error(errc::transaction_finished, "send after commit or rollback");
-    batch_.push_back(pending_message{bus_->channel_for(target), make_message(type, payload)});
-}
-
-inline void transaction::on_precommit(std::function<void()> hook) { precommit_.push_back(std::move(hook)); }
-inline void transaction::on_postcommit(std::function<void()> hook) { postcommit_.push_back(std::move(hook)); }
-
-inline std::vector<std::int64_t> transaction::commit(std::error_code& ec) {
-    ec.clear();
-    if (!open()) {
-        ec = errc::transaction_finished;
-        return {};
-    }
-    const logger& log = bus_->log();
-    // pre-commit: the application's hooks, then the bus rows, inside the transaction. A hook
-    // may add hooks (as in Odoo): they run in this pass, so the list is walked by index.
-    for (std::size_t i = 0; i < precommit_.size(); ++i) {
+// Every row after the cursor, in pages of one snapshot each: a page holds every row that will
+// ever exist in (cursor, its last id], since writers commit in id order.
+inline bool pg_listener::read_new_rows() {
+    const std::string page = std::to_string(options_.page_size ? options_.page_size : 1000);
+    for (;;) {
+        const std::int64_t after = cursor_;
+        detail::pg_result r;
         try {
-            auto hook = std::move(precommit_[i]);
-            hook();
-        } catch (const std::exception& e) {
-            if (log) log(log_level::warning, std::string("pre-commit hook failed, rolled back: ") + e.what());
-            rollback();
-            ec = errc::hook_failed;
-            return {};
+            ++reads_;
+            r = connection_->exec("SELECT " IMBUS_PG_ROW_COLUMNS " FROM bus_bus WHERE id > $1::bigint ORDER BY id LIMIT $2::bigint",
+                                  {std::to_string(after), page});
+        } catch (const std::system_error& e) {
+            log(log_level::warning, std::string("pg_listener: ") + e.what());
+            return false;
+        }
+        const int rows = PQntuples(r.get());
+        std::vector<notification> found;
+        found.reserve(std::size_t(rows));
+        std::int64_t last = after;
+        for (int i = 0; i < rows; ++i) {
+            last = std::stoll(PQgetvalue(r.get(), i, 0));
+            std::error_code ec;
+            auto c = channel::from_key(std::string_view(PQgetvalue(r.get(), i, 1), std::size_t(PQgetlength(r.get(), i, 1))), ec);
+            if (ec) {  // no subscriber can follow a channel that is not canonical
+                log(log_level::warning, "pg_listener: skipped row " + std::to_string(last) + " on a non-canonical channel");
+                continue;
+            }
+            found.push_back(detail::pg_row(r.get(), i, 0, std::move(c)));
+        }
+        if (!found.empty()) dispatcher_.notify(commit_event::from_range(after, std::move(found)));
+        cursor_ = last;
+        if (std::size_t(rows) < std::stoull(page)) return true;
+    }
+}
+
+inline void pg_listener::run() {
+    auto backoff = options_.reconnect_min;
+    bool must_read = false;  // commits after the constructor's cursor are notified
+    for (;;) {
+        if (!connection_) {
+            if (!pause(backoff)) return;
+            try {
+                connect();
+                ++reconnects_;
+                log(log_level::info, "pg_listener: listening again; catching up after id " + std::to_string(cursor_));
+                backoff = options_.reconnect_min;
+                must_read = true;
+            } catch (const std::system_error& e) {
+                log(log_level::warning, std::string("pg_listener: ") + e.what());
+                backoff = std::min(backoff * 2, options_.reconnect_max);
+                continue;
+            }
+        }
+        PGconn* c = connection_->get();
+        // Drain every pending notification first: one read answers them all.
+        while (PGnotify* n = PQnotifies(c)) {
+            PQfreemem(n);
+            must_read = true;
+        }
+        if (must_read) {
+            must_read = false;
+            if (!read_new_rows()) {
+                connection_.reset();
+                connected_ = false;
+                continue;
+            }
+            continue;  // notifications that arrived during the read are already buffered
+        }
+        pollfd fds[2] = {{PQsocket(c), POLLIN, 0}, {stop_fd_, POLLIN, 0}};
+        if (::poll(fds, 2, -1) < 0) {
+            if (errno == EINTR) continue;
+            log(log_level::error, "pg_listener: poll failed");
+            return;
+        }
+        if (fds[1].revents) return;
+        if (fds[0].revents && (!PQconsumeInput(c) || connection_->broken())) {
+            log(log_level::warning, "pg_listener: connection lost: " + detail::pg_error_text(c));
+            connection_.reset();
+            connected_ = false;
         }
     }
-    std::vector<notification> stored;
-    try {
-        stored = store_tx_->commit(batch_);
-    } catch (const std::exception& e) {
-        if (log) log(log_level::error, std::string("commit failed, rolled back: ") + e.what());
-        rollback();
-        ec = errc::store_failure;
-        return {};
-    }
-    store_tx_.reset();
-    batch_.clear();
-    // post-commit: only now may anybody hear of it
-    std::vector<std::int64_t> ids;
-    ids.reserve(stored.size());
-    for (const auto& n : stored) ids.push_back(n.id);
-    if (!stored.empty() && bus_->dispatches_on_commit()) bus_->publish(commit_event::from_rows(std::move(stored)));
-    for (std::size_t i = 0; i < postcommit_.size(); ++i) {  // by index: hooks may add hooks
-        try {
-            auto hook = std::move(postcommit_[i]);
-            hook();
-        } catch (const std::exception& e) {
-            if (log) log(log_level::error, std::string("post-commit hook failed: ") + e.what());
-        }
-    }
-    postcommit_.clear();
-    return ids;
 }
+#undef IMBUS_PG_ROW_COLUMNS
+#endif // IMBUS_WITH_POSTGRES
 
-inline std::vector<std::int64_t> transaction::commit() {
-    std::error_code ec;
-    auto ids = commit(ec);
-    if (ec) detail::throw_error(static_cast<errc>(ec.value()), "commit failed: " + ec.message());
-    return ids;
-}
-
-inline void transaction::rollback() noexcept {
-    if (!store_tx_) return;
-    store_tx_->rollback();
-    store_tx_.reset();
-    batch_.clear();
-    precommit_.clear();
-    postcommit_.clear();
-}
-
-// --- auth policies --------------------------------------------------------------------------
+// --- 8. auth policies ------------------------------------------------------------------------
 
 namespace detail {
 
@@ -4361,6 +4396,8 @@ inline bool signed_token_policy::still_valid(const identity& who) const {
     return revoked_->subjects.count(who.subject) == 0;
 }
 
+// --- 9. client requests -----------------------------------------------------------------------
+
 namespace detail {
 // A notification id sent by a client, read one way everywhere (subscribe's last, the routes'):
 // any JSON integer; below 0 counts as 0, above int64 as the largest id (a far future); not an
@@ -4422,7 +4459,7 @@ inline client_request parse_client_request(std::string_view text, std::size_t ma
 }
 
 #ifdef IMBUS_WITH_PRESENCE
-// --- presence -------------------------------------------------------------------------------
+// --- 10. presence ----------------------------------------------------------------------------
 
 namespace detail {
 constexpr const char* presence_sync_type = "imbus/presence.sync";
@@ -4746,7 +4783,7 @@ inline std::size_t presence_tracker::trackers() const {
 #endif // IMBUS_WITH_PRESENCE
 
 #ifdef IMBUS_WITH_WEBSOCKETPP
-// --- server ---------------------------------------------------------------------------------
+// --- 11. server ------------------------------------------------------------------------------
 
 namespace detail {
 
@@ -6804,7 +6841,7 @@ void basic_server<AuthPolicy, Transport>::serve_route(const http_request& reques
     response.set_json(404, {{"error", "not found"}});
 }
 
-// --- client ---------------------------------------------------------------------------------
+// --- 12. client ------------------------------------------------------------------------------
 
 template <class Transport> struct basic_client<Transport>::impl {
     using endpoint_type = websocketpp::client<typename detail::websocketpp_configs<Transport>::client>;
