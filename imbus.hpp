@@ -1654,6 +1654,14 @@ private:
     void send_frame(const connection_ptr& con, detail::shared_wire_frame frame);
     void refuse_request(const connection_ptr& con, const client_request& request);
     void serve_route(const http_request& request, http_response& response);
+    // One function per route (serve_route says which, in what order).
+    bool body_too_deep(const http_request& request, http_response& response) const;
+    void serve_metrics(const http_request& request, http_response& response);
+    void serve_handshake_probe(const http_request& request, http_response& response);
+    void serve_health(http_response& response);
+    void serve_peek_notifications(const http_request& request, http_response& response);
+    void serve_has_missed(const http_request& request, http_response& response);
+    void serve_send(const http_request& request, http_response& response);
     bool admit(const connection_ptr& con, std::string& why);
     void refuse_at_accept(connection_ptr con, const std::string& why);
     std::string metrics_text();
@@ -6721,124 +6729,143 @@ template <class AuthPolicy, class Transport> http_response basic_server<AuthPoli
     return response;
 }
 
+// The bus's routes in the order they are tried (docs/PROTOCOL.md §5), then the application's.
 template <class AuthPolicy, class Transport>
 void basic_server<AuthPolicy, Transport>::serve_route(const http_request& request, http_response& response) {
-    const bool post = request.method == "POST";
-    auto bad_request = [&](const std::string& why) { response.set_json(400, {{"error", why}}); };
-    // The bus routes' JSON bodies: one nested too deep to copy safely is refused unparsed.
-    auto too_deep = [&] {
-        if (detail::json_nesting_within(request.body, options_.max_json_depth)) return false;
-        bad_request("the body is nested deeper than " + std::to_string(options_.max_json_depth) + " levels");
-        return true;
-    };
-    if (!options_.metrics_path.empty() && request.path == options_.metrics_path && request.method == "GET") {
-        if (!options_.metrics_token.empty() && !detail::constant_time_equal(request.bearer_token(), options_.metrics_token))
-            return response.set_json(401, {{"error", "Authorization: Bearer <metrics token> required"}});
-        response.status = 200;
-        response.headers.emplace_back("Content-Type", "text/plain; version=0.0.4");
-        response.headers.emplace_back("Cache-Control", "no-store");
-        response.body = metrics_text();
-        return;
-    }
-    // A browser cannot read why a handshake failed; its worker asks here with the same URL
-    // and cookies: 426 means the handshake would be accepted, else the refusal it would get.
-    // Browsers send no Origin on a same-origin GET, and a cross-site page cannot read the
-    // answer, so the origin is checked only when one is named.
-    if (request.path == options_.path && request.method == "GET") {
-        std::optional<identity> who;
-        auto refusal = handshake_refusal(request, who, request.has_header("Origin"));
-        if (!refusal) refusal.emplace(426, "send a WebSocket handshake (Upgrade: websocket) to this URL");
-        response.set_json(refusal->first, {{"error", refusal->second}});
-        if (refusal->first == 426) response.headers.emplace_back("Upgrade", "websocket");
-        response.headers.emplace_back("Cache-Control", "no-store");
-        return;
-    }
-    if (request.path == options_.path + "/health") {
-        response.set_json(200, {{"status", "pass"}});
-        response.headers.emplace_back("Cache-Control", "no-store");
-        return;
-    }
-    if (request.path == options_.path + "/peek_notifications" && post) {
-        if (too_deep()) return;
-        const json body = json::parse(request.body, nullptr, false);
-        const json params = detail::rpc_params(body);
-        if (!params.is_object() || !params.contains("channels") || !params["channels"].is_array())
-            return bad_request("expected {\"channels\": [...], \"last\": N, \"is_first_poll\": bool}");
-        auto verdict = policy_.authenticate(request);
-        if (!verdict.accepted()) return response.set_json(verdict.status() ? verdict.status() : 403, {{"error", verdict.reason()}});
-        if (options_.max_channels && params["channels"].size() > options_.max_channels)
-            return bad_request("more than max_channels (" + std::to_string(options_.max_channels) + ") channels");
-        std::vector<std::string> asked;
-        for (const auto& c : params["channels"]) {
-            if (!c.is_string()) return bad_request("channels must be strings");
-            asked.push_back(c.get<std::string>());
-        }
-        const auto channels = detail::unique_channels(build_channels(verdict.identity(), asked));
-        const auto last = detail::client_id(params.value("last", json(0)));
-        if (!last) return bad_request("last must be an integer");
-        // One page, priced like a catch-up frame; "more" says to ask again from "last".
-        const auto page = bus_.store().fetch(channels, *last, options_.catch_up_rows, options_.catch_up_bytes);
-        std::string out = "{\"channels\":[";
-        for (std::size_t i = 0; i < channels.size(); ++i) out += (i ? "," : "") + channels[i].key();
-        out += "],\"notifications\":[";
-        std::size_t bytes = 0;
-        for (std::size_t i = 0; i < page.notifications.size(); ++i) {
-            const std::string& wire = page.notifications[i].wire();
-            out += i ? "," : "";
-            out += wire;
-            bytes += wire.size();
-        }
-        const bool more = page.notifications.size() >= options_.catch_up_rows || bytes >= options_.catch_up_bytes;
-        out += "],\"last\":" + std::to_string(page.horizon) + ",\"more\":" + (more ? "true" : "false") + "}";
-        response.status = 200;
-        response.headers.emplace_back("Content-Type", "application/json");
-        response.body = detail::rpc_result(body, out);
-        return;
-    }
-    if (request.path == "/bus/has_missed_notifications" && post) {
-        if (too_deep()) return;
-        const json body = json::parse(request.body, nullptr, false);
-        const json params = detail::rpc_params(body);
-        const auto last = params.is_object() && params.contains("last_notification_id")
-                              ? detail::client_id(params["last_notification_id"])
-                              : std::nullopt;
-        if (!last) return bad_request("expected {\"last_notification_id\": N}");
-        const bool missed = bus_.store().has_missed(*last);
-        response.status = 200;
-        response.headers.emplace_back("Content-Type", "application/json");
-        response.body = detail::rpc_result(body, missed ? "true" : "false");
-        return;
-    }
-    if (request.path == "/bus/send" && post) {
-        const std::string token = request.bearer_token();
-        if (token.empty()) return response.set_json(401, {{"error", "Authorization: Bearer <key> required"}});
-        if (options_.api_key.empty() || !detail::constant_time_equal(token, options_.api_key))
-            return response.set_json(403, {{"error", "wrong key"}});
-        if (too_deep()) return;
-        const json body = json::parse(request.body, nullptr, false);
-        if (body.is_discarded()) return bad_request("the body is not JSON");
-        const json items = body.is_array() ? body : json::array({body});
-        if (items.empty()) return bad_request("nothing to send");
-        transaction tx(bus_);
-        for (const auto& item : items) {
-            if (!item.is_object() || !item.contains("channel") || !item.contains("type") || !item["type"].is_string())
-                return bad_request("each notification needs \"channel\" and \"type\" (string); \"payload\" is optional");
-            std::error_code ec;
-            const json& c = item["channel"];
-            channel target;
-            if (c.is_string()) target = channel(bus_.db(), c.get<std::string>());
-            else target = channel::from_json(c, ec);
-            if (ec || target.empty()) return bad_request("channel must be a string or a channel array");
-            tx.send(target, item["type"].get<std::string>(), item.value("payload", json()), ec);
-            if (ec) return bad_request(ec.message());
-        }
-        std::error_code ec;
-        const auto ids = tx.commit(ec);
-        if (ec) return response.set_json(500, {{"error", ec.message()}});
-        return response.set_json(200, {{"ids", ids}});
-    }
+    const bool get = request.method == "GET", post = request.method == "POST";
+    if (get && !options_.metrics_path.empty() && request.path == options_.metrics_path) return serve_metrics(request, response);
+    if (get && request.path == options_.path) return serve_handshake_probe(request, response);
+    if (request.path == options_.path + "/health") return serve_health(response);
+    if (post && request.path == options_.path + "/peek_notifications") return serve_peek_notifications(request, response);
+    if (post && request.path == "/bus/has_missed_notifications") return serve_has_missed(request, response);
+    if (post && request.path == "/bus/send") return serve_send(request, response);
     if (route_ && route_(request, response)) return;
     response.set_json(404, {{"error", "not found"}});
+}
+
+// The bus routes' JSON bodies: one nested too deep to copy safely is refused unparsed (400).
+template <class AuthPolicy, class Transport>
+bool basic_server<AuthPolicy, Transport>::body_too_deep(const http_request& request, http_response& response) const {
+    if (detail::json_nesting_within(request.body, options_.max_json_depth)) return false;
+    response.set_json(400, {{"error", "the body is nested deeper than " + std::to_string(options_.max_json_depth) + " levels"}});
+    return true;
+}
+
+template <class AuthPolicy, class Transport>
+void basic_server<AuthPolicy, Transport>::serve_metrics(const http_request& request, http_response& response) {
+    if (!options_.metrics_token.empty() && !detail::constant_time_equal(request.bearer_token(), options_.metrics_token))
+        return response.set_json(401, {{"error", "Authorization: Bearer <metrics token> required"}});
+    response.status = 200;
+    response.headers.emplace_back("Content-Type", "text/plain; version=0.0.4");
+    response.headers.emplace_back("Cache-Control", "no-store");
+    response.body = metrics_text();
+}
+
+// A browser cannot read why a handshake failed; its worker asks here with the same URL and
+// cookies: 426 means the handshake would be accepted, else the refusal it would get. Browsers
+// send no Origin on a same-origin GET, and a cross-site page cannot read the answer, so the
+// origin is checked only when one is named.
+template <class AuthPolicy, class Transport>
+void basic_server<AuthPolicy, Transport>::serve_handshake_probe(const http_request& request, http_response& response) {
+    std::optional<identity> who;
+    auto refusal = handshake_refusal(request, who, request.has_header("Origin"));
+    if (!refusal) refusal.emplace(426, "send a WebSocket handshake (Upgrade: websocket) to this URL");
+    response.set_json(refusal->first, {{"error", refusal->second}});
+    if (refusal->first == 426) response.headers.emplace_back("Upgrade", "websocket");
+    response.headers.emplace_back("Cache-Control", "no-store");
+}
+
+template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Transport>::serve_health(http_response& response) {
+    response.set_json(200, {{"status", "pass"}});
+    response.headers.emplace_back("Cache-Control", "no-store");
+}
+
+// Odoo's /websocket/peek_notifications: one page of what the store has for the channels the
+// policy grants, priced like a catch-up frame; "more" says to ask again from "last".
+template <class AuthPolicy, class Transport>
+void basic_server<AuthPolicy, Transport>::serve_peek_notifications(const http_request& request, http_response& response) {
+    auto bad_request = [&](const std::string& why) { response.set_json(400, {{"error", why}}); };
+    if (body_too_deep(request, response)) return;
+    const json body = json::parse(request.body, nullptr, false);
+    const json params = detail::rpc_params(body);
+    if (!params.is_object() || !params.contains("channels") || !params["channels"].is_array())
+        return bad_request("expected {\"channels\": [...], \"last\": N, \"is_first_poll\": bool}");
+    auto verdict = policy_.authenticate(request);
+    if (!verdict.accepted()) return response.set_json(verdict.status() ? verdict.status() : 403, {{"error", verdict.reason()}});
+    if (options_.max_channels && params["channels"].size() > options_.max_channels)
+        return bad_request("more than max_channels (" + std::to_string(options_.max_channels) + ") channels");
+    std::vector<std::string> asked;
+    for (const auto& c : params["channels"]) {
+        if (!c.is_string()) return bad_request("channels must be strings");
+        asked.push_back(c.get<std::string>());
+    }
+    const auto channels = detail::unique_channels(build_channels(verdict.identity(), asked));
+    const auto last = detail::client_id(params.value("last", json(0)));
+    if (!last) return bad_request("last must be an integer");
+    const auto page = bus_.store().fetch(channels, *last, options_.catch_up_rows, options_.catch_up_bytes);
+    std::string out = "{\"channels\":[";
+    for (std::size_t i = 0; i < channels.size(); ++i) out += (i ? "," : "") + channels[i].key();
+    out += "],\"notifications\":[";
+    std::size_t bytes = 0;
+    for (std::size_t i = 0; i < page.notifications.size(); ++i) {
+        const std::string& wire = page.notifications[i].wire();
+        out += i ? "," : "";
+        out += wire;
+        bytes += wire.size();
+    }
+    const bool more = page.notifications.size() >= options_.catch_up_rows || bytes >= options_.catch_up_bytes;
+    out += "],\"last\":" + std::to_string(page.horizon) + ",\"more\":" + (more ? "true" : "false") + "}";
+    response.status = 200;
+    response.headers.emplace_back("Content-Type", "application/json");
+    response.body = detail::rpc_result(body, out);
+}
+
+// Odoo's /bus/has_missed_notifications: whether rows after the page's last id were collected.
+template <class AuthPolicy, class Transport>
+void basic_server<AuthPolicy, Transport>::serve_has_missed(const http_request& request, http_response& response) {
+    if (body_too_deep(request, response)) return;
+    const json body = json::parse(request.body, nullptr, false);
+    const json params = detail::rpc_params(body);
+    const auto last = params.is_object() && params.contains("last_notification_id")
+                          ? detail::client_id(params["last_notification_id"])
+                          : std::nullopt;
+    if (!last) return response.set_json(400, {{"error", "expected {\"last_notification_id\": N}"}});
+    const bool missed = bus_.store().has_missed(*last);
+    response.status = 200;
+    response.headers.emplace_back("Content-Type", "application/json");
+    response.body = detail::rpc_result(body, missed ? "true" : "false");
+}
+
+// Publishing over HTTP for programs that do not link imbus: one transaction per request.
+template <class AuthPolicy, class Transport>
+void basic_server<AuthPolicy, Transport>::serve_send(const http_request& request, http_response& response) {
+    auto bad_request = [&](const std::string& why) { response.set_json(400, {{"error", why}}); };
+    const std::string token = request.bearer_token();
+    if (token.empty()) return response.set_json(401, {{"error", "Authorization: Bearer <key> required"}});
+    if (options_.api_key.empty() || !detail::constant_time_equal(token, options_.api_key))
+        return response.set_json(403, {{"error", "wrong key"}});
+    if (body_too_deep(request, response)) return;
+    const json body = json::parse(request.body, nullptr, false);
+    if (body.is_discarded()) return bad_request("the body is not JSON");
+    const json items = body.is_array() ? body : json::array({body});
+    if (items.empty()) return bad_request("nothing to send");
+    transaction tx(bus_);
+    for (const auto& item : items) {
+        if (!item.is_object() || !item.contains("channel") || !item.contains("type") || !item["type"].is_string())
+            return bad_request("each notification needs \"channel\" and \"type\" (string); \"payload\" is optional");
+        std::error_code ec;
+        const json& c = item["channel"];
+        channel target;
+        if (c.is_string()) target = channel(bus_.db(), c.get<std::string>());
+        else target = channel::from_json(c, ec);
+        if (ec || target.empty()) return bad_request("channel must be a string or a channel array");
+        tx.send(target, item["type"].get<std::string>(), item.value("payload", json()), ec);
+        if (ec) return bad_request(ec.message());
+    }
+    std::error_code ec;
+    const auto ids = tx.commit(ec);
+    if (ec) return response.set_json(500, {{"error", ec.message()}});
+    response.set_json(200, {{"ids", ids}});
 }
 
 // --- 12. client ------------------------------------------------------------------------------
