@@ -6657,20 +6657,22 @@ template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Trans
         if (!frame.empty() && frame.size() + wire.size() + 1 > options_.catch_up_bytes) flush_frame();
         frame.add(wire);
     };
+    // What follower::take does with the wake-up: rows of events shared only in part join the
+    // connection's own frame; an event wholly for it goes as the frame encoded once for every
+    // recipient (a big commit in pieces); a full queue stops it and the rest waits in the store.
+    auto send_row = [&](const notification&, std::string_view wire) { add_row(wire); };
+    auto send_event = [&](const commit_event& event) {
+        if (!frame.empty()) flush_frame();
+        const auto shared = event.shared_frame<detail::wire_frames>(
+            [&] { return std::make_shared<detail::wire_frames>(detail::frames_of(event.wire, options_.catch_up_bytes)); });
+        metrics_.observe_publish_to_send(s.shard, now - event.noticed_at);
+        frames += shared->pieces.size(), rows += shared->rows;
+        for (const auto& piece : shared->pieces) send_frame(con, piece);
+    };
+    auto queue_full = [&] { return full = over_budget(con, frame.size()); };
     std::string failure;  // a read of the store failed: what was taken before it still goes out
     try {
-        s.follow->take(
-            w, [&](const notification&, std::string_view wire) { add_row(wire); },
-            [&](const commit_event& event) {
-                if (!frame.empty()) flush_frame();
-                // Encoded once for every recipient of the event (a big commit in pieces).
-                const auto shared = event.shared_frame<detail::wire_frames>(
-                    [&] { return std::make_shared<detail::wire_frames>(detail::frames_of(event.wire, options_.catch_up_bytes)); });
-                metrics_.observe_publish_to_send(s.shard, now - event.noticed_at);
-                frames += shared->pieces.size(), rows += shared->rows;
-                for (const auto& piece : shared->pieces) send_frame(con, piece);
-            },
-            options_.catch_up_rows, [&] { return full = over_budget(con, frame.size()); });
+        s.follow->take(w, send_row, send_event, options_.catch_up_rows, queue_full);
     } catch (const std::exception& e) {
         failure = e.what();
     }
