@@ -4,6 +4,7 @@
 
 #define IMBUS_WITH_SQLITE
 #include "imbus.hpp"
+#include "support/test_helpers.hpp"
 
 #include <cstdio>
 #include <cstdlib>
@@ -15,6 +16,7 @@
 int imbus_second_tu_sqlite_uses();  // tests/second_tu_sqlite.cpp
 
 using imbus::channel;
+using imbus_test::log_capture;
 
 namespace {
 
@@ -28,18 +30,6 @@ struct recorder {
             std::lock_guard<std::mutex> lock(m);
             ++runs;
             events.insert(events.end(), w.events.begin(), w.events.end());
-        };
-    }
-};
-
-// Collects log lines so tests can check that a failure was reported.
-struct log_capture {
-    std::mutex m;
-    std::vector<std::string> lines;
-    imbus::logger logger() {
-        return [this](imbus::log_level, const std::string& text) {
-            std::lock_guard<std::mutex> lock(m);
-            lines.push_back(text);
         };
     }
 };
@@ -169,8 +159,8 @@ TEST_CASE("pre-commit and post-commit hooks") {
         CHECK(ec == imbus::errc::hook_failed);
         CHECK(store.newest_id() == 0);
         CHECK(order.empty());
-        REQUIRE(logs.lines.size() == 1);
-        CHECK(logs.lines[0].find("constraint failed") != std::string::npos);
+        REQUIRE(logs.count_at_least(imbus::log_level::debug) == 1);
+        CHECK(logs.contains("constraint failed"));
     }
     SUBCASE("hooks that add hooks (Odoo allows it): the added ones run in the same pass, in order") {
         imbus::transaction tx(bus);
@@ -200,8 +190,8 @@ TEST_CASE("pre-commit and post-commit hooks") {
         CHECK(tx.commit(ec).size() == 1);
         CHECK_FALSE(ec);
         CHECK(order == std::vector<std::string>{"dispatch"});
-        REQUIRE(logs.lines.size() == 1);
-        CHECK(logs.lines[0].find("oops") != std::string::npos);
+        REQUIRE(logs.count_at_least(imbus::log_level::debug) == 1);
+        CHECK(logs.contains("oops"));
     }
 }
 
@@ -217,7 +207,7 @@ TEST_CASE("autocommit send reports invalid input without storing") {
     CHECK(bus.send(std::string("bad \xc3"), "t", 1, ec).empty());
     CHECK(ec == imbus::errc::invalid_channel);
     CHECK(store.newest_id() == 0);
-    CHECK(logs.lines.size() == 2);
+    CHECK(logs.count_at_least(imbus::log_level::debug) == 2);
     CHECK_THROWS_AS(bus.send("x", "t", std::string("\xff")), std::system_error);
     CHECK(bus.send("x", "t", 1, ec) == std::vector<std::int64_t>{1});
     CHECK_FALSE(ec);

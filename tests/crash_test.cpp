@@ -9,6 +9,7 @@
 
 #include "imbus.hpp"
 #include "support/raw_socket.hpp"
+#include "support/test_helpers.hpp"
 
 #include <fcntl.h>
 #include <poll.h>
@@ -40,21 +41,13 @@ extern char** environ;
 
 using namespace std::chrono_literals;
 using imbus::json;
+using imbus_test::wait_until;
 using ms = std::chrono::milliseconds;
 using steady = std::chrono::steady_clock;
 
 namespace {
 
 const std::string api_key = "crash-test-key";
-
-template <class Pred> bool wait_until(Pred pred, ms timeout) {
-    const auto deadline = steady::now() + timeout;
-    while (!pred()) {
-        if (steady::now() >= deadline) return false;
-        std::this_thread::sleep_for(2ms);
-    }
-    return true;
-}
 
 struct temp_dir {
     std::string path;

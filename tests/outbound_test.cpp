@@ -7,6 +7,7 @@
 #include <doctest/doctest.h>
 
 #include "imbus.hpp"
+#include "support/test_helpers.hpp"
 
 #include <arpa/inet.h>
 #include <netinet/in.h>
@@ -26,20 +27,12 @@
 
 using namespace std::chrono_literals;
 using imbus::json;
+using imbus_test::wait_until;
 using steady = std::chrono::steady_clock;
 
 namespace {
 
 constexpr auto wait_limit = 10000ms;  // how long any expected event may take
-
-template <class Pred> bool wait_until(Pred pred, std::chrono::milliseconds timeout = wait_limit) {
-    const auto deadline = steady::now() + timeout;
-    while (!pred()) {
-        if (steady::now() > deadline) return pred();
-        std::this_thread::sleep_for(2ms);
-    }
-    return true;
-}
 
 // A WebSocket client on a blocking socket that writes what it is told and never reads after
 // the handshake: a reader that stopped, with a receive buffer as small as the kernel allows.
@@ -295,6 +288,7 @@ TEST_CASE("max_outbound_total: past it the clients holding the most wait; the to
     }
     CHECK(receives_up_to(*honest, last));  // the one that reads is never held back
     CHECK(wait_until([&] { return f.metrics().outbound_total_lags.load() >= readers; }));
+    // Samples for ~100 ms, not until a condition: the upper bound must hold all along.
     for (int i = 0; i < 50; ++i, std::this_thread::sleep_for(2ms))
         highest = std::max(highest, f.server->outbound_bytes());
     CAPTURE(highest);

@@ -8,6 +8,7 @@
 
 #include "imbus.hpp"
 #include "support/raw_socket.hpp"
+#include "support/test_helpers.hpp"
 
 #include <spawn.h>
 #include <sys/wait.h>
@@ -24,6 +25,8 @@ extern char** environ;
 
 using namespace std::chrono_literals;
 using json = nlohmann::json;
+using imbus_test::ids_of;
+using imbus_test::wait_until;
 
 namespace {
 
@@ -155,12 +158,6 @@ std::unique_ptr<imbus::client> subscribed_client(const server_process& s, const 
     return c;
 }
 
-std::vector<std::int64_t> ids_of(const std::vector<json>& notifications) {
-    std::vector<std::int64_t> ids;
-    for (const auto& n : notifications) ids.push_back(n["id"].get<std::int64_t>());
-    return ids;
-}
-
 } // namespace
 
 TEST_CASE("two server processes on one database: a publish on either reaches clients of both, once, in order") {
@@ -181,7 +178,7 @@ TEST_CASE("two server processes on one database: a publish on either reaches cli
     CHECK(std::is_sorted(sent.begin(), sent.end()));
     CHECK(ids_of(on_a->take(100, 10s)) == sent);
     CHECK(ids_of(on_b->take(100, 10s)) == sent);
-    std::this_thread::sleep_for(200ms);
+    std::this_thread::sleep_for(200ms);  // a negative: no copy arrives late (no event to wait for)
     CHECK(on_a->take(1, 0ms).empty());
     CHECK(on_b->take(1, 0ms).empty());
 }
@@ -198,24 +195,29 @@ TEST_CASE("PostgreSQL restarted under load: every answered publish is delivered 
 
     std::atomic<bool> publishing{true};
     std::vector<std::int64_t> answered;  // ids of publishes the servers confirmed
-    std::size_t failed = 0;
+    std::atomic<std::size_t> answered_count{0}, failed{0};
     std::thread publisher([&] {
         for (int i = 0; publishing; ++i) {
             const auto ids = (i % 2 ? a : b).publish("feed", i);
             if (ids.empty()) ++failed, std::this_thread::sleep_for(20ms);
             answered.insert(answered.end(), ids.begin(), ids.end());
+            answered_count = answered.size();
         }
     });
-    std::this_thread::sleep_for(500ms);
+    // Each phase lasts until the publisher has seen it, not a fixed time (checked below).
+    wait_until([&] { return answered_count > 20; }, 30s);
     pg.stop();
-    std::this_thread::sleep_for(1s);
+    // Ten refused publishes, five on each server, 20 ms apart: the listeners' reconnects
+    // (50 ms apart) meet the database down too.
+    wait_until([&] { return failed >= 10; }, 30s);
     pg.start();
-    std::this_thread::sleep_for(2s);
+    const std::size_t answered_before_start = answered_count;
+    wait_until([&] { return answered_count > answered_before_start + 20; }, 30s);
     publishing = false;
     publisher.join();
-    MESSAGE(answered.size() << " publishes answered, " << failed << " failed while the database was down");
+    MESSAGE(answered.size() << " publishes answered, " << failed.load() << " failed while the database was down");
     REQUIRE(answered.size() > 20);
-    REQUIRE(failed > 0);  // the restart really interrupted publishing
+    REQUIRE(failed.load() > 0);  // the restart really interrupted publishing
 
     // The answered ids, plus any whose answer was lost in the restart: all in order, none twice.
     for (std::size_t k = 0; k < clients.size(); ++k) {
@@ -258,7 +260,8 @@ TEST_CASE("PostgreSQL down while a lagging client drains: its catch-up is retrie
     pg.stop();
     std::vector<std::int64_t> got;
     std::thread restart([&] {
-        std::this_thread::sleep_for(1s);  // the drain's catch-up meets the database down
+        // The drain's catch-up meets the database down. Not observable: /metrics reads the store.
+        std::this_thread::sleep_for(1s);
         pg.start();
     });
     const auto deadline = std::chrono::steady_clock::now() + 30s;

@@ -9,6 +9,7 @@
 
 #include "support/pg_database.hpp"
 #include "support/store_helpers.hpp"
+#include "support/test_helpers.hpp"
 
 #include <algorithm>
 #include <cstdio>
@@ -31,6 +32,7 @@ using imbus_test::pg_test_database;
 using imbus_test::wait_until;
 using imbus_test::batch_of;
 using imbus_test::ids_of;
+using imbus_test::log_capture;
 
 namespace {
 
@@ -68,25 +70,6 @@ struct horizon_follower {
             seen.push_back(n.id);
         }
         position = r.horizon;
-    }
-};
-
-// Collects log lines so tests can check that a failure was reported.
-struct log_capture {
-    std::mutex m;
-    std::vector<std::string> lines;
-    imbus::logger logger() {
-        return [this](imbus::log_level, const std::string& text) {
-            std::lock_guard<std::mutex> lock(m);
-            if (std::getenv("IMBUS_TEST_VERBOSE")) std::fprintf(stderr, "log: %s\n", text.c_str());
-            lines.push_back(text);
-        };
-    }
-    bool contains(const std::string& part) {
-        std::lock_guard<std::mutex> lock(m);
-        for (const auto& l : lines)
-            if (l.find(part) != std::string::npos) return true;
-        return false;
     }
 };
 
@@ -520,7 +503,7 @@ TEST_CASE("listener: signals during the reconnect backoff do not stop it") {
     admin.exec("ALTER DATABASE " + db.name + " ALLOW_CONNECTIONS false");
     terminate_backend(admin, admin.exec(listener_pid_sql));
     CHECK(wait_until([&] { return !listener->connected(); }));
-    for (int i = 0; i < 60; ++i) {  // through at least two pauses of 300 ms
+    for (int i = 0; i < 60; ++i) {  // through at least two pauses of 300 ms (no attempt count to wait on)
         kill(getpid(), SIGUSR1);
         std::this_thread::sleep_for(10ms);
     }

@@ -20,6 +20,7 @@
 #define IMBUS_WITH_SQLITE
 #include "imbus.hpp"
 #include "support/store_helpers.hpp"
+#include "support/test_helpers.hpp"
 
 #include <fcntl.h>
 #include <unistd.h>
@@ -31,6 +32,7 @@
 #include <string>
 #include <vector>
 
+using imbus_test::quiet;
 using imbus_test::temp_db;
 
 namespace {
@@ -261,10 +263,6 @@ void settle_disk(double survive, std::mt19937& rng) {
 
 // Transaction sizes: single rows, and batches large enough to span many pages and writes.
 const std::vector<int> batch_sizes = {1, 200, 3, 150, 200, 7, 200, 60, 1, 120, 200, 2};
-
-imbus::logger quiet() {
-    return [](imbus::log_level, const std::string&) {};
-}
 
 struct outcome {
     long writes = 0;   // write calls the workload made

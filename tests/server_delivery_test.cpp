@@ -10,6 +10,7 @@
 #include "support/faulty_store.hpp"
 #include "support/raw_socket.hpp"
 #include "support/store_helpers.hpp"
+#include "support/test_helpers.hpp"
 
 #include <algorithm>
 #include <atomic>
@@ -32,47 +33,18 @@
 using namespace std::chrono_literals;
 using imbus::channel;
 using imbus::json;
+using imbus_test::ids_of;
+using imbus_test::log_capture;
+using imbus_test::quiet;
 using imbus_test::raw_ws;
 using imbus_test::temp_db;
+using imbus_test::wait_until;
 using ms = std::chrono::milliseconds;
 using steady = std::chrono::steady_clock;
 
 namespace {
 
 // --- environment ----------------------------------------------------------------------------
-
-imbus::logger quiet() {
-    return [](imbus::log_level, const std::string&) {};
-}
-
-// Keeps what a component logged, for the tests that assert on it.
-struct log_capture {
-    mutable std::mutex mutex;
-    std::vector<std::string> lines;
-
-    imbus::logger logger() {
-        return [this](imbus::log_level, const std::string& line) {
-            std::lock_guard<std::mutex> lock(mutex);
-            lines.push_back(line);
-        };
-    }
-    bool contains(const std::string& needle) const {
-        std::lock_guard<std::mutex> lock(mutex);
-        return std::any_of(lines.begin(), lines.end(),
-                           [&](const std::string& l) { return l.find(needle) != std::string::npos; });
-    }
-};
-
-// Polls a condition (not a fixed sleep): true as soon as it holds, false at the deadline.
-template <class Pred> bool wait_until(Pred pred, ms timeout = 5000ms) {
-    const auto deadline = steady::now() + timeout;
-    while (!pred()) {
-        if (steady::now() >= deadline) return false;
-        std::this_thread::sleep_for(1ms);
-    }
-    return true;
-}
-
 
 struct store_config {
     std::chrono::seconds retention{86400};
@@ -199,12 +171,6 @@ imbus::client_options quiet_client(void (*tweak)(imbus::client_options&)) {
     o.log = quiet();
     tweak(o);
     return o;
-}
-
-std::vector<std::int64_t> ids_of(const std::vector<json>& notifications) {
-    std::vector<std::int64_t> ids;
-    for (const auto& n : notifications) ids.push_back(n.at("id").get<std::int64_t>());
-    return ids;
 }
 
 std::int64_t max_id(const std::vector<json>& notifications) {
@@ -627,7 +593,7 @@ TEST_CASE_TEMPLATE("fan-out: 50 clients on one channel each get all 200 sends in
         const auto& expected = i % 2 ? both : fan_only;
         CHECK(ids_of(c[i]->take(expected.size(), 5s)) == expected);
     }
-    std::this_thread::sleep_for(200ms);
+    std::this_thread::sleep_for(200ms);  // a negative: nothing more arrives (no event to wait for)
     for (std::size_t i = 0; i < clients; ++i) CHECK(c[i]->take(1, 0ms).empty());
 }
 
@@ -1379,7 +1345,7 @@ TEST_CASE_TEMPLATE("HTTP routes: health, peek_notifications, has_missed_notifica
     SUBCASE("unknown paths are 404; on_http answers its own") {
         CHECK(http_request(port, "GET", "/nope").status == 404);
         CHECK(http_request(port, "POST", "/websocket/nope", "{}").status == 404);
-        CHECK(http_request(port, "GET", "/websocket").status == 404);
+        CHECK(http_request(port, "POST", "/websocket", "{}").status == 404);  // GET is the handshake probe
         const int calls = route_calls;
         auto r = http_request(port, "POST", "/custom%20path?x=a%26b", "hello");
         CHECK(r.status == 201);

@@ -1,16 +1,16 @@
 // PostgreSQL helpers for the tests: a database of its own per test (so test processes can run
 // in parallel, ctest -j), created on the server named by IMBUS_PG_CONNINFO and dropped after.
+// Needs imbus.hpp included first.
 #pragma once
 
 #include <doctest/doctest.h>
 #include <libpq-fe.h>
 
+#include "test_helpers.hpp"  // wait_until
+
 #include <atomic>
-#include <chrono>
 #include <cstdlib>
-#include <functional>
 #include <string>
-#include <thread>
 #include <unistd.h>
 
 namespace imbus_test {
@@ -72,16 +72,5 @@ struct pg_test_database {
         PQfinish(admin);
     }
 };
-
-// Waits for a condition with a deadline: no fixed sleeps as synchronisation.
-inline bool wait_until(const std::function<bool()>& done,
-                       std::chrono::milliseconds timeout = std::chrono::seconds(10)) {
-    const auto deadline = std::chrono::steady_clock::now() + timeout;
-    while (!done()) {
-        if (std::chrono::steady_clock::now() > deadline) return false;
-        std::this_thread::sleep_for(std::chrono::milliseconds(2));
-    }
-    return true;
-}
 
 } // namespace imbus_test

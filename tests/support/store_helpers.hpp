@@ -1,6 +1,8 @@
-// Helpers shared by the store tests: a temporary SQLite file, batches and the ids of rows.
-// Needs doctest (REQUIRE) and imbus.hpp included first.
+// Helpers shared by the store tests: a temporary SQLite file and batches (ids_of is in
+// test_helpers.hpp). Needs doctest (REQUIRE) and imbus.hpp included first.
 #pragma once
+
+#include "test_helpers.hpp"
 
 #include <unistd.h>
 
@@ -37,12 +39,6 @@ inline std::vector<imbus::pending_message> batch_of(std::initializer_list<std::p
     std::vector<imbus::pending_message> batch;
     for (const auto& item : items) batch.push_back({item.first, imbus::make_message("t", item.second)});
     return batch;
-}
-
-inline std::vector<std::int64_t> ids_of(const std::vector<imbus::notification>& rows) {
-    std::vector<std::int64_t> ids;
-    for (const auto& n : rows) ids.push_back(n.id);
-    return ids;
 }
 
 } // namespace imbus_test
