@@ -6131,8 +6131,17 @@ template <class AuthPolicy, class Transport> std::string basic_server<AuthPolicy
           std::int64_t(tcp_connection_count()));
     gauge("imbus_connections_subscribed", "Open connections that subscribed.", metrics_.subscribed.load());
     gauge("imbus_channels", "Channels with at least one local subscriber.", std::int64_t(dispatcher_.channel_count()));
-    gauge("imbus_store_newest_id", "The newest notification id in the store (ids count the notifications stored).",
-          bus_.store().newest_id());
+    // /metrics is how an outage is watched: a store that cannot answer must not fail the scrape.
+    std::optional<std::int64_t> newest;
+    try {
+        newest = bus_.store().newest_id();
+    } catch (...) {
+        if (options_.log) options_.log(log_level::warning, "server: /metrics could not read the store: " + detail::current_error());
+    }
+    gauge("imbus_store_up", "1 when the store answered this scrape's read of its newest id, 0 when that read failed.",
+          newest ? 1 : 0);
+    if (newest)
+        gauge("imbus_store_newest_id", "The newest notification id in the store (ids count the notifications stored).", *newest);
     gauge("imbus_outbound_bytes", "Bytes queued and in flight to all clients together.", std::int64_t(outbound_bytes()));
     gauge("imbus_outbound_bytes_largest", "The most bytes one client has queued and in flight now.",
           std::int64_t(largest_outbound_bytes()));

@@ -1039,6 +1039,28 @@ TEST_CASE_TEMPLATE("store failures: a catch-up whose reads fail is tried again, 
     CHECK(nothing_more(*c));
 }
 
+// /metrics is how an outage is watched: while the store cannot answer, the scrape still
+// succeeds and says so (imbus_store_up 0) instead of failing with 500.
+TEST_CASE_TEMPLATE("store failures: /metrics answers while the store is down", Env, faulty_env<memory_env>) {
+    harness<Env> h;
+    h.start(h.options());
+    h.send("a", 1);
+    auto scrape = [&] { return imbus_test::http_request(h.port(), "GET", "/metrics"); };
+    auto up = scrape();
+    REQUIRE(up.status == 200);
+    CHECK(up.body.find("imbus_store_up 1") != std::string::npos);
+    CHECK(up.body.find("imbus_store_newest_id 1") != std::string::npos);
+    h.env.store.fail(imbus_test::faulty_store::newest_op);
+    auto down = scrape();
+    REQUIRE(down.status == 200);
+    CHECK(down.body.find("imbus_store_up 0") != std::string::npos);
+    CHECK(down.body.find("imbus_store_newest_id") == std::string::npos);
+    CHECK(down.body.find("imbus_connections_open") != std::string::npos);  // the rest is there
+    CHECK(h.logs.contains("/metrics could not read the store"));
+    h.env.store.heal();
+    CHECK(scrape().body.find("imbus_store_up 1") != std::string::npos);
+}
+
 // The other two ways into a catch-up, a wake-up that overflowed (the I/O thread was busy) and
 // a slow client's resume after its queue drained, retry alike.
 TEST_CASE_TEMPLATE("store failures: catch-ups after an overflow and after a slow client's drain are retried", Env,
