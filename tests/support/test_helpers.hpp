@@ -25,6 +25,21 @@
 
 namespace imbus_test {
 
+// Built with AddressSanitizer or ThreadSanitizer (g++ and clang say it differently). Only
+// exhaustive sweeps use it, to sample their cases instead of trying every one: the plain build
+// still tries them all, and the sanitizers look for memory and thread errors, which a sample finds.
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+inline constexpr bool sanitized = true;
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
+inline constexpr bool sanitized = true;
+#else
+inline constexpr bool sanitized = false;
+#endif
+#else
+inline constexpr bool sanitized = false;
+#endif
+
 // How long wait_until waits unless told: generous, as sanitizer builds run slowly.
 inline constexpr std::chrono::milliseconds default_wait = std::chrono::seconds(10);
 
