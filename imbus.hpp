@@ -339,7 +339,7 @@ private:
 struct record {
     std::string model;
     std::int64_t id = 0;
-    std::string sub;  ///< empty: the record's own channel
+    std::string sub = {};  ///< empty: the record's own channel (initialized: record{"m", 7} warns not)
 };
 
 // The channel mapping (Odoo: _bus_channel). An application type T becomes a channel by

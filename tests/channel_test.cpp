@@ -418,7 +418,7 @@ TEST_CASE("to_channel for names, records and channels") {
     CHECK(imbus::to_channel("db", str).key() == expected);
     CHECK(imbus::to_channel("db", std::string_view(str)).key() == expected);
 
-    CHECK(imbus::to_channel("db", imbus::record{"res.partner", 3, ""}).key() == R"(["db","res.partner",3])");
+    CHECK(imbus::to_channel("db", imbus::record{"res.partner", 3}).key() == R"(["db","res.partner",3])");
     CHECK(imbus::to_channel("db", imbus::record{"res.partner", 3, "presence"}).key() ==
           R"(["db","res.partner",3,"presence"])");
     CHECK(imbus::to_channel("db", std::pair<imbus::record, std::string>{{"res.partner", 3, ""}, "presence"}).key() ==
