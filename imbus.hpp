@@ -267,8 +267,15 @@ private:
 };
 
 // --------------------------------------------------------------------------------------------
-// Errors and logging: setup errors throw; the publish path returns error codes.
+// Errors and logging
 // --------------------------------------------------------------------------------------------
+//
+// One rule: setup and misuse throw (std::system_error with an imbus::errc; std::invalid_argument
+// for a bad option). What an application calls on its normal path has, in addition, an overload
+// taking std::error_code& that never throws: channel parsing (channel::from_json, from_key),
+// publishing (bus::send, transaction::send, transaction::commit) and the network entry points
+// (basic_server::listen and run, basic_client::connect). Store members only throw: the bus
+// turns a store's failure into errc::store_failure on commit, and the server into a retry.
 
 enum class errc {
     invalid_channel = 1,   // not one of the channel shapes, or not valid UTF-8
@@ -276,6 +283,7 @@ enum class errc {
     transaction_finished,  // the transaction was already committed or rolled back
     hook_failed,           // a pre-commit hook threw: the transaction was rolled back
     store_failure,         // the store could not write or read; nothing was committed
+    subscription_closed,   // set_channels on a dispatcher subscription that was closed or moved from
 };
 
 const std::error_category& error_category() noexcept;
@@ -1903,6 +1911,7 @@ public:
         case errc::transaction_finished: return "transaction already finished";
         case errc::hook_failed: return "a pre-commit hook failed";
         case errc::store_failure: return "store failure";
+        case errc::subscription_closed: return "subscription closed";
         }
         return "unknown imbus error";
     }
@@ -3587,7 +3596,7 @@ inline dispatcher::subscription& dispatcher::subscription::operator=(subscriptio
 }
 
 inline void dispatcher::subscription::set_channels(const std::vector<channel>& channels) {
-    if (!entry_) detail::throw_error(errc::invalid_channel, "set_channels on a closed subscription");
+    if (!entry_) detail::throw_error(errc::subscription_closed, "set_channels on a closed subscription");
     owner_->set_channels(entry_, channels);
 }
 

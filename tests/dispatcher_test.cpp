@@ -281,13 +281,13 @@ TEST_CASE("close and destruction of a subscription leave every channel") {
     sub.close();  // closing twice is harmless
     CHECK(d.subscriber_count() == 0);
     // a closed subscription cannot take channels again
-    bool threw = false;
+    std::error_code thrown;
     try {
         sub.set_channels({ca});
-    } catch (const std::system_error&) {
-        threw = true;
+    } catch (const std::system_error& e) {
+        thrown = e.code();
     }
-    CHECK(threw);
+    CHECK(thrown == imbus::errc::subscription_closed);
     CHECK(d.channel_count() == 0);
 
     {
