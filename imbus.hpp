@@ -968,6 +968,11 @@ private:
 /// events when they continue where it stands, and polls the store whenever they do not
 /// (first contact, dropped events, wake-ups from other processes, events out of order).
 /// Not thread-safe: use it on the subscriber's executor.
+/// Order of use (examples/follower.cpp): subscribe to the dispatcher with the same channels
+/// first, then catch_up() once on the executor, then take() each wake-up; a commit between the
+/// two reaches the handler, and one before is in the catch-up. `last` 0 is a first poll (the
+/// store's first_poll_window, 50 s by default), as for a browser; pass a saved position to
+/// resume. A follower does nothing by itself: without catch_up() it waits for the next commit.
 class follower {
 public:
     follower(store& s, std::vector<channel> channels, std::int64_t last = 0);
