@@ -1743,6 +1743,8 @@ public:
     basic_client& operator=(const basic_client&) = delete;
 
     /// Opens the socket, e.g. "ws://127.0.0.1:8080/websocket"; blocks until open or refused.
+    /// A client that subscribed before (then closed, or lost its socket) subscribes again at
+    /// once with the same channels from last_id(), so nothing is missed in between.
     void connect(const std::string& url, std::error_code& ec);
     void connect(const std::string& url);
     /// The status of a refused handshake (401, 403, 426...); 0 when none was refused.
