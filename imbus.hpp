@@ -173,25 +173,25 @@
 // Includes
 // ============================================================================================
 
-#include <algorithm>     // sort, lower_bound, partition_point
-#include <array>         // digests
-#include <cctype>        // case-insensitive header names
-#include <cerrno>        // pg_listener's poll()
+#include <algorithm>           // sort, lower_bound, partition_point
+#include <array>               // digests
+#include <cctype>              // case-insensitive header names
+#include <cerrno>              // pg_listener's poll()
 #include <condition_variable>  // client waits, the SQL stores' writer gate
-#include <atomic>        // manual_clock, subscriber state
-#include <chrono>        // created_at, windows, retention
-#include <cstdint>       // int64_t ids
-#include <cstdio>        // snprintf of metric values
-#include <deque>         // memory_store rows, trimmed at the front by garbage collection
-#include <fstream>       // static_files
-#include <functional>    // clocks, loggers, handlers, executors
-#include <iostream>      // stderr_logger
+#include <atomic>              // manual_clock, subscriber state
+#include <chrono>              // created_at, windows, retention
+#include <cstdint>             // int64_t ids
+#include <cstdio>              // snprintf of metric values
+#include <deque>               // memory_store rows, trimmed at the front by garbage collection
+#include <fstream>             // static_files
+#include <functional>          // clocks, loggers, handlers, executors
+#include <iostream>            // stderr_logger
 #include <limits>
-#include <map>           // labelled metrics
-#include <memory>        // shared commit events, subscriber entries
+#include <map>     // labelled metrics
+#include <memory>  // shared commit events, subscriber entries
 #include <mutex>
 #include <optional>
-#include <random>        // lifetime jitter
+#include <random>  // lifetime jitter
 #include <stdexcept>
 #include <thread>        // server and client I/O threads
 #include <shared_mutex>  // many pollers, one appender
@@ -226,7 +226,7 @@
 #include <websocketpp/config/asio_no_tls_client.hpp>
 #include <websocketpp/server.hpp>
 #ifdef IMBUS_WITH_TLS
-#include <websocketpp/config/asio.hpp>         // wss:// (OpenSSL)
+#include <websocketpp/config/asio.hpp>  // wss:// (OpenSSL)
 #include <websocketpp/config/asio_client.hpp>
 #endif
 #endif
@@ -297,11 +297,11 @@ using logger = std::function<void(log_level, const std::string&)>;
 /// Writes messages at or above `threshold` to std::clog.
 logger stderr_logger(log_level threshold = log_level::warning);
 
-} // namespace imbus
+}  // namespace imbus
 
 namespace std {
 template <> struct is_error_code_enum<imbus::errc> : true_type {};
-} // namespace std
+}  // namespace std
 
 namespace imbus {
 
@@ -360,10 +360,8 @@ channel to_channel(std::string_view db, std::string_view name);
 channel to_channel(std::string_view db, const std::string& name);
 channel to_channel(std::string_view db, const char* name);
 channel to_channel(std::string_view db, const record& r);
-template <class Target>
-channel to_channel(std::string_view db, const std::pair<Target, std::string>& target_and_sub);
-template <class Target>
-channel to_channel(std::string_view db, const Target& target);
+template <class Target> channel to_channel(std::string_view db, const std::pair<Target, std::string>& target_and_sub);
+template <class Target> channel to_channel(std::string_view db, const Target& target);
 
 // --------------------------------------------------------------------------------------------
 // 3. Notifications (Odoo: a bus_bus row)
@@ -442,10 +440,9 @@ public:
     /// At most `limit` rows when limit > 0 (the oldest ones); with max_bytes > 0, no row after
     /// the one whose message brings the total to max_bytes, so that the cost of a read follows
     /// the bytes a client may be sent, not the rows stored. A cut page's horizon is its last row.
-    virtual poll_result fetch(const std::vector<channel>& channels, std::int64_t last,
-                              std::size_t limit = 0, std::size_t max_bytes = 0) = 0;
-    std::vector<notification> poll(const std::vector<channel>& channels, std::int64_t last,
-                                   std::size_t limit = 0);
+    virtual poll_result fetch(const std::vector<channel>& channels, std::int64_t last, std::size_t limit = 0,
+                              std::size_t max_bytes = 0) = 0;
+    std::vector<notification> poll(const std::vector<channel>& channels, std::int64_t last, std::size_t limit = 0);
 
     virtual std::int64_t newest_id() = 0;  ///< newest id ever assigned; 0 for a new store
     virtual std::int64_t oldest_id() = 0;  ///< oldest id still stored; 0 when empty
@@ -479,8 +476,8 @@ public:
     explicit memory_store(memory_store_options options = {});
 
     std::unique_ptr<write_transaction> begin() override;
-    poll_result fetch(const std::vector<channel>& channels, std::int64_t last,
-                      std::size_t limit = 0, std::size_t max_bytes = 0) override;
+    poll_result fetch(const std::vector<channel>& channels, std::int64_t last, std::size_t limit = 0,
+                      std::size_t max_bytes = 0) override;
     std::int64_t newest_id() override;
     std::int64_t oldest_id() override;
     bool contains(std::int64_t id) override;
@@ -535,10 +532,14 @@ private:
     std::thread::id holder_;
     std::size_t depth_ = 0;
 };
-} // namespace detail
+}  // namespace detail
 
 #ifdef IMBUS_WITH_SQLITE
-namespace detail { class sqlite_statement; struct sqlite_reader; struct sqlite_collector; }
+namespace detail {
+class sqlite_statement;
+struct sqlite_reader;
+struct sqlite_collector;
+}  // namespace detail
 
 struct sqlite_store_options : store_options {
     /// For files the store opens itself: journal_mode=WAL, so polls never wait for writers.
@@ -573,8 +574,8 @@ public:
     sqlite_store& operator=(const sqlite_store&) = delete;
 
     std::unique_ptr<write_transaction> begin() override;
-    poll_result fetch(const std::vector<channel>& channels, std::int64_t last,
-                      std::size_t limit = 0, std::size_t max_bytes = 0) override;
+    poll_result fetch(const std::vector<channel>& channels, std::int64_t last, std::size_t limit = 0,
+                      std::size_t max_bytes = 0) override;
     std::int64_t newest_id() override;
     std::int64_t oldest_id() override;
     bool contains(std::int64_t id) override;
@@ -595,7 +596,7 @@ private:
     sqlite_store_options options_;
     sqlite3* db_ = nullptr;
     bool owns_db_ = false;
-    std::string path_;           // empty: an in-memory database; polls go through db_
+    std::string path_;  // empty: an in-memory database; polls go through db_
     detail::writer_gate writer_mutex_;
     std::unique_ptr<writer_statements> writer_;
     std::unique_ptr<detail::sqlite_reader> writer_reader_;  // used when path_ is empty
@@ -604,10 +605,12 @@ private:
     std::mutex readers_mutex_;
     std::vector<std::unique_ptr<detail::sqlite_reader>> idle_readers_;
 };
-#endif // IMBUS_WITH_SQLITE
+#endif  // IMBUS_WITH_SQLITE
 
 #ifdef IMBUS_WITH_POSTGRES
-namespace detail { class pg_connection; }
+namespace detail {
+class pg_connection;
+}
 
 struct pg_store_options : store_options {
     /// Where poll connections and pg_listener connect (a libpq conninfo string or URI). Empty:
@@ -658,8 +661,8 @@ public:
     pg_store& operator=(const pg_store&) = delete;
 
     std::unique_ptr<write_transaction> begin() override;
-    poll_result fetch(const std::vector<channel>& channels, std::int64_t last,
-                      std::size_t limit = 0, std::size_t max_bytes = 0) override;
+    poll_result fetch(const std::vector<channel>& channels, std::int64_t last, std::size_t limit = 0,
+                      std::size_t max_bytes = 0) override;
     std::int64_t newest_id() override;
     std::int64_t oldest_id() override;
     bool contains(std::int64_t id) override;
@@ -687,7 +690,7 @@ private:
     // begin() on the same thread gets the "already inside a transaction" error, not a deadlock.
     detail::writer_gate writer_mutex_;
     std::unique_ptr<detail::pg_connection> writer_;  // borrowed: the application's; owned: the first
-    bool borrowed_ = false;   // the writer connection is the application's
+    bool borrowed_ = false;                          // the writer connection is the application's
     // Owned writer connections: each is either idle or used by one commit, never closed early.
     std::mutex writers_mutex_;
     std::condition_variable writer_idle_;
@@ -699,7 +702,7 @@ private:
     std::vector<std::unique_ptr<detail::pg_connection>> idle_readers_;
 };
 
-#endif // IMBUS_WITH_POSTGRES
+#endif  // IMBUS_WITH_POSTGRES
 
 // --------------------------------------------------------------------------------------------
 // 5. Bus and transactions (Odoo: _sendone, _ensure_hooks, precommit and postcommit)
@@ -735,14 +738,11 @@ public:
     const logger& log() const noexcept { return options_.log; }
     bool dispatches_on_commit() const noexcept { return options_.dispatch_on_commit; }
 
-    template <class Target> channel channel_for(const Target& target) const {
-        return to_channel(options_.db, target);
-    }
+    template <class Target> channel channel_for(const Target& target) const { return to_channel(options_.db, target); }
 
     /// Autocommit: one notification in its own transaction. Returns its ids.
-    template <class Target>
-    std::vector<std::int64_t> send(const Target& target, std::string_view type, const json& payload,
-                                   std::error_code& ec);
+    template <class Target> std::vector<std::int64_t> send(const Target& target, std::string_view type,
+                                                           const json& payload, std::error_code& ec);
     template <class Target>
     std::vector<std::int64_t> send(const Target& target, std::string_view type, const json& payload);
 
@@ -802,7 +802,7 @@ private:
 /// so that live connections need not poll the store). Immutable and shared by all recipients.
 struct commit_event {
     std::vector<channel> channels;            ///< de-duplicated, in first-send order
-    std::vector<notification> notifications; ///< the stored rows, ascending; empty for a bare wake-up
+    std::vector<notification> notifications;  ///< the stored rows, ascending; empty for a bare wake-up
     std::vector<std::string> wire;            ///< wire form of each row, serialized once for everybody
     /// When this process learned of the commit: the start of the publish-to-send latency.
     std::chrono::steady_clock::time_point noticed_at = std::chrono::steady_clock::now();
@@ -954,8 +954,8 @@ private:
     static void drain(const std::shared_ptr<entry>& e);
 
     dispatcher_options options_;
-    std::mutex notify_mutex_;          // one notify at a time: queues see events in epoch order
-    std::int64_t sequence_ = 0;        // last id of the rows notified so far (under notify_mutex_)
+    std::mutex notify_mutex_;    // one notify at a time: queues see events in epoch order
+    std::int64_t sequence_ = 0;  // last id of the rows notified so far (under notify_mutex_)
     std::atomic<std::uint64_t> epoch_{1};
     mutable std::shared_mutex mutex_;
     // Each channel's subscribers side by side (a commit walks them), each entry knowing its
@@ -1060,7 +1060,7 @@ public:
 private:
     void connect();  // throws
     void run();
-    bool read_new_rows();  // false: the connection is gone
+    bool read_new_rows();                            // false: the connection is gone
     bool pause(std::chrono::milliseconds how_long);  // false: stop was asked
     void log(log_level level, const std::string& text) const;
 
@@ -1068,14 +1068,14 @@ private:
     dispatcher& dispatcher_;
     pg_listener_options options_;
     std::unique_ptr<detail::pg_connection> connection_;  // the thread's alone after construction
-    int stop_fd_ = -1;  // an eventfd: wakes the thread's poll() at once to stop
+    int stop_fd_ = -1;                                   // an eventfd: wakes the thread's poll() at once to stop
     std::atomic<std::int64_t> cursor_{0};
     std::atomic<std::uint64_t> reads_{0};
     std::atomic<std::uint64_t> reconnects_{0};
     std::atomic<bool> connected_{false};
     std::thread thread_;
 };
-#endif // IMBUS_WITH_POSTGRES
+#endif  // IMBUS_WITH_POSTGRES
 
 // --------------------------------------------------------------------------------------------
 // 8. Auth policies (Odoo: _build_bus_channel_list, _serve_ir_websocket, the session check)
@@ -1084,8 +1084,8 @@ private:
 /// An HTTP request as an auth policy or a route sees it: the WebSocket handshake, or a POST.
 struct http_request {
     std::string method;
-    std::string path;    ///< as sent, without the query string: routes match it (`/%62us/send` is not `/bus/send`)
-    std::string query;   ///< raw text after '?'
+    std::string path;   ///< as sent, without the query string: routes match it (`/%62us/send` is not `/bus/send`)
+    std::string query;  ///< raw text after '?'
     std::string body;
     std::string remote;  ///< peer address, e.g. "127.0.0.1:53412"
     std::vector<std::pair<std::string, std::string>> headers;
@@ -1114,8 +1114,7 @@ struct http_response {
 };
 
 /// An auth policy's answer to a handshake: who the peer is, or the HTTP status to refuse with.
-template <class Identity>
-class admission {
+template <class Identity> class admission {
 public:
     static admission accept(Identity who) {
         admission a;
@@ -1331,9 +1330,9 @@ public:
 
     /// The merged status of `who`, as of the last internal row this tracker read.
     presence_status status(const std::string& who) const;
-    std::size_t local_size() const;   ///< identities connected to this process
-    std::size_t size() const;         ///< identities connected to any process (the merged view)
-    std::size_t trackers() const;     ///< live trackers, this one included, as far as it knows
+    std::size_t local_size() const;  ///< identities connected to this process
+    std::size_t size() const;        ///< identities connected to any process (the merged view)
+    std::size_t trackers() const;    ///< live trackers, this one included, as far as it knows
     /// The last internal row read and whose transitions (if any) are published.
     std::int64_t processed() const noexcept { return processed_.load(); }
     const std::string& id() const noexcept { return id_; }
@@ -1358,16 +1357,16 @@ private:
     void changed(const std::string& who, local_entry& e, time_point now, std::vector<json>& rows);
     void run();
     void post(std::function<void()> task);
-    void read(wakeup& w);  // the thread
+    void read(wakeup& w);                                             // the thread
     void apply(const notification& n, std::vector<transition>& out);  // under mutex_
-    presence_status merged(const std::string& who) const;  // under mutex_
+    presence_status merged(const std::string& who) const;             // under mutex_
     void publish(const std::vector<transition>& transitions);
 
     imbus::bus& bus_;
     presence_options options_;
     std::string id_;
     channel sync_channel_;
-    follower follower_;  // the thread's
+    follower follower_;         // the thread's
     mutable std::mutex mutex_;  // the state below; held across a write so rows keep their order
     std::unordered_map<std::string, local_entry> local_;
     std::unordered_map<std::string, contribution> trackers_;
@@ -1382,7 +1381,7 @@ private:
     dispatcher::subscription subscription_;
     std::thread thread_;
 };
-#endif // IMBUS_WITH_PRESENCE
+#endif  // IMBUS_WITH_PRESENCE
 
 #ifdef IMBUS_WITH_WEBSOCKETPP
 // --------------------------------------------------------------------------------------------
@@ -1397,12 +1396,12 @@ struct server_options {
     /// connections it accepted (threads > 1 listens with SO_REUSEPORT: Linux spreads them).
     std::size_t threads = 1;
     std::size_t max_message_bytes = IMBUS_MAX_MESSAGE_BYTES;  ///< beyond: close 1009
-    std::size_t rate_burst = 10;                      ///< at most this many frames (pings too)...
-    std::chrono::milliseconds rate_delay{200};        ///< ...in any burst * delay: else 1013
-    std::chrono::milliseconds idle_ping{40000};       ///< ping after this long without a frame
-    std::chrono::milliseconds pong_timeout{15000};    ///< then drop the TCP connection
-    std::chrono::milliseconds lifetime{3600000};      ///< close 4002 after this...
-    std::chrono::milliseconds lifetime_jitter{1800000};  ///< ...plus up to this, at random
+    std::size_t rate_burst = 10;                              ///< at most this many frames (pings too)...
+    std::chrono::milliseconds rate_delay{200};                ///< ...in any burst * delay: else 1013
+    std::chrono::milliseconds idle_ping{40000};               ///< ping after this long without a frame
+    std::chrono::milliseconds pong_timeout{15000};            ///< then drop the TCP connection
+    std::chrono::milliseconds lifetime{3600000};              ///< close 4002 after this...
+    std::chrono::milliseconds lifetime_jitter{1800000};       ///< ...plus up to this, at random
     std::chrono::milliseconds open_handshake_timeout{5000};
     std::chrono::milliseconds close_handshake_timeout{5000};
     /// After a close for a protocol error (1002, 1007, 1009), how long the client's input is
@@ -1414,7 +1413,7 @@ struct server_options {
     /// gets no live frames and is caught up from the store once it has drained (clients that
     /// read keep flowing). The total stays within this plus catch_up_bytes and a frame per client.
     std::uint64_t max_outbound_total = IMBUS_MAX_OUTBOUND_TOTAL;
-    std::size_t catch_up_rows = 1000;           ///< rows per store read when catching up
+    std::size_t catch_up_rows = 1000;  ///< rows per store read when catching up
     /// A read of the store for a connection that fails (the database restarting, no descriptor
     /// for a reader) is tried again after this, doubling up to 5 s, the connection keeping its
     /// position; when store_retries retries in a row have failed too, the connection is closed with 1011 and
@@ -1474,20 +1473,21 @@ class server_metrics {
 public:
     explicit server_metrics(std::size_t shards = 1);
 
-    std::atomic<std::uint64_t> connections_opened{0};   ///< handshakes completed
-    std::atomic<std::int64_t> subscribed{0};            ///< open connections that subscribed
+    std::atomic<std::uint64_t> connections_opened{0};  ///< handshakes completed
+    std::atomic<std::int64_t> subscribed{0};           ///< open connections that subscribed
     std::atomic<std::uint64_t> slow_consumer_catch_ups{0};
     std::atomic<std::uint64_t> missed_signals{0};       ///< bus/missed_notifications markers sent
     std::atomic<std::uint64_t> rate_limited{0};         ///< connections closed 1013 for their frame rate
     std::atomic<std::uint64_t> too_many_channels{0};    ///< connections closed 1008: a subscribe over max_channels
     std::atomic<std::uint64_t> outbound_total_lags{0};  ///< clients held back by max_outbound_total
     std::atomic<std::uint64_t> pings_received{0};
-    std::atomic<std::uint64_t> pongs_replaced{0};       ///< pings answered by a pong already waiting
-    std::atomic<std::uint64_t> accept_pauses{0};        ///< accepting paused: out of file descriptors
-    std::atomic<std::uint64_t> bad_requests{0};         ///< HTTP requests refused as malformed (400, 431, 501)
-    std::atomic<std::uint64_t> requests_refused{0};     ///< malformed client requests, answered bus/request_refused
-    std::atomic<std::uint64_t> store_errors{0};         ///< reads of the store for a connection that failed
-    std::atomic<std::uint64_t> event_errors{0};         ///< policy.on_event/on_subscribe calls that threw (logged, connection kept)
+    std::atomic<std::uint64_t> pongs_replaced{0};    ///< pings answered by a pong already waiting
+    std::atomic<std::uint64_t> accept_pauses{0};     ///< accepting paused: out of file descriptors
+    std::atomic<std::uint64_t> bad_requests{0};      ///< HTTP requests refused as malformed (400, 431, 501)
+    std::atomic<std::uint64_t> requests_refused{0};  ///< malformed client requests, answered bus/request_refused
+    std::atomic<std::uint64_t> store_errors{0};      ///< reads of the store for a connection that failed
+    std::atomic<std::uint64_t> event_errors{
+        0};  ///< policy.on_event/on_subscribe calls that threw (logged, connection kept)
     /// The most one connection has held queued and in flight since the server started.
     std::atomic<std::uint64_t> outbound_peak{0};
 
@@ -1516,8 +1516,8 @@ private:
     };
     std::vector<delivery_counters> shards_;
     mutable std::mutex mutex_;
-    std::map<std::uint16_t, std::uint64_t> closes_;                   // by close code
-    std::map<int, std::uint64_t> refusals_;                           // by HTTP status
+    std::map<std::uint16_t, std::uint64_t> closes_;  // by close code
+    std::map<int, std::uint64_t> refusals_;          // by HTTP status
 };
 
 /// A route serving the files under `root` for GET requests (e.g. the page and js/), so a page
@@ -1534,7 +1534,7 @@ namespace detail {
 template <class Policy> struct checked_identity;  // the policy's identity, or a readable error
 template <class Policy> struct checked_hooks;     // a hook with the wrong signature: a readable error
 struct frame_builder;
-struct wire_frame;  // a frame ready for the wire, shared by its recipients
+struct wire_frame;         // a frame ready for the wire, shared by its recipients
 struct connection_ledger;  // open TCP connections, overall and per address
 using shared_wire_frame = std::shared_ptr<const wire_frame>;
 // What one shard's connections hold in their outbound queues, on a cache line of its own.
@@ -1542,19 +1542,20 @@ struct alignas(64) outbound_meter {
     std::atomic<std::uint64_t> bytes{0};
 };
 template <class Identity> struct session_slot;
-inline namespace IMBUS_ABI_NAMESPACE { template <class Identity, class Transport> struct server_config; }
+inline namespace IMBUS_ABI_NAMESPACE {
+template <class Identity, class Transport> struct server_config;
+}
 // Give an endpoint its TLS context (defined with IMBUS_WITH_TLS, used only by tls_transport).
 template <class Endpoint> void use_server_tls(Endpoint& endpoint, const server_options& options);
 template <class Endpoint> void use_client_tls(Endpoint& endpoint, const client_options& options);
 template <class Connection> void check_server_name(Connection& con, const client_options& options);
-}
+}  // namespace detail
 
 /// The bus's WebSocket server: authenticates peers with AuthPolicy, subscribes them to the
 /// policy's channels, and pushes committed notifications to them (docs/PROTOCOL.md §4-5).
 /// Thread-safe. Outlives every connection: stop(), then let run() return (or wait()).
 inline namespace IMBUS_ABI_NAMESPACE {  // see IMBUS_ABI_NAMESPACE
-template <class AuthPolicy, class Transport = plain_transport>
-class basic_server {
+template <class AuthPolicy, class Transport = plain_transport> class basic_server {
 public:
     using policy_type = AuthPolicy;
     using transport = Transport;
@@ -1631,13 +1632,14 @@ private:
         std::vector<std::weak_ptr<typename endpoint_type::connection_type>> open;
         std::unique_ptr<asio::steady_timer> sweep;
         std::shared_ptr<asio::ip::tcp::acceptor> acceptor;  // websocketpp's, taken before bind
-        connection_ptr spare;                                // the next accept goes into it
-        std::unique_ptr<asio::steady_timer> accept_pause;    // out of descriptors: accept later
+        connection_ptr spare;                               // the next accept goes into it
+        std::unique_ptr<asio::steady_timer> accept_pause;   // out of descriptors: accept later
         detail::outbound_meter outbound;
     };
 
     bool on_validate(websocketpp::connection_hdl h);
-    std::optional<std::pair<int, std::string>> handshake_refusal(const http_request& request, std::optional<identity>& who,
+    std::optional<std::pair<int, std::string>> handshake_refusal(const http_request& request,
+                                                                 std::optional<identity>& who,
                                                                  bool check_origin = true);
     void on_open(websocketpp::connection_hdl h);
     void on_message(websocketpp::connection_hdl h, message_ptr msg);
@@ -1694,12 +1696,12 @@ private:
     std::atomic<bool> stopping_{false};
     std::vector<std::thread> threads_;
     std::atomic<std::thread::id> run_thread_{};  // the caller of run(), the first shard's thread
-    mutable std::mutex connections_mutex_;  // guards the three below
+    mutable std::mutex connections_mutex_;       // guards the three below
     std::unordered_map<const void*, std::weak_ptr<typename endpoint_type::connection_type>> connections_;
     std::shared_ptr<detail::connection_ledger> ledger_ = std::make_shared<detail::connection_ledger>();
     server_metrics metrics_;
 };
-} // namespace IMBUS_ABI_NAMESPACE
+}  // namespace IMBUS_ABI_NAMESPACE
 
 // --------------------------------------------------------------------------------------------
 // 12. Client: for native programs and tests (the browser has js/)
@@ -1728,8 +1730,7 @@ struct client_options {
 
 /// A bus client on its own I/O thread: ws:// URLs with plain_transport (imbus::client),
 /// wss:// with tls_transport. Thread-safe.
-template <class Transport = plain_transport>
-class basic_client {
+template <class Transport = plain_transport> class basic_client {
 public:
     struct close_status {
         int code = 0;  ///< 1006 when the connection dropped without a close frame
@@ -1779,7 +1780,7 @@ private:
 
 using server = basic_server<public_policy>;
 using client = basic_client<plain_transport>;
-#endif // IMBUS_WITH_WEBSOCKETPP
+#endif  // IMBUS_WITH_WEBSOCKETPP
 
 // ============================================================================================
 // Implementation
@@ -1821,18 +1822,27 @@ inline bool append_ascii_json_string(std::string& out, std::string_view s) {
             case '\r': out += "\\r"; break;
             case '\t': out += "\\t"; break;
             default:
-                if (c < 0x20 || c == 0x7f) put_u(c);
-                else out.push_back(static_cast<char>(c));
+                if (c < 0x20 || c == 0x7f)
+                    put_u(c);
+                else
+                    out.push_back(static_cast<char>(c));
             }
             ++i;
             continue;
         }
         std::size_t len;
         std::uint32_t cp;
-        if (c >= 0xc2 && c <= 0xdf) { len = 2; cp = c & 0x1f; }
-        else if (c >= 0xe0 && c <= 0xef) { len = 3; cp = c & 0x0f; }
-        else if (c >= 0xf0 && c <= 0xf4) { len = 4; cp = c & 0x07; }
-        else return false;
+        if (c >= 0xc2 && c <= 0xdf) {
+            len = 2;
+            cp = c & 0x1f;
+        } else if (c >= 0xe0 && c <= 0xef) {
+            len = 3;
+            cp = c & 0x0f;
+        } else if (c >= 0xf0 && c <= 0xf4) {
+            len = 4;
+            cp = c & 0x07;
+        } else
+            return false;
         if (i + len > s.size()) return false;
         for (std::size_t k = 1; k < len; ++k) {
             const auto b = static_cast<unsigned char>(s[i + k]);
@@ -1855,8 +1865,7 @@ inline bool append_ascii_json_string(std::string& out, std::string_view s) {
 }
 
 inline void append_json_string_checked(std::string& out, std::string_view s) {
-    if (!append_ascii_json_string(out, s))
-        throw_error(errc::invalid_channel, "channel text is not valid UTF-8");
+    if (!append_ascii_json_string(out, s)) throw_error(errc::invalid_channel, "channel text is not valid UTF-8");
 }
 
 // Channels, keys de-duplicated, in first-seen order: a poll must not return a row twice.
@@ -1884,10 +1893,10 @@ inline void cut_page(poll_result& page, std::size_t limit, std::size_t max_bytes
 }
 
 template <class T, class = void> struct has_bus_channel : std::false_type {};
-template <class T>
-struct has_bus_channel<T, std::void_t<decltype(bus_channel(std::declval<const T&>()))>> : std::true_type {};
+template <class T> struct has_bus_channel<T, std::void_t<decltype(bus_channel(std::declval<const T&>()))>>
+    : std::true_type {};
 
-} // namespace detail
+}  // namespace detail
 
 // --- 1. version, clocks, errors, logging -----------------------------------------------------
 
@@ -1901,9 +1910,7 @@ inline clock_function system_clock() {
 }
 
 inline manual_clock::manual_clock(time_point start) : ticks_(start.time_since_epoch().count()) {}
-inline time_point manual_clock::operator()() const noexcept {
-    return time_point(clock_type::duration(ticks_.load()));
-}
+inline time_point manual_clock::operator()() const noexcept { return time_point(clock_type::duration(ticks_.load())); }
 inline void manual_clock::advance(clock_type::duration by) noexcept { ticks_ += by.count(); }
 inline void manual_clock::set(time_point to) noexcept { ticks_ = to.time_since_epoch().count(); }
 
@@ -1923,7 +1930,7 @@ public:
         return "unknown imbus error";
     }
 };
-} // namespace detail
+}  // namespace detail
 
 inline const std::error_category& error_category() noexcept {
     static const detail::error_category_impl category;
@@ -1985,7 +1992,9 @@ inline channel channel::from_json(const json& j, std::error_code& ec) {
     ec.clear();
     auto is_int = [](const json& v) {
         return v.is_number_integer() &&
-               (v.is_number_unsigned() ? v.get<std::uint64_t>() <= std::uint64_t(std::numeric_limits<std::int64_t>::max()) : true);
+               (v.is_number_unsigned()
+                    ? v.get<std::uint64_t>() <= std::uint64_t(std::numeric_limits<std::int64_t>::max())
+                    : true);
     };
     const bool shape_ok = j.is_array() && j.size() >= 2 && j.size() <= 4 && j[0].is_string() &&
                           !j[0].get_ref<const std::string&>().empty() && j[1].is_string() &&
@@ -2009,8 +2018,10 @@ inline channel channel::from_json(const json& j, std::error_code& ec) {
 inline channel channel::from_json(const json& j) {
     std::error_code ec;
     auto c = from_json(j, ec);
-    if (ec) detail::throw_error(errc::invalid_channel, "not a channel ([db, name], [db, model, id] or [db, model, id, sub]): " +
-                                    j.dump(-1, ' ', false, json::error_handler_t::replace));
+    if (ec)
+        detail::throw_error(errc::invalid_channel,
+                            "not a channel ([db, name], [db, model, id] or [db, model, id, sub]): " +
+                                j.dump(-1, ' ', false, json::error_handler_t::replace));
     return c;
 }
 
@@ -2042,8 +2053,7 @@ inline channel to_channel(std::string_view db, const record& r) {
     return r.sub.empty() ? c : c.with_sub(r.sub);
 }
 
-template <class Target>
-channel to_channel(std::string_view db, const std::pair<Target, std::string>& target_and_sub) {
+template <class Target> channel to_channel(std::string_view db, const std::pair<Target, std::string>& target_and_sub) {
     return to_channel(db, target_and_sub.first).with_sub(target_and_sub.second);
 }
 
@@ -2055,14 +2065,14 @@ template <class Target> channel to_channel(std::string_view db, const Target& ta
     return to_channel(db, bus_channel(target));
 }
 
-} // namespace imbus
+}  // namespace imbus
 
 namespace std {
 /// Hash by canonical key, so channels can key unordered containers.
 template <> struct hash<imbus::channel> {
     std::size_t operator()(const imbus::channel& c) const noexcept { return std::hash<std::string>()(c.key()); }
 };
-} // namespace std
+}  // namespace std
 
 namespace imbus {
 
@@ -2118,7 +2128,7 @@ inline bool store::lost_after(const std::vector<channel>&, std::int64_t last) {
 }
 
 inline std::vector<notification> store::poll(const std::vector<channel>& channels, std::int64_t last,
-                                              std::size_t limit) {
+                                             std::size_t limit) {
     return fetch(channels, last, limit).notifications;
 }
 
@@ -2210,8 +2220,8 @@ inline poll_result memory_store::fetch(const std::vector<channel>& channels, std
     std::int64_t after = last;
     if (last == 0) {
         const time_point since = now - options_.first_poll_window;
-        auto first_recent = std::partition_point(rows_.begin(), rows_.end(),
-                                                 [&](const row& r) { return r.created_at < since; });
+        auto first_recent =
+            std::partition_point(rows_.begin(), rows_.end(), [&](const row& r) { return r.created_at < since; });
         after = first_recent == rows_.end() ? newest_id_ : first_recent->id - 1;
     }
     std::vector<std::int64_t> ids;
@@ -2372,14 +2382,13 @@ struct statement_reset {
 // that all channels of one poll see one snapshot.
 struct sqlite_reader {
     sqlite_reader(sqlite3* db, bool owned, bool snapshots)
-        : db(db), owned(owned), snapshots(snapshots),
-          begin(db, "BEGIN"), commit(db, "COMMIT"), rollback(db, "ROLLBACK"),
-          poll(db, "SELECT id, message, create_date FROM bus_bus "
-                   "WHERE channel = ?1 AND id > ?2 AND create_date >= ?3 ORDER BY id LIMIT ?4"),
+        : db(db), owned(owned), snapshots(snapshots), begin(db, "BEGIN"), commit(db, "COMMIT"),
+          rollback(db, "ROLLBACK"), poll(db,
+                                         "SELECT id, message, create_date FROM bus_bus "
+                                         "WHERE channel = ?1 AND id > ?2 AND create_date >= ?3 ORDER BY id LIMIT ?4"),
           first_since(db, "SELECT min(+id) FROM bus_bus WHERE create_date >= ?1"),
           newest(db, "SELECT seq FROM sqlite_sequence WHERE name = 'bus_bus'"),
-          oldest(db, "SELECT min(id) FROM bus_bus"),
-          exists(db, "SELECT 1 FROM bus_bus WHERE id = ?1"),
+          oldest(db, "SELECT min(id) FROM bus_bus"), exists(db, "SELECT 1 FROM bus_bus WHERE id = ?1"),
           dropped(db, "SELECT max(id) FROM bus_bus_dropped WHERE channel = ?1 OR channel = ''") {}
     ~sqlite_reader() {
         if (owned) {
@@ -2397,7 +2406,8 @@ struct sqlite_reader {
 inline sqlite3* sqlite_open(const std::string& path, int flags, std::chrono::milliseconds busy_timeout,
                             const std::string& vfs) {
     sqlite3* db = nullptr;
-    if (sqlite3_open_v2(path.c_str(), &db, flags | SQLITE_OPEN_NOMUTEX, vfs.empty() ? nullptr : vfs.c_str()) != SQLITE_OK) {
+    if (sqlite3_open_v2(path.c_str(), &db, flags | SQLITE_OPEN_NOMUTEX, vfs.empty() ? nullptr : vfs.c_str()) !=
+        SQLITE_OK) {
         std::string err = db ? sqlite3_errmsg(db) : "out of memory";
         sqlite3_close_v2(db);
         throw_error(errc::store_failure, "sqlite: cannot open " + path + ": " + err);
@@ -2416,10 +2426,12 @@ struct sqlite_collector {
     sqlite_statement begin, commit, horizon, remember, erase;
     sqlite_collector(sqlite3* d, bool own)
         : db(d), owned(own), begin(db, "BEGIN IMMEDIATE"), commit(db, "COMMIT"),
-          horizon(db, "SELECT max(id) FROM (SELECT id FROM bus_bus WHERE create_date < ?1 ORDER BY create_date LIMIT ?2)"),
-          remember(db, "INSERT INTO bus_bus_dropped (channel, id) SELECT channel, max(id) FROM bus_bus "
-                       "WHERE create_date < ?1 AND id <= ?2 GROUP BY channel "
-                       "ON CONFLICT (channel) DO UPDATE SET id = max(id, excluded.id)"),
+          horizon(db,
+                  "SELECT max(id) FROM (SELECT id FROM bus_bus WHERE create_date < ?1 ORDER BY create_date LIMIT ?2)"),
+          remember(db,
+                   "INSERT INTO bus_bus_dropped (channel, id) SELECT channel, max(id) FROM bus_bus "
+                   "WHERE create_date < ?1 AND id <= ?2 GROUP BY channel "
+                   "ON CONFLICT (channel) DO UPDATE SET id = max(id, excluded.id)"),
           erase(db, "DELETE FROM bus_bus WHERE create_date < ?1 AND id <= ?2") {}
     ~sqlite_collector() {
         if (owned) sqlite3_close_v2(db);  // deferred until the members' statements are finalized
@@ -2444,14 +2456,13 @@ struct sqlite_collector {
     }
 };
 
-} // namespace detail
+}  // namespace detail
 
 struct sqlite_store::writer_statements {
     explicit writer_statements(sqlite3* db)
         : begin(db, "BEGIN IMMEDIATE"), commit(db, "COMMIT"), rollback(db, "ROLLBACK"),
           insert(db, "INSERT INTO bus_bus (channel, message, create_date) VALUES (?1, ?2, ?3)"),
-          reserved(db, "SELECT id FROM bus_bus_reserved"),
-          reserve(db, "UPDATE bus_bus_reserved SET id = max(id, ?1)"),
+          reserved(db, "SELECT id FROM bus_bus_reserved"), reserve(db, "UPDATE bus_bus_reserved SET id = max(id, ?1)"),
           safety(db, "PRAGMA synchronous"), gc(db, false) {}
     detail::sqlite_statement begin, commit, rollback, insert, reserved, reserve, safety;
     detail::sqlite_collector gc;
@@ -2484,11 +2495,11 @@ public:
                     insert.bind(1, m.channel.key()).bind(2, m.message).bind(3, micros);
                     insert.step();
                 }
-                stored.push_back(notification{sqlite3_last_insert_rowid(store_.db_), m.channel,
-                                              std::move(m.message), now});
+                stored.push_back(
+                    notification{sqlite3_last_insert_rowid(store_.db_), m.channel, std::move(m.message), now});
             }
-            const bool reserve = store_.reserves_ids() && !stored.empty() &&
-                                 stored.back().id > store_.writer_->reserved.scalar(0);
+            const bool reserve =
+                store_.reserves_ids() && !stored.empty() && stored.back().id > store_.writer_->reserved.scalar(0);
             store_.writer_->commit.run();
             open_ = false;
             if (reserve) store_.reserve_ids(stored.back().id);
@@ -2546,26 +2557,27 @@ inline void sqlite_store::create_schema() {
                         "CREATE INDEX IF NOT EXISTS bus_bus_create_date ON bus_bus (create_date);");
     // Per channel, the newest id garbage collection deleted (lost_after). A database made before
     // the table existed gets a floor under channel '': rows up to it may be gone on any channel.
-    detail::sqlite_exec(db_,
-                        "BEGIN IMMEDIATE;"
-                        "CREATE TEMP TABLE IF NOT EXISTS imbus_new_schema AS SELECT count(*) = 0 AS fresh FROM sqlite_master "
-                        " WHERE type = 'table' AND name = 'bus_bus_dropped';"
-                        "CREATE TABLE IF NOT EXISTS bus_bus_dropped (channel TEXT PRIMARY KEY, id INTEGER NOT NULL) WITHOUT ROWID;"
-                        "INSERT OR IGNORE INTO bus_bus_dropped (channel, id) SELECT '', floor FROM"
-                        " (SELECT coalesce((SELECT min(id) - 1 FROM bus_bus),"
-                        "                  (SELECT seq FROM sqlite_sequence WHERE name = 'bus_bus'), 0) AS floor)"
-                        " WHERE floor > 0 AND (SELECT fresh FROM imbus_new_schema);"
-                        "DROP TABLE imbus_new_schema;"
-                        // The id reservation (reserve_ids): ids up to it may have been handed
-                        // out before a power cut, so the sequence continues above it.
-                        "CREATE TABLE IF NOT EXISTS bus_bus_reserved (id INTEGER NOT NULL);"
-                        "INSERT INTO bus_bus_reserved (id) SELECT coalesce((SELECT seq FROM sqlite_sequence"
-                        " WHERE name = 'bus_bus'), 0) WHERE NOT EXISTS (SELECT 1 FROM bus_bus_reserved);"
-                        "UPDATE sqlite_sequence SET seq = (SELECT id FROM bus_bus_reserved)"
-                        " WHERE name = 'bus_bus' AND seq < (SELECT id FROM bus_bus_reserved);"
-                        "INSERT INTO sqlite_sequence (name, seq) SELECT 'bus_bus', id FROM bus_bus_reserved"
-                        " WHERE id > 0 AND NOT EXISTS (SELECT 1 FROM sqlite_sequence WHERE name = 'bus_bus');"
-                        "COMMIT;");
+    detail::sqlite_exec(
+        db_,
+        "BEGIN IMMEDIATE;"
+        "CREATE TEMP TABLE IF NOT EXISTS imbus_new_schema AS SELECT count(*) = 0 AS fresh FROM sqlite_master "
+        " WHERE type = 'table' AND name = 'bus_bus_dropped';"
+        "CREATE TABLE IF NOT EXISTS bus_bus_dropped (channel TEXT PRIMARY KEY, id INTEGER NOT NULL) WITHOUT ROWID;"
+        "INSERT OR IGNORE INTO bus_bus_dropped (channel, id) SELECT '', floor FROM"
+        " (SELECT coalesce((SELECT min(id) - 1 FROM bus_bus),"
+        "                  (SELECT seq FROM sqlite_sequence WHERE name = 'bus_bus'), 0) AS floor)"
+        " WHERE floor > 0 AND (SELECT fresh FROM imbus_new_schema);"
+        "DROP TABLE imbus_new_schema;"
+        // The id reservation (reserve_ids): ids up to it may have been handed
+        // out before a power cut, so the sequence continues above it.
+        "CREATE TABLE IF NOT EXISTS bus_bus_reserved (id INTEGER NOT NULL);"
+        "INSERT INTO bus_bus_reserved (id) SELECT coalesce((SELECT seq FROM sqlite_sequence"
+        " WHERE name = 'bus_bus'), 0) WHERE NOT EXISTS (SELECT 1 FROM bus_bus_reserved);"
+        "UPDATE sqlite_sequence SET seq = (SELECT id FROM bus_bus_reserved)"
+        " WHERE name = 'bus_bus' AND seq < (SELECT id FROM bus_bus_reserved);"
+        "INSERT INTO sqlite_sequence (name, seq) SELECT 'bus_bus', id FROM bus_bus_reserved"
+        " WHERE id > 0 AND NOT EXISTS (SELECT 1 FROM sqlite_sequence WHERE name = 'bus_bus');"
+        "COMMIT;");
     writer_ = std::make_unique<writer_statements>(db_);
     const char* file = sqlite3_db_filename(db_, "main");
     path_ = file ? file : "";
@@ -2589,17 +2601,21 @@ inline void sqlite_store::reserve_ids(std::int64_t handed_out) {
     } catch (const std::exception& e) {
         if (!sqlite3_get_autocommit(db_)) sqlite3_exec(db_, "ROLLBACK", nullptr, nullptr, nullptr);
         // The rows are committed; the next commit tries the reservation again.
-        if (options_.log) options_.log(log_level::error, std::string("sqlite_store: reserving ids failed: ") + e.what());
+        if (options_.log)
+            options_.log(log_level::error, std::string("sqlite_store: reserving ids failed: ") + e.what());
     }
-    if (safety < 2) sqlite3_exec(db_, ("PRAGMA synchronous=" + std::to_string(safety)).c_str(), nullptr, nullptr, nullptr);
+    if (safety < 2)
+        sqlite3_exec(db_, ("PRAGMA synchronous=" + std::to_string(safety)).c_str(), nullptr, nullptr, nullptr);
 }
 
 inline sqlite_store::~sqlite_store() {
     // A clean close gives back the ids reserved and never used (no gap at the next start); a
     // commit of another process past it reserves again.
     if (writer_ && reserves_ids() && sqlite3_get_autocommit(db_))
-        sqlite3_exec(db_, "UPDATE bus_bus_reserved SET id = coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'bus_bus'), 0)",
-                     nullptr, nullptr, nullptr);
+        sqlite3_exec(
+            db_,
+            "UPDATE bus_bus_reserved SET id = coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'bus_bus'), 0)",
+            nullptr, nullptr, nullptr);
     collector_.reset();
     idle_readers_.clear();
     writer_reader_.reset();
@@ -2729,7 +2745,7 @@ inline bool sqlite_store::lost_after(const std::vector<channel>& channels, std::
         return false;
     });
 }
-#endif // IMBUS_WITH_SQLITE
+#endif  // IMBUS_WITH_SQLITE
 
 // --- 4. pg_store -----------------------------------------------------------------------------
 
@@ -2855,8 +2871,7 @@ inline std::string pg_text_array(const std::vector<std::string_view>& items) {
 
 // docs/PROTOCOL.md §3: JSON arrays of the channel keys, in order, each below PostgreSQL's 8000-byte
 // NOTIFY limit (a single key too long for it fails the commit with the server's message).
-inline std::vector<std::string> notify_payloads(const std::vector<channel>& channels,
-                                                std::size_t max_bytes = 7999) {
+inline std::vector<std::string> notify_payloads(const std::vector<channel>& channels, std::size_t max_bytes = 7999) {
     std::vector<std::string> payloads;
     std::string current;
     for (const auto& c : channels) {
@@ -2892,10 +2907,10 @@ inline std::string pg_conninfo_of(PGconn* c) {
 }
 
 inline notification pg_row(PGresult* r, int row, int first_column, channel c) {
-    return notification{std::stoll(PQgetvalue(r, row, first_column)), std::move(c),
-                        std::string(PQgetvalue(r, row, first_column + 2),
-                                    std::size_t(PQgetlength(r, row, first_column + 2))),
-                        from_micros(std::stoll(PQgetvalue(r, row, first_column + 3)))};
+    return notification{
+        std::stoll(PQgetvalue(r, row, first_column)), std::move(c),
+        std::string(PQgetvalue(r, row, first_column + 2), std::size_t(PQgetlength(r, row, first_column + 2))),
+        from_micros(std::stoll(PQgetvalue(r, row, first_column + 3)))};
 }
 
 // The columns of a row as pg_row reads them: id, channel, message, create_date in microseconds.
@@ -2910,14 +2925,15 @@ enum pg_write_step : std::size_t { pg_begin, pg_lock, pg_insert, pg_notify, pg_c
 inline constexpr pg_statement pg_write_statements[] = {
     {"imbus_begin", "BEGIN"},
     {"imbus_lock", "SELECT pg_advisory_xact_lock($1::bigint)"},
-    {"imbus_insert", "INSERT INTO bus_bus (channel, message, create_date) "
-                     "SELECT c, m, timestamp '1970-01-01' + $3::bigint * interval '1 microsecond' "
-                     "FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS b(c, m, n) ORDER BY n RETURNING id"},
+    {"imbus_insert",
+     "INSERT INTO bus_bus (channel, message, create_date) "
+     "SELECT c, m, timestamp '1970-01-01' + $3::bigint * interval '1 microsecond' "
+     "FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS b(c, m, n) ORDER BY n RETURNING id"},
     {"imbus_notify", "SELECT pg_notify($1, $2)"},
     {"imbus_commit", "COMMIT"},
 };
 
-} // namespace detail
+}  // namespace detail
 
 // Own connections: nothing is sent before commit, which then takes an idle writer connection
 // (or waits in line for one, and may be carried by another commit's transaction: group commit)
@@ -3026,7 +3042,8 @@ private:
             for (const auto& p : st.params) values.push_back(p.c_str());
             const detail::pg_statement& sql = detail::pg_write_statements[st.step];
             if (!(prepared ? PQsendQueryPrepared(c, sql.name, int(values.size()), values.data(), nullptr, nullptr, 0)
-                           : PQsendQueryParams(c, sql.sql, int(values.size()), nullptr, values.data(), nullptr, nullptr, 0))) {
+                           : PQsendQueryParams(c, sql.sql, int(values.size()), nullptr, values.data(), nullptr, nullptr,
+                                               0))) {
                 sent = false;
                 break;
             }
@@ -3036,7 +3053,8 @@ private:
             // The connection failed while we sent, so the COMMIT may or may not have left.
             const std::string error = detail::pg_error_text(c);
             PQexitPipelineMode(c);
-            detail::throw_error(errc::store_failure, "postgres: connection lost during commit, outcome unknown: " + error);
+            detail::throw_error(errc::store_failure,
+                                "postgres: connection lost during commit, outcome unknown: " + error);
         }
 
         // The server answers in order: its error for a statement means that statement and the
@@ -3052,11 +3070,13 @@ private:
             const auto status = PQresultStatus(r.get());
             if (status == PGRES_FATAL_ERROR && !PQresultErrorField(r.get(), PG_DIAG_SQLSTATE)) break;
             if (status == PGRES_FATAL_ERROR && error.empty()) {
-                error = std::string(detail::pg_write_statements[statements[i].step].sql) + ": " + PQresultErrorMessage(r.get());
+                error = std::string(detail::pg_write_statements[statements[i].step].sql) + ": " +
+                        PQresultErrorMessage(r.get());
                 commit_failed = i + 1 == statements.size();
             }
             if (status == PGRES_TUPLES_OK && i == insert_index && !batch.empty())
-                for (int row = 0; row < PQntuples(r.get()); ++row) ids.push_back(std::stoll(PQgetvalue(r.get(), row, 0)));
+                for (int row = 0; row < PQntuples(r.get()); ++row)
+                    ids.push_back(std::stoll(PQgetvalue(r.get(), row, 0)));
             if (i + 1 == statements.size() && status == PGRES_COMMAND_OK) {
                 committed = std::string_view(PQcmdStatus(r.get())) == "COMMIT";
                 if (!committed && error.empty()) error = "COMMIT: the transaction had already failed";
@@ -3095,9 +3115,9 @@ private:
 
     pg_store& store_;
     std::unique_lock<detail::writer_gate> lock_;  // a borrowed connection's
-    detail::pg_connection* conn_ = nullptr;        // the connection this transaction holds
-    bool open_ = false;  // BEGIN was sent on a borrowed connection
-    bool rolled_back_ = false;  // run_commit failed and surely stored nothing
+    detail::pg_connection* conn_ = nullptr;       // the connection this transaction holds
+    bool open_ = false;                           // BEGIN was sent on a borrowed connection
+    bool rolled_back_ = false;                    // run_commit failed and surely stored nothing
 };
 
 // A batch waiting for a writer connection; the commit that takes it fills in the outcome.
@@ -3132,7 +3152,8 @@ inline std::vector<notification> pg_store::write_tx::commit_owned(std::vector<pe
             if (me.error) std::rethrow_exception(me.error);
             return std::move(me.stored);
         }
-        if (s.options_.group_commit) group.swap(s.queued_commits_);  // every waiting batch, in line order
+        if (s.options_.group_commit)
+            group.swap(s.queued_commits_);  // every waiting batch, in line order
         else {
             group.push_back(&me);
             s.queued_commits_.erase(std::find(s.queued_commits_.begin(), s.queued_commits_.end(), &me));
@@ -3291,22 +3312,27 @@ inline void pg_store::create_schema() {
     with_reader([](detail::pg_connection& c) {
         c.exec("BEGIN");
         c.exec("SELECT pg_advisory_xact_lock($1::bigint)", {std::to_string(advisory_lock_key)});
-        c.exec("CREATE TABLE IF NOT EXISTS bus_bus ("
-               " id bigserial PRIMARY KEY,"
-               " channel text NOT NULL,"
-               " message text NOT NULL,"
-               " create_date timestamp NOT NULL)");  // UTC, like Odoo's column
+        c.exec(
+            "CREATE TABLE IF NOT EXISTS bus_bus ("
+            " id bigserial PRIMARY KEY,"
+            " channel text NOT NULL,"
+            " message text NOT NULL,"
+            " create_date timestamp NOT NULL)");  // UTC, like Odoo's column
         c.exec("CREATE INDEX IF NOT EXISTS bus_bus_channel_id ON bus_bus (channel, id)");
         c.exec("CREATE INDEX IF NOT EXISTS bus_bus_create_date ON bus_bus (create_date)");
         // Per channel, the newest id garbage collection deleted (lost_after). A database made
         // before the table existed gets a floor under channel '': rows up to it may be gone on
         // any channel.
-        if (c.scalar("SELECT count(*) FROM pg_tables WHERE schemaname = current_schema() AND tablename = 'bus_bus_dropped'", {}, 0) == 0) {
+        if (c.scalar(
+                "SELECT count(*) FROM pg_tables WHERE schemaname = current_schema() AND tablename = 'bus_bus_dropped'",
+                {}, 0) == 0) {
             c.exec("CREATE TABLE bus_bus_dropped (channel text PRIMARY KEY, id bigint NOT NULL)");
-            c.exec("INSERT INTO bus_bus_dropped (channel, id) SELECT '', floor FROM"
-                   " (SELECT coalesce((SELECT min(id) - 1 FROM bus_bus),"
-                   "                  (SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM bus_bus_id_seq)) AS floor) f"
-                   " WHERE floor > 0");
+            c.exec(
+                "INSERT INTO bus_bus_dropped (channel, id) SELECT '', floor FROM"
+                " (SELECT coalesce((SELECT min(id) - 1 FROM bus_bus),"
+                "                  (SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM bus_bus_id_seq)) AS "
+                "floor) f"
+                " WHERE floor > 0");
         }
         c.exec("COMMIT");
         return 0;
@@ -3333,7 +3359,8 @@ inline poll_result pg_store::fetch(const std::vector<channel>& channels, std::in
         " params AS (SELECT CASE WHEN $2::bigint > seq.assigned THEN 0 ELSE $2::bigint END AS last FROM seq),"
         " head AS (SELECT coalesce(max(id), 0) AS newest FROM bus_bus) "
         "SELECT head.newest, params.last, r.* FROM head CROSS JOIN params LEFT JOIN LATERAL ("
-        " SELECT " IMBUS_PG_ROW_COLUMNS " FROM bus_bus"
+        " SELECT " IMBUS_PG_ROW_COLUMNS
+        " FROM bus_bus"
         " WHERE channel = ANY($1::text[]) AND id > params.last AND (params.last <> 0 OR create_date >="
         "  timestamp '1970-01-01' + $3::bigint * interval '1 microsecond')"
         " ORDER BY id LIMIT $4::bigint) r ON true";
@@ -3377,11 +3404,13 @@ inline bool pg_store::lost_after(const std::vector<channel>& channels, std::int6
     const auto wanted = detail::unique_channels(channels);
     for (const auto& c : wanted) keys.push_back(c.key());
     return with_reader([&](detail::pg_connection& c) {
-        return c.scalar("SELECT CASE WHEN $2::bigint > (SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM bus_bus_id_seq)"
-                        " OR EXISTS (SELECT 1 FROM bus_bus_dropped WHERE (channel = ANY($1::text[]) OR channel = '')"
-                        "            AND id > $2::bigint AND cardinality($1::text[]) > 0)"
-                        " THEN 1 ELSE 0 END",
-                        {detail::pg_text_array(keys), std::to_string(last)}, 0) == 1;
+        return c.scalar(
+                   "SELECT CASE WHEN $2::bigint > (SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM "
+                   "bus_bus_id_seq)"
+                   " OR EXISTS (SELECT 1 FROM bus_bus_dropped WHERE (channel = ANY($1::text[]) OR channel = '')"
+                   "            AND id > $2::bigint AND cardinality($1::text[]) > 0)"
+                   " THEN 1 ELSE 0 END",
+                   {detail::pg_text_array(keys), std::to_string(last)}, 0) == 1;
     });
 }
 
@@ -3402,7 +3431,8 @@ inline std::size_t pg_store::collect_garbage() {
                 "WITH gone AS (DELETE FROM bus_bus WHERE id IN (SELECT id FROM bus_bus WHERE create_date < "
                 "  timestamp '1970-01-01' + $1::bigint * interval '1 microsecond' ORDER BY id LIMIT $2::bigint)"
                 "  RETURNING id, channel),"
-                " remembered AS (INSERT INTO bus_bus_dropped (channel, id) SELECT channel, max(id) FROM gone GROUP BY channel"
+                " remembered AS (INSERT INTO bus_bus_dropped (channel, id) SELECT channel, max(id) FROM gone GROUP BY "
+                "channel"
                 "  ON CONFLICT (channel) DO UPDATE SET id = greatest(bus_bus_dropped.id, excluded.id))"
                 " SELECT count(*) FROM gone",
                 {cutoff, chunk}, 0));
@@ -3412,7 +3442,7 @@ inline std::size_t pg_store::collect_garbage() {
     }
 }
 
-#endif // IMBUS_WITH_POSTGRES
+#endif  // IMBUS_WITH_POSTGRES
 
 // --- 5. bus and transaction ------------------------------------------------------------------
 
@@ -3430,9 +3460,8 @@ inline void bus::publish(std::shared_ptr<const commit_event> event) {
     if (dispatcher_) dispatcher_->notify(std::move(event));
 }
 
-template <class Target>
-std::vector<std::int64_t> bus::send(const Target& target, std::string_view type, const json& payload,
-                                    std::error_code& ec) {
+template <class Target> std::vector<std::int64_t> bus::send(const Target& target, std::string_view type,
+                                                            const json& payload, std::error_code& ec) {
     try {
         transaction tx(*this);
         tx.send(target, type, payload, ec);
@@ -3471,8 +3500,7 @@ void transaction::send(const Target& target, std::string_view type, const json& 
     }
 }
 
-template <class Target>
-void transaction::send(const Target& target, std::string_view type, const json& payload) {
+template <class Target> void transaction::send(const Target& target, std::string_view type, const json& payload) {
     if (!open()) detail::throw_error(errc::transaction_finished, "send after commit or rollback");
     batch_.push_back(pending_message{bus_->channel_for(target), make_message(type, payload)});
 }
@@ -3691,7 +3719,7 @@ inline void dispatcher::leave(const std::shared_ptr<entry>& e) noexcept {
 
 inline void dispatcher::notify(std::shared_ptr<const commit_event> event) {
     if (!event || event->channels.empty()) return;
-    std::vector<std::shared_ptr<entry>> to_schedule;                             // executors, inline handlers
+    std::vector<std::shared_ptr<entry>> to_schedule;                           // executors, inline handlers
     std::vector<std::pair<lane*, std::vector<std::shared_ptr<entry>>>> lanes;  // those woken, per lane
     {
         std::lock_guard<std::mutex> order(notify_mutex_);  // queues must see events in epoch order
@@ -3709,8 +3737,10 @@ inline void dispatcher::notify(std::shared_ptr<const commit_event> event) {
             if (!e->on) return to_schedule.push_back(e);
             if (lanes.empty() || lanes.back().first != e->on) {  // few lanes: one per event loop
                 auto it = std::find_if(lanes.begin(), lanes.end(), [&](const auto& l) { return l.first == e->on; });
-                if (it == lanes.end()) lanes.emplace_back(e->on, std::vector<std::shared_ptr<entry>>());
-                else std::iter_swap(it, lanes.end() - 1);
+                if (it == lanes.end())
+                    lanes.emplace_back(e->on, std::vector<std::shared_ptr<entry>>());
+                else
+                    std::iter_swap(it, lanes.end() - 1);
             }
             lanes.back().second.push_back(e);
         };
@@ -3727,7 +3757,9 @@ inline void dispatcher::notify(std::shared_ptr<const commit_event> event) {
                 if (it != by_channel_.end())
                     for (const auto& e : it->second) targets.push_back(&e);
             }
-            auto by_entry = [](const std::shared_ptr<entry>* a, const std::shared_ptr<entry>* b) { return a->get() < b->get(); };
+            auto by_entry = [](const std::shared_ptr<entry>* a, const std::shared_ptr<entry>* b) {
+                return a->get() < b->get();
+            };
             std::sort(targets.begin(), targets.end(), by_entry);
             for (std::size_t i = 0; i < targets.size(); ++i)
                 if (i == 0 || targets[i]->get() != targets[i - 1]->get()) wake(*targets[i]);
@@ -3773,7 +3805,8 @@ inline void dispatcher::lane::run(std::size_t limit) {
     {
         std::lock_guard<std::mutex> lock(mutex_);
         const std::size_t n = std::min(ready_.size(), std::max<std::size_t>(limit, 1));
-        running_.assign(std::make_move_iterator(ready_.begin()), std::make_move_iterator(ready_.begin() + std::ptrdiff_t(n)));
+        running_.assign(std::make_move_iterator(ready_.begin()),
+                        std::make_move_iterator(ready_.begin() + std::ptrdiff_t(n)));
         ready_.erase(ready_.begin(), ready_.begin() + std::ptrdiff_t(n));
         again = !ready_.empty();
         posted_ = again;
@@ -3861,8 +3894,7 @@ inline std::size_t dispatcher::subscribers_of(const channel& c) const {
 
 // --- 6. follower -----------------------------------------------------------------------------
 
-inline follower::follower(store& s, std::vector<channel> channels, std::int64_t last)
-    : store_(s), position_(last) {
+inline follower::follower(store& s, std::vector<channel> channels, std::int64_t last) : store_(s), position_(last) {
     set_channels(std::move(channels));
 }
 
@@ -3927,9 +3959,13 @@ std::size_t follower::catch_up(OnRow&& on_row, std::size_t limit, Stop&& stop, s
 }
 
 template <class OnRow> std::size_t follower::take(const wakeup& w, OnRow&& on_row, std::size_t limit) {
-    return take(w, on_row, [&](const commit_event& e) {
-        for (std::size_t i = 0; i < e.notifications.size(); ++i) on_row(e.notifications[i], std::string_view(e.wire[i]));
-    }, limit);
+    return take(
+        w, on_row,
+        [&](const commit_event& e) {
+            for (std::size_t i = 0; i < e.notifications.size(); ++i)
+                on_row(e.notifications[i], std::string_view(e.wire[i]));
+        },
+        limit);
 }
 
 template <class OnRow, class OnEvent>
@@ -3953,8 +3989,7 @@ std::size_t follower::take(const wakeup& w, OnRow&& on_row, OnEvent&& on_event, 
         // when the same epoch vouches that every row in between was delivered here (or was
         // not ours).
         const bool continues = event.complete() && event.first_id() > position_ &&
-                               (event.after() <= position_ ||
-                                (synced_epoch_ != 0 && d.epoch == synced_epoch_));
+                               (event.after() <= position_ || (synced_epoch_ != 0 && d.epoch == synced_epoch_));
         if (!continues) {
             // Every event here was sent after its commit, so one poll now covers this event
             // and all the later ones.
@@ -3991,7 +4026,8 @@ inline pg_listener::pg_listener(pg_store& store, dispatcher& d, pg_listener_opti
 
 inline pg_listener::~pg_listener() {
     const std::uint64_t one = 1;
-    if (write(stop_fd_, &one, sizeof one) != ssize_t(sizeof one)) log(log_level::error, "pg_listener: cannot signal stop");
+    if (write(stop_fd_, &one, sizeof one) != ssize_t(sizeof one))
+        log(log_level::error, "pg_listener: cannot signal stop");
     if (thread_.joinable()) thread_.join();
     close(stop_fd_);
 }
@@ -4033,7 +4069,8 @@ inline bool pg_listener::read_new_rows() {
         detail::pg_result r;
         try {
             ++reads_;
-            r = connection_->exec("SELECT " IMBUS_PG_ROW_COLUMNS " FROM bus_bus WHERE id > $1::bigint ORDER BY id LIMIT $2::bigint",
+            r = connection_->exec("SELECT " IMBUS_PG_ROW_COLUMNS
+                                  " FROM bus_bus WHERE id > $1::bigint ORDER BY id LIMIT $2::bigint",
                                   {std::to_string(after), page});
         } catch (const std::system_error& e) {
             log(log_level::warning, std::string("pg_listener: ") + e.what());
@@ -4046,9 +4083,11 @@ inline bool pg_listener::read_new_rows() {
         for (int i = 0; i < rows; ++i) {
             last = std::stoll(PQgetvalue(r.get(), i, 0));
             std::error_code ec;
-            auto c = channel::from_key(std::string_view(PQgetvalue(r.get(), i, 1), std::size_t(PQgetlength(r.get(), i, 1))), ec);
+            auto c = channel::from_key(
+                std::string_view(PQgetvalue(r.get(), i, 1), std::size_t(PQgetlength(r.get(), i, 1))), ec);
             if (ec) {  // no subscriber can follow a channel that is not canonical
-                log(log_level::warning, "pg_listener: skipped row " + std::to_string(last) + " on a non-canonical channel");
+                log(log_level::warning,
+                    "pg_listener: skipped row " + std::to_string(last) + " on a non-canonical channel");
                 continue;
             }
             found.push_back(detail::pg_row(r.get(), i, 0, std::move(c)));
@@ -4107,7 +4146,7 @@ inline void pg_listener::run() {
     }
 }
 #undef IMBUS_PG_ROW_COLUMNS
-#endif // IMBUS_WITH_POSTGRES
+#endif  // IMBUS_WITH_POSTGRES
 
 // --- 8. auth policies ------------------------------------------------------------------------
 
@@ -4152,9 +4191,23 @@ inline std::array<std::uint8_t, 32> sha256(std::string_view data) {
             std::uint32_t s1 = rotr(e, 6) ^ rotr(e, 11) ^ rotr(e, 25);
             std::uint32_t t1 = hh + s1 + ((e & f) ^ (~e & g)) + k[t] + w[t];
             std::uint32_t t2 = (rotr(a, 2) ^ rotr(a, 13) ^ rotr(a, 22)) + ((a & b) ^ (a & c) ^ (b & c));
-            hh = g; g = f; f = e; e = d + t1; d = c; c = b; b = a; a = t1 + t2;
+            hh = g;
+            g = f;
+            f = e;
+            e = d + t1;
+            d = c;
+            c = b;
+            b = a;
+            a = t1 + t2;
         }
-        h[0] += a; h[1] += b; h[2] += c; h[3] += d; h[4] += e; h[5] += f; h[6] += g; h[7] += hh;
+        h[0] += a;
+        h[1] += b;
+        h[2] += c;
+        h[3] += d;
+        h[4] += e;
+        h[5] += f;
+        h[6] += g;
+        h[7] += hh;
     }
     std::array<std::uint8_t, 32> out{};
     for (std::size_t i = 0; i < 32; ++i) out[i] = static_cast<std::uint8_t>(h[i / 4] >> (24 - 8 * (i % 4)));
@@ -4197,12 +4250,18 @@ inline bool base64url_decode(std::string_view text, std::string& out) {
     std::uint32_t acc = 0, bits = 0;
     for (char ch : text) {
         int v;
-        if (ch >= 'A' && ch <= 'Z') v = ch - 'A';
-        else if (ch >= 'a' && ch <= 'z') v = ch - 'a' + 26;
-        else if (ch >= '0' && ch <= '9') v = ch - '0' + 52;
-        else if (ch == '-') v = 62;
-        else if (ch == '_') v = 63;
-        else return out.clear(), false;
+        if (ch >= 'A' && ch <= 'Z')
+            v = ch - 'A';
+        else if (ch >= 'a' && ch <= 'z')
+            v = ch - 'a' + 26;
+        else if (ch >= '0' && ch <= '9')
+            v = ch - '0' + 52;
+        else if (ch == '-')
+            v = 62;
+        else if (ch == '_')
+            v = 63;
+        else
+            return out.clear(), false;
         acc = (acc << 6) | static_cast<std::uint32_t>(v);
         bits += 6;
         if (bits >= 8) out += static_cast<char>((acc >> (bits -= 8)) & 0xff);
@@ -4280,8 +4339,10 @@ inline bool json_nesting_within(std::string_view text, std::size_t max_depth) {
     for (std::size_t i = 0; i < text.size(); ++i) {
         const char c = text[i];
         if (in_string) {
-            if (c == '\\') ++i;  // the escaped character cannot end the string
-            else if (c == '"') in_string = false;
+            if (c == '\\')
+                ++i;  // the escaped character cannot end the string
+            else if (c == '"')
+                in_string = false;
         } else if (c == '"') {
             in_string = true;
         } else if (c == '[' || c == '{') {
@@ -4303,7 +4364,7 @@ inline std::string query_param(std::string_view query, std::string_view name) {
     return found;
 }
 
-} // namespace detail
+}  // namespace detail
 
 inline std::string http_request::header(std::string_view name) const {
     for (const auto& h : headers)
@@ -4351,16 +4412,16 @@ inline std::vector<channel> public_policy::channels(const identity&, std::vector
 
 inline signed_token_policy::signed_token_policy(std::string secret, signed_token_options options)
     : secret_(std::move(secret)), options_(std::move(options)) {
-    if (secret_.size() < 16)
-        throw std::invalid_argument("signed_token_policy: the secret needs at least 16 bytes");
+    if (secret_.size() < 16) throw std::invalid_argument("signed_token_policy: the secret needs at least 16 bytes");
 }
 
 inline std::string signed_token_policy::issue(std::string_view subject, std::chrono::seconds ttl) const {
-    const auto expires = std::chrono::duration_cast<std::chrono::seconds>(
-        (options_.clock() + ttl).time_since_epoch()).count();
+    const auto expires =
+        std::chrono::duration_cast<std::chrono::seconds>((options_.clock() + ttl).time_since_epoch()).count();
     std::string body = detail::base64url_encode(subject) + "." + std::to_string(expires);
     const auto mac = detail::hmac_sha256(secret_, body);
-    return body + "." + detail::base64url_encode(std::string_view(reinterpret_cast<const char*>(mac.data()), mac.size()));
+    return body + "." +
+           detail::base64url_encode(std::string_view(reinterpret_cast<const char*>(mac.data()), mac.size()));
 }
 
 inline std::optional<signed_identity> signed_token_policy::verify(std::string_view token) const {
@@ -4432,7 +4493,7 @@ inline std::optional<std::int64_t> client_id(const json& value) {
     return std::max<std::int64_t>(0, value.get<std::int64_t>());
 }
 
-} // namespace detail
+}  // namespace detail
 
 inline client_request parse_client_request(std::string_view text, std::size_t max_depth) noexcept {
     client_request r;
@@ -4504,7 +4565,7 @@ inline std::string presence_tracker_id() {
     std::snprintf(text, sizeof text, "%016llx", static_cast<unsigned long long>(random()));
     return text;
 }
-} // namespace detail
+}  // namespace detail
 
 inline const char* to_string(presence_status s) noexcept {
     switch (s) {
@@ -4518,13 +4579,11 @@ inline presence_tracker::presence_tracker(imbus::bus& b, channel where, presence
     : presence_tracker(b, detail::presence_on(std::move(where), std::move(options))) {}
 
 inline presence_tracker::presence_tracker(imbus::bus& b, presence_options options)
-    : bus_(b),
-      options_(std::move(options)),
-      id_(detail::presence_tracker_id()),
-      sync_channel_(b.db(), "imbus.presence", 0),
-      follower_(b.store(), b.get_dispatcher(), {sync_channel_}, 0) {
+    : bus_(b), options_(std::move(options)), id_(detail::presence_tracker_id()),
+      sync_channel_(b.db(), "imbus.presence", 0), follower_(b.store(), b.get_dispatcher(), {sync_channel_}, 0) {
     if (!options_.channel_of) throw std::invalid_argument("presence_tracker: options.channel_of is empty");
-    if (options_.refresh.count() <= 0) throw std::invalid_argument("presence_tracker: options.refresh must be positive");
+    if (options_.refresh.count() <= 0)
+        throw std::invalid_argument("presence_tracker: options.refresh must be positive");
     subscription_ = b.get_dispatcher().subscribe([this](wakeup& w) { read(w); },
                                                  [this](std::function<void()> task) { post(std::move(task)); });
     subscription_.set_channels({sync_channel_});
@@ -4577,10 +4636,12 @@ inline void presence_tracker::write(std::vector<json> rows) {
         for (const auto& r : rows) tx.send(sync_channel_, detail::presence_sync_type, r, ec);
         if (!ec) tx.commit(ec);
     } catch (const std::exception& e) {
-        if (options_.log) options_.log(log_level::error, std::string("presence: writing the contribution failed: ") + e.what());
+        if (options_.log)
+            options_.log(log_level::error, std::string("presence: writing the contribution failed: ") + e.what());
         return;
     }
-    if (ec && options_.log) options_.log(log_level::error, "presence: writing the contribution failed: " + ec.message());
+    if (ec && options_.log)
+        options_.log(log_level::error, "presence: writing the contribution failed: " + ec.message());
 }
 
 inline void presence_tracker::on_open(const std::string& who) {
@@ -4608,7 +4669,7 @@ inline void presence_tracker::on_close(const std::string& who) {
 inline bool presence_tracker::on_event(const std::string& who, const std::string& name, const json& data) {
     if (name != "update_presence") return false;
     const json* ms = data.is_object() && data.contains("inactivity_period") ? &data["inactivity_period"] : nullptr;
-    if (!ms || !ms->is_number()) return true;  // malformed: ignored
+    if (!ms || !ms->is_number()) return true;                        // malformed: ignored
     const double period = std::clamp(ms->get<double>(), 0.0, 1e12);  // NaN-free: JSON has none
     update(who, std::chrono::milliseconds(static_cast<std::int64_t>(period)));
     return true;
@@ -4676,8 +4737,10 @@ inline void presence_tracker::apply(const notification& n, std::vector<transitio
     if (p.contains("who")) {
         const std::string who = p["who"].get<std::string>();
         const presence_status s = detail::presence_from_string(p.value("s", ""));
-        if (s == presence_status::offline) c.statuses.erase(who);
-        else c.statuses[who] = s;
+        if (s == presence_status::offline)
+            c.statuses.erase(who);
+        else
+            c.statuses[who] = s;
         touched.push_back(who);
     } else if (p.contains("all")) {
         std::unordered_map<std::string, presence_status> statuses;
@@ -4702,8 +4765,10 @@ inline void presence_tracker::apply(const notification& n, std::vector<transitio
         auto it = merged_.find(who);
         const presence_status before = it == merged_.end() ? presence_status::offline : it->second;
         if (now == before) continue;
-        if (now == presence_status::offline) merged_.erase(it);
-        else merged_[who] = now;
+        if (now == presence_status::offline)
+            merged_.erase(it);
+        else
+            merged_[who] = now;
         if (writer == id_) out.emplace_back(who, now);
     }
 }
@@ -4713,7 +4778,8 @@ inline void presence_tracker::read(wakeup& w) {
     try {
         follower_.take(w, [&](const notification& n, std::string_view) { rows.push_back(n); });
     } catch (const std::exception& e) {  // the store failed: the next wake-up polls again
-        if (options_.log) options_.log(log_level::error, std::string("presence: reading the contributions failed: ") + e.what());
+        if (options_.log)
+            options_.log(log_level::error, std::string("presence: reading the contributions failed: ") + e.what());
         return;
     }
     std::vector<transition> transitions;
@@ -4740,7 +4806,8 @@ inline void presence_tracker::publish(const std::vector<transition>& transitions
             if (!ec) tx.send(options_.channel_of(who), options_.type, {{"who", who}, {"status", to_string(s)}}, ec);
         if (!ec) tx.commit(ec);
     } catch (const std::exception& e) {
-        if (options_.log) options_.log(log_level::error, std::string("presence: publishing transitions failed: ") + e.what());
+        if (options_.log)
+            options_.log(log_level::error, std::string("presence: publishing transitions failed: ") + e.what());
         return;
     }
     if (ec && options_.log) options_.log(log_level::error, "presence: publishing transitions failed: " + ec.message());
@@ -4761,8 +4828,10 @@ inline void presence_tracker::run() {
     std::unique_lock<std::mutex> lock(tasks_mutex_);
     for (;;) {
         const auto ready = [this] { return stopping_ || !tasks_.empty(); };
-        if (ticking) tasks_ready_.wait_until(lock, next_tick, ready);
-        else tasks_ready_.wait(lock, ready);
+        if (ticking)
+            tasks_ready_.wait_until(lock, next_tick, ready);
+        else
+            tasks_ready_.wait(lock, ready);
         if (stopping_) return;
         std::function<void()> task;
         if (!tasks_.empty()) {
@@ -4804,7 +4873,7 @@ inline std::size_t presence_tracker::trackers() const {
     return std::size_t(std::count_if(trackers_.begin(), trackers_.end(),
                                      [&](const auto& t) { return t.first == id_ || t.second.until >= now; }));
 }
-#endif // IMBUS_WITH_PRESENCE
+#endif  // IMBUS_WITH_PRESENCE
 
 #ifdef IMBUS_WITH_WEBSOCKETPP
 // --- 11. server ------------------------------------------------------------------------------
@@ -4897,10 +4966,9 @@ void drain_input(std::shared_ptr<Owner> owner, Socket& socket, std::chrono::mill
         std::shared_ptr<state> s;
         void operator()(const asio::error_code& ec = {}) const {
             if (ec) return s->finish();  // cancelled by the timer
-            char sink[4096];  // on the stack: a drain holds no buffer between reads
+            char sink[4096];             // on the stack: a drain holds no buffer between reads
             ssize_t n;
-            while ((n = ::recv(s->socket.native_handle(), sink, sizeof sink, 0)) > 0) {
-            }
+            while ((n = ::recv(s->socket.native_handle(), sink, sizeof sink, 0)) > 0) {}
             if (n == 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) return s->finish();
             s->socket.async_wait(asio::socket_base::wait_read, reader{s});
         }
@@ -4908,7 +4976,8 @@ void drain_input(std::shared_ptr<Owner> owner, Socket& socket, std::chrono::mill
     asio::error_code ignored;
     socket.shutdown(asio::socket_base::shutdown_send, ignored);
     socket.non_blocking(true, ignored);
-    auto s = std::make_shared<state>(state{std::move(owner), socket, asio::steady_timer(socket.get_executor(), linger), std::move(done)});
+    auto s = std::make_shared<state>(
+        state{std::move(owner), socket, asio::steady_timer(socket.get_executor(), linger), std::move(done)});
     s->timer.async_wait([s](const asio::error_code& ec) {
         asio::error_code ignored;
         if (!ec) s->socket.cancel(ignored);
@@ -4928,7 +4997,8 @@ inline std::string header_section_fault(std::string_view head, int& status) {
         const unsigned char c = static_cast<unsigned char>(head[i]);
         if (c == '\r' && (i + 1 == head.size() || head[i + 1] != '\n')) return "bare CR in the header section";
         if (c == '\n' && (i == 0 || head[i - 1] != '\r')) return "bare LF in the header section";
-        if ((c < 0x20 && c != '\t' && c != '\r' && c != '\n') || c == 0x7f) return "control character in the header section";
+        if ((c < 0x20 && c != '\t' && c != '\r' && c != '\n') || c == 0x7f)
+            return "control character in the header section";
     }
     int lengths = 0;
     bool chunked = false;
@@ -4947,8 +5017,7 @@ inline std::string header_section_fault(std::string_view head, int& status) {
             if (!token_char(static_cast<unsigned char>(c))) return "invalid character or whitespace in header name";
         if (iequals(name, "Content-Length")) {
             ++lengths;
-            if (value.empty() || value.size() > 15 ||
-                value.find_first_not_of("0123456789") != std::string_view::npos)
+            if (value.empty() || value.size() > 15 || value.find_first_not_of("0123456789") != std::string_view::npos)
                 return "malformed Content-Length";
         }
         if (iequals(name, "Transfer-Encoding")) chunked = true;
@@ -4989,7 +5058,8 @@ public:
         int status = 400;
         const std::string fault = header_section_fault(head_, status);
         if (!fault.empty())
-            throw websocketpp::http::exception(fault, static_cast<websocketpp::http::status_code::value>(status), fault);
+            throw websocketpp::http::exception(fault, static_cast<websocketpp::http::status_code::value>(status),
+                                               fault);
         head_checked_ = true;
         base::consume(head_.data(), head_.size());
         std::string().swap(head_);
@@ -5035,18 +5105,18 @@ template <class Identity> struct session_state {
     std::chrono::steady_clock::time_point last_frame;
     std::chrono::steady_clock::time_point ping_sent;  // when ping_outstanding became true
     std::chrono::steady_clock::time_point ends_at;    // the lifetime's end: close 4002
-    std::size_t shard = 0;          // the shard (event loop) that owns the connection
-    std::size_t open_index = 0;     // its place in the shard's list of open connections
+    std::size_t shard = 0;                            // the shard (event loop) that owns the connection
+    std::size_t open_index = 0;                       // its place in the shard's list of open connections
     bool open = false;
-    bool policy_opened = false;     // on_close only for connections the policy saw open
-    bool lagging = false;           // over an outbound budget: wake-ups wait for a catch-up
-    bool catching_up = false;       // its next catch-up frame waits for a slice; wake-ups wait too
-    bool check_missed = false;      // that frame first says whether rows after the position are gone
+    bool policy_opened = false;                 // on_close only for connections the policy saw open
+    bool lagging = false;                       // over an outbound budget: wake-ups wait for a catch-up
+    bool catching_up = false;                   // its next catch-up frame waits for a slice; wake-ups wait too
+    bool check_missed = false;                  // that frame first says whether rows after the position are gone
     std::vector<direct_message> after_history;  // the policy's on_subscribe answer, sent once the history is
-    bool retrying = false;          // a store read failed: its catch-up waits for the retry timer
-    std::uint32_t store_failures = 0;  // failed store reads in a row
-    bool ping_outstanding = false;  // waiting for the pong; pong_timeout runs from ping_sent
-    detail::ledger_ticket admission;  // its place under max_connections(_per_address)
+    bool retrying = false;                      // a store read failed: its catch-up waits for the retry timer
+    std::uint32_t store_failures = 0;           // failed store reads in a row
+    bool ping_outstanding = false;              // waiting for the pong; pong_timeout runs from ping_sent
+    detail::ledger_ticket admission;            // its place under max_connections(_per_address)
 };
 
 template <class Identity> struct session_slot {
@@ -5056,8 +5126,9 @@ template <class Identity> struct session_slot {
 // The websocketpp configurations of a transport; TLS's exist only with IMBUS_WITH_TLS.
 template <class T> struct always_false : std::false_type {};
 template <class Transport> struct websocketpp_configs {
-    static_assert(always_false<Transport>::value,
-                  "imbus: tls_transport needs IMBUS_WITH_TLS defined before including imbus.hpp (CMake: link imbus::tls)");
+    static_assert(
+        always_false<Transport>::value,
+        "imbus: tls_transport needs IMBUS_WITH_TLS defined before including imbus.hpp (CMake: link imbus::tls)");
 };
 template <> struct websocketpp_configs<plain_transport> {
     using server = websocketpp::config::asio;
@@ -5084,7 +5155,7 @@ template <> struct websocketpp_configs<tls_transport> {
 // every recipient; a catch-up frame or a pong belongs to one connection.
 struct wire_frame {
     static constexpr std::size_t header_room = 10;  // the longest server frame header
-    std::string bytes;  // header_room bytes (the header fills their end), then the payload
+    std::string bytes;                              // header_room bytes (the header fills their end), then the payload
     std::size_t start = header_room;
     std::size_t size() const noexcept { return bytes.size() - start; }
     const char* data() const noexcept { return bytes.data() + start; }
@@ -5124,8 +5195,10 @@ struct frame_builder {
     std::string text;
     std::size_t rows = 0;  // notifications in it (a missed marker is not one)
     void add(std::string_view wire, bool is_row = true) {
-        if (text.empty()) text.assign(wire_frame::header_room, '\0'), text += '[';
-        else text += ',';
+        if (text.empty())
+            text.assign(wire_frame::header_room, '\0'), text += '[';
+        else
+            text += ',';
         text += wire;
         rows += is_row;
     }
@@ -5144,7 +5217,8 @@ inline wire_frames frames_of(const std::vector<std::string>& wire, std::size_t c
     wire_frames out;
     frame_builder frame;
     for (const auto& w : wire) {
-        if (!frame.empty() && frame.size() + w.size() + 1 > cap) out.pieces.push_back(frame.finish()), frame = frame_builder();
+        if (!frame.empty() && frame.size() + w.size() + 1 > cap)
+            out.pieces.push_back(frame.finish()), frame = frame_builder();
         frame.add(w);
     }
     if (!frame.empty()) out.pieces.push_back(frame.finish());
@@ -5164,8 +5238,8 @@ struct buffer_span {
 };
 
 // websocketpp's asio transport connection with imbus's outbound queue in place of its writes.
-template <class TransportConfig>
-class outbound_connection : public websocketpp::transport::asio::connection<TransportConfig> {
+template <class TransportConfig> class outbound_connection
+    : public websocketpp::transport::asio::connection<TransportConfig> {
     using base = websocketpp::transport::asio::connection<TransportConfig>;
 
 public:
@@ -5175,7 +5249,8 @@ public:
     void async_write(const char* data, std::size_t size, websocketpp::transport::write_handler done) {
         library_write({asio::const_buffer(data, size)}, std::move(done));
     }
-    void async_write(const std::vector<websocketpp::transport::buffer>& buffers, websocketpp::transport::write_handler done) {
+    void async_write(const std::vector<websocketpp::transport::buffer>& buffers,
+                     websocketpp::transport::write_handler done) {
         std::vector<asio::const_buffer> copy;
         copy.reserve(buffers.size());
         for (const auto& b : buffers) copy.emplace_back(b.buf, b.len);
@@ -5201,14 +5276,16 @@ public:
 
     // websocketpp stops reading after the close it sends for a protocol error (and waits for
     // the close handshake timeout); whether a read of its is pending tells that close apart.
-    void async_read_at_least(std::size_t num_bytes, char* buf, std::size_t len, websocketpp::transport::read_handler handler) {
+    void async_read_at_least(std::size_t num_bytes, char* buf, std::size_t len,
+                             websocketpp::transport::read_handler handler) {
         reading_ = true;
-        base::async_read_at_least(num_bytes, buf, len, [this, handler = std::move(handler)](const std::error_code& ec, std::size_t n) {
-            reading_ = false;
-            in_read_handler_ = true;  // a shutdown from in here ends a close handshake the peer finished
-            handler(ec, n);
-            in_read_handler_ = false;
-        });
+        base::async_read_at_least(
+            num_bytes, buf, len, [this, handler = std::move(handler)](const std::error_code& ec, std::size_t n) {
+                reading_ = false;
+                in_read_handler_ = true;  // a shutdown from in here ends a close handshake the peer finished
+                handler(ec, n);
+                in_read_handler_ = false;
+            });
     }
 
     /// How long a drain after a protocol-error close may last (server_options::close_drain_linger).
@@ -5258,8 +5335,10 @@ public:
         std::swap(in_flight_, queue_);
         gather_.clear();
         for (const auto& item : in_flight_) {
-            if (item.frame) gather_.emplace_back(item.frame->data(), item.frame->size());
-            else gather_.insert(gather_.end(), item.library.begin(), item.library.end());
+            if (item.frame)
+                gather_.emplace_back(item.frame->data(), item.frame->size());
+            else
+                gather_.insert(gather_.end(), item.library.begin(), item.library.end());
         }
         asio::async_write(this->get_socket(), buffer_span{gather_.data(), gather_.data() + gather_.size()},
                           write_done{std::static_pointer_cast<outbound_connection>(this->shared_from_this())});
@@ -5272,9 +5351,9 @@ public:
 
 private:
     struct outgoing {
-        shared_wire_frame frame;                      // imbus's frame, or else
-        std::vector<asio::const_buffer> library;      // websocketpp's (it keeps them alive)
-        websocketpp::transport::write_handler done;   // and its completion
+        shared_wire_frame frame;                     // imbus's frame, or else
+        std::vector<asio::const_buffer> library;     // websocketpp's (it keeps them alive)
+        websocketpp::transport::write_handler done;  // and its completion
         std::size_t size() const noexcept { return frame ? frame->size() : asio::buffer_size(library); }
     };
     static constexpr std::size_t npos = std::size_t(-1);
@@ -5304,9 +5383,13 @@ private:
     }
 
     void count(std::size_t n, bool add) noexcept {
-        if (add) bytes_.store(bytes_.load(std::memory_order_relaxed) + n, std::memory_order_relaxed);
-        else bytes_.store(bytes_.load(std::memory_order_relaxed) - n, std::memory_order_relaxed);
-        if (meter_) add ? meter_->bytes.fetch_add(n, std::memory_order_relaxed) : meter_->bytes.fetch_sub(n, std::memory_order_relaxed);
+        if (add)
+            bytes_.store(bytes_.load(std::memory_order_relaxed) + n, std::memory_order_relaxed);
+        else
+            bytes_.store(bytes_.load(std::memory_order_relaxed) - n, std::memory_order_relaxed);
+        if (meter_)
+            add ? meter_->bytes.fetch_add(n, std::memory_order_relaxed)
+                : meter_->bytes.fetch_sub(n, std::memory_order_relaxed);
     }
 
     void library_write(std::vector<asio::const_buffer> buffers, websocketpp::transport::write_handler done) {
@@ -5316,7 +5399,8 @@ private:
             if (answers_bad_close_reason(buffers)) {
                 static const std::string reason = "\x03\xefinvalid UTF-8 in the close reason";  // 1007
                 static const std::string header{char(0x88), char(reason.size())};
-                buffers = {asio::const_buffer(header.data(), header.size()), asio::const_buffer(reason.data(), reason.size())};
+                buffers = {asio::const_buffer(header.data(), header.size()),
+                           asio::const_buffer(reason.data(), reason.size())};
                 close_code_sent_ = 1007;
             }
         }
@@ -5345,8 +5429,10 @@ private:
         pong_at_ = npos;
         std::size_t kept = 0;
         for (std::size_t i = 0; i < queue_.size(); ++i) {
-            if (queue_[i].frame) count(queue_[i].frame->size(), false);
-            else if (kept++ != i) queue_[kept - 1] = std::move(queue_[i]);
+            if (queue_[i].frame)
+                count(queue_[i].frame->size(), false);
+            else if (kept++ != i)
+                queue_[kept - 1] = std::move(queue_[i]);
         }
         queue_.resize(kept);
     }
@@ -5368,8 +5454,9 @@ private:
             }
             queue_.clear();
         }
-        const auto result = ec ? websocketpp::transport::error::make_error_code(websocketpp::transport::error::pass_through)
-                               : std::error_code();
+        const auto result =
+            ec ? websocketpp::transport::error::make_error_code(websocketpp::transport::error::pass_through)
+               : std::error_code();
         if (shutdown_) {
             auto finish = std::move(shutdown_);
             shutdown_ = nullptr;
@@ -5402,7 +5489,7 @@ private:
     std::vector<outgoing> queue_;      // waiting for the write in flight to finish
     std::vector<outgoing> in_flight_;  // the write in flight
     std::vector<asio::const_buffer> gather_;
-    std::size_t pong_at_ = npos;       // where in queue_ the pong waits, if one does
+    std::size_t pong_at_ = npos;  // where in queue_ the pong waits, if one does
     std::atomic<std::size_t> bytes_{0};
     outbound_meter* meter_ = nullptr;
     drained_hook drained_ = nullptr;
@@ -5415,7 +5502,8 @@ private:
 };
 
 // websocketpp's asio transport, making outbound_connections.
-template <class TransportConfig> class outbound_endpoint : public websocketpp::transport::asio::endpoint<TransportConfig> {
+template <class TransportConfig> class outbound_endpoint
+    : public websocketpp::transport::asio::endpoint<TransportConfig> {
 public:
     using transport_con_type = outbound_connection<TransportConfig>;
     using transport_con_ptr = std::shared_ptr<transport_con_type>;
@@ -5436,14 +5524,14 @@ template <class Identity, class Transport> struct server_config : websocketpp_co
     static const websocketpp::log::level alog_level = websocketpp::log::alevel::none;
     static const websocketpp::log::level elog_level = websocketpp::log::elevel::none;
 };
-} // namespace IMBUS_ABI_NAMESPACE
+}  // namespace IMBUS_ABI_NAMESPACE
 
 #ifdef IMBUS_WITH_TLS
 inline std::shared_ptr<asio::ssl::context> tls_context(asio::ssl::context::method method) {
     auto context = std::make_shared<asio::ssl::context>(method);
     context->set_options(asio::ssl::context::default_workarounds | asio::ssl::context::no_sslv2 |
-                         asio::ssl::context::no_sslv3 | asio::ssl::context::no_tlsv1 |
-                         asio::ssl::context::no_tlsv1_1 | asio::ssl::context::single_dh_use);
+                         asio::ssl::context::no_sslv3 | asio::ssl::context::no_tlsv1 | asio::ssl::context::no_tlsv1_1 |
+                         asio::ssl::context::single_dh_use);
     return context;
 }
 
@@ -5460,8 +5548,10 @@ template <class Endpoint> void use_client_tls(Endpoint& endpoint, const client_o
     auto context = tls_context(asio::ssl::context::tls_client);
     if (options.tls_verify) {
         context->set_verify_mode(asio::ssl::verify_peer);
-        if (options.tls_ca_file.empty()) context->set_default_verify_paths();
-        else context->load_verify_file(options.tls_ca_file);
+        if (options.tls_ca_file.empty())
+            context->set_default_verify_paths();
+        else
+            context->load_verify_file(options.tls_ca_file);
     } else {
         context->set_verify_mode(asio::ssl::verify_none);
     }
@@ -5519,7 +5609,8 @@ inline std::string missed_marker(std::int64_t last) {
 
 // A malformed request: the connection stays, as in Odoo, but the client learns why nothing happened.
 inline std::string refusal_marker(std::int64_t id, const std::string& event_name, const std::string& error) {
-    return marker(id, "bus/request_refused", {{"event_name", event_name.empty() ? json() : json(event_name)}, {"error", error}});
+    return marker(id, "bus/request_refused",
+                  {{"event_name", event_name.empty() ? json() : json(event_name)}, {"error", error}});
 }
 
 // Which optional members a policy has (by signature, so the defaults apply otherwise).
@@ -5527,8 +5618,8 @@ template <class P, class = void> struct policy_has_identity : std::false_type {}
 template <class P> struct policy_has_identity<P, std::void_t<typename P::identity>> : std::true_type {};
 
 template <class P, class = void> struct policy_can_authenticate : std::false_type {};
-template <class P>
-struct policy_can_authenticate<P, std::void_t<decltype(std::declval<P&>().authenticate(std::declval<const http_request&>()))>>
+template <class P> struct policy_can_authenticate<
+    P, std::void_t<decltype(std::declval<P&>().authenticate(std::declval<const http_request&>()))>>
     : std::is_same<decltype(std::declval<P&>().authenticate(std::declval<const http_request&>())),
                    admission<typename P::identity>> {};
 
@@ -5556,36 +5647,36 @@ template <class P>
 struct policy_has_channels<P, std::void_t<decltype(std::declval<P&>().channels(
                                   std::declval<const typename P::identity&>(), std::declval<std::vector<channel>>()))>>
     : std::is_convertible<decltype(std::declval<P&>().channels(std::declval<const typename P::identity&>(),
-                                                                  std::declval<std::vector<channel>>())),
+                                                               std::declval<std::vector<channel>>())),
                           std::vector<channel>> {};
 
 template <class P, class = void> struct policy_has_still_valid : std::false_type {};
-template <class P>
-struct policy_has_still_valid<P, std::void_t<decltype(bool(std::declval<P&>().still_valid(
-                                     std::declval<const typename P::identity&>())))>> : std::true_type {};
+template <class P> struct policy_has_still_valid<
+    P, std::void_t<decltype(bool(std::declval<P&>().still_valid(std::declval<const typename P::identity&>())))>>
+    : std::true_type {};
 
 template <class P, class = void> struct policy_has_on_event : std::false_type {};
-template <class P>
-struct policy_has_on_event<P, std::void_t<decltype(std::declval<P&>().on_event(
-                                  std::declval<const typename P::identity&>(), std::declval<const std::string&>(),
-                                  std::declval<const json&>()))>> : std::true_type {};
+template <class P> struct policy_has_on_event<P, std::void_t<decltype(std::declval<P&>().on_event(
+                                                     std::declval<const typename P::identity&>(),
+                                                     std::declval<const std::string&>(), std::declval<const json&>()))>>
+    : std::true_type {};
 
 template <class P, class = void> struct policy_has_on_open : std::false_type {};
-template <class P>
-struct policy_has_on_open<P, std::void_t<decltype(std::declval<P&>().on_open(std::declval<const typename P::identity&>()))>>
+template <class P> struct policy_has_on_open<
+    P, std::void_t<decltype(std::declval<P&>().on_open(std::declval<const typename P::identity&>()))>>
     : std::true_type {};
 
 template <class P, class = void> struct policy_has_on_subscribe : std::false_type {};
-template <class P>
-struct policy_has_on_subscribe<P, std::void_t<decltype(std::declval<P&>().on_subscribe(
-                                      std::declval<const typename P::identity&>(), std::declval<const std::vector<channel>&>()))>>
+template <class P> struct policy_has_on_subscribe<
+    P, std::void_t<decltype(std::declval<P&>().on_subscribe(std::declval<const typename P::identity&>(),
+                                                            std::declval<const std::vector<channel>&>()))>>
     : std::is_convertible<decltype(std::declval<P&>().on_subscribe(std::declval<const typename P::identity&>(),
                                                                    std::declval<const std::vector<channel>&>())),
                           std::vector<direct_message>> {};
 
 template <class P, class = void> struct policy_has_on_close : std::false_type {};
-template <class P>
-struct policy_has_on_close<P, std::void_t<decltype(std::declval<P&>().on_close(std::declval<const typename P::identity&>()))>>
+template <class P> struct policy_has_on_close<
+    P, std::void_t<decltype(std::declval<P&>().on_close(std::declval<const typename P::identity&>()))>>
     : std::true_type {};
 
 // Whether a policy declares a member of a hook's name at all, whatever its signature: the
@@ -5596,12 +5687,13 @@ struct hook_names {
     int channels, still_valid, on_event, on_open, on_close, on_subscribe;
 };
 template <class P> struct hook_probe : P, hook_names {};
-template <class P>
-using probe_of = std::conditional_t<std::is_class<P>::value && !std::is_final<P>::value, hook_probe<P>, hook_names>;
+template <class P> using probe_of =
+    std::conditional_t<std::is_class<P>::value && !std::is_final<P>::value, hook_probe<P>, hook_names>;
 template <class P, class = void> struct declares_channels : std::true_type {};
 template <class P> struct declares_channels<P, std::void_t<decltype(&probe_of<P>::channels)>> : std::false_type {};
 template <class P, class = void> struct declares_still_valid : std::true_type {};
-template <class P> struct declares_still_valid<P, std::void_t<decltype(&probe_of<P>::still_valid)>> : std::false_type {};
+template <class P> struct declares_still_valid<P, std::void_t<decltype(&probe_of<P>::still_valid)>> : std::false_type {
+};
 template <class P, class = void> struct declares_on_event : std::true_type {};
 template <class P> struct declares_on_event<P, std::void_t<decltype(&probe_of<P>::on_event)>> : std::false_type {};
 template <class P, class = void> struct declares_on_open : std::true_type {};
@@ -5609,7 +5701,8 @@ template <class P> struct declares_on_open<P, std::void_t<decltype(&probe_of<P>:
 template <class P, class = void> struct declares_on_close : std::true_type {};
 template <class P> struct declares_on_close<P, std::void_t<decltype(&probe_of<P>::on_close)>> : std::false_type {};
 template <class P, class = void> struct declares_on_subscribe : std::true_type {};
-template <class P> struct declares_on_subscribe<P, std::void_t<decltype(&probe_of<P>::on_subscribe)>> : std::false_type {};
+template <class P> struct declares_on_subscribe<P, std::void_t<decltype(&probe_of<P>::on_subscribe)>>
+    : std::false_type {};
 
 template <class Policy> struct checked_hooks {
     static_assert(!declares_channels<Policy>::value || policy_has_channels<Policy>::value,
@@ -5631,7 +5724,8 @@ template <class Policy> struct checked_hooks {
                   "`void on_close(const identity&)`; as written it would be ignored");
     static_assert(!declares_on_subscribe<Policy>::value || policy_has_on_subscribe<Policy>::value,
                   "imbus::basic_server<AuthPolicy>: the policy has a member named `on_subscribe` that is not "
-                  "`std::vector<imbus::direct_message> on_subscribe(const identity&, const std::vector<imbus::channel>& granted)`; "
+                  "`std::vector<imbus::direct_message> on_subscribe(const identity&, const "
+                  "std::vector<imbus::channel>& granted)`; "
                   "as written it would be ignored");
     static constexpr bool value = true;
 };
@@ -5662,7 +5756,7 @@ inline std::string rpc_result(const json& body, std::string result) {
     return "{\"jsonrpc\":\"2.0\",\"id\":" + body.value("id", json()).dump() + ",\"result\":" + result + "}";
 }
 
-} // namespace detail
+}  // namespace detail
 
 inline void server_metrics::count_refusal(int status) {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -5707,7 +5801,8 @@ inline std::uint64_t server_metrics::notifications_sent() const noexcept {
 
 inline void server_metrics::observe_publish_to_send(std::size_t shard, std::chrono::steady_clock::duration d) noexcept {
     const double seconds = std::chrono::duration<double>(d).count();
-    const auto bucket = std::size_t(std::lower_bound(latency_bounds.begin(), latency_bounds.end(), seconds) - latency_bounds.begin());
+    const auto bucket =
+        std::size_t(std::lower_bound(latency_bounds.begin(), latency_bounds.end(), seconds) - latency_bounds.begin());
     shards_[shard].latency[bucket].fetch_add(1, std::memory_order_relaxed);
     shards_[shard].latency_sum_ns.fetch_add(
         std::uint64_t(std::max<std::int64_t>(0, std::chrono::duration_cast<std::chrono::nanoseconds>(d).count())),
@@ -5725,43 +5820,56 @@ inline std::string server_metrics::prometheus_text() const {
     counter("imbus_notifications_sent_total", "Notifications sent to clients (a row sent to two clients counts twice).",
             notifications_sent());
     counter("imbus_slow_consumer_catch_ups_total",
-            "Times a client was held back to be caught up from the store (its queue over max_outbound_bytes, or all over max_outbound_total).",
+            "Times a client was held back to be caught up from the store (its queue over max_outbound_bytes, or all "
+            "over max_outbound_total).",
             slow_consumer_catch_ups.load());
-    counter("imbus_missed_notifications_signals_total", "bus/missed_notifications markers sent.", missed_signals.load());
+    counter("imbus_missed_notifications_signals_total", "bus/missed_notifications markers sent.",
+            missed_signals.load());
     counter("imbus_rate_limited_total", "Connections closed with 1013 for sending frames (pings included) too fast.",
             rate_limited.load());
-    counter("imbus_too_many_channels_total", "Connections closed with 1008 for a subscribe asking for more than max_channels.",
+    counter("imbus_too_many_channels_total",
+            "Connections closed with 1008 for a subscribe asking for more than max_channels.",
             too_many_channels.load());
-    counter("imbus_outbound_total_lags_total", "Times a client was held back because all queues together reached max_outbound_total.",
+    counter("imbus_outbound_total_lags_total",
+            "Times a client was held back because all queues together reached max_outbound_total.",
             outbound_total_lags.load());
     counter("imbus_pings_received_total", "Pings received from clients.", pings_received.load());
-    counter("imbus_pongs_replaced_total", "Pings answered by updating a pong not yet written instead of queueing another.",
-            pongs_replaced.load());
+    counter("imbus_pongs_replaced_total",
+            "Pings answered by updating a pong not yet written instead of queueing another.", pongs_replaced.load());
     counter("imbus_accept_pauses_total", "Times accepting paused because the process was out of file descriptors.",
             accept_pauses.load());
     counter("imbus_requests_refused_total",
-            "Malformed client requests (bad JSON, a subscribe with wrong types), answered with a bus/request_refused element.",
+            "Malformed client requests (bad JSON, a subscribe with wrong types), answered with a bus/request_refused "
+            "element.",
             requests_refused.load());
-    counter("imbus_bad_requests_total",
-            "HTTP requests refused before routing because their framing was malformed or ambiguous (400, 413, 431, 501).",
-            bad_requests.load());
-    counter("imbus_store_errors_total", "Reads of the store for a connection that failed (retried, or closed with 1011).",
-            store_errors.load());
-    counter("imbus_event_errors_total", "Calls of policy.on_event or policy.on_subscribe that threw or gave a bad message (logged; the connection stays open).",
+    counter(
+        "imbus_bad_requests_total",
+        "HTTP requests refused before routing because their framing was malformed or ambiguous (400, 413, 431, 501).",
+        bad_requests.load());
+    counter("imbus_store_errors_total",
+            "Reads of the store for a connection that failed (retried, or closed with 1011).", store_errors.load());
+    counter("imbus_event_errors_total",
+            "Calls of policy.on_event or policy.on_subscribe that threw or gave a bad message (logged; the connection "
+            "stays open).",
             event_errors.load());
     {
         std::lock_guard<std::mutex> lock(mutex_);
-        out += "# HELP imbus_closes_total WebSocket connections closed, by close code (1006: dropped without one).\n"
-               "# TYPE imbus_closes_total counter\n";
+        out +=
+            "# HELP imbus_closes_total WebSocket connections closed, by close code (1006: dropped without one).\n"
+            "# TYPE imbus_closes_total counter\n";
         for (const auto& c : closes_)
             out += "imbus_closes_total{code=\"" + std::to_string(c.first) + "\"} " + std::to_string(c.second) + "\n";
-        out += "# HELP imbus_handshakes_refused_total Handshakes answered with an HTTP error, by status.\n"
-               "# TYPE imbus_handshakes_refused_total counter\n";
+        out +=
+            "# HELP imbus_handshakes_refused_total Handshakes answered with an HTTP error, by status.\n"
+            "# TYPE imbus_handshakes_refused_total counter\n";
         for (const auto& r : refusals_)
-            out += "imbus_handshakes_refused_total{status=\"" + std::to_string(r.first) + "\"} " + std::to_string(r.second) + "\n";
+            out += "imbus_handshakes_refused_total{status=\"" + std::to_string(r.first) + "\"} " +
+                   std::to_string(r.second) + "\n";
     }
-    out += "# HELP imbus_publish_to_send_seconds From a commit reaching this process to the wake-up that sends its frame.\n"
-           "# TYPE imbus_publish_to_send_seconds histogram\n";
+    out +=
+        "# HELP imbus_publish_to_send_seconds From a commit reaching this process to the wake-up that sends its "
+        "frame.\n"
+        "# TYPE imbus_publish_to_send_seconds histogram\n";
     std::uint64_t cumulative = 0;
     char bound[32];
     std::uint64_t sum_ns = 0;
@@ -5769,8 +5877,8 @@ inline std::string server_metrics::prometheus_text() const {
     for (std::size_t i = 0; i <= latency_bounds.size(); ++i) {
         for (const auto& s : shards_) cumulative += s.latency[i].load(std::memory_order_relaxed);
         if (i < latency_bounds.size()) std::snprintf(bound, sizeof bound, "%g", latency_bounds[i]);
-        out += std::string("imbus_publish_to_send_seconds_bucket{le=\"") + (i < latency_bounds.size() ? bound : "+Inf") +
-               "\"} " + std::to_string(cumulative) + "\n";
+        out += std::string("imbus_publish_to_send_seconds_bucket{le=\"") +
+               (i < latency_bounds.size() ? bound : "+Inf") + "\"} " + std::to_string(cumulative) + "\n";
     }
     std::snprintf(bound, sizeof bound, "%.9f", double(sum_ns) / 1e9);
     out += std::string("imbus_publish_to_send_seconds_sum ") + bound + "\n";
@@ -5779,18 +5887,23 @@ inline std::string server_metrics::prometheus_text() const {
 }
 
 inline http_route static_files(std::string root, std::string url_prefix) {
-    return [root = std::move(root), prefix = std::move(url_prefix)](const http_request& request, http_response& response) {
+    return [root = std::move(root), prefix = std::move(url_prefix)](const http_request& request,
+                                                                    http_response& response) {
         if (request.method != "GET" || request.path.compare(0, prefix.size(), prefix) != 0) return false;
         std::string relative = detail::percent_decode(std::string_view(request.path).substr(prefix.size()), false);
         if (relative.empty() || relative.back() == '/') relative += "index.html";
         if (relative.find("..") != std::string::npos || relative.find('\0') != std::string::npos) return false;
         std::ifstream file(root + "/" + relative, std::ios::binary);
         if (!file) return false;
-        static const std::pair<const char*, const char*> types[] = {
-            {".html", "text/html; charset=utf-8"}, {".js", "text/javascript; charset=utf-8"},
-            {".mjs", "text/javascript; charset=utf-8"}, {".css", "text/css; charset=utf-8"},
-            {".json", "application/json"}, {".svg", "image/svg+xml"}, {".png", "image/png"},
-            {".ico", "image/x-icon"}, {".txt", "text/plain; charset=utf-8"}};
+        static const std::pair<const char*, const char*> types[] = {{".html", "text/html; charset=utf-8"},
+                                                                    {".js", "text/javascript; charset=utf-8"},
+                                                                    {".mjs", "text/javascript; charset=utf-8"},
+                                                                    {".css", "text/css; charset=utf-8"},
+                                                                    {".json", "application/json"},
+                                                                    {".svg", "image/svg+xml"},
+                                                                    {".png", "image/png"},
+                                                                    {".ico", "image/x-icon"},
+                                                                    {".txt", "text/plain; charset=utf-8"}};
         std::string type = "application/octet-stream";
         for (const auto& t : types) {
             const std::string_view ext = t.first;
@@ -5819,9 +5932,8 @@ template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Trans
     shards_.push_back(std::make_unique<shard>());
     shard& home = *shards_.back();
     home.index = index;
-    home.lane = std::make_unique<dispatcher::lane>([this, &home] {
-        detail::post_after_io(home.io, [this, &home] { run_wakeup_slice(home); });
-    });
+    home.lane = std::make_unique<dispatcher::lane>(
+        [this, &home] { detail::post_after_io(home.io, [this, &home] { run_wakeup_slice(home); }); });
     auto& endpoint = home.endpoint;
     endpoint.init_asio(&home.io);
     if constexpr (!std::is_same_v<Transport, plain_transport>) detail::use_server_tls(endpoint, options_);
@@ -5841,7 +5953,8 @@ template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Trans
         asio::error_code ignored;
         con->get_raw_socket().set_option(asio::ip::tcp::no_delay(true), ignored);
         if (options_.send_buffer_bytes)
-            con->get_raw_socket().set_option(asio::socket_base::send_buffer_size(int(options_.send_buffer_bytes)), ignored);
+            con->get_raw_socket().set_option(asio::socket_base::send_buffer_size(int(options_.send_buffer_bytes)),
+                                             ignored);
         con->imbus_state.shard = home.index;
         con->set_outbound_meter(&home.outbound);
         con->set_drain_linger(options_.close_drain_linger);
@@ -5898,12 +6011,14 @@ void basic_server<AuthPolicy, Transport>::listen(const std::string& address, std
             return;
         }
 #endif
-        endpoint.set_tcp_pre_bind_handler([&home, reuse_port = shards_.size() > 1](std::shared_ptr<asio::ip::tcp::acceptor> acceptor) {
+        endpoint.set_tcp_pre_bind_handler([&home, reuse_port = shards_.size() >
+                                                               1](std::shared_ptr<asio::ip::tcp::acceptor> acceptor) {
             home.acceptor = acceptor;
             asio::error_code option_ec;
 #ifdef SO_REUSEPORT
             // Every shard listens on the same port; the kernel spreads new connections.
-            if (reuse_port) acceptor->set_option(asio::detail::socket_option::boolean<SOL_SOCKET, SO_REUSEPORT>(true), option_ec);
+            if (reuse_port)
+                acceptor->set_option(asio::detail::socket_option::boolean<SOL_SOCKET, SO_REUSEPORT>(true), option_ec);
 #endif
             return std::error_code(option_ec);
         });
@@ -5940,10 +6055,11 @@ template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Trans
             asio::error_code aec;
             home.acceptor->accept(home.spare->get_raw_socket(), aec);
             if (aec == asio::error::would_block || aec == asio::error::try_again) break;
-            if (aec == asio::error::no_descriptors || aec == asio::error::no_buffer_space || aec == asio::error::no_memory ||
-                aec.value() == ENFILE) {
+            if (aec == asio::error::no_descriptors || aec == asio::error::no_buffer_space ||
+                aec == asio::error::no_memory || aec.value() == ENFILE) {
                 metrics_.accept_pauses.fetch_add(1, std::memory_order_relaxed);
-                if (options_.log) options_.log(log_level::error, "server: accept failed (" + aec.message() + "); pausing");
+                if (options_.log)
+                    options_.log(log_level::error, "server: accept failed (" + aec.message() + "); pausing");
                 if (!home.accept_pause) home.accept_pause = std::make_unique<asio::steady_timer>(home.io);
                 home.accept_pause->expires_after(detail::accept_pause_time);
                 home.accept_pause->async_wait([this, &home](const asio::error_code& timer_ec) {
@@ -5963,8 +6079,8 @@ template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Trans
     });
 }
 
-
-template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Transport>::listen(const std::string& address, std::uint16_t port) {
+template <class AuthPolicy, class Transport>
+void basic_server<AuthPolicy, Transport>::listen(const std::string& address, std::uint16_t port) {
     std::error_code ec;
     listen(address, port, ec);
     if (ec) throw std::system_error(ec, "imbus server: cannot listen on " + address + ":" + std::to_string(port));
@@ -5995,7 +6111,8 @@ template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Trans
 
 template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Transport>::wait() {
     const auto me = std::this_thread::get_id();
-    if (run_thread_.load() == me || std::any_of(threads_.begin(), threads_.end(), [&](const std::thread& t) { return t.get_id() == me; }))
+    if (run_thread_.load() == me ||
+        std::any_of(threads_.begin(), threads_.end(), [&](const std::thread& t) { return t.get_id() == me; }))
         throw std::logic_error("imbus: basic_server::wait() (or its destructor) called on one of its own I/O threads");
     for (auto& t : threads_)
         if (t.joinable()) t.join();
@@ -6040,7 +6157,8 @@ template <class AuthPolicy, class Transport> std::size_t basic_server<AuthPolicy
     return connections_.size();
 }
 
-template <class AuthPolicy, class Transport> std::size_t basic_server<AuthPolicy, Transport>::tcp_connection_count() const {
+template <class AuthPolicy, class Transport>
+std::size_t basic_server<AuthPolicy, Transport>::tcp_connection_count() const {
     std::lock_guard<std::mutex> lock(ledger_->mutex);
     return ledger_->total;
 }
@@ -6055,13 +6173,15 @@ template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Trans
     for (auto& con : open) post_to(con, [this, con] { still_valid(con); });
 }
 
-template <class AuthPolicy, class Transport> std::uint64_t basic_server<AuthPolicy, Transport>::outbound_bytes() const noexcept {
+template <class AuthPolicy, class Transport>
+std::uint64_t basic_server<AuthPolicy, Transport>::outbound_bytes() const noexcept {
     std::uint64_t total = 0;
     for (const auto& sh : shards_) total += sh->outbound.bytes.load(std::memory_order_relaxed);
     return total;
 }
 
-template <class AuthPolicy, class Transport> std::size_t basic_server<AuthPolicy, Transport>::largest_outbound_bytes() const {
+template <class AuthPolicy, class Transport>
+std::size_t basic_server<AuthPolicy, Transport>::largest_outbound_bytes() const {
     std::size_t largest = 0;
     std::lock_guard<std::mutex> lock(connections_mutex_);
     for (const auto& entry : connections_)
@@ -6069,9 +6189,9 @@ template <class AuthPolicy, class Transport> std::size_t basic_server<AuthPolicy
     return largest;
 }
 
-
 template <class AuthPolicy, class Transport>
-typename basic_server<AuthPolicy, Transport>::connection_ptr basic_server<AuthPolicy, Transport>::connection_of(websocketpp::connection_hdl h) {
+typename basic_server<AuthPolicy, Transport>::connection_ptr basic_server<AuthPolicy, Transport>::connection_of(
+    websocketpp::connection_hdl h) {
     std::error_code ec;
     auto con = shards_.front()->endpoint.get_con_from_hdl(h, ec);  // any endpoint: a cast of the handle
     return ec ? nullptr : con;
@@ -6085,13 +6205,15 @@ template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Trans
         try {
             bus_.store().collect_garbage();
         } catch (const std::exception& e) {
-            if (options_.log) options_.log(log_level::error, std::string("server: garbage collection failed: ") + e.what());
+            if (options_.log)
+                options_.log(log_level::error, std::string("server: garbage collection failed: ") + e.what());
         }
         schedule_gc();
     });
 }
 
-template <class AuthPolicy, class Transport> bool basic_server<AuthPolicy, Transport>::on_validate(websocketpp::connection_hdl h) {
+template <class AuthPolicy, class Transport>
+bool basic_server<AuthPolicy, Transport>::on_validate(websocketpp::connection_hdl h) {
     auto con = connection_of(h);
     if (!con) return false;
     auto refuse = [&](int status, const std::string& why) {
@@ -6099,8 +6221,9 @@ template <class AuthPolicy, class Transport> bool basic_server<AuthPolicy, Trans
         con->set_body(json({{"error", why}}).dump());
         con->replace_header("Content-Type", "application/json");
         con->replace_header("Connection", "close");
-        if (options_.log) options_.log(log_level::info, "server: handshake from " + con->get_remote_endpoint() +
-                                                            " refused (" + std::to_string(status) + "): " + why);
+        if (options_.log)
+            options_.log(log_level::info, "server: handshake from " + con->get_remote_endpoint() + " refused (" +
+                                              std::to_string(status) + "): " + why);
         metrics_.count_refusal(status);
         return false;
     };
@@ -6120,9 +6243,8 @@ template <class AuthPolicy, class Transport> bool basic_server<AuthPolicy, Trans
 // What the handshake of `request` gets from the origin check and the policy: a refusal, or
 // none and the peer's identity. The handshake and its probe (GET without upgrade) share it.
 template <class AuthPolicy, class Transport>
-std::optional<std::pair<int, std::string>> basic_server<AuthPolicy, Transport>::handshake_refusal(const http_request& request,
-                                                                                                  std::optional<identity>& who,
-                                                                                                  bool check_origin) {
+std::optional<std::pair<int, std::string>> basic_server<AuthPolicy, Transport>::handshake_refusal(
+    const http_request& request, std::optional<identity>& who, bool check_origin) {
     if (check_origin && !detail::origin_allowed(options_.allowed_origins, request))
         return std::make_pair(403, "origin not allowed: " + request.header("Origin"));
     try {
@@ -6143,7 +6265,8 @@ template <class AuthPolicy, class Transport> std::string basic_server<AuthPolicy
                std::to_string(value) + "\n";
     };
     gauge("imbus_connections_open", "Open WebSocket connections.", std::int64_t(connection_count()));
-    gauge("imbus_tcp_connections", "Open TCP connections (WebSocket, HTTP, or no request yet): what max_connections bounds.",
+    gauge("imbus_tcp_connections",
+          "Open TCP connections (WebSocket, HTTP, or no request yet): what max_connections bounds.",
           std::int64_t(tcp_connection_count()));
     gauge("imbus_connections_subscribed", "Open connections that subscribed.", metrics_.subscribed.load());
     gauge("imbus_channels", "Channels with at least one local subscriber.", std::int64_t(dispatcher_.channel_count()));
@@ -6152,18 +6275,22 @@ template <class AuthPolicy, class Transport> std::string basic_server<AuthPolicy
     try {
         newest = bus_.store().newest_id();
     } catch (...) {
-        if (options_.log) options_.log(log_level::warning, "server: /metrics could not read the store: " + detail::current_error());
+        if (options_.log)
+            options_.log(log_level::warning, "server: /metrics could not read the store: " + detail::current_error());
     }
     gauge("imbus_store_up", "1 when the store answered this scrape's read of its newest id, 0 when that read failed.",
           newest ? 1 : 0);
     if (newest)
-        gauge("imbus_store_newest_id", "The newest notification id in the store (ids count the notifications stored).", *newest);
-    gauge("imbus_outbound_bytes", "Bytes queued and in flight to all clients together.", std::int64_t(outbound_bytes()));
+        gauge("imbus_store_newest_id", "The newest notification id in the store (ids count the notifications stored).",
+              *newest);
+    gauge("imbus_outbound_bytes", "Bytes queued and in flight to all clients together.",
+          std::int64_t(outbound_bytes()));
     gauge("imbus_outbound_bytes_largest", "The most bytes one client has queued and in flight now.",
           std::int64_t(largest_outbound_bytes()));
     gauge("imbus_outbound_bytes_peak", "The most bytes one client has had queued and in flight since the start.",
           std::int64_t(metrics_.outbound_peak.load()));
-    gauge("imbus_outbound_bytes_limit", "max_outbound_bytes: one client's queue beyond which it is caught up from the store.",
+    gauge("imbus_outbound_bytes_limit",
+          "max_outbound_bytes: one client's queue beyond which it is caught up from the store.",
           std::int64_t(options_.max_outbound_bytes));
     gauge("imbus_outbound_total_limit", "max_outbound_total: all queues together beyond which the largest wait.",
           std::int64_t(options_.max_outbound_total));
@@ -6174,7 +6301,8 @@ template <class AuthPolicy, class Transport> std::string basic_server<AuthPolicy
 // Takes a place under max_connections and max_connections_per_address, at accept, before any
 // byte of HTTP is read: a host holding bare TCP connections is bounded too. The place goes
 // back when the connection closes, or at the latest with the connection object.
-template <class AuthPolicy, class Transport> bool basic_server<AuthPolicy, Transport>::admit(const connection_ptr& con, std::string& why) {
+template <class AuthPolicy, class Transport>
+bool basic_server<AuthPolicy, Transport>::admit(const connection_ptr& con, std::string& why) {
     std::error_code ec;
     const auto peer = con->get_raw_socket().remote_endpoint(ec);
     std::string address = ec ? std::string("?") : peer.address().to_string();
@@ -6203,8 +6331,9 @@ void basic_server<AuthPolicy, Transport>::refuse_at_accept(connection_ptr con, c
     metrics_.count_refusal(503);
     if (options_.log) options_.log(log_level::warning, "server: connection refused (503): " + why);
     const std::string body = json({{"error", why}}).dump();
-    const std::string answer = "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: " +
-                               std::to_string(body.size()) + "\r\nConnection: close\r\n\r\n" + body;
+    const std::string answer =
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: " +
+        std::to_string(body.size()) + "\r\nConnection: close\r\n\r\n" + body;
     auto& socket = con->get_raw_socket();
     asio::error_code ignored;
     socket.non_blocking(true, ignored);
@@ -6216,7 +6345,8 @@ void basic_server<AuthPolicy, Transport>::refuse_at_accept(connection_ptr con, c
     });
 }
 
-template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Transport>::on_open(websocketpp::connection_hdl h) {
+template <class AuthPolicy, class Transport>
+void basic_server<AuthPolicy, Transport>::on_open(websocketpp::connection_hdl h) {
     auto con = connection_of(h);
     if (!con) return;
     auto& s = con->imbus_state;
@@ -6234,7 +6364,8 @@ template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Trans
     if (!request.real_header("User-Agent").empty()) {  // browsers send one; Odoo checks only them
         const std::string& target = request.get_uri();
         const auto q = target.find('?');
-        const std::string_view query = q == std::string::npos ? std::string_view() : std::string_view(target).substr(q + 1);
+        const std::string_view query =
+            q == std::string::npos ? std::string_view() : std::string_view(target).substr(q + 1);
         if (detail::query_param(query, "version") != options_.version) return close(con, 1000, "OUTDATED_VERSION");
     }
     if constexpr (detail::policy_has_on_open<AuthPolicy>::value) {
@@ -6279,18 +6410,21 @@ template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Trans
 
 // A quarter of the shortest keep-alive period, between 10 ms and 1 s: a deadline is acted on
 // at most that late.
-template <class AuthPolicy, class Transport> std::chrono::milliseconds basic_server<AuthPolicy, Transport>::keep_alive_tick() const {
+template <class AuthPolicy, class Transport>
+std::chrono::milliseconds basic_server<AuthPolicy, Transport>::keep_alive_tick() const {
     const auto shortest = std::min({options_.idle_ping, options_.pong_timeout, options_.lifetime});
     return std::clamp(shortest / 4, std::chrono::milliseconds(10), std::chrono::milliseconds(1000));
 }
 
 template <class AuthPolicy, class Transport>
-void basic_server<AuthPolicy, Transport>::keep_alive(const connection_ptr& c, std::chrono::steady_clock::time_point now) {
+void basic_server<AuthPolicy, Transport>::keep_alive(const connection_ptr& c,
+                                                     std::chrono::steady_clock::time_point now) {
     auto& s = c->imbus_state;
     if (!s.open) return;
     if (now >= s.ends_at) return close(c, 4002, "KEEP_ALIVE_TIMEOUT");
     if (s.ping_outstanding && now >= s.ping_sent + options_.pong_timeout) {
-        if (options_.log) options_.log(log_level::info, "server: no pong from " + c->get_remote_endpoint() + ", dropped");
+        if (options_.log)
+            options_.log(log_level::info, "server: no pong from " + c->get_remote_endpoint() + ", dropped");
         return c->terminate(websocketpp::transport::error::make_error_code(websocketpp::transport::error::timeout));
     }
     if (!s.ping_outstanding && now >= s.last_frame + options_.idle_ping) {
@@ -6303,7 +6437,8 @@ void basic_server<AuthPolicy, Transport>::keep_alive(const connection_ptr& c, st
 }
 
 // Takes a closed connection out of its shard's list (the last one takes its place).
-template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Transport>::forget_open(const connection_ptr& con) {
+template <class AuthPolicy, class Transport>
+void basic_server<AuthPolicy, Transport>::forget_open(const connection_ptr& con) {
     auto& home = *shards_[con->imbus_state.shard];
     const std::size_t i = con->imbus_state.open_index;
     if (i >= home.open.size() || home.open[i].lock() != con) return;
@@ -6314,7 +6449,8 @@ template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Trans
     home.open.pop_back();
 }
 
-template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Transport>::on_close(websocketpp::connection_hdl h) {
+template <class AuthPolicy, class Transport>
+void basic_server<AuthPolicy, Transport>::on_close(websocketpp::connection_hdl h) {
     auto con = connection_of(h);
     if (!con) return;
     auto& s = con->imbus_state;
@@ -6323,7 +6459,8 @@ template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Trans
             options_.log(log_level::warning, "server: malformed request from " + s.admission.address() + " answered " +
                                                  std::to_string(int(con->get_response_code())) + " (" +
                                                  con->get_response_msg() + ")");
-        metrics_.bad_requests.fetch_add(1, std::memory_order_release);  // after the log: who sees the count sees the line
+        metrics_.bad_requests.fetch_add(1,
+                                        std::memory_order_release);  // after the log: who sees the count sees the line
     }
     if (s.open) forget_open(con);
     s.subscription.close();
@@ -6346,13 +6483,15 @@ template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Trans
         try {
             policy_.on_close(*s.identity);
         } catch (...) {
-            if (options_.log) options_.log(log_level::error, "server: on_close hook failed: " + detail::current_error());
+            if (options_.log)
+                options_.log(log_level::error, "server: on_close hook failed: " + detail::current_error());
         }
     }
 }
 
 template <class AuthPolicy, class Transport>
-void basic_server<AuthPolicy, Transport>::close(const connection_ptr& con, std::uint16_t code, const std::string& reason) {
+void basic_server<AuthPolicy, Transport>::close(const connection_ptr& con, std::uint16_t code,
+                                                const std::string& reason) {
     con->close_outbound();  // what waits is dropped: the client resumes from its last id
     std::error_code ec;
     con->close(code, reason, ec);  // a connection already closing keeps its first code
@@ -6360,7 +6499,8 @@ void basic_server<AuthPolicy, Transport>::close(const connection_ptr& con, std::
 
 // At most rate_burst frames in any rate_burst * rate_delay, pings and pongs included (Odoo:
 // burst 10, delay 0.2 s, every frame); a client over it is closed with 1013.
-template <class AuthPolicy, class Transport> bool basic_server<AuthPolicy, Transport>::within_rate(const connection_ptr& con) {
+template <class AuthPolicy, class Transport>
+bool basic_server<AuthPolicy, Transport>::within_rate(const connection_ptr& con) {
     auto& s = con->imbus_state;
     const auto now = std::chrono::steady_clock::now();
     s.last_frame = now;
@@ -6369,7 +6509,8 @@ template <class AuthPolicy, class Transport> bool basic_server<AuthPolicy, Trans
         return true;
     }
     if (now - s.recent[s.recent_next] < options_.rate_delay * options_.rate_burst) {
-        if (options_.log) options_.log(log_level::warning, "server: " + con->get_remote_endpoint() + " exceeded the rate limit");
+        if (options_.log)
+            options_.log(log_level::warning, "server: " + con->get_remote_endpoint() + " exceeded the rate limit");
         metrics_.rate_limited.fetch_add(1, std::memory_order_relaxed);
         close(con, 1013, "rate limit exceeded");
         return false;
@@ -6379,8 +6520,8 @@ template <class AuthPolicy, class Transport> bool basic_server<AuthPolicy, Trans
     return true;
 }
 
-
-template <class AuthPolicy, class Transport> bool basic_server<AuthPolicy, Transport>::still_valid(const connection_ptr& con) {
+template <class AuthPolicy, class Transport>
+bool basic_server<AuthPolicy, Transport>::still_valid(const connection_ptr& con) {
     if constexpr (detail::policy_has_still_valid<AuthPolicy>::value) {
         auto& s = con->imbus_state;
         if (!s.identity || !s.open) return false;
@@ -6391,7 +6532,8 @@ template <class AuthPolicy, class Transport> bool basic_server<AuthPolicy, Trans
             if (options_.log) options_.log(log_level::error, "server: still_valid failed: " + detail::current_error());
         }
         if (!valid) {
-            if (options_.log) options_.log(log_level::info, "server: session of " + con->get_remote_endpoint() + " expired");
+            if (options_.log)
+                options_.log(log_level::info, "server: session of " + con->get_remote_endpoint() + " expired");
             close(con, 4001, "SESSION_EXPIRED");
         }
         return valid;
@@ -6419,7 +6561,8 @@ void basic_server<AuthPolicy, Transport>::on_message(websocketpp::connection_hdl
         client_request request = parse_client_request(text, options_.max_json_depth);
         if (request.what == client_request::kind::invalid) {
             if (options_.log)
-                options_.log(log_level::warning, "server: request from " + con->get_remote_endpoint() + " refused: " + request.error);
+                options_.log(log_level::warning,
+                             "server: request from " + con->get_remote_endpoint() + " refused: " + request.error);
             return refuse_request(con, request);
         }
         if (request.what == client_request::kind::subscribe) return on_subscribe(con, request);
@@ -6432,7 +6575,8 @@ void basic_server<AuthPolicy, Transport>::on_message(websocketpp::connection_hdl
                 metrics_.event_errors.fetch_add(1, std::memory_order_relaxed);
                 if (options_.log)
                     options_.log(log_level::error, "server: on_event(\"" + request.event_name + "\") from " +
-                                                       con->get_remote_endpoint() + " failed: " + detail::current_error());
+                                                       con->get_remote_endpoint() +
+                                                       " failed: " + detail::current_error());
             }
         }
     } catch (...) {  // the subscribe's channels (the grant is unknown) or the server itself
@@ -6473,7 +6617,8 @@ void basic_server<AuthPolicy, Transport>::on_subscribe(const connection_ptr& con
             s.after_history = policy_.on_subscribe(*s.identity, channels);  // the latest subscribe's answer only
         } catch (...) {
             metrics_.event_errors.fetch_add(1, std::memory_order_relaxed);
-            if (options_.log) options_.log(log_level::error, "server: policy.on_subscribe failed: " + detail::current_error());
+            if (options_.log)
+                options_.log(log_level::error, "server: policy.on_subscribe failed: " + detail::current_error());
         }
     }
     s.follow->set_channels(std::move(channels));
@@ -6483,12 +6628,15 @@ void basic_server<AuthPolicy, Transport>::on_subscribe(const connection_ptr& con
 
 // Odoo's _build_bus_channel_list: the client's strings as [db, s], then the policy's say.
 template <class AuthPolicy, class Transport>
-std::vector<channel> basic_server<AuthPolicy, Transport>::build_channels(const identity& who, const std::vector<std::string>& asked) {
+std::vector<channel> basic_server<AuthPolicy, Transport>::build_channels(const identity& who,
+                                                                         const std::vector<std::string>& asked) {
     std::vector<channel> requested;
     requested.reserve(asked.size());
     for (const auto& name : asked) requested.emplace_back(bus_.db(), name);
-    if constexpr (detail::policy_has_channels<AuthPolicy>::value) return policy_.channels(who, std::move(requested));
-    else return requested;
+    if constexpr (detail::policy_has_channels<AuthPolicy>::value)
+        return policy_.channels(who, std::move(requested));
+    else
+        return requested;
 }
 
 // A catch-up (history on subscribe, wake-ups that do not continue, a resume after a drain)
@@ -6496,7 +6644,8 @@ std::vector<channel> basic_server<AuthPolicy, Transport>::build_channels(const i
 // wake-ups served between slices: a thousand clients asking for history at once wait their
 // turns, and an honest client's live frames do not wait behind them. Wake-ups meanwhile are
 // skipped: the next read of the store covers them.
-template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Transport>::catch_up(const connection_ptr& con, bool check_missed) {
+template <class AuthPolicy, class Transport>
+void basic_server<AuthPolicy, Transport>::catch_up(const connection_ptr& con, bool check_missed) {
     auto& s = con->imbus_state;
     s.check_missed = s.check_missed || check_missed;
     if (s.retrying) return;                          // the retry catches up
@@ -6519,12 +6668,15 @@ template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Trans
         if (auto con = weak.lock()) bytes += catch_up_frame(con);
     }
     flush_slice(home);
-    if (home.catch_ups.empty()) home.catch_ups_posted = false;
-    else detail::post_after_io(home.io, [this, &home] { run_catch_up_slice(home); });
+    if (home.catch_ups.empty())
+        home.catch_ups_posted = false;
+    else
+        detail::post_after_io(home.io, [this, &home] { run_catch_up_slice(home); });
 }
 
 // Sends the next frame of a catch-up; returns its size.
-template <class AuthPolicy, class Transport> std::size_t basic_server<AuthPolicy, Transport>::catch_up_frame(const connection_ptr& con) {
+template <class AuthPolicy, class Transport>
+std::size_t basic_server<AuthPolicy, Transport>::catch_up_frame(const connection_ptr& con) {
     auto& s = con->imbus_state;
     if (!s.open || !s.follow || !std::exchange(s.catching_up, false)) return 0;
     if (over_budget(con, 0)) {
@@ -6544,9 +6696,9 @@ template <class AuthPolicy, class Transport> std::size_t basic_server<AuthPolicy
             frame.add(detail::missed_marker(s.follow->position()), false);
         }
         // The store reads about one frame's worth: a catch-up costs what it sends, not what is stored.
-        s.follow->catch_up([&](const notification&, std::string_view wire) { frame.add(wire); }, options_.catch_up_rows,
-                           [&](std::string_view wire) { return !frame.empty() && frame.size() + wire.size() + 1 > room; },
-                           room);
+        s.follow->catch_up(
+            [&](const notification&, std::string_view wire) { frame.add(wire); }, options_.catch_up_rows,
+            [&](std::string_view wire) { return !frame.empty() && frame.size() + wire.size() + 1 > room; }, room);
     } catch (const std::exception& e) {
         store_failed(con, e.what());  // nothing taken: the position and check_missed stand
         return 0;
@@ -6560,7 +6712,9 @@ template <class AuthPolicy, class Transport> std::size_t basic_server<AuthPolicy
                 frame.add(detail::direct_element(s.follow->position(), m), false);
             } catch (const std::exception& e) {
                 metrics_.event_errors.fetch_add(1, std::memory_order_relaxed);
-                if (options_.log) options_.log(log_level::error, std::string("server: policy.on_subscribe gave a bad message: ") + e.what());
+                if (options_.log)
+                    options_.log(log_level::error,
+                                 std::string("server: policy.on_subscribe gave a bad message: ") + e.what());
             }
         }
     }
@@ -6584,14 +6738,16 @@ void basic_server<AuthPolicy, Transport>::store_failed(const connection_ptr& con
     if (++s.store_failures > options_.store_retries) {
         if (options_.log)
             options_.log(log_level::error, "server: reading the store for " + con->get_remote_endpoint() + " failed " +
-                                               std::to_string(s.store_failures) + " times in a row; closing (1011): " + what);
+                                               std::to_string(s.store_failures) +
+                                               " times in a row; closing (1011): " + what);
         return close(con, 1011, "store unavailable");
     }
     const auto delay = std::min<std::chrono::milliseconds>(
-        options_.store_retry_delay * (1u << std::min<std::uint32_t>(s.store_failures - 1, 16)), std::chrono::seconds(5));
+        options_.store_retry_delay * (1u << std::min<std::uint32_t>(s.store_failures - 1, 16)),
+        std::chrono::seconds(5));
     if (options_.log)
-        options_.log(log_level::warning, "server: reading the store for " + con->get_remote_endpoint() + " failed (" + what +
-                                             "); trying again in " + std::to_string(delay.count()) + " ms");
+        options_.log(log_level::warning, "server: reading the store for " + con->get_remote_endpoint() + " failed (" +
+                                             what + "); trying again in " + std::to_string(delay.count()) + " ms");
     s.retrying = true;
     auto timer = std::make_shared<asio::steady_timer>(shards_[s.shard]->io, delay);
     std::weak_ptr<typename endpoint_type::connection_type> weak = con;
@@ -6640,7 +6796,8 @@ template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Trans
     if (!s.lagging) {
         metrics_.slow_consumer_catch_ups.fetch_add(1, std::memory_order_relaxed);
         if (options_.log)
-            options_.log(log_level::info, "server: " + con->get_remote_endpoint() + " is slow; it will be caught up from the store");
+            options_.log(log_level::info,
+                         "server: " + con->get_remote_endpoint() + " is slow; it will be caught up from the store");
     }
     s.lagging = true;
     if (con->outbound_bytes() != 0) return con->notify_when_drained();
@@ -6650,14 +6807,16 @@ template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Trans
     });
 }
 
-template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Transport>::resume(const connection_ptr& con) {
+template <class AuthPolicy, class Transport>
+void basic_server<AuthPolicy, Transport>::resume(const connection_ptr& con) {
     auto& s = con->imbus_state;
     if (!s.open || !s.lagging) return;
     s.lagging = false;
     if (still_valid(con)) catch_up(con, true);
 }
 
-template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Transport>::on_wakeup(const connection_ptr& con, wakeup& w) {
+template <class AuthPolicy, class Transport>
+void basic_server<AuthPolicy, Transport>::on_wakeup(const connection_ptr& con, wakeup& w) {
     auto& s = con->imbus_state;
     // A lagging client is caught up after its drain, one catching up by its next frame.
     if (!s.open || !s.follow || s.lagging || s.catching_up || s.retrying) return;
@@ -6688,8 +6847,9 @@ template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Trans
     auto send_row = [&](const notification&, std::string_view wire) { add_row(wire); };
     auto send_event = [&](const commit_event& event) {
         if (!frame.empty()) flush_frame();
-        const auto shared = event.shared_frame<detail::wire_frames>(
-            [&] { return std::make_shared<detail::wire_frames>(detail::frames_of(event.wire, options_.catch_up_bytes)); });
+        const auto shared = event.shared_frame<detail::wire_frames>([&] {
+            return std::make_shared<detail::wire_frames>(detail::frames_of(event.wire, options_.catch_up_bytes));
+        });
         metrics_.observe_publish_to_send(s.shard, now - event.noticed_at);
         frames += shared->pieces.size(), rows += shared->rows;
         for (const auto& piece : shared->pieces) send_frame(con, piece);
@@ -6730,11 +6890,11 @@ void basic_server<AuthPolicy, Transport>::send_frame(const connection_ptr& con, 
     if (!con->queue_frame(std::move(frame))) return;  // closing: the client resumes from its last id
     const std::uint64_t held = con->outbound_bytes();
     auto peak = metrics_.outbound_peak.load(std::memory_order_relaxed);
-    while (held > peak && !metrics_.outbound_peak.compare_exchange_weak(peak, held, std::memory_order_relaxed)) {
-    }
+    while (held > peak && !metrics_.outbound_peak.compare_exchange_weak(peak, held, std::memory_order_relaxed)) {}
 }
 
-template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Transport>::on_http_request(websocketpp::connection_hdl h) {
+template <class AuthPolicy, class Transport>
+void basic_server<AuthPolicy, Transport>::on_http_request(websocketpp::connection_hdl h) {
     auto con = connection_of(h);
     if (!con) return;
     const http_response response = serve_http(detail::make_http_request(*con));
@@ -6744,7 +6904,8 @@ template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Trans
     con->replace_header("Connection", "close");  // websocketpp closes after every response
 }
 
-template <class AuthPolicy, class Transport> http_response basic_server<AuthPolicy, Transport>::serve_http(const http_request& request) {
+template <class AuthPolicy, class Transport>
+http_response basic_server<AuthPolicy, Transport>::serve_http(const http_request& request) {
     http_response response;
     try {
         serve_route(request, response);
@@ -6760,10 +6921,12 @@ template <class AuthPolicy, class Transport> http_response basic_server<AuthPoli
 template <class AuthPolicy, class Transport>
 void basic_server<AuthPolicy, Transport>::serve_route(const http_request& request, http_response& response) {
     const bool get = request.method == "GET", post = request.method == "POST";
-    if (get && !options_.metrics_path.empty() && request.path == options_.metrics_path) return serve_metrics(request, response);
+    if (get && !options_.metrics_path.empty() && request.path == options_.metrics_path)
+        return serve_metrics(request, response);
     if (get && request.path == options_.path) return serve_handshake_probe(request, response);
     if (request.path == options_.path + "/health") return serve_health(response);
-    if (post && request.path == options_.path + "/peek_notifications") return serve_peek_notifications(request, response);
+    if (post && request.path == options_.path + "/peek_notifications")
+        return serve_peek_notifications(request, response);
     if (post && request.path == "/bus/has_missed_notifications") return serve_has_missed(request, response);
     if (post && request.path == "/bus/send") return serve_send(request, response);
     if (route_ && route_(request, response)) return;
@@ -6774,7 +6937,8 @@ void basic_server<AuthPolicy, Transport>::serve_route(const http_request& reques
 template <class AuthPolicy, class Transport>
 bool basic_server<AuthPolicy, Transport>::body_too_deep(const http_request& request, http_response& response) const {
     if (detail::json_nesting_within(request.body, options_.max_json_depth)) return false;
-    response.set_json(400, {{"error", "the body is nested deeper than " + std::to_string(options_.max_json_depth) + " levels"}});
+    response.set_json(
+        400, {{"error", "the body is nested deeper than " + std::to_string(options_.max_json_depth) + " levels"}});
     return true;
 }
 
@@ -6802,7 +6966,8 @@ void basic_server<AuthPolicy, Transport>::serve_handshake_probe(const http_reque
     response.headers.emplace_back("Cache-Control", "no-store");
 }
 
-template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Transport>::serve_health(http_response& response) {
+template <class AuthPolicy, class Transport>
+void basic_server<AuthPolicy, Transport>::serve_health(http_response& response) {
     response.set_json(200, {{"status", "pass"}});
     response.headers.emplace_back("Cache-Control", "no-store");
 }
@@ -6810,7 +6975,8 @@ template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Trans
 // Odoo's /websocket/peek_notifications: one page of what the store has for the channels the
 // policy grants, priced like a catch-up frame; "more" says to ask again from "last".
 template <class AuthPolicy, class Transport>
-void basic_server<AuthPolicy, Transport>::serve_peek_notifications(const http_request& request, http_response& response) {
+void basic_server<AuthPolicy, Transport>::serve_peek_notifications(const http_request& request,
+                                                                   http_response& response) {
     auto bad_request = [&](const std::string& why) { response.set_json(400, {{"error", why}}); };
     if (body_too_deep(request, response)) return;
     const json body = json::parse(request.body, nullptr, false);
@@ -6818,7 +6984,8 @@ void basic_server<AuthPolicy, Transport>::serve_peek_notifications(const http_re
     if (!params.is_object() || !params.contains("channels") || !params["channels"].is_array())
         return bad_request("expected {\"channels\": [...], \"last\": N, \"is_first_poll\": bool}");
     auto verdict = policy_.authenticate(request);
-    if (!verdict.accepted()) return response.set_json(verdict.status() ? verdict.status() : 403, {{"error", verdict.reason()}});
+    if (!verdict.accepted())
+        return response.set_json(verdict.status() ? verdict.status() : 403, {{"error", verdict.reason()}});
     if (options_.max_channels && params["channels"].size() > options_.max_channels)
         return bad_request("more than max_channels (" + std::to_string(options_.max_channels) + ") channels");
     std::vector<std::string> asked;
@@ -6883,8 +7050,10 @@ void basic_server<AuthPolicy, Transport>::serve_send(const http_request& request
         std::error_code ec;
         const json& c = item["channel"];
         channel target;
-        if (c.is_string()) target = channel(bus_.db(), c.get<std::string>());
-        else target = channel::from_json(c, ec);
+        if (c.is_string())
+            target = channel(bus_.db(), c.get<std::string>());
+        else
+            target = channel::from_json(c, ec);
         if (ec || target.empty()) return bad_request("channel must be a string or a channel array");
         tx.send(target, item["type"].get<std::string>(), item.value("payload", json()), ec);
         if (ec) return bad_request(ec.message());
@@ -7016,7 +7185,8 @@ template <class Transport> struct basic_client<Transport>::impl {
             status.reason = con->get_remote_close_reason();
             const auto local = con->get_local_close_code();
             too_big = local == websocketpp::close::status::message_too_big;
-            if ((status.code == websocketpp::close::status::no_status || status.code == websocketpp::close::status::abnormal_close) &&
+            if ((status.code == websocketpp::close::status::no_status ||
+                 status.code == websocketpp::close::status::abnormal_close) &&
                 local != websocketpp::close::status::no_status && local != websocketpp::close::status::abnormal_close) {
                 status.code = local;  // closed by this side (e.g. 1009), the peer never answered
                 status.reason = con->get_local_close_reason();
@@ -7028,7 +7198,8 @@ template <class Transport> struct basic_client<Transport>::impl {
         changed.notify_all();
         if (too_big) {
             lock.unlock();
-            return log(log_level::error, "a frame above max_message_bytes (" + std::to_string(options.max_message_bytes) +
+            return log(log_level::error, "a frame above max_message_bytes (" +
+                                             std::to_string(options.max_message_bytes) +
                                              ") was refused (1009); not reconnecting, it would come again");
         }
         // 1000 is final, 4001 waits for a new identity; everything else is retried (4002 at once).
@@ -7038,8 +7209,8 @@ template <class Transport> struct basic_client<Transport>::impl {
     void schedule_reconnect(bool at_once) {  // under mutex
         if (!options.reconnect || closing || shutting_down) return;
         const auto wait = at_once ? std::chrono::milliseconds(0) : delay;
-        delay = std::min<std::chrono::milliseconds>(std::chrono::milliseconds(std::int64_t(double(delay.count()) * 1.5)),
-                                                    std::chrono::seconds(60));
+        delay = std::min<std::chrono::milliseconds>(
+            std::chrono::milliseconds(std::int64_t(double(delay.count()) * 1.5)), std::chrono::seconds(60));
         retry.expires_after(wait);
         retry.async_wait([this](const asio::error_code& ec) {
             if (ec) return;
@@ -7054,7 +7225,8 @@ template <class Transport> struct basic_client<Transport>::impl {
 
     static bool is_marker(const json& n) {
         const json* type = n.contains("message") && n["message"].is_object() && n["message"].contains("type")
-                               ? &n["message"]["type"] : nullptr;
+                               ? &n["message"]["type"]
+                               : nullptr;
         return type && type->is_string() && (*type == "bus/missed_notifications" || *type == "bus/request_refused");
     }
 
@@ -7080,7 +7252,8 @@ template <class Transport> struct basic_client<Transport>::impl {
             changed.notify_all();
         }
         if (dropping)
-            log(log_level::warning, std::to_string(dropping) + " notifications dropped: take() is not keeping up (max_received " +
+            log(log_level::warning, std::to_string(dropping) +
+                                        " notifications dropped: take() is not keeping up (max_received " +
                                         std::to_string(options.max_received) + ")");
         if (h)
             for (const auto& n : frame) h(n);
@@ -7095,8 +7268,8 @@ template <class Transport> struct basic_client<Transport>::impl {
     }
 };
 
-template <class Transport>
-basic_client<Transport>::basic_client(client_options options) : impl_(std::make_unique<impl>(std::move(options))) {}
+template <class Transport> basic_client<Transport>::basic_client(client_options options)
+    : impl_(std::make_unique<impl>(std::move(options))) {}
 
 template <class Transport> basic_client<Transport>::~basic_client() {
     {
@@ -7137,8 +7310,9 @@ template <class Transport> void basic_client<Transport>::connect(const std::stri
     if (!ec) return;
     const int status = handshake_status();
     const std::string reason = handshake_reason();
-    throw std::system_error(ec, "imbus client: cannot connect to " + url +
-                                    (status ? " (HTTP " + std::to_string(status) + (reason.empty() ? "" : ": " + reason) + ")" : ""));
+    throw std::system_error(
+        ec, "imbus client: cannot connect to " + url +
+                (status ? " (HTTP " + std::to_string(status) + (reason.empty() ? "" : ": " + reason) + ")" : ""));
 }
 
 template <class Transport> int basic_client<Transport>::handshake_status() const {
@@ -7156,7 +7330,8 @@ template <class Transport> std::size_t basic_client<Transport>::dropped() const 
     return impl_->dropped;
 }
 
-template <class Transport> void basic_client<Transport>::subscribe(std::vector<std::string> channels, std::int64_t last) {
+template <class Transport>
+void basic_client<Transport>::subscribe(std::vector<std::string> channels, std::int64_t last) {
     std::string text;
     {
         std::lock_guard<std::mutex> lock(impl_->mutex);
@@ -7184,7 +7359,8 @@ template <class Transport> void basic_client<Transport>::on_notification(notific
     impl_->handler = std::move(handler);
 }
 
-template <class Transport> std::vector<json> basic_client<Transport>::take(std::size_t count, std::chrono::milliseconds timeout) {
+template <class Transport>
+std::vector<json> basic_client<Transport>::take(std::size_t count, std::chrono::milliseconds timeout) {
     std::unique_lock<std::mutex> lock(impl_->mutex);
     impl_->changed.wait_for(lock, timeout, [&] { return impl_->received.size() >= count; });
     const auto n = std::min(count, impl_->received.size());
@@ -7194,7 +7370,8 @@ template <class Transport> std::vector<json> basic_client<Transport>::take(std::
 }
 
 template <class Transport>
-std::optional<typename basic_client<Transport>::close_status> basic_client<Transport>::wait_closed(std::chrono::milliseconds timeout) {
+std::optional<typename basic_client<Transport>::close_status> basic_client<Transport>::wait_closed(
+    std::chrono::milliseconds timeout) {
     std::unique_lock<std::mutex> lock(impl_->mutex);
     if (!impl_->changed.wait_for(lock, timeout, [&] { return !impl_->open && impl_->closed.has_value(); }))
         return std::nullopt;
@@ -7220,8 +7397,8 @@ template <class Transport> std::size_t basic_client<Transport>::connects() const
     std::lock_guard<std::mutex> lock(impl_->mutex);
     return impl_->connects;
 }
-#endif // IMBUS_WITH_WEBSOCKETPP
+#endif  // IMBUS_WITH_WEBSOCKETPP
 
-} // namespace imbus
+}  // namespace imbus
 
-#endif // IMBUS_HPP
+#endif  // IMBUS_HPP

@@ -42,13 +42,13 @@ namespace {
 struct ws_session {
     explicit ws_session(tcp::socket s) : sock(std::move(s)) {}
     tcp::socket sock;
-    std::string handshake;  // the 101 answer, written before any frame
-    std::uint64_t next = 0;  // log index of the next frame to write
-    std::uint64_t done = 0;  // log index up to which writes completed (frames still needed from here)
+    std::string handshake;                    // the 101 answer, written before any frame
+    std::uint64_t next = 0;                   // log index of the next frame to write
+    std::uint64_t done = 0;                   // log index up to which writes completed (frames still needed from here)
     std::vector<asio::const_buffer> buffers;  // of the current gather write
-    std::size_t index = 0;  // position in server::sessions_ (or its channel's list), npos once removed
-    std::string channel;    // empty: every frame (the shared log); else only this channel's
-    std::deque<frame_ptr> own;  // a channel socket's frames not yet written
+    std::size_t index = 0;        // position in server::sessions_ (or its channel's list), npos once removed
+    std::string channel;          // empty: every frame (the shared log); else only this channel's
+    std::deque<frame_ptr> own;    // a channel socket's frames not yet written
     std::size_t own_writing = 0;  // how many of `own` the current write carries
     bool dirty = false;           // in server::dirty_
     bool writing = false;
@@ -60,8 +60,10 @@ std::size_t value_end(std::string_view s, std::size_t i) {
     if (i >= s.size()) return i;
     if (s[i] == '"') {
         for (++i; i < s.size(); ++i) {
-            if (s[i] == '\\') ++i;
-            else if (s[i] == '"') return i + 1;
+            if (s[i] == '\\')
+                ++i;
+            else if (s[i] == '"')
+                return i + 1;
         }
         return s.size();
     }
@@ -99,7 +101,8 @@ std::string_view query_value(std::string_view target, std::string_view name) {
     while (q != std::string_view::npos) {
         const std::size_t start = q + 1;
         const std::size_t amp = target.find('&', start);
-        const std::string_view pair = target.substr(start, (amp == std::string_view::npos ? target.size() : amp) - start);
+        const std::string_view pair =
+            target.substr(start, (amp == std::string_view::npos ? target.size() : amp) - start);
         if (pair.size() > name.size() && pair.substr(0, name.size()) == name && pair[name.size()] == '=')
             return pair.substr(name.size() + 1);
         q = amp;
@@ -171,28 +174,30 @@ private:
     void read_request(std::shared_ptr<http_conn> c) {
         const std::size_t old = c->buf.size();
         c->buf.resize(old + 4096);
-        c->sock.async_read_some(asio::buffer(&c->buf[old], 4096), [this, c, old](const asio::error_code& ec, std::size_t n) {
-            c->buf.resize(old + (ec ? 0 : n));
-            if (ec) return;
-            if (c->header_end == 0) {
-                const std::size_t e = c->buf.find("\r\n\r\n");
-                if (e == std::string::npos) {
-                    if (c->buf.size() > 65536) return;  // drop
-                    return read_request(c);
+        c->sock.async_read_some(
+            asio::buffer(&c->buf[old], 4096), [this, c, old](const asio::error_code& ec, std::size_t n) {
+                c->buf.resize(old + (ec ? 0 : n));
+                if (ec) return;
+                if (c->header_end == 0) {
+                    const std::size_t e = c->buf.find("\r\n\r\n");
+                    if (e == std::string::npos) {
+                        if (c->buf.size() > 65536) return;  // drop
+                        return read_request(c);
+                    }
+                    c->header_end = e + 4;
+                    const std::string_view head(c->buf.data(), c->header_end);
+                    const auto cl = wsmini::header_value(head, "Content-Length");
+                    c->content_length = cl.empty() ? 0 : std::strtoull(std::string(cl).c_str(), nullptr, 10);
                 }
-                c->header_end = e + 4;
-                const std::string_view head(c->buf.data(), c->header_end);
-                const auto cl = wsmini::header_value(head, "Content-Length");
-                c->content_length = cl.empty() ? 0 : std::strtoull(std::string(cl).c_str(), nullptr, 10);
-            }
-            if (c->buf.size() < c->header_end + c->content_length) return read_request(c);
-            handle_request(c);
-        });
+                if (c->buf.size() < c->header_end + c->content_length) return read_request(c);
+                handle_request(c);
+            });
     }
 
     void respond(const std::shared_ptr<http_conn>& c, const std::string& status, const std::string& body) {
-        c->out = "HTTP/1.1 " + status + "\r\nContent-Type: application/json\r\nContent-Length: " +
-                 std::to_string(body.size()) + "\r\nConnection: close\r\n\r\n" + body;
+        c->out = "HTTP/1.1 " + status +
+                 "\r\nContent-Type: application/json\r\nContent-Length: " + std::to_string(body.size()) +
+                 "\r\nConnection: close\r\n\r\n" + body;
         asio::async_write(c->sock, asio::buffer(c->out), [c](const asio::error_code&, std::size_t) {
             asio::error_code ignored;
             c->sock.shutdown(tcp::socket::shutdown_both, ignored);
@@ -226,8 +231,10 @@ private:
 
     void upgrade(const std::shared_ptr<http_conn>& c, std::string_view key, std::string_view channel) {
         auto s = std::make_shared<ws_session>(std::move(c->sock));
-        s->handshake = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                       "Sec-WebSocket-Accept: " + wsmini::accept_key(key) + "\r\n\r\n";
+        s->handshake =
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            "Sec-WebSocket-Accept: " +
+            wsmini::accept_key(key) + "\r\n\r\n";
         s->next = s->done = log_base_ + log_.size();  // only frames published from now on
         s->channel = std::string(channel);
         auto& list = s->channel.empty() ? sessions_ : routed_[s->channel];
@@ -238,8 +245,10 @@ private:
             s->writing = false;
             std::string().swap(s->handshake);
             if (ec || !s->alive) return remove(s);
-            if (s->channel.empty()) write(s);
-            else write_own(s);
+            if (s->channel.empty())
+                write(s);
+            else
+                write_own(s);
         });
         discard(s);
     }
@@ -317,7 +326,6 @@ public:
     }
 
 private:
-
     void write(const std::shared_ptr<ws_session>& s) {
         const std::uint64_t end = log_base_ + log_.size();
         if (s->writing || s->next >= end || !s->alive) return;
@@ -352,17 +360,17 @@ private:
     tcp::acceptor acceptor_;
     asio::steady_timer retry_;
     std::string api_key_;
-    std::vector<std::shared_ptr<ws_session>> sessions_;  // sockets that take every frame
+    std::vector<std::shared_ptr<ws_session>> sessions_;                                 // sockets that take every frame
     std::unordered_map<std::string, std::vector<std::shared_ptr<ws_session>>> routed_;  // by channel
     std::vector<std::shared_ptr<ws_session>> dirty_;  // channel sockets with frames to write
-    std::deque<frame_ptr> log_;    // frames some socket still has to write
-    std::uint64_t log_base_ = 0;   // log index of log_.front()
+    std::deque<frame_ptr> log_;                       // frames some socket still has to write
+    std::uint64_t log_base_ = 0;                      // log index of log_.front()
     bool flush_due_ = false;
     std::uint64_t next_id_ = 0;
     char scratch_[65536];
 };
 
-} // namespace
+}  // namespace
 
 int main(int argc, char** argv) {
     std::string host = "127.0.0.1", key;
@@ -374,9 +382,12 @@ int main(int argc, char** argv) {
             return 2;
         }
         const std::string v = argv[++i];
-        if (a == "--host") host = v;
-        else if (a == "--port") port = static_cast<std::uint16_t>(std::stoul(v));
-        else if (a == "--api-key") key = v;
+        if (a == "--host")
+            host = v;
+        else if (a == "--port")
+            port = static_cast<std::uint16_t>(std::stoul(v));
+        else if (a == "--api-key")
+            key = v;
         else {
             std::cerr << "floor_server: unknown option " << a << "\n";
             return 2;

@@ -55,7 +55,8 @@ void exec(PGconn* c, const std::string& sql) {
 PGconn* connect(const std::string& conninfo) {
     PGconn* c = PQconnectdb(conninfo.c_str());
     if (PQstatus(c) != CONNECTION_OK) die(std::string("cannot connect: ") + PQerrorMessage(c));
-    PQsetNoticeProcessor(c, [](void*, const char*) {}, nullptr);
+    PQsetNoticeProcessor(
+        c, [](void*, const char*) {}, nullptr);
     return c;
 }
 
@@ -94,7 +95,7 @@ template <class MakeWorker> rate throughput(int threads, double seconds, MakeWor
             percentile(all, 0.99)};
 }
 
-} // namespace
+}  // namespace
 
 int main(int argc, char** argv) {
     const bool quick = argc > 1 && std::strcmp(argv[1], "--quick") == 0;
@@ -129,13 +130,15 @@ int main(int argc, char** argv) {
     imbus::pg_store schema(conninfo, quiet);  // creates bus_bus
     {
         PGconn* c = connect(conninfo);
-        exec(c, "CREATE TABLE IF NOT EXISTS baseline (id bigserial PRIMARY KEY, channel text, message text, "
-                "create_date timestamp)");
+        exec(c,
+             "CREATE TABLE IF NOT EXISTS baseline (id bigserial PRIMARY KEY, channel text, message text, "
+             "create_date timestamp)");
         PQfinish(c);
     }
-    std::printf("| writer threads | one pg_store, shared | shared, group_commit off | one pg_store per thread "
-                "| baseline BEGIN/INSERT/COMMIT | shared / baseline | shared p50 / p99 ms | baseline p50 / p99 ms "
-                "|\n|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    std::printf(
+        "| writer threads | one pg_store, shared | shared, group_commit off | one pg_store per thread "
+        "| baseline BEGIN/INSERT/COMMIT | shared / baseline | shared p50 / p99 ms | baseline p50 / p99 ms "
+        "|\n|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     const imbus::channel ch("bench", "broadcast");
     const std::string message = imbus::make_message("bench/tick", {{"n", 1}});
     imbus::pg_store_options shared_options = quiet;
@@ -149,7 +152,9 @@ int main(int argc, char** argv) {
             o.group_commit = group_commit;
             imbus::pg_store shared(conninfo, o);
             return throughput(threads, seconds, [&] {
-                return std::function<void()>([&shared, &ch, &message] { shared.append({imbus::pending_message{ch, message}}); });
+                return std::function<void()>([&shared, &ch, &message] {
+                    shared.append({imbus::pending_message{ch, message}});
+                });
             });
         };
         const rate shared_rate = shared_store(true);
@@ -168,8 +173,9 @@ int main(int argc, char** argv) {
             PGconn* c = conns.back();
             return std::function<void()>([c] {
                 exec(c, "BEGIN");
-                exec(c, "INSERT INTO baseline (channel, message, create_date) VALUES ('[\"bench\",\"broadcast\"]', "
-                        "'{\"type\":\"bench/tick\",\"payload\":{\"n\":1}}', now())");
+                exec(c,
+                     "INSERT INTO baseline (channel, message, create_date) VALUES ('[\"bench\",\"broadcast\"]', "
+                     "'{\"type\":\"bench/tick\",\"payload\":{\"n\":1}}', now())");
                 exec(c, "COMMIT");
             });
         });
@@ -205,7 +211,8 @@ int main(int argc, char** argv) {
             const auto sent = steady::now();
             const auto id = publisher.append({imbus::pending_message{ch, message}})[0].id;
             std::unique_lock<std::mutex> lock(m);
-            if (!cv.wait_for(lock, std::chrono::seconds(5), [&] { return arrived_id >= id; })) die("a row never arrived");
+            if (!cv.wait_for(lock, std::chrono::seconds(5), [&] { return arrived_id >= id; }))
+                die("a row never arrived");
             bus_ms.push_back(std::chrono::duration<double, std::milli>(arrived - sent).count());
         }
     }

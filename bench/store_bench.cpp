@@ -42,14 +42,14 @@ namespace fs = std::filesystem;
 
 struct config {
     std::vector<std::size_t> sizes{10000, 100000, 1000000};
-    std::size_t channels = 1000;      // bulk rows go to ["bench","user",i], i < channels
-    std::size_t poll_channels = 10;   // a poll asks for this many of them
-    std::size_t batch = 100;          // rows per store.append in the batch phase
-    std::size_t recent = 100;         // rows appended after the clock jump (first-poll window)
-    std::size_t singles_max = 5000;   // rows per one-per-transaction phase (and per size step)
-    double poll_seconds = 0.5;        // minimum measuring time per poll figure
-    std::string dir;                  // parent of the temporary directory
-    bool keep = false;                // keep the SQLite files
+    std::size_t channels = 1000;     // bulk rows go to ["bench","user",i], i < channels
+    std::size_t poll_channels = 10;  // a poll asks for this many of them
+    std::size_t batch = 100;         // rows per store.append in the batch phase
+    std::size_t recent = 100;        // rows appended after the clock jump (first-poll window)
+    std::size_t singles_max = 5000;  // rows per one-per-transaction phase (and per size step)
+    double poll_seconds = 0.5;       // minimum measuring time per poll figure
+    std::string dir;                 // parent of the temporary directory
+    bool keep = false;               // keep the SQLite files
 };
 
 [[noreturn]] void usage(int code) {
@@ -182,11 +182,11 @@ std::uint64_t splitmix64(std::uint64_t x) {
 
 struct workload {
     std::vector<imbus::channel> channels;
-    std::vector<char> is_poll;                // per channel index
-    std::vector<std::size_t> poll_index;      // the polled channel indices
-    std::vector<imbus::channel> poll_set;     // the polled channels
+    std::vector<char> is_poll;             // per channel index
+    std::vector<std::size_t> poll_index;   // the polled channel indices
+    std::vector<imbus::channel> poll_set;  // the polled channels
     imbus::json payload;
-    std::string message;                      // ~100 bytes, built once with make_message
+    std::string message;  // ~100 bytes, built once with make_message
 
     explicit workload(const config& c) {
         channels.reserve(c.channels);
@@ -239,7 +239,8 @@ struct imbus_target final : target {
     void append_batch(std::size_t n, std::uint64_t k0, const chan_fn& chan) override {
         std::vector<imbus::pending_message> batch;
         batch.reserve(n);
-        for (std::size_t i = 0; i < n; ++i) batch.push_back(imbus::pending_message{w.channels[chan(k0 + i)], w.message});
+        for (std::size_t i = 0; i < n; ++i)
+            batch.push_back(imbus::pending_message{w.channels[chan(k0 + i)], w.message});
         const auto stored = store.append(std::move(batch));
         for (std::size_t i = 0; i < n; ++i)
             if (w.is_poll[chan(k0 + i)]) poll_ids.push_back(stored[i].id);
@@ -503,7 +504,6 @@ void print_machine(const config& c, const std::string& dir) {
     std::fflush(stdout);
 }
 
-
 int run(const config& cfg, const fs::path& dir, steady::time_point run_start) {
     print_machine(cfg, dir.string());
 
@@ -572,8 +572,10 @@ int run(const config& cfg, const fs::path& dir, steady::time_point run_start) {
         const rate r_rawi = time_bulk(rawi_t, bulk, cfg.batch, w);
         std::fprintf(stderr, "[%6.1fs]   sqlite baselines done\n", seconds_since(run_start));
         const std::string b = std::to_string(cfg.batch);
-        appends.push_back({"memory", "store.append, " + b + "/call", "std::vector push_back", size, bulk, r_mem, r_vec, 1e6});
-        appends.push_back({"sqlite", "store.append, " + b + "/tx", "raw INSERT, no index", size, bulk, r_sql, r_raw, 1e5});
+        appends.push_back(
+            {"memory", "store.append, " + b + "/call", "std::vector push_back", size, bulk, r_mem, r_vec, 1e6});
+        appends.push_back(
+            {"sqlite", "store.append, " + b + "/tx", "raw INSERT, no index", size, bulk, r_sql, r_raw, 1e5});
         appends.push_back({"sqlite (raw)", "raw INSERT, imbus schema, " + b + "/tx", "raw INSERT, no index", size, bulk,
                            r_rawi, r_raw, 0});
 
@@ -591,9 +593,11 @@ int run(const config& cfg, const fs::path& dir, steady::time_point run_start) {
         const rate s_rawi = time_singles(rawi_t, 2 * singles, w);
         std::fprintf(stderr, "[%6.1fs]   singles done\n", seconds_since(run_start));
         appends.push_back({"memory", "store.append, 1/call", "std::vector push_back", size, singles, s_mem, s_vec, 0});
-        appends.push_back({"memory", "bus.send (transaction), 1/call", "std::vector push_back", size, singles, s_mem_bus, s_vec, 0});
+        appends.push_back(
+            {"memory", "bus.send (transaction), 1/call", "std::vector push_back", size, singles, s_mem_bus, s_vec, 0});
         appends.push_back({"sqlite", "store.append, 1/tx", "raw INSERT, no index", size, singles, s_sql, s_raw, 1e4});
-        appends.push_back({"sqlite", "bus.send (transaction), 1/tx", "raw INSERT, no index", size, singles, s_sql_bus, s_raw, 1e4});
+        appends.push_back(
+            {"sqlite", "bus.send (transaction), 1/tx", "raw INSERT, no index", size, singles, s_sql_bus, s_raw, 1e4});
         appends.push_back({"sqlite (raw)", "raw INSERT, imbus schema, 1/tx", "raw INSERT, no index", size, 2 * singles,
                            s_rawi, s_raw, 0});
 
@@ -614,10 +618,12 @@ int run(const config& cfg, const fs::path& dir, steady::time_point run_start) {
             const std::string name = t == &mem_t ? "memory" : "sqlite";
             const std::size_t back = std::min<std::size_t>(cfg.recent + 1, t->poll_ids.size());
             const std::int64_t last = t->poll_ids[t->poll_ids.size() - back];
-            polls.push_back({name, size, time_loop([&] { return t->store.fetch(w.poll_set, last).notifications.size(); },
-                                                   cfg.poll_seconds)});
-            first_polls.push_back({name, size, time_loop([&] { return t->store.fetch(w.poll_set, 0).notifications.size(); },
-                                                         cfg.poll_seconds)});
+            polls.push_back(
+                {name, size,
+                 time_loop([&] { return t->store.fetch(w.poll_set, last).notifications.size(); }, cfg.poll_seconds)});
+            first_polls.push_back(
+                {name, size,
+                 time_loop([&] { return t->store.fetch(w.poll_set, 0).notifications.size(); }, cfg.poll_seconds)});
         }
         const std::int64_t since = micros(clock() - sopt.first_poll_window);
         lookups.push_back({size, time_loop([&] { return run_lookup(q_as_is, since); }, cfg.poll_seconds / 2),
@@ -631,18 +637,22 @@ int run(const config& cfg, const fs::path& dir, steady::time_point run_start) {
 
     // ---- Tables ----
     std::printf("## 1-2. Append throughput (notifications/s)\n\n");
-    std::printf("Rows timed = the rows appended while growing the table to the size shown. "
-                "Ratio = imbus rate / baseline rate (1.00 = as fast as the baseline). "
-                "Bytes written/row = bytes the process handed to write(2) during the phase (WAL frames, checkpoints), "
-                "divided by the rows timed.\n\n");
-    std::printf("| store | mode | table size | rows timed | notifications/s | baseline | baseline notifications/s | ratio | target | result | bytes written/row (baseline) |\n");
+    std::printf(
+        "Rows timed = the rows appended while growing the table to the size shown. "
+        "Ratio = imbus rate / baseline rate (1.00 = as fast as the baseline). "
+        "Bytes written/row = bytes the process handed to write(2) during the phase (WAL frames, checkpoints), "
+        "divided by the rows timed.\n\n");
+    std::printf(
+        "| store | mode | table size | rows timed | notifications/s | baseline | baseline notifications/s | ratio | "
+        "target | result | bytes written/row (baseline) |\n");
     std::printf("|---|---|---:|---:|---:|---|---:|---:|---|---|---:|\n");
     auto print_appends = [&](const std::string& store, const std::string& mode_prefix) {
         for (const auto& r : appends) {
             if (r.store != store || r.mode.rfind(mode_prefix, 0) != 0) continue;
             std::string tgt = r.target > 0 ? "≥ " + grouped(r.target) + "/s" : "—";
             std::string res = r.target > 0 ? verdict(r.r.per_second >= r.target) : "—";
-            std::string io = r.store == "memory" ? "—" : grouped(r.r.bytes_per_row) + " (" + grouped(r.base.bytes_per_row) + ")";
+            std::string io =
+                r.store == "memory" ? "—" : grouped(r.r.bytes_per_row) + " (" + grouped(r.base.bytes_per_row) + ")";
             std::printf("| %s | %s | %s | %s | %s | %s | %s | %.2f | %s | %s | %s |\n", r.store.c_str(), r.mode.c_str(),
                         size_label(r.size).c_str(), grouped(double(r.timed)).c_str(), grouped(r.r.per_second).c_str(),
                         r.baseline.c_str(), grouped(r.base.per_second).c_str(), r.r.per_second / r.base.per_second,
@@ -661,10 +671,12 @@ int run(const config& cfg, const fs::path& dir, steady::time_point run_start) {
     std::printf("\n");
 
     auto print_polls = [&](const std::vector<poll_row>& rows, const char* title, const char* what) {
-        std::printf("## %s\n\n%s Ratio = mean at this size / mean at the smallest size (%s), same store.\n\n",
-                    title, what, size_label(cfg.sizes.front()).c_str());
-        std::printf("| store | table size | rows returned | mean µs/poll | p50 µs/poll | polls timed | ratio vs %s | target | result |\n",
-                    size_label(cfg.sizes.front()).c_str());
+        std::printf("## %s\n\n%s Ratio = mean at this size / mean at the smallest size (%s), same store.\n\n", title,
+                    what, size_label(cfg.sizes.front()).c_str());
+        std::printf(
+            "| store | table size | rows returned | mean µs/poll | p50 µs/poll | polls timed | ratio vs %s | target | "
+            "result |\n",
+            size_label(cfg.sizes.front()).c_str());
         std::printf("|---|---:|---:|---:|---:|---:|---:|---|---|\n");
         for (const char* store : {"memory", "sqlite"}) {
             double base = 0;
@@ -686,9 +698,10 @@ int run(const config& cfg, const fs::path& dir, steady::time_point run_start) {
                 "store.fetch(10 channels, 0); every older row was stored 10 minutes (manual_clock) earlier.");
 
     std::printf("## Diagnosis: the SQLite first-poll window lookup, raw SQL on the imbus database\n\n");
-    std::printf("`as is` = the statement sqlite_store runs (`SELECT min(id) FROM bus_bus WHERE create_date >= ?`); "
-                "`min(+id)` = the same with the min/max optimisation disabled so SQLite uses the create_date index. "
-                "Ratio = as is / min(+id).\n\n");
+    std::printf(
+        "`as is` = the statement sqlite_store runs (`SELECT min(id) FROM bus_bus WHERE create_date >= ?`); "
+        "`min(+id)` = the same with the min/max optimisation disabled so SQLite uses the create_date index. "
+        "Ratio = as is / min(+id).\n\n");
     std::printf("| table size | as is µs | min(+id) µs | ratio |\n|---:|---:|---:|---:|\n");
     for (const auto& l : lookups)
         std::printf("| %s | %s | %s | %.1f |\n", size_label(l.size).c_str(), fmt("%.1f", l.as_is.mean_us).c_str(),
@@ -727,7 +740,9 @@ int main(int argc, char** argv) {
     std::printf("Total time %.1f s; peak RSS %.0f MiB; load average at end %s.\n", seconds_since(run_start),
                 double(ru.ru_maxrss) / 1024.0, read_file_line("/proc/loadavg").c_str());
     std::error_code ec;
-    if (cfg.keep) std::printf("SQLite files kept in %s\n", dir.string().c_str());
-    else fs::remove_all(dir, ec);
+    if (cfg.keep)
+        std::printf("SQLite files kept in %s\n", dir.string().c_str());
+    else
+        fs::remove_all(dir, ec);
     return rc;
 }

@@ -148,12 +148,12 @@ struct options {
     std::size_t window = 100;  // fanout: per subscriber; channels: in all
     std::size_t sources = 4;
     std::size_t connect_concurrency = 256;
-    std::size_t away = 1000;               // storm: notifications published while away
-    std::size_t storm_concurrency = 0;     // storm: connects at once (0 = all)
-    double probe_interval = 0.2;           // storm: seconds between live probes
-    double storm_timeout = 120;            // storm: give up after this long
-    double drain = 3;       // give up after this long without a delivery...
-    double drain_max = 300;  // ...or this long after the last publish answer
+    std::size_t away = 1000;            // storm: notifications published while away
+    std::size_t storm_concurrency = 0;  // storm: connects at once (0 = all)
+    double probe_interval = 0.2;        // storm: seconds between live probes
+    double storm_timeout = 120;         // storm: give up after this long
+    double drain = 3;                   // give up after this long without a delivery...
+    double drain_max = 300;             // ...or this long after the last publish answer
     double settle = 2;
     double warmup_timeout = 60;
     long server_pid = 0;
@@ -168,15 +168,15 @@ struct options {
     double warmup = 0;               // RSS baseline this long into the run (0: a third of it)
     long rss_tolerance_kib = 16384;  // RSS may grow by max(this, rss_tolerance_pct) after warm-up
     double rss_tolerance_pct = 10;
-    long fd_tolerance = 0;           // open fds after the run may exceed the idle baseline by this
+    long fd_tolerance = 0;  // open fds after the run may exceed the idle baseline by this
     // pingflood, slowreaders
     int rcvbuf = 4096;               // SO_RCVBUF of the hostile sockets, set before connecting
     int mss = 1448;                  // TCP_MAXSEG they announce, like a client across a network (0: the route's)
     double canary_interval_ms = 20;  // one canary publish every this many ms
     std::string canary_channel = "canary";
-    long rss_cap_mib = 4096;         // end the attack early when the server's RSS passes this
+    long rss_cap_mib = 4096;  // end the attack early when the server's RSS passes this
     std::string metrics_path = "/metrics";
-    std::size_t history = 1000;      // slowreaders: notifications on the channel before the readers come
+    std::size_t history = 1000;  // slowreaders: notifications on the channel before the readers come
     bool seconds_given = false, channel_given = false, payload_given = false, publishers_given = false;
 };
 
@@ -184,29 +184,30 @@ bool server_ids(protocol p) { return p == protocol::imbus || p == protocol::floo
 bool resumes(protocol p) { return p == protocol::imbus || p == protocol::nchan; }
 
 [[noreturn]] void usage(const std::string& problem) {
-    std::cerr << "ws_loadgen: " << problem << "\n"
-              << "usage: ws_loadgen fanout   --subscribers N --seconds S [--window W] [common]\n"
-              << "       ws_loadgen latency  --subscribers N --rate R --seconds S [common]\n"
-              << "       ws_loadgen channels --subscribers N --seconds S [--window W] [common]\n"
-              << "       ws_loadgen idle     --connections N --server-pid PID [--settle S] [common]\n"
-              << "       ws_loadgen storm    --subscribers N --away M [--storm-concurrency C] [--probe-interval S]\n"
-              << "                           [--storm-timeout S] [common]\n"
-              << "       ws_loadgen soak     --connections N --seconds S --server-pid PID [--rate 200 (personal/s)]\n"
-              << "                           [--shared-rate 5] [--churn N/60 (drops/s)] [--rst-fraction 0.3] [--away-max 1]\n"
-              << "                           [--warmup S/3] [--rss-tolerance-kib 16384] [--rss-tolerance-pct 10]\n"
-              << "                           [--fd-tolerance 0] [--drain 3] [--drain-max 300] [common]\n"
-              << "       ws_loadgen pingflood   --server-pid PID [--seconds 30] [hostile] [common]\n"
-              << "       ws_loadgen slowreaders --server-pid PID [--readers 1000] [--rate 200] [--payload-bytes 1000]\n"
-              << "                              [--history 1000] [--channel broadcast] [--seconds 30] [hostile] [common]\n"
-              << "hostile: --rcvbuf 4096 --mss 1448 (0: the route's, 65483 on loopback) --canary-interval-ms 20\n"
-              << "         --canary-channel canary --rss-cap-mib 4096 --metrics-path /metrics (imbus only)\n"
-              << "common: --protocol imbus|floor|ws|socketio|uws|nchan --host ADDR --port N --api-key KEY (imbus, floor)\n"
-              << "        --target /websocket?version=19.0-2 (imbus, floor) --channel bench\n"
-              << "        --publishers 4 --payload-bytes 100 --sources 4 --connect-concurrency 256\n"
-              << "        --drain 3 --drain-max 300 --warmup-timeout 60 --label TEXT --server-pid PID (its CPU time)\n"
-              << "        --trace-slow MS (print each delivery slower than MS to stderr)\n"
-              << "--window W: publish only while fewer than W notifications per subscriber (fanout, default 100)\n"
-              << "  or in all (channels, default 1000) are published but not yet delivered; 0 = unlimited.\n";
+    std::cerr
+        << "ws_loadgen: " << problem << "\n"
+        << "usage: ws_loadgen fanout   --subscribers N --seconds S [--window W] [common]\n"
+        << "       ws_loadgen latency  --subscribers N --rate R --seconds S [common]\n"
+        << "       ws_loadgen channels --subscribers N --seconds S [--window W] [common]\n"
+        << "       ws_loadgen idle     --connections N --server-pid PID [--settle S] [common]\n"
+        << "       ws_loadgen storm    --subscribers N --away M [--storm-concurrency C] [--probe-interval S]\n"
+        << "                           [--storm-timeout S] [common]\n"
+        << "       ws_loadgen soak     --connections N --seconds S --server-pid PID [--rate 200 (personal/s)]\n"
+        << "                           [--shared-rate 5] [--churn N/60 (drops/s)] [--rst-fraction 0.3] [--away-max 1]\n"
+        << "                           [--warmup S/3] [--rss-tolerance-kib 16384] [--rss-tolerance-pct 10]\n"
+        << "                           [--fd-tolerance 0] [--drain 3] [--drain-max 300] [common]\n"
+        << "       ws_loadgen pingflood   --server-pid PID [--seconds 30] [hostile] [common]\n"
+        << "       ws_loadgen slowreaders --server-pid PID [--readers 1000] [--rate 200] [--payload-bytes 1000]\n"
+        << "                              [--history 1000] [--channel broadcast] [--seconds 30] [hostile] [common]\n"
+        << "hostile: --rcvbuf 4096 --mss 1448 (0: the route's, 65483 on loopback) --canary-interval-ms 20\n"
+        << "         --canary-channel canary --rss-cap-mib 4096 --metrics-path /metrics (imbus only)\n"
+        << "common: --protocol imbus|floor|ws|socketio|uws|nchan --host ADDR --port N --api-key KEY (imbus, floor)\n"
+        << "        --target /websocket?version=19.0-2 (imbus, floor) --channel bench\n"
+        << "        --publishers 4 --payload-bytes 100 --sources 4 --connect-concurrency 256\n"
+        << "        --drain 3 --drain-max 300 --warmup-timeout 60 --label TEXT --server-pid PID (its CPU time)\n"
+        << "        --trace-slow MS (print each delivery slower than MS to stderr)\n"
+        << "--window W: publish only while fewer than W notifications per subscriber (fanout, default 100)\n"
+        << "  or in all (channels, default 1000) are published but not yet delivered; 0 = unlimited.\n";
     std::exit(2);
 }
 
@@ -222,60 +223,108 @@ options parse(int argc, char** argv) {
         if (i + 1 >= argc) usage("missing value after " + f);
         const std::string v = argv[++i];
         try {
-            if (f == "--host") o.host = v;
+            if (f == "--host")
+                o.host = v;
             else if (f == "--protocol") {
                 o.proto_name = v;
-                if (v == "imbus") o.proto = protocol::imbus;
-                else if (v == "floor") o.proto = protocol::floor;
-                else if (v == "ws") o.proto = protocol::ws;
-                else if (v == "socketio") o.proto = protocol::socketio;
-                else if (v == "uws") o.proto = protocol::uws;
-                else if (v == "nchan") o.proto = protocol::nchan;
-                else usage("unknown protocol " + v);
-            } else if (f == "--port") o.port = std::uint16_t(std::stoul(v));
-            else if (f == "--target") o.target = v;
-            else if (f == "--channel") o.channel = v, o.channel_given = true;
-            else if (f == "--api-key") o.api_key = v;
-            else if (f == "--label") o.label = v;
-            else if (f == "--subscribers" || f == "--connections" || f == "--readers") o.connections = std::stoul(v);
-            else if (f == "--seconds") o.seconds = std::stod(v), o.seconds_given = true;
-            else if (f == "--rate") o.rate = std::stod(v), o.rate_given = true;
-            else if (f == "--publishers") o.publishers = std::max<std::size_t>(1, std::stoul(v)), o.publishers_given = true;
-            else if (f == "--payload-bytes") o.payload_bytes = std::stoul(v), o.payload_given = true;
-            else if (f == "--window") o.window = std::stoul(v), o.window_given = true;
-            else if (f == "--sources") o.sources = std::clamp<std::size_t>(std::stoul(v), 1, 254);
-            else if (f == "--connect-concurrency") o.connect_concurrency = std::max<std::size_t>(1, std::stoul(v));
-            else if (f == "--away") o.away = std::max<std::size_t>(1, std::stoul(v));
-            else if (f == "--storm-concurrency") o.storm_concurrency = std::stoul(v);
-            else if (f == "--probe-interval") o.probe_interval = std::max(0.01, std::stod(v));
-            else if (f == "--storm-timeout") o.storm_timeout = std::stod(v);
-            else if (f == "--drain") o.drain = std::stod(v);
-            else if (f == "--drain-max") o.drain_max = std::stod(v);
-            else if (f == "--settle") o.settle = std::stod(v);
-            else if (f == "--warmup-timeout") o.warmup_timeout = std::stod(v);
-            else if (f == "--server-pid") o.server_pid = std::stol(v);
-            else if (f == "--trace-slow") o.trace_slow_ms = std::stod(v);
-            else if (f == "--shared-rate") o.shared_rate = std::stod(v);
-            else if (f == "--churn") o.churn = std::stod(v);
-            else if (f == "--rst-fraction") o.rst_fraction = std::stod(v);
-            else if (f == "--away-max") o.away_max = std::stod(v);
-            else if (f == "--warmup") o.warmup = std::stod(v);
-            else if (f == "--rss-tolerance-kib") o.rss_tolerance_kib = std::stol(v);
-            else if (f == "--rss-tolerance-pct") o.rss_tolerance_pct = std::stod(v);
-            else if (f == "--fd-tolerance") o.fd_tolerance = std::stol(v);
-            else if (f == "--rcvbuf") o.rcvbuf = std::stoi(v);
-            else if (f == "--mss") o.mss = std::stoi(v);
-            else if (f == "--canary-interval-ms") o.canary_interval_ms = std::max(1.0, std::stod(v));
-            else if (f == "--canary-channel") o.canary_channel = v;
-            else if (f == "--rss-cap-mib") o.rss_cap_mib = std::stol(v);
-            else if (f == "--metrics-path") o.metrics_path = v;
-            else if (f == "--history") o.history = std::stoul(v);
-            else usage("unknown option " + f);
+                if (v == "imbus")
+                    o.proto = protocol::imbus;
+                else if (v == "floor")
+                    o.proto = protocol::floor;
+                else if (v == "ws")
+                    o.proto = protocol::ws;
+                else if (v == "socketio")
+                    o.proto = protocol::socketio;
+                else if (v == "uws")
+                    o.proto = protocol::uws;
+                else if (v == "nchan")
+                    o.proto = protocol::nchan;
+                else
+                    usage("unknown protocol " + v);
+            } else if (f == "--port")
+                o.port = std::uint16_t(std::stoul(v));
+            else if (f == "--target")
+                o.target = v;
+            else if (f == "--channel")
+                o.channel = v, o.channel_given = true;
+            else if (f == "--api-key")
+                o.api_key = v;
+            else if (f == "--label")
+                o.label = v;
+            else if (f == "--subscribers" || f == "--connections" || f == "--readers")
+                o.connections = std::stoul(v);
+            else if (f == "--seconds")
+                o.seconds = std::stod(v), o.seconds_given = true;
+            else if (f == "--rate")
+                o.rate = std::stod(v), o.rate_given = true;
+            else if (f == "--publishers")
+                o.publishers = std::max<std::size_t>(1, std::stoul(v)), o.publishers_given = true;
+            else if (f == "--payload-bytes")
+                o.payload_bytes = std::stoul(v), o.payload_given = true;
+            else if (f == "--window")
+                o.window = std::stoul(v), o.window_given = true;
+            else if (f == "--sources")
+                o.sources = std::clamp<std::size_t>(std::stoul(v), 1, 254);
+            else if (f == "--connect-concurrency")
+                o.connect_concurrency = std::max<std::size_t>(1, std::stoul(v));
+            else if (f == "--away")
+                o.away = std::max<std::size_t>(1, std::stoul(v));
+            else if (f == "--storm-concurrency")
+                o.storm_concurrency = std::stoul(v);
+            else if (f == "--probe-interval")
+                o.probe_interval = std::max(0.01, std::stod(v));
+            else if (f == "--storm-timeout")
+                o.storm_timeout = std::stod(v);
+            else if (f == "--drain")
+                o.drain = std::stod(v);
+            else if (f == "--drain-max")
+                o.drain_max = std::stod(v);
+            else if (f == "--settle")
+                o.settle = std::stod(v);
+            else if (f == "--warmup-timeout")
+                o.warmup_timeout = std::stod(v);
+            else if (f == "--server-pid")
+                o.server_pid = std::stol(v);
+            else if (f == "--trace-slow")
+                o.trace_slow_ms = std::stod(v);
+            else if (f == "--shared-rate")
+                o.shared_rate = std::stod(v);
+            else if (f == "--churn")
+                o.churn = std::stod(v);
+            else if (f == "--rst-fraction")
+                o.rst_fraction = std::stod(v);
+            else if (f == "--away-max")
+                o.away_max = std::stod(v);
+            else if (f == "--warmup")
+                o.warmup = std::stod(v);
+            else if (f == "--rss-tolerance-kib")
+                o.rss_tolerance_kib = std::stol(v);
+            else if (f == "--rss-tolerance-pct")
+                o.rss_tolerance_pct = std::stod(v);
+            else if (f == "--fd-tolerance")
+                o.fd_tolerance = std::stol(v);
+            else if (f == "--rcvbuf")
+                o.rcvbuf = std::stoi(v);
+            else if (f == "--mss")
+                o.mss = std::stoi(v);
+            else if (f == "--canary-interval-ms")
+                o.canary_interval_ms = std::max(1.0, std::stod(v));
+            else if (f == "--canary-channel")
+                o.canary_channel = v;
+            else if (f == "--rss-cap-mib")
+                o.rss_cap_mib = std::stol(v);
+            else if (f == "--metrics-path")
+                o.metrics_path = v;
+            else if (f == "--history")
+                o.history = std::stoul(v);
+            else
+                usage("unknown option " + f);
         } catch (const std::logic_error&) {
             usage("bad value for " + f + ": " + v);
         }
     }
-    if (o.mode != "idle" && server_ids(o.proto) && o.api_key.empty()) usage(o.mode + " needs --api-key for " + o.proto_name);
+    if (o.mode != "idle" && server_ids(o.proto) && o.api_key.empty())
+        usage(o.mode + " needs --api-key for " + o.proto_name);
     if (o.mode == "idle" && o.server_pid <= 0) usage("idle needs --server-pid");
     if (o.mode == "soak") {
         if (o.proto != protocol::imbus) usage("soak speaks the imbus protocol only");
@@ -306,13 +355,15 @@ options parse(int argc, char** argv) {
 template <class R, class Done> void read_http_answer(std::shared_ptr<R> r, Done done) {
     const std::size_t old = r->response.size();
     r->response.resize(old + 4096);
-    r->sock.async_read_some(asio::buffer(&r->response[old], 4096), [r, old, done](const asio::error_code& ec, std::size_t n) mutable {
+    r->sock.async_read_some(asio::buffer(&r->response[old], 4096), [r, old, done](const asio::error_code& ec,
+                                                                                  std::size_t n) mutable {
         r->response.resize(old + (ec ? 0 : n));
         if (ec) return done(r);
         const std::size_t end = r->response.find("\r\n\r\n");
         if (end != std::string::npos) {
             const auto length = wsmini::header_value(std::string_view(r->response.data(), end + 2), "Content-Length");
-            if (!length.empty() && r->response.size() >= end + 4 + std::strtoull(std::string(length).c_str(), nullptr, 10))
+            if (!length.empty() &&
+                r->response.size() >= end + 4 + std::strtoull(std::string(length).c_str(), nullptr, 10))
                 return done(r);
         }
         read_http_answer(std::move(r), std::move(done));
@@ -374,9 +425,12 @@ void raise_nofile() {
 std::string json_escape(const std::string& s) {
     std::string out;
     for (char c : s) {
-        if (c == '"' || c == '\\') out += '\\', out += c;
-        else if (std::uint8_t(c) < 0x20) out += ' ';
-        else out += c;
+        if (c == '"' || c == '\\')
+            out += '\\', out += c;
+        else if (std::uint8_t(c) < 0x20)
+            out += ' ';
+        else
+            out += c;
     }
     return out;
 }
@@ -432,21 +486,21 @@ struct subscriber {
     std::string message;  // a fragmented message being assembled
     std::string out, pending;
     std::string key;
-    std::string resume_id;          // nchan: the id of the last message (ws+meta.nchan)
-    keyset seen;                    // fanout/latency: run keys - base; storm: away keys - lo
-    std::vector<std::int64_t> got;  // channels: keys received
-    std::vector<std::int64_t> want; // channels: keys published to this subscriber's channel
-    std::int64_t last_key = 0;      // highest key received (imbus: the id to resume from)
+    std::string resume_id;           // nchan: the id of the last message (ws+meta.nchan)
+    keyset seen;                     // fanout/latency: run keys - base; storm: away keys - lo
+    std::vector<std::int64_t> got;   // channels: keys received
+    std::vector<std::int64_t> want;  // channels: keys published to this subscriber's channel
+    std::int64_t last_key = 0;       // highest key received (imbus: the id to resume from)
     std::int64_t max_run_key = 0;
     std::int64_t caught_up_at = 0;  // storm: when it was live again and had what it would get
     std::uint32_t index = 0;
-    std::uint32_t gen = 0;          // bumped when the socket is dropped: old handlers ignore themselves
-    std::uint32_t run_count = 0;    // fanout/latency: distinct run keys; storm: distinct away keys
+    std::uint32_t gen = 0;        // bumped when the socket is dropped: old handlers ignore themselves
+    std::uint32_t run_count = 0;  // fanout/latency: distinct run keys; storm: distinct away keys
     std::uint32_t dups = 0;
     enum : std::uint8_t { connecting, handshaking, subscribing, open, closed } state = connecting;
     bool writing = false;
-    bool warm = false;     // got a warm-up notification
-    bool probed = false;   // storm: got a notification published after the reconnect
+    bool warm = false;    // got a warm-up notification
+    bool probed = false;  // storm: got a notification published after the reconnect
     bool message_text = false;
 };
 
@@ -500,12 +554,14 @@ private:
         warm_start_ = now_ns();
         warm_round();
         wait_until([this] { return warm_answers_ > 0 && warm_subs_ >= opened_ - closed_unexpected_ && inflight_ == 0; },
-                   o_.warmup_timeout, [this](bool ok) {
+                   o_.warmup_timeout,
+                   [this](bool ok) {
                        warm_ok_ = ok;
                        warm_seconds_ = double(now_ns() - warm_start_) / 1e9;
                        progress("warm-up " + std::string(ok ? "reached" : "did NOT reach") + " " +
                                 std::to_string(warm_subs_) + "/" + std::to_string(opened_) + " subscribers in " +
-                                fmt(warm_seconds_, 2) + " s (" + std::to_string(warm_publishes_) + " warm-up publishes)");
+                                fmt(warm_seconds_, 2) + " s (" + std::to_string(warm_publishes_) +
+                                " warm-up publishes)");
                        if (o_.mode == "idle") return settle();
                        if (!ok) return finish();
                        if (o_.mode == "storm") return storm_leave();
@@ -527,16 +583,20 @@ private:
         }
         auto t = std::make_shared<asio::steady_timer>(io_, std::chrono::seconds(1));
         t->async_wait([this, t](const asio::error_code&) {
-            if (warm_subs_ < opened_ - closed_unexpected_ && warm_queue_.empty() && inflight_ == 0) warm_round();
-            else if (!warm_done_) warm_retry();
+            if (warm_subs_ < opened_ - closed_unexpected_ && warm_queue_.empty() && inflight_ == 0)
+                warm_round();
+            else if (!warm_done_)
+                warm_retry();
         });
     }
     void warm_retry() {
         auto t = std::make_shared<asio::steady_timer>(io_, std::chrono::milliseconds(200));
         t->async_wait([this, t](const asio::error_code&) {
             if (warm_done_) return;
-            if (warm_subs_ < opened_ - closed_unexpected_ && warm_queue_.empty() && inflight_ == 0) warm_round();
-            else warm_retry();
+            if (warm_subs_ < opened_ - closed_unexpected_ && warm_queue_.empty() && inflight_ == 0)
+                warm_round();
+            else
+                warm_retry();
         });
     }
     void pump_warm() {
@@ -576,10 +636,11 @@ private:
             backlog_ = 0;
             run_end_ = now_ns();
             progress("publishing stopped: " + std::to_string(published_ok_) + " published, waiting for answers");
-            wait_until([this] { return inflight_ == 0; }, 30, [this](bool) {
-                answers_done_ = now_ns();
-                drain();
-            });
+            wait_until([this] { return inflight_ == 0; }, 30,
+                       [this](bool) {
+                           answers_done_ = now_ns();
+                           drain();
+                       });
         });
         if (o_.mode == "latency") {
             next_due_ = std::chrono::steady_clock::now();
@@ -619,23 +680,26 @@ private:
             away_start_ = now_ns();
             storm_phase_ = 1;
             pump_away();
-            wait_until([this] { return away_requested_ == o_.away && inflight_ == 0; }, 300, [this](bool ok) {
-                away_seconds_ = double(now_ns() - away_start_) / 1e9;
-                if (!ok || away_ok_ != o_.away ||
-                    (server_ids(o_.proto) && away_hi_ - away_lo_ + 1 != std::int64_t(o_.away))) {
-                    note_error("away publishes: " + std::to_string(away_ok_) + " of " + std::to_string(o_.away) + " answered");
-                    away_failed_ = true;
-                    return finish();
-                }
-                if (!server_ids(o_.proto)) away_lo_ = 1, away_hi_ = std::int64_t(o_.away);
-                poll_.expires_after(std::chrono::milliseconds(500));
-                poll_.async_wait([this](const asio::error_code&) { storm_return(); });
-            });
+            wait_until([this] { return away_requested_ == o_.away && inflight_ == 0; }, 300,
+                       [this](bool ok) {
+                           away_seconds_ = double(now_ns() - away_start_) / 1e9;
+                           if (!ok || away_ok_ != o_.away ||
+                               (server_ids(o_.proto) && away_hi_ - away_lo_ + 1 != std::int64_t(o_.away))) {
+                               note_error("away publishes: " + std::to_string(away_ok_) + " of " +
+                                          std::to_string(o_.away) + " answered");
+                               away_failed_ = true;
+                               return finish();
+                           }
+                           if (!server_ids(o_.proto)) away_lo_ = 1, away_hi_ = std::int64_t(o_.away);
+                           poll_.expires_after(std::chrono::milliseconds(500));
+                           poll_.async_wait([this](const asio::error_code&) { storm_return(); });
+                       });
         });
     }
 
     void pump_away() {
-        while (away_requested_ < o_.away && inflight_ < o_.publishers) away_requested_++, publish(publish_request::away, 0);
+        while (away_requested_ < o_.away && inflight_ < o_.publishers)
+            away_requested_++, publish(publish_request::away, 0);
     }
 
     void storm_return() {
@@ -651,25 +715,30 @@ private:
         next_open_ = 0;
         reconnecting_ = true;
         open_more();
-        wait_until([this] { return opened_ + failed_ == left_; }, o_.storm_timeout, [this](bool) {
-            storm_ready_ = now_ns();
-            progress("reconnected " + std::to_string(opened_) + " (failed " + std::to_string(failed_) + ") in " +
-                     fmt(double(storm_ready_ - storm_start_) / 1e9, 2) + " s; probing until every one is live");
-            probe();
-            // Done when every client caught up, or when every one is live again and nothing
-            // more arrived for --drain seconds (what a resuming server did not send is lost).
-            wait_until([this] {
-                           const std::size_t live = opened_ - closed_unexpected_;
-                           return caught_up_ >= live ||
-                                  (probed_ >= live && now_ns() - std::max(last_delivery_, first_all_probed_) > std::int64_t(o_.drain * 1e9));
-                       },
-                       std::max(1.0, o_.storm_timeout - double(now_ns() - storm_start_) / 1e9), [this](bool) {
-                           storm_end_ = now_ns();
-                           prober_.cancel();
-                           // Let the last probes' answers come in.
-                           wait_until([this] { return inflight_ == 0; }, 10, [this](bool) { finish(); });
-                       });
-        });
+        wait_until(
+            [this] { return opened_ + failed_ == left_; }, o_.storm_timeout,
+            [this](bool) {
+                storm_ready_ = now_ns();
+                progress("reconnected " + std::to_string(opened_) + " (failed " + std::to_string(failed_) + ") in " +
+                         fmt(double(storm_ready_ - storm_start_) / 1e9, 2) + " s; probing until every one is live");
+                probe();
+                // Done when every client caught up, or when every one is live again and nothing
+                // more arrived for --drain seconds (what a resuming server did not send is lost).
+                wait_until(
+                    [this] {
+                        const std::size_t live = opened_ - closed_unexpected_;
+                        return caught_up_ >= live ||
+                               (probed_ >= live &&
+                                now_ns() - std::max(last_delivery_, first_all_probed_) > std::int64_t(o_.drain * 1e9));
+                    },
+                    std::max(1.0, o_.storm_timeout - double(now_ns() - storm_start_) / 1e9),
+                    [this](bool) {
+                        storm_end_ = now_ns();
+                        prober_.cancel();
+                        // Let the last probes' answers come in.
+                        wait_until([this] { return inflight_ == 0; }, 10, [this](bool) { finish(); });
+                    });
+            });
     }
 
     void probe() {
@@ -694,8 +763,10 @@ private:
         const auto now = std::chrono::steady_clock::now();
         const auto period = std::chrono::nanoseconds(std::int64_t(1e9 / o_.rate));
         while (next_due_ <= now) {
-            if (inflight_ < o_.publishers) publish(publish_request::run, 0);
-            else backlog_++, late_++, max_backlog_ = std::max(max_backlog_, backlog_);
+            if (inflight_ < o_.publishers)
+                publish(publish_request::run, 0);
+            else
+                backlog_++, late_++, max_backlog_ = std::max(max_backlog_, backlog_);
             next_due_ += period;
         }
         pacer_.expires_at(next_due_);
@@ -863,7 +934,9 @@ private:
         });
     }
 
-    void send_text(subscriber* s, std::string_view text) { send(s, wsmini::masked_frame(1, text, std::uint32_t(rng_()))); }
+    void send_text(subscriber* s, std::string_view text) {
+        send(s, wsmini::masked_frame(1, text, std::uint32_t(rng_())));
+    }
 
     void arm_read(subscriber* s) {
         const std::uint32_t gen = s->gen;
@@ -908,7 +981,8 @@ private:
                 return;
             }
             const std::string_view head(s->in.data(), end + 2);
-            if (head.rfind("HTTP/1.1 101", 0) != 0 || wsmini::header_value(head, "Sec-WebSocket-Accept") != wsmini::accept_key(s->key)) {
+            if (head.rfind("HTTP/1.1 101", 0) != 0 ||
+                wsmini::header_value(head, "Sec-WebSocket-Accept") != wsmini::accept_key(s->key)) {
                 note_error("handshake refused: " + std::string(head.substr(0, head.find("\r\n"))));
                 return fail(s);
             }
@@ -987,14 +1061,12 @@ private:
         case 0x8: {
             const int code = len >= 2 ? (std::uint8_t(p[0]) << 8 | std::uint8_t(p[1])) : 1005;
             send(s, wsmini::masked_frame(8, std::string_view(p, std::min<std::size_t>(len, 2)), std::uint32_t(rng_())));
-            lost(s, "server closed with " + std::to_string(code) + " " + std::string(p + std::min<std::size_t>(len, 2), len > 2 ? len - 2 : 0));
+            lost(s, "server closed with " + std::to_string(code) + " " +
+                        std::string(p + std::min<std::size_t>(len, 2), len > 2 ? len - 2 : 0));
             break;
         }
-        case 0x9:
-            send(s, wsmini::masked_frame(0xA, std::string_view(p, len), std::uint32_t(rng_())));
-            break;
-        default:
-            break;
+        case 0x9: send(s, wsmini::masked_frame(0xA, std::string_view(p, len), std::uint32_t(rng_()))); break;
+        default: break;
         }
     }
 
@@ -1023,9 +1095,7 @@ private:
             break;
         }
         case protocol::ws:
-        case protocol::uws:
-            notification(s, int_after(p, end, "\"s\":"), p, end, now, true);
-            break;
+        case protocol::uws: notification(s, int_after(p, end, "\"s\":"), p, end, now, true); break;
         case protocol::nchan:
             if (len >= 4 && std::memcmp(p, "id: ", 4) == 0) {  // ws+meta.nchan: "id: X\n[content-type: Y\n]\n<data>"
                 const char* nl = static_cast<const char*>(memchr(p, '\n', len));
@@ -1056,7 +1126,8 @@ private:
 
     // One notification with key `key`; its payload is somewhere in [p, end).
     // Returns true if it counted as a delivery of the timed phase.
-    bool notification(subscriber* s, std::int64_t key, const char* p, const char* end, std::int64_t now, bool new_frame) {
+    bool notification(subscriber* s, std::int64_t key, const char* p, const char* end, std::int64_t now,
+                      bool new_frame) {
         if (key < 0) return false;
         // A warm-up notification: any id on a fresh imbus (or floor) server, the sequence number 0
         // elsewhere (nchan replays what it buffered to a new subscriber).
@@ -1147,10 +1218,12 @@ private:
         r->seq = kind == publish_request::warm ? 0 : ++seq_;
         r->start = now_ns();
         try {
-            open_bound(r->sock, asio::ip::address_v4((127u << 24) | (1u << 8) | std::uint32_t(1 + publish_counter_++ % 16)));
+            open_bound(r->sock,
+                       asio::ip::address_v4((127u << 24) | (1u << 8) | std::uint32_t(1 + publish_counter_++ % 16)));
         } catch (const std::system_error& e) {
             // Later, so that a failing socket() cannot recurse through maybe_publish().
-            return asio::post(io_, [this, r, what = std::string(e.what())] { published(r, "publisher socket: " + what); });
+            return asio::post(io_,
+                              [this, r, what = std::string(e.what())] { published(r, "publisher socket: " + what); });
         }
         r->sock.async_connect(server_, [this, r](const asio::error_code& ec) {
             if (ec) return published(r, "publisher connect: " + ec.message());
@@ -1207,8 +1280,7 @@ private:
                 away_lo_ = away_lo_ == 0 ? key : std::min(away_lo_, key);
                 away_hi_ = std::max(away_hi_, key);
                 break;
-            case publish_request::probe:
-                break;
+            case publish_request::probe: break;
             }
         }
         maybe_publish();
@@ -1229,16 +1301,19 @@ private:
 
     void finish() {
         const double self_cpu = self_cpu_seconds() - self_cpu_start_;
-        const double server_cpu = o_.server_pid > 0 && server_cpu_start_ >= 0 ? cpu_seconds(o_.server_pid) - server_cpu_start_ : -1;
+        const double server_cpu =
+            o_.server_pid > 0 && server_cpu_start_ >= 0 ? cpu_seconds(o_.server_pid) - server_cpu_start_ : -1;
         std::ostringstream j, h;
-        j << "{\"mode\":\"" << o_.mode << "\",\"protocol\":\"" << o_.proto_name << "\",\"label\":\"" << json_escape(o_.label)
-          << "\",\"connections\":" << o_.connections << ",\"opened\":" << (o_.mode == "storm" ? opened_before_storm_ : opened_)
-          << ",\"connect_failures\":" << (o_.mode == "storm" ? failed_before_storm_ : failed_) << ",\"connect_seconds\":" << fmt(connect_seconds_, 3)
-          << ",\"closed_by_server\":" << closed_unexpected_ << ",\"warmup_ok\":" << (warm_ok_ ? "true" : "false")
-          << ",\"warmup_seconds\":" << fmt(warm_seconds_, 3);
+        j << "{\"mode\":\"" << o_.mode << "\",\"protocol\":\"" << o_.proto_name << "\",\"label\":\""
+          << json_escape(o_.label) << "\",\"connections\":" << o_.connections
+          << ",\"opened\":" << (o_.mode == "storm" ? opened_before_storm_ : opened_)
+          << ",\"connect_failures\":" << (o_.mode == "storm" ? failed_before_storm_ : failed_)
+          << ",\"connect_seconds\":" << fmt(connect_seconds_, 3) << ",\"closed_by_server\":" << closed_unexpected_
+          << ",\"warmup_ok\":" << (warm_ok_ ? "true" : "false") << ",\"warmup_seconds\":" << fmt(warm_seconds_, 3);
         bool ok = failed_ == 0 && closed_unexpected_ == 0;
         if (o_.mode == "idle") {
-            ok = ok && rss_before_ > 0 && rss_after_ > 0 && (o_.api_key.empty() && server_ids(o_.proto) ? true : warm_ok_);
+            ok = ok && rss_before_ > 0 && rss_after_ > 0 &&
+                 (o_.api_key.empty() && server_ids(o_.proto) ? true : warm_ok_);
             const double per = opened_ ? double(rss_after_ - rss_before_) / double(opened_) : 0;
             j << ",\"rss_before_kib\":" << rss_before_ << ",\"rss_after_kib\":" << rss_after_
               << ",\"kib_per_connection\":" << fmt(per, 2);
@@ -1271,18 +1346,22 @@ private:
                 if (s->got != s->want) {
                     incomplete++;
                     std::vector<std::int64_t> missing;
-                    std::set_difference(s->want.begin(), s->want.end(), s->got.begin(), s->got.end(), std::back_inserter(missing));
+                    std::set_difference(s->want.begin(), s->want.end(), s->got.begin(), s->got.end(),
+                                        std::back_inserter(missing));
                     lost += missing.size();
                 }
             }
         } else {
             std::int64_t lo = min_published_, hi = max_published_;
             contiguous = published_ok_ == 0 || std::uint64_t(hi - lo + 1) == published_ok_;
-            if (server_ids(o_.proto)) contiguous = contiguous && (published_ok_ == 0 || lo == base_key_);
-            else contiguous = contiguous && (published_ok_ == 0 || lo == 1);
+            if (server_ids(o_.proto))
+                contiguous = contiguous && (published_ok_ == 0 || lo == base_key_);
+            else
+                contiguous = contiguous && (published_ok_ == 0 || lo == 1);
             for (const auto& s : subs_) {
                 if (s->state != subscriber::open) continue;
-                const bool exact = s->run_count == published_ok_ && s->dups == 0 && (published_ok_ == 0 || s->max_run_key == hi);
+                const bool exact =
+                    s->run_count == published_ok_ && s->dups == 0 && (published_ok_ == 0 || s->max_run_key == hi);
                 if (!exact) incomplete++, lost += published_ok_ > s->run_count ? published_ok_ - s->run_count : 0;
             }
         }
@@ -1293,8 +1372,11 @@ private:
         const double dps = double(delivered_run_) / deliver_s;
         const double drain_s = last_delivery_ > answers_done_ ? double(last_delivery_ - answers_done_) / 1e9 : 0.0;
         j << ",\"seconds\":" << fmt(o_.seconds, 1) << ",\"publishers\":" << o_.publishers;
-        if (o_.mode == "latency") j << ",\"rate\":" << fmt(o_.rate, 1) << ",\"late_publishes\":" << late_ << ",\"max_backlog\":" << max_backlog_;
-        else j << ",\"window\":" << o_.window;
+        if (o_.mode == "latency")
+            j << ",\"rate\":" << fmt(o_.rate, 1) << ",\"late_publishes\":" << late_
+              << ",\"max_backlog\":" << max_backlog_;
+        else
+            j << ",\"window\":" << o_.window;
         j << ",\"published\":" << published_ok_ << ",\"publish_errors\":" << publish_errors_
           << ",\"published_per_s\":" << fmt(double(published_ok_) / publish_s, 1) << ",\"expected\":" << expected
           << ",\"delivered\":" << delivered_run_ << ",\"deliveries_per_s\":" << fmt(dps, 1)
@@ -1303,17 +1385,19 @@ private:
           << ",\"missed_markers\":" << missed_markers_ << ",\"keys_contiguous\":" << (contiguous ? "true" : "false")
           << ",\"lat_p50_ms\":" << ms(latency_.percentile(50)) << ",\"lat_p99_ms\":" << ms(latency_.percentile(99))
           << ",\"lat_max_ms\":" << ms(latency_.max) << ",\"lat_samples\":" << latency_.count
-          << ",\"post_p50_ms\":" << ms(post_latency_.percentile(50)) << ",\"post_p99_ms\":" << ms(post_latency_.percentile(99))
-          << ",\"post_max_ms\":" << ms(post_latency_.max) << ",\"frames\":" << frames_
+          << ",\"post_p50_ms\":" << ms(post_latency_.percentile(50))
+          << ",\"post_p99_ms\":" << ms(post_latency_.percentile(99)) << ",\"post_max_ms\":" << ms(post_latency_.max)
+          << ",\"frames\":" << frames_
           << ",\"notifications_per_frame\":" << fmt(frames_ ? double(delivered_run_) / double(frames_) : 0.0, 2)
           << ",\"loadgen_cpu_s\":" << fmt(self_cpu, 2) << ",\"server_cpu_s\":" << fmt(server_cpu, 2)
           << ",\"elapsed_s\":" << fmt(double(now_ns() - run_start_) / 1e9, 2);
         h << "# " << o_.mode << " " << o_.label << ": " << live << " subscribers, " << published_ok_ << " published ("
           << fmt(double(published_ok_) / publish_s, 0) << "/s), " << delivered_run_ << "/" << expected << " delivered ("
           << fmt(dps, 0) << "/s, last one " << fmt(drain_s, 2) << " s after the last publish answer), latency p50 "
-          << ms(latency_.percentile(50)) << " ms, p99 " << ms(latency_.percentile(99)) << " ms, max " << ms(latency_.max)
-          << " ms, POST answered in p50 " << ms(post_latency_.percentile(50)) << " ms, p99 " << ms(post_latency_.percentile(99))
-          << " ms, " << (ok ? "every subscriber got every notification once" : "INCOMPLETE") << " (incomplete " << incomplete
+          << ms(latency_.percentile(50)) << " ms, p99 " << ms(latency_.percentile(99)) << " ms, max "
+          << ms(latency_.max) << " ms, POST answered in p50 " << ms(post_latency_.percentile(50)) << " ms, p99 "
+          << ms(post_latency_.percentile(99)) << " ms, "
+          << (ok ? "every subscriber got every notification once" : "INCOMPLETE") << " (incomplete " << incomplete
           << ", lost " << lost << ", duplicates " << dups_ << ", out of order " << out_of_order_ << ", publish errors "
           << publish_errors_ << ", closed " << closed_unexpected_ << "), "
           << fmt(frames_ ? double(delivered_run_) / double(frames_) : 0.0, 2) << " notifications/frame, CPU s: loadgen "
@@ -1327,32 +1411,43 @@ private:
         for (const auto& s : subs_) {
             if (!s->warm) continue;  // never was up
             lost += o_.away > s->run_count ? o_.away - s->run_count : 0;
-            if (s->state != subscriber::open || !s->probed) not_live++;
-            else if (!s->caught_up_at) not_caught_up++;  // live, but the server did not send all it missed
-            else times.push_back(double(s->caught_up_at - storm_start_) / 1e9);
+            if (s->state != subscriber::open || !s->probed)
+                not_live++;
+            else if (!s->caught_up_at)
+                not_caught_up++;  // live, but the server did not send all it missed
+            else
+                times.push_back(double(s->caught_up_at - storm_start_) / 1e9);
         }
         std::sort(times.begin(), times.end());
-        auto pct = [&](double p) { return times.empty() ? 0.0 : times[std::size_t(p / 100.0 * double(times.size() - 1))]; };
+        auto pct = [&](double p) {
+            return times.empty() ? 0.0 : times[std::size_t(p / 100.0 * double(times.size() - 1))];
+        };
         const double all_s = not_live == 0 && not_caught_up == 0 && !times.empty() ? times.back() : -1;
         const double reconnect_s = storm_ready_ > storm_start_ ? double(storm_ready_ - storm_start_) / 1e9 : -1;
         const long drops = listen_drops_start_ >= 0 ? listen_drops() - listen_drops_start_ : -1;
-        const double storm_cpu = o_.server_pid > 0 && storm_cpu_start_ >= 0 ? cpu_seconds(o_.server_pid) - storm_cpu_start_ : -1;
+        const double storm_cpu =
+            o_.server_pid > 0 && storm_cpu_start_ >= 0 ? cpu_seconds(o_.server_pid) - storm_cpu_start_ : -1;
         const bool resume = resumes(o_.proto);
         ok = ok && warm_ok_ && !away_failed_ && left_ > 0 && live == left_ && not_live == 0 && dups_ == 0 &&
              (!resume || lost == 0);
-        j << ",\"away\":" << o_.away << ",\"away_published\":" << away_ok_ << ",\"away_seconds\":" << fmt(away_seconds_, 3)
-          << ",\"reconnected\":" << opened_ << ",\"reconnect_failures\":" << failed_
-          << ",\"reconnect_s\":" << fmt(reconnect_s, 3) << ",\"resumes\":" << (resume ? "true" : "false")
-          << ",\"caught_up_p50_s\":" << fmt(pct(50), 3) << ",\"caught_up_p99_s\":" << fmt(pct(99), 3)
-          << ",\"caught_up_all_s\":" << fmt(all_s, 3) << ",\"not_live\":" << not_live << ",\"not_caught_up\":" << not_caught_up
-          << ",\"expected\":" << std::uint64_t(o_.away) * left_ << ",\"delivered\":" << storm_delivered_ << ",\"lost\":" << lost
-          << ",\"duplicates\":" << dups_ << ",\"probes\":" << probes_ << ",\"listen_drops\":" << drops
-          << ",\"server_cpu_s\":" << fmt(storm_cpu, 2) << ",\"elapsed_s\":" << fmt(double(storm_end_ - storm_start_) / 1e9, 2);
+        j << ",\"away\":" << o_.away << ",\"away_published\":" << away_ok_
+          << ",\"away_seconds\":" << fmt(away_seconds_, 3) << ",\"reconnected\":" << opened_
+          << ",\"reconnect_failures\":" << failed_ << ",\"reconnect_s\":" << fmt(reconnect_s, 3)
+          << ",\"resumes\":" << (resume ? "true" : "false") << ",\"caught_up_p50_s\":" << fmt(pct(50), 3)
+          << ",\"caught_up_p99_s\":" << fmt(pct(99), 3) << ",\"caught_up_all_s\":" << fmt(all_s, 3)
+          << ",\"not_live\":" << not_live << ",\"not_caught_up\":" << not_caught_up
+          << ",\"expected\":" << std::uint64_t(o_.away) * left_ << ",\"delivered\":" << storm_delivered_
+          << ",\"lost\":" << lost << ",\"duplicates\":" << dups_ << ",\"probes\":" << probes_
+          << ",\"listen_drops\":" << drops << ",\"server_cpu_s\":" << fmt(storm_cpu, 2)
+          << ",\"elapsed_s\":" << fmt(double(storm_end_ - storm_start_) / 1e9, 2);
         h << "# storm " << o_.label << ": " << left_ << " clients away while " << away_ok_ << " were published; "
           << opened_ << " reconnected in " << fmt(reconnect_s, 2) << " s (listen drops " << drops << "), caught up p50 "
-          << fmt(pct(50), 2) << " s, all " << (all_s < 0 ? "NEVER (" + std::to_string(not_live) + " not live, " + std::to_string(not_caught_up) + " live but missing some)" : fmt(all_s, 2) + " s")
-          << ", lost " << lost << " of " << std::uint64_t(o_.away) * left_ << (resume ? "" : " (no resume)") << ", duplicates "
-          << dups_ << ", server CPU " << fmt(storm_cpu, 2) << " s" << (ok ? "" : "  FAILED");
+          << fmt(pct(50), 2) << " s, all "
+          << (all_s < 0 ? "NEVER (" + std::to_string(not_live) + " not live, " + std::to_string(not_caught_up) +
+                              " live but missing some)"
+                        : fmt(all_s, 2) + " s")
+          << ", lost " << lost << " of " << std::uint64_t(o_.away) * left_ << (resume ? "" : " (no resume)")
+          << ", duplicates " << dups_ << ", server CPU " << fmt(storm_cpu, 2) << " s" << (ok ? "" : "  FAILED");
     }
 
     options o_;
@@ -1376,11 +1471,12 @@ private:
     std::uint64_t delivered_run_ = 0, dups_ = 0, out_of_order_ = 0, missed_markers_ = 0;
     std::uint64_t backlog_ = 0, max_backlog_ = 0, late_ = 0;
     std::chrono::steady_clock::time_point next_due_;
-    std::int64_t connect_start_ = 0, warm_start_ = 0, run_start_ = 0, run_end_ = 0, answers_done_ = 0, last_delivery_ = 0;
+    std::int64_t connect_start_ = 0, warm_start_ = 0, run_start_ = 0, run_end_ = 0, answers_done_ = 0,
+                 last_delivery_ = 0;
     double connect_seconds_ = 0, warm_seconds_ = 0;
     long rss_before_ = -1, rss_after_ = -1;
     histogram latency_;
-    histogram post_latency_;  // publish: connect + POST + answer
+    histogram post_latency_;    // publish: connect + POST + answer
     std::uint64_t frames_ = 0;  // text frames with at least one counted notification
     double self_cpu_start_ = 0, server_cpu_start_ = -1;
     std::size_t errors_shown_ = 0;
@@ -1389,7 +1485,8 @@ private:
     // storm
     int storm_phase_ = 0;  // 1: publishing while away, 2: reconnected
     bool reconnecting_ = false, away_failed_ = false;
-    std::size_t left_ = 0, away_requested_ = 0, away_ok_ = 0, away_errors_ = 0, caught_up_ = 0, opened_before_storm_ = 0, failed_before_storm_ = 0;
+    std::size_t left_ = 0, away_requested_ = 0, away_ok_ = 0, away_errors_ = 0, caught_up_ = 0,
+                opened_before_storm_ = 0, failed_before_storm_ = 0;
     std::uint64_t probes_ = 0, storm_delivered_ = 0;
     std::size_t probed_ = 0;
     std::int64_t first_all_probed_ = 0;
@@ -1455,21 +1552,27 @@ public:
         // A first id, so that every first subscribe names a real `last` (0 would mean the
         // 50 s first-poll window, and rows from before the subscribe).
         publish(-2);
-        wait_for([this] { return inflight_ == 0; }, 30, [this](bool ok) {
-            if (!ok || newest_answered_ == 0) return fail_early("the first publish was not answered");
-            progress("connecting " + std::to_string(conns_.size()) + " connections");
-            connect_start_ = now_ns();
-            open_more();
-            wait_for([this] { return opened_ == conns_.size(); }, 60 + double(conns_.size()) / 100, [this](bool ok) {
-                if (!ok) return fail_early("only " + std::to_string(opened_) + " connections opened");
-                progress("connected in " + fmt(double(now_ns() - connect_start_) / 1e9, 2) + " s; first shared publish");
-                publish(-1);  // proves every subscribe was processed
-                wait_for([this] { return with_data() == conns_.size(); }, 60, [this](bool ok) {
-                    if (!ok) return fail_early(std::to_string(with_data()) + " connections got the first shared notification");
-                    steady();
-                });
-            });
-        });
+        wait_for([this] { return inflight_ == 0; }, 30,
+                 [this](bool ok) {
+                     if (!ok || newest_answered_ == 0) return fail_early("the first publish was not answered");
+                     progress("connecting " + std::to_string(conns_.size()) + " connections");
+                     connect_start_ = now_ns();
+                     open_more();
+                     wait_for([this] { return opened_ == conns_.size(); }, 60 + double(conns_.size()) / 100,
+                              [this](bool ok) {
+                                  if (!ok) return fail_early("only " + std::to_string(opened_) + " connections opened");
+                                  progress("connected in " + fmt(double(now_ns() - connect_start_) / 1e9, 2) +
+                                           " s; first shared publish");
+                                  publish(-1);  // proves every subscribe was processed
+                                  wait_for([this] { return with_data() == conns_.size(); }, 60,
+                                           [this](bool ok) {
+                                               if (!ok)
+                                                   return fail_early(std::to_string(with_data()) +
+                                                                     " connections got the first shared notification");
+                                               steady();
+                                           });
+                              });
+                 });
         io_.run();
         return exit_code_;
     }
@@ -1524,13 +1627,16 @@ private:
             progress("warm-up over: server RSS " + std::to_string(rss_warm_) + " KiB, " +
                      std::to_string(fd_count(o_.server_pid)) + " fds");
         }
-        while (double(personal_requested_) < elapsed * o_.rate || double(shared_requested_) < elapsed * o_.shared_rate) {
+        while (double(personal_requested_) < elapsed * o_.rate ||
+               double(shared_requested_) < elapsed * o_.shared_rate) {
             if (inflight_ >= o_.publishers) {
                 late_++;
                 break;
             }
-            if (double(shared_requested_) < elapsed * o_.shared_rate) shared_requested_++, publish(-1);
-            else personal_requested_++, publish(long(rng_() % conns_.size()));
+            if (double(shared_requested_) < elapsed * o_.shared_rate)
+                shared_requested_++, publish(-1);
+            else
+                personal_requested_++, publish(long(rng_() % conns_.size()));
         }
         tick_.expires_after(std::chrono::milliseconds(5));
         tick_.async_wait([this](const asio::error_code&) { pace(); });
@@ -1553,11 +1659,12 @@ private:
         run_seconds_ = double(now_ns() - run_start_) / 1e9;
         progress("publishing and churn stopped after " + fmt(run_seconds_, 1) + " s; server RSS " +
                  std::to_string(rss_end_) + " KiB; waiting for answers, returns and deliveries");
-        wait_for([this] { return inflight_ == 0 && not_open() == 0; }, 60, [this](bool) {
-            answers_done_ = now_ns();
-            prepare_expected();
-            drain();
-        });
+        wait_for([this] { return inflight_ == 0 && not_open() == 0; }, 60,
+                 [this](bool) {
+                     answers_done_ = now_ns();
+                     prepare_expected();
+                     drain();
+                 });
     }
 
     std::size_t not_open() const {
@@ -1704,7 +1811,8 @@ private:
         c->state = soak_connection::away;
         std::string().swap(c->in);
         std::string().swap(c->message);
-        const auto delay = std::chrono::milliseconds(std::int64_t(std::uniform_real_distribution<double>(0, o_.away_max)(rng_) * 1000));
+        const auto delay = std::chrono::milliseconds(
+            std::int64_t(std::uniform_real_distribution<double>(0, o_.away_max)(rng_) * 1000));
         auto t = std::make_shared<asio::steady_timer>(io_, delay);
         t->async_wait([this, c, t](const asio::error_code&) {
             if (!closing_) start(c);
@@ -1774,7 +1882,8 @@ private:
             const std::size_t end = c->in.find("\r\n\r\n");
             if (end == std::string::npos) return;
             const std::string_view head(c->in.data(), end + 2);
-            if (head.rfind("HTTP/1.1 101", 0) != 0 || wsmini::header_value(head, "Sec-WebSocket-Accept") != wsmini::accept_key(c->key)) {
+            if (head.rfind("HTTP/1.1 101", 0) != 0 ||
+                wsmini::header_value(head, "Sec-WebSocket-Accept") != wsmini::accept_key(c->key)) {
                 note_error("handshake refused: " + std::string(head.substr(0, head.find("\r\n"))));
                 return retry(c, gen);
             }
@@ -1825,13 +1934,11 @@ private:
             }
             break;
         case 0x8:
-            lost(c, "server closed with " + std::to_string(len >= 2 ? (std::uint8_t(p[0]) << 8 | std::uint8_t(p[1])) : 1005));
+            lost(c, "server closed with " +
+                        std::to_string(len >= 2 ? (std::uint8_t(p[0]) << 8 | std::uint8_t(p[1])) : 1005));
             break;
-        case 0x9:
-            send(c, wsmini::masked_frame(0xA, std::string_view(p, len), std::uint32_t(rng_())));
-            break;
-        default:
-            break;
+        case 0x9: send(c, wsmini::masked_frame(0xA, std::string_view(p, len), std::uint32_t(rng_()))); break;
+        default: break;
         }
     }
 
@@ -1848,7 +1955,8 @@ private:
             } else if (id <= c->last) {
                 duplicates_++;
                 if (duplicates_ <= 5)
-                    note_error("connection " + std::to_string(c->index) + ": id " + std::to_string(id) + " after " + std::to_string(c->last));
+                    note_error("connection " + std::to_string(c->index) + ": id " + std::to_string(id) + " after " +
+                               std::to_string(c->last));
             } else {
                 c->last = id;
                 c->count++;
@@ -1873,14 +1981,16 @@ private:
         auto r = std::make_shared<post>(io_);
         r->target = target;
         const std::string channel = target >= 0 ? "p" + std::to_string(target) : target == -1 ? "shared" : "soak-start";
-        const std::string body = "{\"channel\":\"" + channel + "\",\"type\":\"soak\",\"payload\":{\"t\":" +
-                                 std::to_string(now_ns()) + ",\"pad\":\"" + pad_ + "\"}}";
+        const std::string body = "{\"channel\":\"" + channel +
+                                 "\",\"type\":\"soak\",\"payload\":{\"t\":" + std::to_string(now_ns()) + ",\"pad\":\"" +
+                                 pad_ + "\"}}";
         r->request = "POST /bus/send HTTP/1.1\r\nHost: " + o_.host + ":" + std::to_string(o_.port) +
                      "\r\nAuthorization: Bearer " + o_.api_key +
                      "\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: " +
                      std::to_string(body.size()) + "\r\n\r\n" + body;
         try {
-            open_bound(r->sock, asio::ip::address_v4((127u << 24) | (1u << 8) | std::uint32_t(1 + publish_counter_++ % 16)));
+            open_bound(r->sock,
+                       asio::ip::address_v4((127u << 24) | (1u << 8) | std::uint32_t(1 + publish_counter_++ % 16)));
         } catch (const std::system_error& e) {
             return asio::post(io_, [this, r, what = std::string(e.what())] { answered(r, "socket: " + what); });
         }
@@ -1914,8 +2024,10 @@ private:
         }
         published_++;
         newest_answered_ = std::max(newest_answered_, id);
-        if (r->target >= 0) personal_ids_[std::size_t(r->target)].push_back(id);
-        else if (r->target == -1) shared_ids_.push_back(id);
+        if (r->target >= 0)
+            personal_ids_[std::size_t(r->target)].push_back(id);
+        else if (r->target == -1)
+            shared_ids_.push_back(id);
     }
 
     // --- verification -------------------------------------------------------------------------
@@ -1923,7 +2035,8 @@ private:
     void prepare_expected() {
         std::sort(shared_ids_.begin(), shared_ids_.end());
         shared_suffix_.assign(shared_ids_.size() + 1, 0);
-        for (std::size_t i = shared_ids_.size(); i-- > 0;) shared_suffix_[i] = shared_suffix_[i + 1] + mix(shared_ids_[i]);
+        for (std::size_t i = shared_ids_.size(); i-- > 0;)
+            shared_suffix_[i] = shared_suffix_[i + 1] + mix(shared_ids_[i]);
         expected_ready_ = true;
     }
 
@@ -1965,28 +2078,31 @@ private:
         const long rss_allowed = std::max(o_.rss_tolerance_kib, long(double(rss_warm_) * o_.rss_tolerance_pct / 100));
         const bool fd_ok = fd_end_ >= 0 && fd_end_ <= fd_idle_ + o_.fd_tolerance;
         const bool rss_ok = rss_warm_ > 0 && rss_end_ > 0 && rss_growth <= rss_allowed;
-        const bool ok = early_failure_.empty() && lost_ == 0 && incomplete_ == 0 && duplicates_ == 0 && missed_markers_ == 0 &&
-                        publish_errors_ == 0 && closed_by_server_ == 0 && fd_ok && rss_ok && published_ > 0;
+        const bool ok = early_failure_.empty() && lost_ == 0 && incomplete_ == 0 && duplicates_ == 0 &&
+                        missed_markers_ == 0 && publish_errors_ == 0 && closed_by_server_ == 0 && fd_ok && rss_ok &&
+                        published_ > 0;
         std::ostringstream j, h;
-        j << "{\"mode\":\"soak\",\"protocol\":\"imbus\",\"label\":\"" << json_escape(o_.label) << "\",\"connections\":"
-          << conns_.size() << ",\"opened\":" << opened_ << ",\"seconds\":" << fmt(run_seconds_, 1)
-          << ",\"warmup_s\":" << fmt(o_.warmup, 1) << ",\"rate\":" << fmt(o_.rate, 1) << ",\"shared_rate\":" << fmt(o_.shared_rate, 1)
-          << ",\"published\":" << published_ << ",\"publish_errors\":" << publish_errors_ << ",\"late_publishes\":" << late_
-          << ",\"drops\":" << drops_ << ",\"rst_drops\":" << rsts_ << ",\"connect_failures\":" << connect_failures_
-          << ",\"closed_by_server\":" << closed_by_server_ << ",\"expected\":" << expected_ << ",\"delivered\":" << delivered_
-          << ",\"lost\":" << lost_ << ",\"duplicates\":" << duplicates_ << ",\"connections_incomplete\":" << incomplete_
-          << ",\"missed_markers\":" << missed_markers_ << ",\"rss_idle_kib\":" << rss_idle_ << ",\"rss_warm_kib\":" << rss_warm_
-          << ",\"rss_end_kib\":" << rss_end_ << ",\"rss_max_kib\":" << rss_max_ << ",\"rss_after_close_kib\":" << rss_closed_
-          << ",\"rss_growth_kib\":" << rss_growth << ",\"rss_allowed_kib\":" << rss_allowed << ",\"fd_idle\":" << fd_idle_
-          << ",\"fd_max\":" << fd_max_ << ",\"fd_end\":" << fd_end_ << ",\"fd_tolerance\":" << o_.fd_tolerance
-          << ",\"samples\":" << samples_;
+        j << "{\"mode\":\"soak\",\"protocol\":\"imbus\",\"label\":\"" << json_escape(o_.label)
+          << "\",\"connections\":" << conns_.size() << ",\"opened\":" << opened_
+          << ",\"seconds\":" << fmt(run_seconds_, 1) << ",\"warmup_s\":" << fmt(o_.warmup, 1)
+          << ",\"rate\":" << fmt(o_.rate, 1) << ",\"shared_rate\":" << fmt(o_.shared_rate, 1)
+          << ",\"published\":" << published_ << ",\"publish_errors\":" << publish_errors_
+          << ",\"late_publishes\":" << late_ << ",\"drops\":" << drops_ << ",\"rst_drops\":" << rsts_
+          << ",\"connect_failures\":" << connect_failures_ << ",\"closed_by_server\":" << closed_by_server_
+          << ",\"expected\":" << expected_ << ",\"delivered\":" << delivered_ << ",\"lost\":" << lost_
+          << ",\"duplicates\":" << duplicates_ << ",\"connections_incomplete\":" << incomplete_
+          << ",\"missed_markers\":" << missed_markers_ << ",\"rss_idle_kib\":" << rss_idle_
+          << ",\"rss_warm_kib\":" << rss_warm_ << ",\"rss_end_kib\":" << rss_end_ << ",\"rss_max_kib\":" << rss_max_
+          << ",\"rss_after_close_kib\":" << rss_closed_ << ",\"rss_growth_kib\":" << rss_growth
+          << ",\"rss_allowed_kib\":" << rss_allowed << ",\"fd_idle\":" << fd_idle_ << ",\"fd_max\":" << fd_max_
+          << ",\"fd_end\":" << fd_end_ << ",\"fd_tolerance\":" << o_.fd_tolerance << ",\"samples\":" << samples_;
         if (!early_failure_.empty()) j << ",\"failure\":\"" << json_escape(early_failure_) << "\"";
         j << ",\"ok\":" << (ok ? "true" : "false") << "}";
         h << "# soak " << o_.label << ": " << conns_.size() << " connections for " << fmt(run_seconds_, 0) << " s, "
-          << published_ << " published, " << delivered_ << "/" << expected_ << " delivered, lost " << lost_ << ", duplicates "
-          << duplicates_ << ", " << drops_ << " drops (" << rsts_ << " RST), RSS " << rss_warm_ << " KiB after warm-up -> "
-          << rss_end_ << " KiB at the end (allowed +" << rss_allowed << "), fds idle " << fd_idle_ << ", max " << fd_max_
-          << ", after close " << fd_end_ << (ok ? "" : "  FAILED");
+          << published_ << " published, " << delivered_ << "/" << expected_ << " delivered, lost " << lost_
+          << ", duplicates " << duplicates_ << ", " << drops_ << " drops (" << rsts_ << " RST), RSS " << rss_warm_
+          << " KiB after warm-up -> " << rss_end_ << " KiB at the end (allowed +" << rss_allowed << "), fds idle "
+          << fd_idle_ << ", max " << fd_max_ << ", after close " << fd_end_ << (ok ? "" : "  FAILED");
         std::cout << j.str() << "\n" << h.str() << std::endl;
         exit_code_ = ok ? 0 : 1;
         io_.stop();
@@ -2107,10 +2223,11 @@ public:
         progress("server RSS " + std::to_string(rss_idle_) + " KiB; connecting the canary");
         sample();
         canary_connect();
-        wait_for([this] { return canary_.state == canary_connection::open; }, 15, [this](bool ok) {
-            if (!ok) return fail_early("the canary did not connect");
-            canary_warm();
-        });
+        wait_for([this] { return canary_.state == canary_connection::open; }, 15,
+                 [this](bool ok) {
+                     if (!ok) return fail_early("the canary did not connect");
+                     canary_warm();
+                 });
         io_.run();
         return exit_code_;
     }
@@ -2157,7 +2274,8 @@ private:
         return wsmini::base64(raw);
     }
     static bool accepted(std::string_view head, const std::string& key) {
-        return head.rfind("HTTP/1.1 101", 0) == 0 && wsmini::header_value(head, "Sec-WebSocket-Accept") == wsmini::accept_key(key);
+        return head.rfind("HTTP/1.1 101", 0) == 0 &&
+               wsmini::header_value(head, "Sec-WebSocket-Accept") == wsmini::accept_key(key);
     }
 
     // --- phases -------------------------------------------------------------------------------
@@ -2172,18 +2290,21 @@ private:
             after(std::chrono::milliseconds(500), [again] { (*again)(); });
         };
         (*again)();
-        wait_for([this] { return canary_warm_; }, 15, [this](bool ok) {
-            if (!ok) return fail_early("the canary's warm-up notification did not arrive");
-            if (flood_mode_ || o_.history == 0) return settle();
-            progress("publishing a history of " + std::to_string(o_.history) + " notifications to \"" + o_.channel + "\"");
-            pump_history();
-            wait_for([this] { return history_requested_ == o_.history && broadcast_inflight_ == 0; }, 120, [this](bool ok) {
-                if (!ok || history_published_ != o_.history)
-                    return fail_early(std::to_string(history_published_) + " of " + std::to_string(o_.history) +
-                                      " history publishes answered");
-                settle();
-            });
-        });
+        wait_for([this] { return canary_warm_; }, 15,
+                 [this](bool ok) {
+                     if (!ok) return fail_early("the canary's warm-up notification did not arrive");
+                     if (flood_mode_ || o_.history == 0) return settle();
+                     progress("publishing a history of " + std::to_string(o_.history) + " notifications to \"" +
+                              o_.channel + "\"");
+                     pump_history();
+                     wait_for([this] { return history_requested_ == o_.history && broadcast_inflight_ == 0; }, 120,
+                              [this](bool ok) {
+                                  if (!ok || history_published_ != o_.history)
+                                      return fail_early(std::to_string(history_published_) + " of " +
+                                                        std::to_string(o_.history) + " history publishes answered");
+                                  settle();
+                              });
+                 });
     }
 
     // slowreaders: what the readers' "last": 1 asks for is already in the store.
@@ -2208,12 +2329,14 @@ private:
         attacking_ = true;
         server_cpu_start_ = cpu_seconds(o_.server_pid);
         if (flood_mode_) {
-            progress("ping flood for " + fmt(o_.seconds, 0) + " s; server RSS before " + std::to_string(rss_before_) + " KiB");
+            progress("ping flood for " + fmt(o_.seconds, 0) + " s; server RSS before " + std::to_string(rss_before_) +
+                     " KiB");
             flood_connect();
         } else {
-            progress(std::to_string(hostiles_.size()) + " non-reading subscribers of \"" + o_.channel + "\" (last 1), " +
-                     fmt(o_.rate, 0) + " publishes/s of " + std::to_string(o_.payload_bytes) + " bytes for " +
-                     fmt(o_.seconds, 0) + " s; server RSS before " + std::to_string(rss_before_) + " KiB");
+            progress(std::to_string(hostiles_.size()) + " non-reading subscribers of \"" + o_.channel +
+                     "\" (last 1), " + fmt(o_.rate, 0) + " publishes/s of " + std::to_string(o_.payload_bytes) +
+                     " bytes for " + fmt(o_.seconds, 0) + " s; server RSS before " + std::to_string(rss_before_) +
+                     " KiB");
             open_readers();
             pace_broadcast();
         }
@@ -2243,12 +2366,14 @@ private:
         for (auto& h : hostiles_) hostile_alive_ += tcp_established(h->sock);
         progress("attack over after " + fmt(attack_seconds_, 1) + " s" + (cap_hit_ ? " (RSS cap reached)" : "") +
                  ": server RSS " + std::to_string(rss_end_) + " KiB (peak " + std::to_string(rss_peak_) + "); " +
-                 std::to_string(hostile_alive_) + " hostile connections still established; scraping " + o_.metrics_path);
+                 std::to_string(hostile_alive_) + " hostile connections still established; scraping " +
+                 o_.metrics_path);
         scrape_metrics([this] {
-            wait_for([this] { return canary_inflight_ == 0 && broadcast_inflight_ == 0; }, 30, [this](bool) {
-                answers_done_ = now_ns();
-                drain();
-            });
+            wait_for([this] { return canary_inflight_ == 0 && broadcast_inflight_ == 0; }, 30,
+                     [this](bool) {
+                         answers_done_ = now_ns();
+                         drain();
+                     });
         });
     }
 
@@ -2303,8 +2428,8 @@ private:
         }
         if (attacking_ && o_.rss_cap_mib > 0 && rss > o_.rss_cap_mib * 1024) {
             cap_hit_ = true;
-            note_error("server RSS " + std::to_string(rss) + " KiB passed --rss-cap-mib " + std::to_string(o_.rss_cap_mib) +
-                       ": the attack ends now");
+            note_error("server RSS " + std::to_string(rss) + " KiB passed --rss-cap-mib " +
+                       std::to_string(o_.rss_cap_mib) + ": the attack ends now");
             end_attack();
         }
         if (attacking_ && server_gone_) {
@@ -2313,7 +2438,8 @@ private:
         }
         // A server that closes the flooder while the flooder's write waits on a zero window gives
         // that write no error: the TCP state tells, without a read.
-        if (attacking_ && flood_mode_ && hostiles_[0]->state == hostile_connection::open && !tcp_established(hostiles_[0]->sock))
+        if (attacking_ && flood_mode_ && hostiles_[0]->state == hostile_connection::open &&
+            !tcp_established(hostiles_[0]->sock))
             flood_lost(hostiles_[0].get(), "the server closed it");
         sampler_.expires_after(std::chrono::milliseconds(100));
         sampler_.async_wait([this](const asio::error_code& ec) {
@@ -2385,12 +2511,13 @@ private:
     // 64 KiB of pings at a time, as fast as the kernel takes them; never a read.
     void flood_write(hostile_connection* f, std::uint32_t gen) {
         if (!attacking_ || gen != f->gen) return;
-        asio::async_write(f->sock, asio::buffer(ping_block_), [this, f, gen](const asio::error_code& ec, std::size_t n) {
-            flood_bytes_ += n;
-            if (gen != f->gen) return;
-            if (ec) return flood_lost(f, ec.message());
-            flood_write(f, gen);
-        });
+        asio::async_write(f->sock, asio::buffer(ping_block_),
+                          [this, f, gen](const asio::error_code& ec, std::size_t n) {
+                              flood_bytes_ += n;
+                              if (gen != f->gen) return;
+                              if (ec) return flood_lost(f, ec.message());
+                              flood_write(f, gen);
+                          });
     }
 
     // The server dropped the flooder: connect again and go on.
@@ -2409,21 +2536,22 @@ private:
         const std::uint32_t gen = h->gen;
         const std::size_t old = h->in.size();
         h->in.resize(old + 4096);
-        h->sock.async_read_some(asio::buffer(&h->in[old], 4096),
-                                [this, h, gen, old, then = std::move(then)](const asio::error_code& ec, std::size_t n) mutable {
-                                    if (gen != h->gen) return;
-                                    h->in.resize(old + (ec ? 0 : n));
-                                    if (ec) return then(false);
-                                    const std::size_t end = h->in.find("\r\n\r\n");
-                                    if (end == std::string::npos) {
-                                        if (h->in.size() > 16384) return then(false);
-                                        return read_handshake(h, std::move(then));
-                                    }
-                                    const bool ok = accepted(std::string_view(h->in.data(), end + 2), h->key);
-                                    if (!ok) note_error("handshake refused: " + h->in.substr(0, h->in.find("\r\n")));
-                                    std::string().swap(h->in);
-                                    then(ok);
-                                });
+        h->sock.async_read_some(
+            asio::buffer(&h->in[old], 4096),
+            [this, h, gen, old, then = std::move(then)](const asio::error_code& ec, std::size_t n) mutable {
+                if (gen != h->gen) return;
+                h->in.resize(old + (ec ? 0 : n));
+                if (ec) return then(false);
+                const std::size_t end = h->in.find("\r\n\r\n");
+                if (end == std::string::npos) {
+                    if (h->in.size() > 16384) return then(false);
+                    return read_handshake(h, std::move(then));
+                }
+                const bool ok = accepted(std::string_view(h->in.data(), end + 2), h->key);
+                if (!ok) note_error("handshake refused: " + h->in.substr(0, h->in.find("\r\n")));
+                std::string().swap(h->in);
+                then(ok);
+            });
     }
 
     // --- non-reading subscribers --------------------------------------------------------------
@@ -2438,7 +2566,8 @@ private:
             r->state = hostile_connection::open;
             readers_open_++;
             if (readers_open_ == hostiles_.size())
-                progress("all " + std::to_string(readers_open_) + " readers subscribed after " + fmt(since_attack(), 2) + " s");
+                progress("all " + std::to_string(readers_open_) + " readers subscribed after " +
+                         fmt(since_attack(), 2) + " s");
         } else {
             r->state = hostile_connection::failed;
             r->gen++;
@@ -2478,12 +2607,14 @@ private:
                     if (gen != r->gen) return;
                     if (!ok) return reader_done(r, false);
                     // History first ("last": 1), then never a read again.
-                    r->out = wsmini::masked_frame(1, "{\"event_name\":\"subscribe\",\"data\":{\"channels\":[\"" + o_.channel +
-                                                          "\"],\"last\":1}}", std::uint32_t(rng_()));
-                    asio::async_write(r->sock, asio::buffer(r->out), [this, r, gen](const asio::error_code& ec, std::size_t) {
-                        if (gen != r->gen) return;
-                        reader_done(r, !ec);
-                    });
+                    r->out = wsmini::masked_frame(
+                        1, "{\"event_name\":\"subscribe\",\"data\":{\"channels\":[\"" + o_.channel + "\"],\"last\":1}}",
+                        std::uint32_t(rng_()));
+                    asio::async_write(r->sock, asio::buffer(r->out),
+                                      [this, r, gen](const asio::error_code& ec, std::size_t) {
+                                          if (gen != r->gen) return;
+                                          reader_done(r, !ec);
+                                      });
                 });
             });
         });
@@ -2536,10 +2667,11 @@ private:
 
     std::string publish_body(bool canary, std::int64_t seq) const {
         if (canary)
-            return "{\"channel\":\"" + o_.canary_channel + "\",\"type\":\"canary\",\"payload\":{\"c\":" + std::to_string(seq) +
+            return "{\"channel\":\"" + o_.canary_channel +
+                   "\",\"type\":\"canary\",\"payload\":{\"c\":" + std::to_string(seq) +
                    ",\"t\":" + std::to_string(now_ns()) + "}}";
-        return "{\"channel\":\"" + o_.channel + "\",\"type\":\"b\",\"payload\":{\"s\":" + std::to_string(seq) + ",\"t\":" +
-               std::to_string(now_ns()) + ",\"pad\":\"" + pad_ + "\"}}";
+        return "{\"channel\":\"" + o_.channel + "\",\"type\":\"b\",\"payload\":{\"s\":" + std::to_string(seq) +
+               ",\"t\":" + std::to_string(now_ns()) + ",\"pad\":\"" + pad_ + "\"}}";
     }
 
     void publish(bool canary, std::int64_t seq) {
@@ -2549,7 +2681,8 @@ private:
         r->seq = seq;
         r->start = now_ns();
         try {
-            open_bound(r->sock, asio::ip::address_v4((127u << 24) | (1u << 8) | std::uint32_t(1 + publish_counter_++ % 16)));
+            open_bound(r->sock,
+                       asio::ip::address_v4((127u << 24) | (1u << 8) | std::uint32_t(1 + publish_counter_++ % 16)));
         } catch (const std::system_error& e) {
             return asio::post(io_, [this, r, what = std::string(e.what())] { answered(r, "socket: " + what); });
         }
@@ -2585,8 +2718,8 @@ private:
         }
         if (id <= 0) {
             (r->canary ? canary_publish_errors_ : broadcast_publish_errors_)++;
-            note_error(std::string(r->canary ? "canary" : "broadcast") + " publish failed: " +
-                       (error.empty() ? r->response.substr(0, r->response.find("\r\n")) : error));
+            note_error(std::string(r->canary ? "canary" : "broadcast") +
+                       " publish failed: " + (error.empty() ? r->response.substr(0, r->response.find("\r\n")) : error));
             return;
         }
         if (!r->canary) {
@@ -2694,8 +2827,11 @@ private:
                 return canary_lost("handshake refused: " + c->in.substr(0, c->in.find("\r\n")));
             c->in.erase(0, end + 4);
             c->state = canary_connection::open;
-            canary_send(wsmini::masked_frame(1, "{\"event_name\":\"subscribe\",\"data\":{\"channels\":[\"" + o_.canary_channel +
-                                                   "\"],\"last\":" + std::to_string(c->last_id) + "}}", std::uint32_t(rng_())));
+            canary_send(wsmini::masked_frame(1,
+                                             "{\"event_name\":\"subscribe\",\"data\":{\"channels\":[\"" +
+                                                 o_.canary_channel + "\"],\"last\":" + std::to_string(c->last_id) +
+                                                 "}}",
+                                             std::uint32_t(rng_())));
         }
         std::size_t off = 0;
         const char* d = c->in.data();
@@ -2742,13 +2878,11 @@ private:
             }
             break;
         case 0x8:
-            canary_lost("server closed with " + std::to_string(len >= 2 ? (std::uint8_t(p[0]) << 8 | std::uint8_t(p[1])) : 1005));
+            canary_lost("server closed with " +
+                        std::to_string(len >= 2 ? (std::uint8_t(p[0]) << 8 | std::uint8_t(p[1])) : 1005));
             break;
-        case 0x9:
-            canary_send(wsmini::masked_frame(0xA, std::string_view(p, len), std::uint32_t(rng_())));
-            break;
-        default:
-            break;
+        case 0x9: canary_send(wsmini::masked_frame(0xA, std::string_view(p, len), std::uint32_t(rng_()))); break;
+        default: break;
         }
     }
 
@@ -2814,32 +2948,39 @@ private:
         *read = [r, read, complete] {
             const std::size_t old = r->response.size();
             r->response.resize(old + 16384);
-            r->sock.async_read_some(asio::buffer(&r->response[old], 16384), [r, read, complete, old](const asio::error_code& ec, std::size_t n) {
-                r->response.resize(old + (ec ? 0 : n));
-                if (ec) return complete(false);
-                const std::size_t end = r->response.find("\r\n\r\n");
-                if (end != std::string::npos) {
-                    const auto length = wsmini::header_value(std::string_view(r->response.data(), end + 2), "Content-Length");
-                    if (!length.empty() && r->response.size() >= end + 4 + std::strtoull(std::string(length).c_str(), nullptr, 10)) {
-                        *read = nullptr;  // breaks the cycle
-                        return complete(false);
+            r->sock.async_read_some(
+                asio::buffer(&r->response[old], 16384),
+                [r, read, complete, old](const asio::error_code& ec, std::size_t n) {
+                    r->response.resize(old + (ec ? 0 : n));
+                    if (ec) return complete(false);
+                    const std::size_t end = r->response.find("\r\n\r\n");
+                    if (end != std::string::npos) {
+                        const auto length =
+                            wsmini::header_value(std::string_view(r->response.data(), end + 2), "Content-Length");
+                        if (!length.empty() &&
+                            r->response.size() >= end + 4 + std::strtoull(std::string(length).c_str(), nullptr, 10)) {
+                            *read = nullptr;  // breaks the cycle
+                            return complete(false);
+                        }
                     }
-                }
-                (*read)();
-            });
+                    (*read)();
+                });
         };
         r->sock.async_connect(server_, [r, read, complete](const asio::error_code& ec) {
             if (ec) return complete(false);
-            asio::async_write(r->sock, asio::buffer(r->request), [read, complete](const asio::error_code& ec, std::size_t) {
-                if (ec) return complete(false);
-                (*read)();
-            });
+            asio::async_write(r->sock, asio::buffer(r->request),
+                              [read, complete](const asio::error_code& ec, std::size_t) {
+                                  if (ec) return complete(false);
+                                  (*read)();
+                              });
         });
     }
 
     // Keeps the lines starting with imbus_outbound_bytes or imbus_closes_total: name -> value.
     void parse_metrics(const std::string& response, bool timed_out) {
-        metrics_status_ = timed_out ? "timeout" : response.empty() ? "no answer" : response.substr(0, response.find("\r\n"));
+        metrics_status_ = timed_out          ? "timeout"
+                          : response.empty() ? "no answer"
+                                             : response.substr(0, response.find("\r\n"));
         if (response.rfind("HTTP/1.1 200", 0) != 0) return;
         const std::size_t body = response.find("\r\n\r\n");
         if (body == std::string::npos) return;
@@ -2857,7 +2998,8 @@ private:
     static std::string json_number_or_string(const std::string& v) {
         char* end = nullptr;
         const double d = std::strtod(v.c_str(), &end);
-        if (!v.empty() && end == v.c_str() + v.size() && std::isfinite(d)) return fmt(d, d == std::floor(d) && std::fabs(d) < 1e15 ? 0 : 6);
+        if (!v.empty() && end == v.c_str() + v.size() && std::isfinite(d))
+            return fmt(d, d == std::floor(d) && std::fabs(d) < 1e15 ? 0 : 6);
         return "\"" + json_escape(v) + "\"";
     }
 
@@ -2874,56 +3016,65 @@ private:
         const std::size_t opened = flood_mode_ ? (flood_opened_ > 0 ? 1 : 0) : readers_open_;
         const long growth = rss_before_ > 0 && rss_peak_ > 0 ? rss_peak_ - rss_before_ : -1;
         const double per = growth >= 0 && n > 0 ? double(growth) / double(n) : -1;
-        const bool canary_ok = canary_published_ > 0 && canary_received_ == canary_published_ && canary_publish_errors_ == 0 &&
-                               canary_duplicates_ == 0;
+        const bool canary_ok = canary_published_ > 0 && canary_received_ == canary_published_ &&
+                               canary_publish_errors_ == 0 && canary_duplicates_ == 0;
         const bool ok = early_failure_.empty() && !server_gone_ && opened > 0 && canary_ok;
         std::ostringstream j, h;
         j << "{\"mode\":\"" << o_.mode << "\",\"protocol\":\"imbus\",\"label\":\"" << json_escape(o_.label)
           << "\",\"seconds\":" << fmt(o_.seconds, 1) << ",\"attack_s\":" << fmt(attack_seconds_, 2)
           << ",\"rss_cap_hit\":" << (cap_hit_ ? "true" : "false") << ",\"hostile_connections\":" << n
           << ",\"hostile_opened\":" << (flood_mode_ ? flood_opened_ : readers_open_)
-          << ",\"hostile_established_at_end\":" << hostile_alive_ << ",\"rcvbuf\":" << o_.rcvbuf << ",\"mss\":" << o_.mss;
+          << ",\"hostile_established_at_end\":" << hostile_alive_ << ",\"rcvbuf\":" << o_.rcvbuf
+          << ",\"mss\":" << o_.mss;
         if (flood_mode_) {
-            j << ",\"pings_sent\":" << flood_bytes_ / 6 << ",\"ping_bytes\":" << flood_bytes_ << ",\"reconnects\":" << flood_reconnects_
-              << ",\"connect_failures\":" << flood_failures_;
+            j << ",\"pings_sent\":" << flood_bytes_ / 6 << ",\"ping_bytes\":" << flood_bytes_
+              << ",\"reconnects\":" << flood_reconnects_ << ",\"connect_failures\":" << flood_failures_;
         } else {
-            j << ",\"channel\":\"" << json_escape(o_.channel) << "\",\"readers\":" << n << ",\"readers_open\":" << readers_open_
-              << ",\"readers_failed\":" << readers_failed_ << ",\"history\":" << history_published_
-              << ",\"rate\":" << fmt(o_.rate, 1) << ",\"payload_bytes\":" << o_.payload_bytes
-              << ",\"published\":" << broadcast_published_ << ",\"publish_errors\":" << broadcast_publish_errors_
-              << ",\"late_publishes\":" << broadcast_late_;
+            j << ",\"channel\":\"" << json_escape(o_.channel) << "\",\"readers\":" << n
+              << ",\"readers_open\":" << readers_open_ << ",\"readers_failed\":" << readers_failed_
+              << ",\"history\":" << history_published_ << ",\"rate\":" << fmt(o_.rate, 1)
+              << ",\"payload_bytes\":" << o_.payload_bytes << ",\"published\":" << broadcast_published_
+              << ",\"publish_errors\":" << broadcast_publish_errors_ << ",\"late_publishes\":" << broadcast_late_;
         }
-        j << ",\"rss_idle_kib\":" << rss_idle_ << ",\"rss_before_kib\":" << rss_before_ << ",\"rss_peak_kib\":" << rss_peak_
-          << ",\"rss_end_kib\":" << rss_end_ << ",\"rss_after_close_kib\":" << rss_after_close_ << ",\"rss_growth_kib\":" << growth
+        j << ",\"rss_idle_kib\":" << rss_idle_ << ",\"rss_before_kib\":" << rss_before_
+          << ",\"rss_peak_kib\":" << rss_peak_ << ",\"rss_end_kib\":" << rss_end_
+          << ",\"rss_after_close_kib\":" << rss_after_close_ << ",\"rss_growth_kib\":" << growth
           << ",\"kib_per_hostile_connection\":" << fmt(per, 2) << ",\"rss_samples\":" << samples_
           << ",\"tcp_mem_before_kib\":" << tcp_mem_before_ << ",\"tcp_mem_peak_kib\":" << tcp_mem_peak_
-          << ",\"tcp_mem_end_kib\":" << tcp_mem_end_
-          << ",\"canary_interval_ms\":" << fmt(o_.canary_interval_ms, 1) << ",\"canary_published\":" << canary_published_
-          << ",\"canary_received\":" << canary_received_ << ",\"canary_publish_errors\":" << canary_publish_errors_
-          << ",\"canary_late\":" << canary_late_ << ",\"canary_duplicates\":" << canary_duplicates_
-          << ",\"canary_reconnects\":" << canary_reconnects_ << ",\"canary_missed_markers\":" << canary_missed_markers_
-          << ",\"canary_other_notifications\":" << canary_other_ << ",\"canary_p50_ms\":" << ms(canary_latency_.percentile(50))
-          << ",\"canary_p99_ms\":" << ms(canary_latency_.percentile(99)) << ",\"canary_max_ms\":" << ms(canary_latency_.max)
+          << ",\"tcp_mem_end_kib\":" << tcp_mem_end_ << ",\"canary_interval_ms\":" << fmt(o_.canary_interval_ms, 1)
+          << ",\"canary_published\":" << canary_published_ << ",\"canary_received\":" << canary_received_
+          << ",\"canary_publish_errors\":" << canary_publish_errors_ << ",\"canary_late\":" << canary_late_
+          << ",\"canary_duplicates\":" << canary_duplicates_ << ",\"canary_reconnects\":" << canary_reconnects_
+          << ",\"canary_missed_markers\":" << canary_missed_markers_
+          << ",\"canary_other_notifications\":" << canary_other_
+          << ",\"canary_p50_ms\":" << ms(canary_latency_.percentile(50))
+          << ",\"canary_p99_ms\":" << ms(canary_latency_.percentile(99))
+          << ",\"canary_max_ms\":" << ms(canary_latency_.max)
           << ",\"canary_longest_gap_ms\":" << fmt(double(canary_gap_ns_) / 1e6, 3)
-          << ",\"canary_post_p99_ms\":" << ms(canary_post_.percentile(99)) << ",\"server_cpu_s\":" << fmt(server_cpu_, 2)
-          << ",\"metrics_status\":\"" << json_escape(metrics_status_) << "\",\"metrics\":{";
+          << ",\"canary_post_p99_ms\":" << ms(canary_post_.percentile(99))
+          << ",\"server_cpu_s\":" << fmt(server_cpu_, 2) << ",\"metrics_status\":\"" << json_escape(metrics_status_)
+          << "\",\"metrics\":{";
         for (std::size_t i = 0; i < metrics_.size(); ++i)
-            j << (i ? "," : "") << "\"" << json_escape(metrics_[i].first) << "\":" << json_number_or_string(metrics_[i].second);
+            j << (i ? "," : "") << "\"" << json_escape(metrics_[i].first)
+              << "\":" << json_number_or_string(metrics_[i].second);
         j << "}";
         if (!early_failure_.empty()) j << ",\"failure\":\"" << json_escape(early_failure_) << "\"";
         j << ",\"ok\":" << (ok ? "true" : "false") << "}";
         h << "# " << o_.mode << " " << o_.label << ": " << fmt(attack_seconds_, 0) << " s";
         if (flood_mode_)
-            h << ", 1 flooding connection: " << flood_bytes_ / 6 << " pings sent, " << flood_reconnects_ << " reconnects";
+            h << ", 1 flooding connection: " << flood_bytes_ / 6 << " pings sent, " << flood_reconnects_
+              << " reconnects";
         else
-            h << ", " << readers_open_ << "/" << n << " non-reading subscribers, " << broadcast_published_ << " published to "
-              << o_.channel;
-        h << "; server RSS " << rss_before_ << " KiB before, peak " << rss_peak_ << ", end " << rss_end_ << ", after close "
-          << rss_after_close_ << " = " << fmt(per, 1) << " KiB per hostile connection" << (cap_hit_ ? " (RSS CAP HIT)" : "")
-          << "; kernel TCP memory (machine) " << tcp_mem_before_ << " -> peak " << tcp_mem_peak_ << " KiB"
-          << "; canary " << canary_received_ << "/" << canary_published_ << ", latency p50 " << ms(canary_latency_.percentile(50))
-          << " ms, p99 " << ms(canary_latency_.percentile(99)) << " ms, max " << ms(canary_latency_.max) << " ms, longest gap "
-          << fmt(double(canary_gap_ns_) / 1e6, 1) << " ms" << (ok ? "" : "  FAILED");
+            h << ", " << readers_open_ << "/" << n << " non-reading subscribers, " << broadcast_published_
+              << " published to " << o_.channel;
+        h << "; server RSS " << rss_before_ << " KiB before, peak " << rss_peak_ << ", end " << rss_end_
+          << ", after close " << rss_after_close_ << " = " << fmt(per, 1) << " KiB per hostile connection"
+          << (cap_hit_ ? " (RSS CAP HIT)" : "") << "; kernel TCP memory (machine) " << tcp_mem_before_ << " -> peak "
+          << tcp_mem_peak_ << " KiB"
+          << "; canary " << canary_received_ << "/" << canary_published_ << ", latency p50 "
+          << ms(canary_latency_.percentile(50)) << " ms, p99 " << ms(canary_latency_.percentile(99)) << " ms, max "
+          << ms(canary_latency_.max) << " ms, longest gap " << fmt(double(canary_gap_ns_) / 1e6, 1) << " ms"
+          << (ok ? "" : "  FAILED");
         std::cout << j.str() << "\n" << h.str() << std::endl;
         exit_code_ = ok ? 0 : 1;
         // Everything still open goes with the io_context; the process exits next.
@@ -2953,12 +3104,14 @@ private:
     // slow readers
     std::size_t next_reader_ = 0, readers_connecting_ = 0, readers_open_ = 0, readers_failed_ = 0;
     std::size_t broadcast_inflight_ = 0;
-    std::uint64_t broadcast_requested_ = 0, broadcast_published_ = 0, broadcast_publish_errors_ = 0, broadcast_late_ = 0;
+    std::uint64_t broadcast_requested_ = 0, broadcast_published_ = 0, broadcast_publish_errors_ = 0,
+                  broadcast_late_ = 0;
     std::size_t history_requested_ = 0, history_published_ = 0;
     // canary
     std::size_t canary_inflight_ = 0;
     std::uint64_t canary_requested_ = 0, canary_published_ = 0, canary_received_ = 0, canary_publish_errors_ = 0;
-    std::uint64_t canary_late_ = 0, canary_duplicates_ = 0, canary_reconnects_ = 0, canary_missed_markers_ = 0, canary_other_ = 0;
+    std::uint64_t canary_late_ = 0, canary_duplicates_ = 0, canary_reconnects_ = 0, canary_missed_markers_ = 0,
+                  canary_other_ = 0;
     keyset canary_seen_;
     histogram canary_latency_, canary_post_;
     std::string metrics_status_ = "not scraped";
@@ -2967,7 +3120,7 @@ private:
     int exit_code_ = 1;
 };
 
-} // namespace
+}  // namespace
 
 int main(int argc, char** argv) {
     options o = parse(argc, argv);

@@ -9,11 +9,14 @@
 
 using namespace std::chrono_literals;
 
-struct user { std::int64_t id; std::string name; };
+struct user {
+    std::int64_t id;
+    std::string name;
+};
 
 class session_policy {
 public:
-    using identity = user;  // what the server keeps for each connection
+    using identity = user;                              // what the server keeps for each connection
     using session_table = std::map<std::string, user>;  // session id -> user; read-only here
 
     session_policy(std::string db, session_table sessions)
@@ -76,7 +79,8 @@ int main() {
     as_alice->subscribe({"broadcast", "admin"}, 0);  // "admin" is not granted
     as_bob->subscribe({"broadcast", "res.users"}, 0);
 
-    const auto for_alice = bus.send(imbus::record{"res.users", alice.id, ""}, "inbox/new", {{"text", "hi alice"}}).at(0);
+    const auto for_alice =
+        bus.send(imbus::record{"res.users", alice.id, ""}, "inbox/new", {{"text", "hi alice"}}).at(0);
     const auto for_bob = bus.send(imbus::record{"res.users", bob.id, ""}, "inbox/new", {{"text", "hi bob"}}).at(0);
     bus.send("admin", "admin/alert", {{"text", "nobody hears this"}});
     bus.send("res.users", "admin/alert", {{"text", "nor this"}});
@@ -91,7 +95,8 @@ int main() {
         }
         return ids;
     };
-    check(received(*as_alice, "alice") == std::vector<std::int64_t>{for_alice, everyone}, "alice: hers and the broadcast");
+    check(received(*as_alice, "alice") == std::vector<std::int64_t>{for_alice, everyone},
+          "alice: hers and the broadcast");
     check(received(*as_bob, "bob") == std::vector<std::int64_t>{for_bob, everyone}, "bob: his and the broadcast");
     std::cout << "each user heard only its own channel and the broadcast\n";
 }

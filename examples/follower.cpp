@@ -61,7 +61,9 @@ int main() {
     imbus::dispatcher dispatcher(small);
     imbus::bus bus(store, dispatcher, {"shop"});
     std::vector<std::int64_t> expected;  // every id on "orders" after the saved position
-    auto order = [&](int n) { for (auto id : bus.send("orders", "order/new", {{"n", n}})) expected.push_back(id); };
+    auto order = [&](int n) {
+        for (auto id : bus.send("orders", "order/new", {{"n", n}})) expected.push_back(id);
+    };
 
     // Before the worker runs: its log (from an earlier run) ends at order 1's id.
     const std::int64_t saved = bus.send("orders", "order/new", {{"n", 1}})[0];

@@ -40,21 +40,21 @@ int main() {
     std::int64_t saved = 0;
     {
         imbus::client client;
-        client.connect(url);              // blocks until the socket is open; throws if refused
-        client.subscribe({"news"}, 0);    // last 0: what the store has from the last 50 s, then live
+        client.connect(url);            // blocks until the socket is open; throws if refused
+        client.subscribe({"news"}, 0);  // last 0: what the store has from the last 50 s, then live
         const std::vector<std::int64_t> sent{publish(1), publish(2)};
         std::cout << "first client:\n";
         // take() waits for 2 (at most 5 s); or on_notification(handler), called on the client's thread
         check(ids_of(client.take(2, 5s)) == sent, "live notifications");
-        saved = client.last_id();         // what an application keeps to resume later
-    }  // the client closes and goes away
+        saved = client.last_id();  // what an application keeps to resume later
+    }                              // the client closes and goes away
 
     const std::vector<std::int64_t> missed{publish(3), publish(4), publish(5)};
     imbus::client_options options;
-    options.reconnect_delay = 50ms;       // reconnect soon after a drop (then 1.5x per failed try)
+    options.reconnect_delay = 50ms;  // reconnect soon after a drop (then 1.5x per failed try)
     imbus::client client(options);
     client.connect(url);
-    client.subscribe({"news"}, saved);    // resume: everything after `saved`, then live
+    client.subscribe({"news"}, saved);  // resume: everything after `saved`, then live
     std::cout << "second client, resuming after id " << saved << ":\n";
     check(ids_of(client.take(3, 5s)) == missed, "what was missed, once, in order");
 

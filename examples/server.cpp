@@ -22,20 +22,22 @@ struct settings {
     std::string store = "memory";  // or sqlite:PATH, postgres:CONNINFO
     imbus::server_options server;
     std::string db = "imbus";
-    std::string static_root;  // serve files from here (e.g. a page and js/)
+    std::string static_root;     // serve files from here (e.g. a page and js/)
     long retention_seconds = 0;  // 0: the store's default (24 h)
 };
 
 [[noreturn]] void usage(const std::string& problem) {
     (problem.empty() ? std::cout : std::cerr)
         << (problem.empty() ? "" : "example_server: " + problem + "\n")
-        << "usage: example_server [--host ADDR] [--port N] [--store memory|sqlite:PATH|postgres:CONNINFO] [--api-key KEY]\n"
+        << "usage: example_server [--host ADDR] [--port N] [--store memory|sqlite:PATH|postgres:CONNINFO] [--api-key "
+           "KEY]\n"
         << "                      [--db NAME] [--version STRING] [--threads N] [--origin URL]...\n"
         << "                      [--static DIR] [--tls-cert PEM --tls-key PEM]\n"
         << "                      [--retention SECONDS] [--gc-interval SECONDS]\n"
         << "                      [--max-outbound-bytes N] [--max-outbound-total N] [--send-buffer-bytes N]\n"
         << "                      [--max-connections N] [--max-connections-per-address N] [--max-channels N]\n"
-        << "                      [--metrics-token TOKEN]   (or IMBUS_API_KEY, IMBUS_METRICS_TOKEN in the environment)\n";
+        << "                      [--metrics-token TOKEN]   (or IMBUS_API_KEY, IMBUS_METRICS_TOKEN in the "
+           "environment)\n";
     std::exit(problem.empty() ? 0 : 2);
 }
 
@@ -51,27 +53,48 @@ settings parse(int argc, char** argv) {
         if (i + 1 >= argc) usage("missing value after " + flag);
         const std::string value = argv[++i];
         try {
-            if (flag == "--host") s.host = value;
-            else if (flag == "--port") s.port = static_cast<std::uint16_t>(std::stoul(value));
-            else if (flag == "--store") s.store = value;
-            else if (flag == "--api-key") s.server.api_key = value;
-            else if (flag == "--db") s.db = value;
-            else if (flag == "--version") s.server.version = value;
-            else if (flag == "--threads") s.server.threads = std::stoul(value);
-            else if (flag == "--origin") s.server.allowed_origins.push_back(value);
-            else if (flag == "--static") s.static_root = value;
-            else if (flag == "--tls-cert") s.server.tls_certificate_chain_file = value;
-            else if (flag == "--tls-key") s.server.tls_private_key_file = value;
-            else if (flag == "--retention") s.retention_seconds = std::stol(value);
-            else if (flag == "--gc-interval") s.server.gc_interval = std::chrono::seconds(std::stol(value));
-            else if (flag == "--max-outbound-bytes") s.server.max_outbound_bytes = std::stoul(value);
-            else if (flag == "--max-outbound-total") s.server.max_outbound_total = std::stoull(value);
-            else if (flag == "--send-buffer-bytes") s.server.send_buffer_bytes = std::stoul(value);
-            else if (flag == "--max-connections") s.server.max_connections = std::stoul(value);
-            else if (flag == "--max-connections-per-address") s.server.max_connections_per_address = std::stoul(value);
-            else if (flag == "--max-channels") s.server.max_channels = std::stoul(value);
-            else if (flag == "--metrics-token") s.server.metrics_token = value;
-            else usage("unknown option " + flag);
+            if (flag == "--host")
+                s.host = value;
+            else if (flag == "--port")
+                s.port = static_cast<std::uint16_t>(std::stoul(value));
+            else if (flag == "--store")
+                s.store = value;
+            else if (flag == "--api-key")
+                s.server.api_key = value;
+            else if (flag == "--db")
+                s.db = value;
+            else if (flag == "--version")
+                s.server.version = value;
+            else if (flag == "--threads")
+                s.server.threads = std::stoul(value);
+            else if (flag == "--origin")
+                s.server.allowed_origins.push_back(value);
+            else if (flag == "--static")
+                s.static_root = value;
+            else if (flag == "--tls-cert")
+                s.server.tls_certificate_chain_file = value;
+            else if (flag == "--tls-key")
+                s.server.tls_private_key_file = value;
+            else if (flag == "--retention")
+                s.retention_seconds = std::stol(value);
+            else if (flag == "--gc-interval")
+                s.server.gc_interval = std::chrono::seconds(std::stol(value));
+            else if (flag == "--max-outbound-bytes")
+                s.server.max_outbound_bytes = std::stoul(value);
+            else if (flag == "--max-outbound-total")
+                s.server.max_outbound_total = std::stoull(value);
+            else if (flag == "--send-buffer-bytes")
+                s.server.send_buffer_bytes = std::stoul(value);
+            else if (flag == "--max-connections")
+                s.server.max_connections = std::stoul(value);
+            else if (flag == "--max-connections-per-address")
+                s.server.max_connections_per_address = std::stoul(value);
+            else if (flag == "--max-channels")
+                s.server.max_channels = std::stoul(value);
+            else if (flag == "--metrics-token")
+                s.server.metrics_token = value;
+            else
+                usage("unknown option " + flag);
         } catch (const std::logic_error&) {
             usage("bad value for " + flag + ": " + value);
         }
@@ -97,8 +120,8 @@ std::unique_ptr<imbus::store> open_store(const std::string& spec, long retention
 }
 
 template <class Transport> void serve(const settings& s, imbus::bus& bus) {
-    imbus::basic_server<imbus::public_policy, Transport> server(bus, imbus::public_policy({bus.channel_for("broadcast")}),
-                                                                s.server);
+    imbus::basic_server<imbus::public_policy, Transport> server(
+        bus, imbus::public_policy({bus.channel_for("broadcast")}), s.server);
     if (!s.static_root.empty()) server.on_http(imbus::static_files(s.static_root));
     server.listen(s.host, s.port);
 
@@ -115,7 +138,7 @@ template <class Transport> void serve(const settings& s, imbus::bus& bus) {
     std::cout << "imbus server stopped" << std::endl;
 }
 
-} // namespace
+}  // namespace
 
 // Every open socket is a descriptor: take the hard limit (Debian's soft default is 1024).
 void raise_descriptor_limit() {

@@ -39,7 +39,8 @@ struct subscriber {
         subscription = p.dispatcher.subscribe([this](imbus::wakeup& w) {
             follower.take(w, [this](const imbus::notification& n, std::string_view wire) {
                 std::lock_guard<std::mutex> lock(mutex);
-                std::cout << std::string(name) + " received " + std::string(wire) + "\n";  // one write: two threads print
+                std::cout << std::string(name) + " received " + std::string(wire) +
+                                 "\n";  // one write: two threads print
                 ids.push_back(n.id);
                 arrived.notify_all();
             });
@@ -60,7 +61,8 @@ static void check(bool ok, const char* what) {
 int main() {
     const char* conninfo = std::getenv("IMBUS_PG_CONNINFO");
     if (!conninfo || !*conninfo) {
-        std::cerr << "set IMBUS_PG_CONNINFO, e.g. 'host=127.0.0.1 dbname=app' (scripts/pg_cluster.sh start gives one)\n";
+        std::cerr
+            << "set IMBUS_PG_CONNINFO, e.g. 'host=127.0.0.1 dbname=app' (scripts/pg_cluster.sh start gives one)\n";
         return 2;
     }
     process a(conninfo), b(conninfo);

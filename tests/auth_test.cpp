@@ -63,7 +63,7 @@ std::vector<std::string> keys_of(const std::vector<channel>& channels) {
     return out;
 }
 
-} // namespace
+}  // namespace
 
 // --- http_request helpers ---------------------------------------------------------------------
 
@@ -111,9 +111,7 @@ TEST_CASE("http_request::cookie reads one cookie among several, quoted or not") 
     CHECK(r.cookie("imbus").empty());  // whole names only
     CHECK(r.cookie("Theme").empty());  // cookie names are case-sensitive
 
-    SUBCASE("a value may contain '='") {
-        CHECK(request_with({{"Cookie", "t=a=b=c"}}).cookie("t") == "a=b=c");
-    }
+    SUBCASE("a value may contain '='") { CHECK(request_with({{"Cookie", "t=a=b=c"}}).cookie("t") == "a=b=c"); }
     SUBCASE("a lone quote is kept") { CHECK(request_with({{"Cookie", "t=\""}}).cookie("t") == "\""); }
     SUBCASE("an empty quoted value") { CHECK(request_with({{"Cookie", "t=\"\""}}).cookie("t").empty()); }
     SUBCASE("no Cookie header") { CHECK(request_with({}).cookie("t").empty()); }
@@ -333,12 +331,12 @@ TEST_CASE("signed_token_policy::authenticate: cookie or bearer, 401 without, 403
         CHECK(verdict.identity().subject == "alice");
     }
     SUBCASE("nothing: 401") {
-        for (auto headers : std::vector<std::vector<std::pair<std::string, std::string>>>{
-                 {},
-                 {{"Cookie", "other=" + token}},
-                 {{"Cookie", "imbus_session="}},
-                 {{"Authorization", "Basic " + token}},
-                 {{"Authorization", "Bearer "}}}) {
+        for (auto headers :
+             std::vector<std::vector<std::pair<std::string, std::string>>>{{},
+                                                                           {{"Cookie", "other=" + token}},
+                                                                           {{"Cookie", "imbus_session="}},
+                                                                           {{"Authorization", "Basic " + token}},
+                                                                           {{"Authorization", "Bearer "}}}) {
             auto verdict = policy.authenticate(request_with(headers));
             CHECK_FALSE(verdict.accepted());
             CHECK(verdict.status() == 401);
@@ -350,7 +348,8 @@ TEST_CASE("signed_token_policy::authenticate: cookie or bearer, 401 without, 403
                  {{"Cookie", "imbus_session=garbage"}},
                  {{"Authorization", "Bearer garbage"}},
                  {{"Cookie", "imbus_session=" + token + "x"}},
-                 {{"Authorization", "Bearer " + signed_token_policy("another-secret-of-enough-bytes").issue("alice", 60s)}}}) {
+                 {{"Authorization",
+                   "Bearer " + signed_token_policy("another-secret-of-enough-bytes").issue("alice", 60s)}}}) {
             auto verdict = policy.authenticate(request_with(headers));
             CHECK_FALSE(verdict.accepted());
             CHECK(verdict.status() == 403);

@@ -70,7 +70,7 @@ struct subscribed_bus {
 
 void exec(sqlite3* db, const char* sql) { REQUIRE(sqlite3_exec(db, sql, nullptr, nullptr, nullptr) == SQLITE_OK); }
 
-} // namespace
+}  // namespace
 
 // The example of docs/PROTOCOL.md §3: three rows, and one wake-up naming two channels in order.
 TEST_CASE("sends on channel 1, 2, 1 give three rows and one wake-up naming two channels") {
@@ -86,8 +86,8 @@ TEST_CASE("sends on channel 1, 2, 1 give three rows and one wake-up naming two c
     tx.send("channel 2", "t", 2);
     tx.send("channel 1", "t", 3);
     CHECK(tx.pending() == 3);
-    CHECK(rec.runs == 0);             // send only buffers
-    CHECK(store.newest_id() == 0);    // nothing stored before commit
+    CHECK(rec.runs == 0);           // send only buffers
+    CHECK(store.newest_id() == 0);  // nothing stored before commit
     auto ids = tx.commit();
     CHECK(ids == std::vector<std::int64_t>{1, 2, 3});
     REQUIRE(rec.events.size() == 1);
@@ -172,7 +172,8 @@ TEST_CASE("pre-commit and post-commit hooks") {
         });
         tx.on_postcommit([&] {
             order.push_back("post");
-            for (int i = 0; i < 100; ++i) tx.on_postcommit([&order, i] { order.push_back("post" + std::to_string(i)); });
+            for (int i = 0; i < 100; ++i)
+                tx.on_postcommit([&order, i] { order.push_back("post" + std::to_string(i)); });
         });
         tx.send("x", "t", 1);
         CHECK(tx.commit().size() == 2);
@@ -290,7 +291,8 @@ TEST_CASE("outbox: application row and notification share one SQLite transaction
             {  // the application's own write fails: it rolls back, and nothing is sent
                 imbus::transaction tx(bus);
                 tx.send("room", "message", {{"body", "hello"}});
-                const int rc = sqlite3_exec(app, "INSERT INTO message (body) VALUES ('hello')", nullptr, nullptr, nullptr);
+                const int rc =
+                    sqlite3_exec(app, "INSERT INTO message (body) VALUES ('hello')", nullptr, nullptr, nullptr);
                 CHECK(rc == SQLITE_CONSTRAINT);
                 if (rc != SQLITE_OK) tx.rollback();
             }
@@ -352,11 +354,15 @@ TEST_CASE("concurrent senders, one follower: nothing lost, nothing twice") {
 
 // Application types map to channels through bus_channel, followed to a fixed point.
 namespace app {
-struct partner { std::int64_t id; };
-struct user { partner p; };
+struct partner {
+    std::int64_t id;
+};
+struct user {
+    partner p;
+};
 inline imbus::record bus_channel(const partner& p) { return {"res.partner", p.id, ""}; }
 inline partner bus_channel(const user& u) { return u.p; }
-} // namespace app
+}  // namespace app
 
 // A transaction is movable, so it may end on another thread than the one that began it. The
 // writer lock was a recursive_mutex: unlocked by a non-owner it stayed locked (glibc answers

@@ -31,7 +31,7 @@ namespace doctest {
 template <> struct StringMaker<imbus::channel> {
     static String convert(const imbus::channel& c) { return c.key().c_str(); }
 };
-} // namespace doctest
+}  // namespace doctest
 
 namespace {
 
@@ -69,12 +69,13 @@ std::string hex(const std::string& s) {
 
 // Byte strings that are not valid UTF-8, each for a different reason.
 const std::vector<std::string> invalid_utf8 = {
-    std::string("\xc0\xaf"),              // overlong 2-byte encoding of '/'
-    std::string("\xc1\xbf"),              // overlong 2-byte encoding
-    std::string("\xe0\x80\xaf"),          // overlong 3-byte encoding
-    std::string("\xf0\x8f\xbf\xbf"),      // overlong 4-byte encoding (U+FFFF)
-    std::string("\x80"),                  // lone continuation byte
-    std::string("a\xbf" "b"),             // continuation byte between ASCII
+    std::string("\xc0\xaf"),          // overlong 2-byte encoding of '/'
+    std::string("\xc1\xbf"),          // overlong 2-byte encoding
+    std::string("\xe0\x80\xaf"),      // overlong 3-byte encoding
+    std::string("\xf0\x8f\xbf\xbf"),  // overlong 4-byte encoding (U+FFFF)
+    std::string("\x80"),              // lone continuation byte
+    std::string("a\xbf"
+                "b"),                     // continuation byte between ASCII
     std::string("\xed\xa0\x80"),          // surrogate U+D800 encoded in UTF-8
     std::string("\xed\xbf\xbf"),          // surrogate U+DFFF encoded in UTF-8
     std::string("\xf4\x90\x80\x80"),      // U+110000, above U+10FFFF
@@ -83,10 +84,11 @@ const std::vector<std::string> invalid_utf8 = {
     std::string("\xff"),                  // never valid
     std::string("\xc3"),                  // truncated at the end
     std::string("\xf0\x9f\x98"),          // truncated 4-byte sequence at the end
-    std::string("\xe2\x82" "A"),          // truncated, followed by ASCII
+    std::string("\xe2\x82"
+                "A"),  // truncated, followed by ASCII
 };
 
-} // namespace
+}  // namespace
 
 // --- canonical keys -------------------------------------------------------------------------
 
@@ -115,14 +117,14 @@ TEST_CASE("control characters use Python's short escapes or lowercase \\u00XX") 
 
 // The UTF-8 length boundaries, and code points above U+FFFF as lowercase surrogate pairs.
 TEST_CASE("code points at UTF-8 boundaries are escaped like Python does") {
-    CHECK(channel("db", "\xc2\x80").key() == R"(["db","\u0080"])");               // U+0080
-    CHECK(channel("db", "\xdf\xbf").key() == R"(["db","\u07ff"])");               // U+07FF
-    CHECK(channel("db", "\xe0\xa0\x80").key() == R"(["db","\u0800"])");           // U+0800
-    CHECK(channel("db", "\xed\x9f\xbf").key() == R"(["db","\ud7ff"])");           // U+D7FF
-    CHECK(channel("db", "\xee\x80\x80").key() == R"(["db","\ue000"])");           // U+E000
-    CHECK(channel("db", "\xef\xbf\xbf").key() == R"(["db","\uffff"])");           // U+FFFF
-    CHECK(channel("db", "\xf0\x90\x80\x80").key() == R"(["db","\ud800\udc00"])"); // U+10000
-    CHECK(channel("db", "\xf4\x8f\xbf\xbf").key() == R"(["db","\udbff\udfff"])"); // U+10FFFF
+    CHECK(channel("db", "\xc2\x80").key() == R"(["db","\u0080"])");                // U+0080
+    CHECK(channel("db", "\xdf\xbf").key() == R"(["db","\u07ff"])");                // U+07FF
+    CHECK(channel("db", "\xe0\xa0\x80").key() == R"(["db","\u0800"])");            // U+0800
+    CHECK(channel("db", "\xed\x9f\xbf").key() == R"(["db","\ud7ff"])");            // U+D7FF
+    CHECK(channel("db", "\xee\x80\x80").key() == R"(["db","\ue000"])");            // U+E000
+    CHECK(channel("db", "\xef\xbf\xbf").key() == R"(["db","\uffff"])");            // U+FFFF
+    CHECK(channel("db", "\xf0\x90\x80\x80").key() == R"(["db","\ud800\udc00"])");  // U+10000
+    CHECK(channel("db", "\xf4\x8f\xbf\xbf").key() == R"(["db","\udbff\udfff"])");  // U+10FFFF
 }
 
 // --- shapes -----------------------------------------------------------------------------------
@@ -266,27 +268,36 @@ TEST_CASE("from_json accepts exactly the channel shapes") {
     CHECK(channel::from_json(json::array({"d\xc3\xa9", "x"})).key() == R"(["d\u00e9","x"])");
 
     const char* rejected[] = {
-        R"("db")", R"(null)", R"(3)", R"({"db":"a"})", R"([])", R"(["db"])",
-        R"(["db","m",3,"s","extra"])",          // 5 elements
-        R"(["db","m",3,"s",1])",                // 5 elements
-        R"([1,"a"])", R"([null,"a"])", R"(["db",1])", R"(["db",null])", R"(["db",true])",
-        R"(["db","m","3"])",                    // id as a string
-        R"(["db","m",3.0])",                    // float id
+        R"("db")",
+        R"(null)",
+        R"(3)",
+        R"({"db":"a"})",
+        R"([])",
+        R"(["db"])",
+        R"(["db","m",3,"s","extra"])",  // 5 elements
+        R"(["db","m",3,"s",1])",        // 5 elements
+        R"([1,"a"])",
+        R"([null,"a"])",
+        R"(["db",1])",
+        R"(["db",null])",
+        R"(["db",true])",
+        R"(["db","m","3"])",  // id as a string
+        R"(["db","m",3.0])",  // float id
         R"(["db","m",3.5])",
         R"(["db","m",1e3])",
-        R"(["db","m",true])",                   // bool id
+        R"(["db","m",true])",  // bool id
         R"(["db","m",null])",
-        R"(["db",["a"]])",                      // nested arrays
+        R"(["db",["a"]])",  // nested arrays
         R"([["db"],"a"])",
         R"(["db","m",[3]])",
         R"(["db","m",3,["s"]])",
-        R"(["db",{"a":1}])",                    // objects
+        R"(["db",{"a":1}])",  // objects
         R"(["db","m",{"id":3}])",
         R"(["db","m",3,{"s":1}])",
-        R"(["db","m",3,4])",                    // sub must be a string
-        R"(["db","m",9223372036854775808])",    // unsigned above INT64_MAX
+        R"(["db","m",3,4])",                  // sub must be a string
+        R"(["db","m",9223372036854775808])",  // unsigned above INT64_MAX
         R"(["db","m",18446744073709551615])",
-        R"(["db","m",18446744073709551616])",   // beyond uint64: a float
+        R"(["db","m",18446744073709551616])",  // beyond uint64: a float
         R"(["","a"])",
     };
     for (const char* text : rejected) {
@@ -337,26 +348,26 @@ TEST_CASE("from_key round-trips canonical keys and rejects other spellings") {
     }
 
     const std::string not_canonical[] = {
-        R"(["db", "a"])",              // a space
+        R"(["db", "a"])",  // a space
         R"( ["db","a"])",
         R"(["db","a"] )",
         "[\"db\",\"a\"]\n",
-        R"(["d\u00E9","a"])",          // uppercase hex
-        "[\"d\xc3\xa9\",\"a\"]",       // raw UTF-8 instead of \u00e9
-        R"(["db","\/"])",              // an escape Python does not use
-        R"(["db","\u0041"])",          // an escaped printable character
-        R"(["db","\u000a"])",          // \n written long
-        R"(["db","m",03])",            // not JSON
+        R"(["d\u00E9","a"])",     // uppercase hex
+        "[\"d\xc3\xa9\",\"a\"]",  // raw UTF-8 instead of \u00e9
+        R"(["db","\/"])",         // an escape Python does not use
+        R"(["db","\u0041"])",     // an escaped printable character
+        R"(["db","\u000a"])",     // \n written long
+        R"(["db","m",03])",       // not JSON
         R"(["db","m",+3])",
         R"(["db","m",-0])",
         R"(["db","m",3.0])",
         R"(["db","m",1e2])",
-        R"(["db","a")",                // truncated
+        R"(["db","a")",  // truncated
         R"(["db","a"]])",
         "",
         "not json",
         R"(["db","a","b","c","d"])",
-        R"(["db","a\ud800"])",         // lone surrogate escape
+        R"(["db","a\ud800"])",  // lone surrogate escape
     };
     for (const auto& text : not_canonical) {
         CAPTURE(text);
@@ -373,19 +384,25 @@ TEST_CASE("from_key round-trips canonical keys and rejects other spellings") {
 
 namespace app {
 // "send to a user" means "send on that user's partner channel": a chain of two mappings.
-struct user { int partner_id; };
-struct partner { int id; };
+struct user {
+    int partner_id;
+};
+struct partner {
+    int id;
+};
 partner bus_channel(const user& u) { return partner{u.partner_id}; }
 imbus::record bus_channel(const partner& p) { return imbus::record{"res.partner", p.id, ""}; }
 
 // A type that maps to a plain channel name.
-struct room { std::string name; };
+struct room {
+    std::string name;
+};
 std::string bus_channel(const room& r) { return "room/" + r.name; }
 
 // A type that maps straight to a channel (the db is then the channel's own).
 struct fixed {};
 imbus::channel bus_channel(const fixed&) { return imbus::channel("elsewhere", "fixed"); }
-} // namespace app
+}  // namespace app
 
 // Applications address their own types; the mapping is followed to its fixed point.
 TEST_CASE("to_channel follows bus_channel to a fixed point") {
@@ -404,8 +421,9 @@ TEST_CASE("to_channel follows bus_channel to a fixed point") {
     CHECK(imbus::to_channel("db", app::room{"lobby"}).key() == R"(["db","room/lobby"])");
     CHECK(imbus::to_channel("db", app::fixed{}).key() == R"(["elsewhere","fixed"])");
     // a sub-channel only exists under a record
-    CHECK(error_of([] { (void)imbus::to_channel("db", std::pair<app::room, std::string>{{"x"}, "s"}); }) ==
-          imbus::errc::invalid_channel);
+    CHECK(error_of([] {
+              (void)imbus::to_channel("db", std::pair<app::room, std::string>{{"x"}, "s"});
+          }) == imbus::errc::invalid_channel);
 }
 
 // The built-in targets: names in every string form, records with or without a sub-channel.
@@ -462,9 +480,9 @@ TEST_CASE("notification wire form, type and payload") {
     CHECK(j.at("id").get<std::int64_t>() == 42);
 
     // every JSON payload kind survives the round trip
-    for (const json& payload : {json(nullptr), json(true), json(-5), json(2.5), json("text"),
-                                json::array({1, "x", nullptr}), json::object(),
-                                json{{"nested", {{"a", json::array({1, 2})}}}}, json("caf\xc3\xa9 \xf0\x9f\x98\x80")}) {
+    for (const json& payload :
+         {json(nullptr), json(true), json(-5), json(2.5), json("text"), json::array({1, "x", nullptr}), json::object(),
+          json{{"nested", {{"a", json::array({1, 2})}}}}, json("caf\xc3\xa9 \xf0\x9f\x98\x80")}) {
         CAPTURE(payload.dump());
         imbus::notification m{1, channel("db", "x"), imbus::make_message("t", payload), {}};
         CHECK(m.type() == "t");
@@ -483,8 +501,9 @@ TEST_CASE("make_message rejects invalid UTF-8 with invalid_message") {
         CHECK(error_of([&] { (void)imbus::make_message("t", json(bad)); }) == imbus::errc::invalid_message);
         CHECK(error_of([&] { (void)imbus::make_message("t", json{{"k", bad}}); }) == imbus::errc::invalid_message);
         CHECK(error_of([&] { (void)imbus::make_message("t", json{{bad, 1}}); }) == imbus::errc::invalid_message);
-        CHECK(error_of([&] { (void)imbus::make_message("t", json::array({1, json::array({bad})})); }) ==
-              imbus::errc::invalid_message);
+        CHECK(error_of([&] {
+                  (void)imbus::make_message("t", json::array({1, json::array({bad})}));
+              }) == imbus::errc::invalid_message);
         CHECK(error_of([&] { (void)imbus::make_message(bad, 1); }) == imbus::errc::invalid_message);
     }
     CHECK(imbus::make_error_code(imbus::errc::invalid_message).message() == "invalid message");
@@ -544,8 +563,7 @@ TEST_CASE("manual_clock moves only when told to") {
 
 // Library identity that build scripts and the consumer test rely on.
 TEST_CASE("version string") {
-    CHECK(imbus::version_string() ==
-          std::to_string(IMBUS_VERSION_MAJOR) + "." + std::to_string(IMBUS_VERSION_MINOR) + "." +
-              std::to_string(IMBUS_VERSION_PATCH));
+    CHECK(imbus::version_string() == std::to_string(IMBUS_VERSION_MAJOR) + "." + std::to_string(IMBUS_VERSION_MINOR) +
+                                         "." + std::to_string(IMBUS_VERSION_PATCH));
     CHECK(imbus::version_string() == "0.1.0");
 }

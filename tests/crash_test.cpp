@@ -77,7 +77,8 @@ public:
         posix_spawn_file_actions_addopen(&actions, 2, log.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
         const std::string port_text = std::to_string(port);
         const std::string store = "sqlite:" + db;
-        std::vector<std::string> args = {IMBUS_EXAMPLE_SERVER, "--port", port_text, "--store", store, "--api-key", api_key};
+        std::vector<std::string> args = {IMBUS_EXAMPLE_SERVER, "--port", port_text, "--store", store,
+                                         "--api-key",          api_key};
         std::vector<char*> argv;
         for (auto& a : args) argv.push_back(a.data());
         argv.push_back(nullptr);
@@ -145,7 +146,7 @@ struct answered_ids {
     std::mutex mutex;
     std::map<std::int64_t, std::string> ids;
     std::atomic<std::size_t> count{0};
-    std::atomic<std::size_t> failed{0};  // refused, reset or unanswered: the outcome is unknown
+    std::atomic<std::size_t> failed{0};     // refused, reset or unanswered: the outcome is unknown
     std::atomic<std::size_t> malformed{0};  // a 200 whose ids do not match the batch
 
     void add(std::int64_t id, const std::string& channel) {
@@ -168,13 +169,13 @@ void publisher(int who, std::atomic<std::uint16_t>& port, std::atomic<bool>& sto
         std::vector<std::string> names;
         for (int i = 0; i < size; ++i) {
             names.push_back(big ? "big" : channel_names[rng() % channel_names.size()]);
-            batch.push_back({{"channel", names.back()}, {"type", "crash"}, {"payload", {{"p", who}, {"n", n}, {"i", i}}}});
+            batch.push_back(
+                {{"channel", names.back()}, {"type", "crash"}, {"payload", {{"p", who}, {"n", n}, {"i", i}}}});
         }
         try {
-            const auto reply = imbus_test::http_request(port, "POST", "/bus/send", batch.dump(),
-                                                        {{"Authorization", "Bearer " + api_key},
-                                                         {"Content-Type", "application/json"}},
-                                                        2s);
+            const auto reply = imbus_test::http_request(
+                port, "POST", "/bus/send", batch.dump(),
+                {{"Authorization", "Bearer " + api_key}, {"Content-Type", "application/json"}}, 2s);
             if (reply.status != 200) throw std::runtime_error("HTTP " + std::to_string(reply.status));
             const json ids = json::parse(reply.body).at("ids");
             if (ids.size() != names.size()) {
@@ -250,12 +251,12 @@ std::set<std::int64_t> ids_on(const std::map<std::int64_t, std::string>& rows, c
     return out;
 }
 
-} // namespace
+}  // namespace
 
 TEST_CASE("SIGKILL during full-speed publishing: every answered id is stored and reaches every client once, in order") {
     constexpr int kills = 5;
     constexpr int publishers = 3;
-    constexpr std::size_t per_round = 1000; // answered notifications between two kills, at least
+    constexpr std::size_t per_round = 1000;  // answered notifications between two kills, at least
 
     temp_dir dir;
     const std::string db = dir.path + "/bus.db";
@@ -277,8 +278,7 @@ TEST_CASE("SIGKILL during full-speed publishing: every answered id is stored and
     answered_ids answered;
     std::atomic<bool> stop{false};
     std::vector<std::thread> threads;
-    for (int p = 0; p < publishers; ++p)
-        threads.emplace_back([&, p] { publisher(p, port, stop, answered); });
+    for (int p = 0; p < publishers; ++p) threads.emplace_back([&, p] { publisher(p, port, stop, answered); });
     answered_ids answered_big;
     threads.emplace_back([&] { publisher(publishers, port, stop, answered_big, true); });
 
@@ -286,10 +286,9 @@ TEST_CASE("SIGKILL during full-speed publishing: every answered id is stored and
         const std::size_t before = answered.count;
         // Kill while publishes flow and every client is connected.
         REQUIRE_MESSAGE(wait_until([&] { return answered.count >= before + per_round; }, 30s), server->log());
-        REQUIRE(wait_until([&] {
-                    return std::all_of(subs.begin(), subs.end(), [](const auto& s) { return s->client->is_open(); });
-                },
-                30s));
+        REQUIRE(wait_until(
+            [&] { return std::all_of(subs.begin(), subs.end(), [](const auto& s) { return s->client->is_open(); }); },
+            30s));
         server->kill_now(SIGKILL);
         // Same file, same port.
         server = std::make_unique<server_process>(db, log, port);
@@ -335,14 +334,15 @@ TEST_CASE("SIGKILL during full-speed publishing: every answered id is stored and
         duplicated += got.size() - have.size();
         for (std::size_t i = 1; i < got.size(); ++i) out_of_order += got[i] <= got[i - 1] ? 1 : 0;
         for (const auto id : want) lost += have.count(id) ? 0 : 1;
-        for (const auto id : have) CHECK_MESSAGE(want.count(id) == 1, "id " << id << " is not a stored row of its channels");
+        for (const auto id : have)
+            CHECK_MESSAGE(want.count(id) == 1, "id " << id << " is not a stored row of its channels");
         CHECK(s->client->connects() >= std::size_t(kills) + 1);  // it reconnected after every kill
     }
     MESSAGE(kills << " kills: " << answered_map.size() << " notifications answered (" << answered.failed.load()
                   << " publishes refused or unanswered), " << rows.size() << " stored, " << delivered
                   << " delivered to 3 clients; lost " << lost << " (store " << lost_in_store << "), duplicated "
-                  << duplicated << ", out of order " << out_of_order << "; " << big.size()
-                  << " batches of 200 stored (" << answered_big.count / 200 << " answered), " << partial << " partial");
+                  << duplicated << ", out of order " << out_of_order << "; " << big.size() << " batches of 200 stored ("
+                  << answered_big.count / 200 << " answered), " << partial << " partial");
     CHECK(lost == 0);
     CHECK(duplicated == 0);
     CHECK(out_of_order == 0);

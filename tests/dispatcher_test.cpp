@@ -41,7 +41,7 @@ template <> struct StringMaker<std::vector<imbus::channel>> {
         return (s + "]").c_str();
     }
 };
-} // namespace doctest
+}  // namespace doctest
 
 namespace {
 
@@ -166,7 +166,7 @@ imbus::pending_message message_on(const channel& c, int n) {
     return imbus::pending_message{c, imbus::make_message("t", json{{"n", n}})};
 }
 
-} // namespace
+}  // namespace
 
 // --- who is woken -----------------------------------------------------------------------------
 
@@ -600,11 +600,14 @@ TEST_CASE("an executor that refuses a task is logged and does not wedge the subs
     bool refuse = true;
     std::vector<std::function<void()>> queue;
     std::vector<std::int64_t> seen;
-    auto sub = d.subscribe([&](imbus::wakeup& w) { for (const auto& e : w.events) seen.push_back(e->first_id()); },
-                           [&](std::function<void()> task) {
-                               if (refuse) throw std::runtime_error("strand closed");
-                               queue.push_back(std::move(task));
-                           });
+    auto sub = d.subscribe(
+        [&](imbus::wakeup& w) {
+            for (const auto& e : w.events) seen.push_back(e->first_id());
+        },
+        [&](std::function<void()> task) {
+            if (refuse) throw std::runtime_error("strand closed");
+            queue.push_back(std::move(task));
+        });
     sub.set_channels({ca});
     CHECK_NOTHROW(d.notify(make_event(1, {ca})));
     CHECK(log.has(imbus::log_level::error, "strand closed"));
@@ -622,8 +625,10 @@ TEST_CASE("a handler may call set_channels or close on its own subscription") {
     int calls = 0;
     sub = d.subscribe([&](imbus::wakeup&) {
         ++calls;
-        if (calls == 1) sub.set_channels({cb});
-        else sub.close();
+        if (calls == 1)
+            sub.set_channels({cb});
+        else
+            sub.close();
     });
     sub.set_channels({ca});
     d.notify(make_event(1, {ca}));
@@ -939,8 +944,7 @@ TEST_CASE("a follower catching up with a limit never skips a row") {
     imbus::follower f(store, {ca});
     std::vector<std::int64_t> ids;
     auto collect = [&](const imbus::notification& n, std::string_view) { ids.push_back(n.id); };
-    for (int page = 0; page < 10 && f.catch_up(collect, 2) > 0; ++page) {
-    }
+    for (int page = 0; page < 10 && f.catch_up(collect, 2) > 0; ++page) {}
     CHECK(ids == std::vector<std::int64_t>{1, 2, 3, 4, 5});
 }
 

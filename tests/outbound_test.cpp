@@ -62,8 +62,9 @@ public:
             throw std::runtime_error("connect() failed");
     }
     void handshake() {
-        write("GET /websocket?version=19.0-2 HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-              "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n");
+        write(
+            "GET /websocket?version=19.0-2 HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+            "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n");
         std::string head;  // the 101 answer, read byte by byte so that nothing after it is taken
         char c = 0;
         while (head.size() < 4 || head.compare(head.size() - 4, 4, "\r\n\r\n") != 0) {
@@ -206,7 +207,7 @@ TEST_CASE("a client that never reads holds at most max_outbound_bytes plus one f
     REQUIRE(wait_until([&] { return f.metrics().slow_consumer_catch_ups.load() >= 3; }));
 
     const std::size_t one_frame = row + 200;  // a row's wire form, the brackets and the header
-    CHECK(f.metrics().outbound_peak.load() >= o.max_outbound_bytes / 2);  // the budget was reached...
+    CHECK(f.metrics().outbound_peak.load() >= o.max_outbound_bytes / 2);          // the budget was reached...
     CHECK(f.metrics().outbound_peak.load() <= o.max_outbound_bytes + one_frame);  // ...and never overrun
     CHECK(f.server->largest_outbound_bytes() <= o.max_outbound_bytes + one_frame);
     CHECK(f.server->outbound_bytes() <= 3 * (o.max_outbound_bytes + one_frame));
@@ -235,7 +236,7 @@ TEST_CASE("a ping flood from a client that never reads leaves at most one pong w
     REQUIRE(flooder.frames(0x9, payload, pings));
     REQUIRE(wait_until([&] { return f.metrics().pings_received.load() >= pings; }));
 
-    const std::size_t pong = 127;  // 2 header bytes + 125
+    const std::size_t pong = 127;                           // 2 header bytes + 125
     CHECK(f.server->largest_outbound_bytes() <= 2 * pong);  // one in flight, one waiting
     CHECK(f.server->outbound_bytes() <= 2 * pong);
     CHECK(f.metrics().pongs_replaced.load() >= pings / 4);
@@ -261,7 +262,9 @@ TEST_CASE("the rate limit counts pings: a flood is closed with 1013 and counted;
     CHECK(receives_up_to(*honest, id));
 }
 
-TEST_CASE("max_outbound_total: past it the clients holding the most wait; the total stays within it plus a frame or two each") {
+TEST_CASE(
+    "max_outbound_total: past it the clients holding the most wait; the total stays within it plus a frame or two "
+    "each") {
     auto o = fixture::options();
     o.max_outbound_bytes = 4 * 1024 * 1024;
     o.max_outbound_total = 256 * 1024;
@@ -340,7 +343,8 @@ TEST_CASE("out of file descriptors, accepting pauses instead of spinning and res
     auto honest = f.honest_client("canary");
     constexpr int waiting = 3;
     std::vector<std::unique_ptr<stalled_client>> clients;
-    for (int i = 0; i < waiting; ++i) clients.push_back(std::make_unique<stalled_client>(stalled_client::unconnected{}));
+    for (int i = 0; i < waiting; ++i)
+        clients.push_back(std::make_unique<stalled_client>(stalled_client::unconnected{}));
     rlimit saved{};
     REQUIRE(::getrlimit(RLIMIT_NOFILE, &saved) == 0);
     const int lowest_free = ::open("/dev/null", O_RDONLY);  // every descriptor below it is in use

@@ -51,8 +51,9 @@ public:
         // initdb refuses to run as root: the cluster then belongs to the postgres user.
         as_ = geteuid() == 0 ? "runuser -u postgres -- " : "";
         if (geteuid() == 0) REQUIRE(run("chown postgres: " + dir_) == 0);
-        REQUIRE(run(as_ + bin("initdb") + " -D " + dir_ + "/data -U postgres -A trust --no-sync -E UTF8 --locale=C.UTF-8 > " +
-                    dir_ + "/initdb.log 2>&1") == 0);
+        REQUIRE(run(as_ + bin("initdb") + " -D " + dir_ +
+                    "/data -U postgres -A trust --no-sync -E UTF8 --locale=C.UTF-8 > " + dir_ + "/initdb.log 2>&1") ==
+                0);
         start();
     }
     ~throwaway_cluster() {
@@ -60,8 +61,9 @@ public:
         run("rm -rf " + dir_);
     }
     void start() {
-        REQUIRE(run(as_ + bin("pg_ctl") + " -D " + dir_ + "/data -l " + dir_ + "/log -w -o \"-p " + std::to_string(port_) +
-                    " -k " + dir_ + " -c listen_addresses=127.0.0.1 -c fsync=off\" start > /dev/null") == 0);
+        REQUIRE(run(as_ + bin("pg_ctl") + " -D " + dir_ + "/data -l " + dir_ + "/log -w -o \"-p " +
+                    std::to_string(port_) + " -k " + dir_ +
+                    " -c listen_addresses=127.0.0.1 -c fsync=off\" start > /dev/null") == 0);
     }
     void stop() { REQUIRE(run(as_ + bin("pg_ctl") + " -D " + dir_ + "/data -m fast -w stop > /dev/null") == 0); }
     std::string conninfo() const {
@@ -158,7 +160,7 @@ std::unique_ptr<imbus::client> subscribed_client(const server_process& s, const 
     return c;
 }
 
-} // namespace
+}  // namespace
 
 TEST_CASE("two server processes on one database: a publish on either reaches clients of both, once, in order") {
     throwaway_cluster pg;

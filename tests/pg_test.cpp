@@ -27,12 +27,12 @@ std::size_t imbus_second_tu_pg_payloads();  // tests/second_tu_pg.cpp
 using namespace std::chrono_literals;
 using imbus::channel;
 using imbus::pending_message;
-using imbus_test::test_connection;
-using imbus_test::pg_test_database;
-using imbus_test::wait_until;
 using imbus_test::batch_of;
 using imbus_test::ids_of;
 using imbus_test::log_capture;
+using imbus_test::pg_test_database;
+using imbus_test::test_connection;
+using imbus_test::wait_until;
 
 namespace {
 
@@ -44,14 +44,16 @@ const channel ch_b("db", "b");
 std::int64_t hold_bus_lock(test_connection& c) {
     c.exec("BEGIN");
     c.exec("SELECT pg_advisory_xact_lock(" + std::to_string(imbus::pg_store::advisory_lock_key) + ")");
-    return c.scalar("INSERT INTO bus_bus (channel, message, create_date) VALUES ('[\"db\",\"a\"]', '{}', now()) RETURNING id");
+    return c.scalar(
+        "INSERT INTO bus_bus (channel, message, create_date) VALUES ('[\"db\",\"a\"]', '{}', now()) RETURNING id");
 }
 
 // Bus commits waiting for the advisory lock at the server.
 // pg_locks shows the whole cluster: only this test's database counts (ctest -j2 runs others).
 std::int64_t waiting_for_bus_lock(test_connection& admin) {
-    return admin.scalar("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
-                        " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())");
+    return admin.scalar(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+        " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())");
 }
 
 // Follows ch_a and ch_b the way a connection does: polls from its position, then moves the
@@ -119,7 +121,7 @@ void terminate_backend(test_connection& admin, const std::string& pid) {
     CHECK(wait_until([&] { return admin.exec("SELECT count(*) FROM pg_stat_activity WHERE pid = " + pid) == "0"; }));
 }
 
-} // namespace
+}  // namespace
 
 // The outbox pattern: the store borrows the application's connection, so the application's row
 // and the bus rows are one transaction; readers derive their conninfo from that connection.
@@ -212,7 +214,7 @@ TEST_CASE("a reader's horizon never passes an id that later appears") {
     const auto unsafe = store.fetch({ch_a}, after.horizon);
     CHECK(unsafe.horizon > early);  // a horizon past an id that is not visible yet...
     unlocked.exec("COMMIT");
-    CHECK(store.contains(early));   // ...which then appears below it
+    CHECK(store.contains(early));  // ...which then appears below it
 }
 
 // Many writers on separate connections (as separate processes would be): a reader moving its
@@ -230,7 +232,8 @@ TEST_CASE("writers on separate connections: a reader following horizons sees eve
         threads.emplace_back([&, w] {
             std::mt19937 rng{static_cast<unsigned>(w)};
             for (int b = 0; b < batches; ++b)
-                for (const auto& n : stores[std::size_t(w)]->append(batch_of({{rng() % 2 ? ch_a : ch_b, b}, {ch_a, b}})))
+                for (const auto& n :
+                     stores[std::size_t(w)]->append(batch_of({{rng() % 2 ? ch_a : ch_b, b}, {ch_a, b}})))
                     written[std::size_t(w)].push_back(n.id);
             ++done;
         });
@@ -309,7 +312,7 @@ TEST_CASE("a store's writer connections wait for the advisory lock side by side,
         workers.emplace_back([&, w] { ids[std::size_t(w)] = store.append(batch_of({{ch_a, w}}))[0].id; });
     test_connection admin(db.conninfo);
     CHECK(wait_until([&] { return waiting_for_bus_lock(admin) == 3; }));
-    std::this_thread::sleep_for(100ms);  // a negative: no fourth one shows up
+    std::this_thread::sleep_for(100ms);       // a negative: no fourth one shows up
     CHECK(waiting_for_bus_lock(admin) == 3);  // the other two commits wait for a connection, not at the server
     CHECK(wait_until([&] { return store.waiting_commits() == 2; }));
     holder.exec("COMMIT");
@@ -441,8 +444,10 @@ TEST_CASE("listener survives a killed connection and catches up what it missed")
     sub.set_channels({ch_a});
     imbus::pg_listener listener(local, dispatcher, fast_reconnect());
     test_connection admin(db.base);  // on another database: it stays while the test database refuses connections
-    const std::string listener_pid_sql = "SELECT pid FROM pg_stat_activity WHERE application_name = "
-                                         "'imbus-listener' AND datname = '" + db.name + "'";
+    const std::string listener_pid_sql =
+        "SELECT pid FROM pg_stat_activity WHERE application_name = "
+        "'imbus-listener' AND datname = '" +
+        db.name + "'";
 
     std::vector<std::int64_t> expected = ids_of(remote.append(batch_of({{ch_a, 1}})));
     REQUIRE(wait_until([&] { return seen.size() == 1; }));
@@ -474,7 +479,8 @@ extern "C" void imbus_test_ignore_signal(int) {}
 
 TEST_CASE("listener: signals during the reconnect backoff do not stop it") {
     pg_test_database db;
-    struct sigaction quiet_handler{}, previous{};
+    struct sigaction quiet_handler {
+    }, previous{};
     quiet_handler.sa_handler = imbus_test_ignore_signal;  // no SA_RESTART: poll() fails with EINTR
     sigemptyset(&quiet_handler.sa_mask);
     REQUIRE(sigaction(SIGUSR1, &quiet_handler, &previous) == 0);
@@ -496,8 +502,10 @@ TEST_CASE("listener: signals during the reconnect backoff do not stop it") {
     listener.emplace(local, dispatcher, o);  // its thread is the only one taking SIGUSR1
     REQUIRE(pthread_sigmask(SIG_BLOCK, &usr1, nullptr) == 0);
     test_connection admin(db.base);
-    const std::string listener_pid_sql = "SELECT pid FROM pg_stat_activity WHERE application_name = "
-                                         "'imbus-listener' AND datname = '" + db.name + "'";
+    const std::string listener_pid_sql =
+        "SELECT pid FROM pg_stat_activity WHERE application_name = "
+        "'imbus-listener' AND datname = '" +
+        db.name + "'";
     REQUIRE(wait_until([&] { return listener->connected(); }));
 
     admin.exec("ALTER DATABASE " + db.name + " ALLOW_CONNECTIONS false");
@@ -594,10 +602,15 @@ TEST_CASE("store connections killed by the server are reopened") {
     }));
     CHECK(store.append(batch_of({{ch_a, 2}}))[0].id == 2);
     // every other connection of the store: its pooled readers
-    admin.exec("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() "
-               "AND pid <> pg_backend_pid() AND pid <> " + std::to_string(PQbackendPID(store.connection())));
-    CHECK(wait_until([&] { return admin.scalar("SELECT count(*) FROM pg_stat_activity WHERE datname = "
-                                               "current_database() AND backend_type = 'client backend'") == 2; }));
+    admin.exec(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() "
+        "AND pid <> pg_backend_pid() AND pid <> " +
+        std::to_string(PQbackendPID(store.connection())));
+    CHECK(wait_until([&] {
+        return admin.scalar(
+                   "SELECT count(*) FROM pg_stat_activity WHERE datname = "
+                   "current_database() AND backend_type = 'client backend'") == 2;
+    }));
     CHECK(ids_of(store.poll({ch_a}, 0)) == std::vector<std::int64_t>{1, 2});
     CHECK(store.newest_id() == 2);
 }
@@ -609,11 +622,13 @@ TEST_CASE("a commit whose connection ends during COMMIT is reported, never retri
     pg_test_database db;
     imbus::pg_store store(db.conninfo, quiet_options());
     test_connection admin(db.conninfo);
-    admin.exec("CREATE FUNCTION die_at_commit() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
-               "IF NEW.message LIKE '%die%' THEN PERFORM pg_terminate_backend(pg_backend_pid()); END IF; "
-               "RETURN NEW; END $$");
-    admin.exec("CREATE CONSTRAINT TRIGGER die_at_commit AFTER INSERT ON bus_bus DEFERRABLE INITIALLY DEFERRED "
-               "FOR EACH ROW EXECUTE FUNCTION die_at_commit()");
+    admin.exec(
+        "CREATE FUNCTION die_at_commit() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        "IF NEW.message LIKE '%die%' THEN PERFORM pg_terminate_backend(pg_backend_pid()); END IF; "
+        "RETURN NEW; END $$");
+    admin.exec(
+        "CREATE CONSTRAINT TRIGGER die_at_commit AFTER INSERT ON bus_bus DEFERRABLE INITIALLY DEFERRED "
+        "FOR EACH ROW EXECUTE FUNCTION die_at_commit()");
     std::vector<pending_message> dying{{ch_a, imbus::make_message("t", "die")}};
     CHECK_THROWS_WITH_AS(store.append(dying), doctest::Contains("outcome unknown"), std::system_error);
     CHECK_FALSE(store.contains(1));  // here it did not commit, but the store could not know

@@ -55,9 +55,9 @@ struct state {
     sqlite3_vfs* real = nullptr;
     sqlite3_vfs vfs{};
     std::map<std::string, std::vector<op>> unsynced;  // by file name
-    long writes = 0;   // write calls since arm()
-    long cut_at = 0;   // 0: never
-    bool cut = false;  // the power is off
+    long writes = 0;                                  // write calls since arm()
+    long cut_at = 0;                                  // 0: never
+    bool cut = false;                                 // the power is off
 };
 
 state& the() {
@@ -168,10 +168,9 @@ int x_shm_unmap(sqlite3_file* p, int del) { return self(p)->real()->pMethods->xS
 
 // Version 2: no xFetch, so every page read and write goes through the methods above.
 const sqlite3_io_methods methods = {
-    2,           x_close,          x_read,         x_write,       x_truncate, x_sync,
-    x_file_size, x_lock,           x_unlock,       x_check_reserved, x_file_control,
-    x_sector_size, x_device,       x_shm_map,      x_shm_lock,    x_shm_barrier, x_shm_unmap,
-    nullptr,     nullptr,
+    2,          x_close,       x_read,           x_write,        x_truncate,    x_sync,   x_file_size,
+    x_lock,     x_unlock,      x_check_reserved, x_file_control, x_sector_size, x_device, x_shm_map,
+    x_shm_lock, x_shm_barrier, x_shm_unmap,      nullptr,        nullptr,
 };
 
 int x_open(sqlite3_vfs*, const char* name, sqlite3_file* p, int flags, int* out_flags) {
@@ -248,27 +247,28 @@ void settle_disk(double survive, std::mt19937& rng) {
         }
         for (const op& o : ops) {
             if (survive <= 0 || !reached(rng)) continue;
-            if (o.truncate) REQUIRE(::ftruncate(fd, o.offset) == 0);
-            else REQUIRE(::pwrite(fd, o.after.data(), o.after.size(), o.offset) == ssize_t(o.after.size()));
+            if (o.truncate)
+                REQUIRE(::ftruncate(fd, o.offset) == 0);
+            else
+                REQUIRE(::pwrite(fd, o.after.data(), o.after.size(), o.offset) == ssize_t(o.after.size()));
         }
         ::close(fd);
     }
     s.unsynced.clear();
 }
 
-} // namespace powercut
+}  // namespace powercut
 
 // --- the workload -----------------------------------------------------------------------------
-
 
 // Transaction sizes: single rows, and batches large enough to span many pages and writes.
 const std::vector<int> batch_sizes = {1, 200, 3, 150, 200, 7, 200, 60, 1, 120, 200, 2};
 
 struct outcome {
-    long writes = 0;   // write calls the workload made
-    int acknowledged = 0;  // commits that returned ids, in order: batches 0..acknowledged-1
+    long writes = 0;                       // write calls the workload made
+    int acknowledged = 0;                  // commits that returned ids, in order: batches 0..acknowledged-1
     std::int64_t newest_acknowledged = 0;  // the highest id a commit returned
-    bool failed = false;   // a commit failed (the cut)
+    bool failed = false;                   // a commit failed (the cut)
 };
 
 // Runs the batches through imbus::transaction until one fails, then closes the store.
@@ -357,9 +357,9 @@ cut_report check_database(const std::string& path, const outcome& out, long cut_
         const int b = entry.first;  // not a structured binding: INFO captures it
         const std::vector<row>& rs = entry.second;
         INFO("batch " << b);
-        CHECK(b < attempted);  // never a row of a transaction that did not start
+        CHECK(b < attempted);                                    // never a row of a transaction that did not start
         REQUIRE(int(rs.size()) == batch_sizes[std::size_t(b)]);  // all or nothing
-        bool in_order = true;  // contiguous ids, in call order
+        bool in_order = true;                                    // contiguous ids, in call order
         for (std::size_t i = 0; i < rs.size(); ++i)
             in_order = in_order && rs[i].index == int(i) && rs[i].id == rs[0].id + std::int64_t(i);
         CHECK(in_order);
@@ -374,7 +374,8 @@ cut_report check_database(const std::string& path, const outcome& out, long cut_
     imbus::sqlite_store store(path, o);
     const std::int64_t newest = rows.empty() ? 0 : rows.back().id;
     CHECK(store.newest_id() >= newest);
-    const auto again = store.append({imbus::pending_message{imbus::channel("db", "powercut"), imbus::make_message("t", 0)}});
+    const auto again =
+        store.append({imbus::pending_message{imbus::channel("db", "powercut"), imbus::make_message("t", 0)}});
     REQUIRE(again.size() == 1);
     CHECK(again[0].id > newest);
     report.id_reused = again[0].id <= out.newest_acknowledged;
@@ -397,7 +398,8 @@ void sweep(const std::string& synchronous, double survive, bool every_ack_surviv
     // times slower there), the two variants of a mode still cutting at different points.
     const long step = imbus_test::sanitized ? 8 : 2;
     const long start = imbus_test::sanitized ? 1 + (first - 1) * 4 : first;  // variant 2 halfway between
-    MESSAGE(synchronous << ": the workload makes " << total << " write calls; cutting at every " << step << "th from " << start);
+    MESSAGE(synchronous << ": the workload makes " << total << " write calls; cutting at every " << step << "th from "
+                        << start);
     std::mt19937 rng(20261126);
     int cuts = 0, lost_acknowledged = 0, reused = 0;
     for (long k = start; k <= total; k += step) {
@@ -423,7 +425,7 @@ void sweep(const std::string& synchronous, double survive, bool every_ack_surviv
                         << " handed out an acknowledged id again");
 }
 
-} // namespace
+}  // namespace
 
 TEST_CASE("power cut, synchronous=FULL: every transaction all or nothing and every acknowledged commit survives") {
     sweep("FULL", 0.0, true, 1);
@@ -433,7 +435,8 @@ TEST_CASE("power cut, synchronous=FULL, some unsynced writes reached the disk: t
     sweep("FULL", 0.5, true, 2);
 }
 
-TEST_CASE("power cut, synchronous=NORMAL (WAL): every transaction all or nothing, the survivors a prefix of the commits") {
+TEST_CASE(
+    "power cut, synchronous=NORMAL (WAL): every transaction all or nothing, the survivors a prefix of the commits") {
     sweep("NORMAL", 0.0, false, 1);
 }
 

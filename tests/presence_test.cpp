@@ -102,7 +102,7 @@ void settle(imbus::store& store, std::initializer_list<const imbus::presence_tra
     }));
 }
 
-} // namespace
+}  // namespace
 
 TEST_CASE("open, idle, active, close: online, away, online, offline") {
     memory_fixture f;
@@ -135,8 +135,7 @@ TEST_CASE("open, idle, active, close: online, away, online, offline") {
 
     t.on_close("u");
     settle(f.store, {&t});
-    CHECK(published(f.store) ==
-          published_list{{"u", "online"}, {"u", "away"}, {"u", "online"}, {"u", "offline"}});
+    CHECK(published(f.store) == published_list{{"u", "online"}, {"u", "away"}, {"u", "online"}, {"u", "offline"}});
     CHECK(t.status("u") == presence_status::offline);
     CHECK(t.local_size() == 0);
     CHECK(t.size() == 0);
@@ -219,7 +218,8 @@ TEST_CASE_TEMPLATE("two processes: offline only after both closed, away only whe
     CHECK(b.size() == 0);
 }
 
-TEST_CASE_TEMPLATE("a crashed process's contribution expires and a new process learns the others'", F, PRESENCE_FIXTURES) {
+TEST_CASE_TEMPLATE("a crashed process's contribution expires and a new process learns the others'", F,
+                   PRESENCE_FIXTURES) {
     F f;
     imbus::presence_tracker a(f.bus_a(), presence_channel, options_with(f.clock));  // refresh 15 s
     auto b = std::make_unique<imbus::presence_tracker>(f.bus_b(), presence_channel, options_with(f.clock));
@@ -254,6 +254,5 @@ TEST_CASE_TEMPLATE("a crashed process's contribution expires and a new process l
     CHECK(published(f.store).size() == 3);
     c.on_close("w");
     settle(f.store, {&a, &c});
-    CHECK(published(f.store) ==
-          published_list{{"v", "online"}, {"w", "online"}, {"v", "offline"}, {"w", "offline"}});
+    CHECK(published(f.store) == published_list{{"v", "online"}, {"w", "online"}, {"v", "offline"}, {"w", "offline"}});
 }

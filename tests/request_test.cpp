@@ -18,8 +18,9 @@ TEST_CASE("a subscribe: channels in order, last clamped at 0, null or absent las
     CHECK(no_last.what == kind::subscribe);
     CHECK(no_last.last == 0);
     // Above any id the store will ever give: a far future, which the server treats as a first poll.
-    CHECK(imbus::parse_client_request(R"({"event_name":"subscribe","data":{"channels":[],"last":18446744073709551615}})").last ==
-          INT64_MAX);
+    CHECK(
+        imbus::parse_client_request(R"({"event_name":"subscribe","data":{"channels":[],"last":18446744073709551615}})")
+            .last == INT64_MAX);
 }
 
 TEST_CASE("a subscribe of the wrong shape is invalid, with the reason") {

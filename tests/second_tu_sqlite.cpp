@@ -7,7 +7,7 @@
 // Opens an in-memory SQLite store and appends one notification; returns its id (1).
 int imbus_second_tu_sqlite_uses() {
     imbus::sqlite_store store(":memory:");
-    const auto rows = store.append({imbus::pending_message{
-        imbus::channel("db", "broadcast"), imbus::make_message("t", imbus::json{{"k", 1}})}});
+    const auto rows = store.append(
+        {imbus::pending_message{imbus::channel("db", "broadcast"), imbus::make_message("t", imbus::json{{"k", 1}})}});
     return rows.size() == 1 ? int(rows.front().id) : -1;
 }

@@ -48,7 +48,7 @@ namespace {
 
 struct store_config {
     std::chrono::seconds retention{86400};
-    std::size_t max_notifications = 0;  // memory_store only
+    std::size_t max_notifications = 0;                    // memory_store only
     std::size_t max_pending = IMBUS_MAX_PENDING_WAKEUPS;  // the dispatcher's
 };
 
@@ -231,8 +231,7 @@ std::vector<std::int64_t> check_frame(const json& frame) {
     for (const auto& n : frame) {
         shaped = shaped && n.is_object() && n.size() == 2 && n.contains("id") && n["id"].is_number_integer() &&
                  n.contains("message") && n["message"].is_object() && n["message"].size() == 2 &&
-                 n["message"].contains("type") && n["message"]["type"].is_string() &&
-                 n["message"].contains("payload");
+                 n["message"].contains("type") && n["message"]["type"].is_string() && n["message"].contains("payload");
         if (!shaped) break;
         ids.push_back(n["id"].get<std::int64_t>());
     }
@@ -288,7 +287,7 @@ private:
     int released_ = 0;
 };
 
-} // namespace
+}  // namespace
 
 namespace doctest {
 template <> struct StringMaker<std::vector<std::int64_t>> {
@@ -304,14 +303,14 @@ template <> struct StringMaker<std::vector<std::int64_t>> {
         return (out + "] (" + std::to_string(ids.size()) + " ids)").c_str();
     }
 };
-} // namespace doctest
+}  // namespace doctest
 
 #define STORES memory_env, sqlite_env
 
 // --- catch-up --------------------------------------------------------------------------------
 
-TEST_CASE_TEMPLATE("catch-up: rows stored before connecting arrive after subscribe with last, none at or below it",
-                   Env, STORES) {
+TEST_CASE_TEMPLATE("catch-up: rows stored before connecting arrive after subscribe with last, none at or below it", Env,
+                   STORES) {
     harness<Env> h;
     std::vector<std::int64_t> a_ids;
     std::map<std::int64_t, int> payload_of;
@@ -488,8 +487,7 @@ TEST_CASE_TEMPLATE("no duplicate and no gap while notifications commit during su
 
 // --- channels ----------------------------------------------------------------------------------
 
-TEST_CASE_TEMPLATE("many channels: a client on A gets exactly A's rows while B and C commits interleave", Env,
-                   STORES) {
+TEST_CASE_TEMPLATE("many channels: a client on A gets exactly A's rows while B and C commits interleave", Env, STORES) {
     harness<Env> h;
     h.start();
     auto on_a = connect_client(h.url());
@@ -539,8 +537,8 @@ TEST_CASE_TEMPLATE("many channels: a client on A gets exactly A's rows while B a
 
 // --- fan-out ---------------------------------------------------------------------------------
 
-TEST_CASE_TEMPLATE("fan-out: 50 clients on one channel each get all 200 sends in order, and whole transactions",
-                   Env, STORES) {
+TEST_CASE_TEMPLATE("fan-out: 50 clients on one channel each get all 200 sends in order, and whole transactions", Env,
+                   STORES) {
     harness<Env> h;
     auto o = h.options();
     SUBCASE("two shards: each with its own loop, listener and connections") { o.threads = 2; }
@@ -554,8 +552,10 @@ TEST_CASE_TEMPLATE("fan-out: 50 clients on one channel each get all 200 sends in
     for (std::size_t i = 0; i < clients; ++i) {
         c.push_back(connect_client(h.url()));
         // Half of them also listen to "side", the second channel of the transactions below.
-        if (i % 2) c.back()->subscribe({"fan", "side"}, 0);
-        else c.back()->subscribe({"fan"}, 0);
+        if (i % 2)
+            c.back()->subscribe({"fan", "side"}, 0);
+        else
+            c.back()->subscribe({"fan"}, 0);
     }
     REQUIRE(h.wait_subscribers("fan", clients));
     REQUIRE(h.wait_subscribers("side", clients / 2));
@@ -599,8 +599,8 @@ TEST_CASE_TEMPLATE("fan-out: 50 clients on one channel each get all 200 sends in
 
 // --- frames ----------------------------------------------------------------------------------
 
-TEST_CASE_TEMPLATE("frames are non-empty ascending JSON arrays and a commit of the connection's rows is one frame",
-                   Env, STORES) {
+TEST_CASE_TEMPLATE("frames are non-empty ascending JSON arrays and a commit of the connection's rows is one frame", Env,
+                   STORES) {
     harness<Env> h;
     std::vector<std::int64_t> before;
     for (int i = 0; i < 5; ++i) before.push_back(h.send("a", i));  // ids 1..5
@@ -638,8 +638,7 @@ TEST_CASE_TEMPLATE("frames are non-empty ascending JSON arrays and a commit of t
         const auto id = h.send("b", 9);
         const std::string text = ws.read_text();
         CHECK(check_frame(text) == std::vector<std::int64_t>{id});
-        CHECK(json::parse(text)[0] ==
-              json{{"id", id}, {"message", {{"type", "test/b"}, {"payload", {{"i", 9}}}}}});
+        CHECK(json::parse(text)[0] == json{{"id", id}, {"message", {{"type", "test/b"}, {"payload", {{"i", 9}}}}}});
     }
     // A transaction partly on another channel: only this connection's rows.
     {
@@ -670,8 +669,8 @@ TEST_CASE_TEMPLATE("frames are non-empty ascending JSON arrays and a commit of t
 
 // --- slow consumers --------------------------------------------------------------------------
 
-TEST_CASE_TEMPLATE("slow consumer: a client that does not read is caught up from the store, nothing lost or twice",
-                   Env, STORES) {
+TEST_CASE_TEMPLATE("slow consumer: a client that does not read is caught up from the store, nothing lost or twice", Env,
+                   STORES) {
     harness<Env> h;
     auto o = h.options();
     o.max_outbound_bytes = 64 * 1024;
@@ -736,8 +735,7 @@ public:
         thread_ = std::thread([port] {
             try {
                 imbus_test::http_request(port, "GET", "/pause", "", {}, 20s);
-            } catch (const std::exception&) {
-            }
+            } catch (const std::exception&) {}
         });
         return wait_until([&] { return entered_.load(); });
     }
@@ -800,8 +798,10 @@ TEST_CASE("slow consumer: the outbound bound holds within one wake-up and rows c
     CHECK(strictly_ascending(got));
     const auto split = std::upper_bound(got.begin(), got.end(), markers.empty() ? newest : markers[0]);
     const std::size_t before_marker = std::size_t(split - got.begin());
-    INFO("rows delivered before any marker: " << before_marker << " (" << before_marker * 16 << " KB; the store "
-         "no longer held ids below " << oldest << ")");
+    INFO("rows delivered before any marker: " << before_marker << " (" << before_marker * 16
+                                              << " KB; the store "
+                                                 "no longer held ids below "
+                                              << oldest << ")");
     REQUIRE(markers.size() == 1);
     // Before the marker: a gap-free prefix from id 1; after it: what the store still held.
     for (std::size_t i = 0; i < before_marker; ++i) CHECK(got[i] == std::int64_t(i) + 1);
@@ -1124,7 +1124,7 @@ TEST_CASE("store failures: a store that stays down closes the connection with 10
     auto ws = raw_ws::connect(h.port());
     ws.send_text(subscribe_text({"a"}, 0));
     CHECK(ws.wait_close().code == 1011);
-    CHECK(store_errors(*h.server) == 4);  // the first read and three more
+    CHECK(store_errors(*h.server) == 4);                                       // the first read and three more
     CHECK(wait_until([&] { return h.server->metrics().closes(1011) == 1; }));  // counted once the close completes
     CHECK(h.logs.contains("closing (1011)"));
 
@@ -1136,8 +1136,8 @@ TEST_CASE("store failures: a store that stays down closes the connection with 10
     CHECK(ids_of(got) == std::vector<std::int64_t>{first});
 }
 
-TEST_CASE_TEMPLATE("HTTP routes: health, peek_notifications, has_missed_notifications, /bus/send, 404, on_http",
-                   Env, STORES) {
+TEST_CASE_TEMPLATE("HTTP routes: health, peek_notifications, has_missed_notifications, /bus/send, 404, on_http", Env,
+                   STORES) {
     using imbus_test::http_request;
     harness<Env> h(store_config{std::chrono::seconds(60)});
     h.send("a", 0);  // id 1, collected below
@@ -1176,20 +1176,21 @@ TEST_CASE_TEMPLATE("HTTP routes: health, peek_notifications, has_missed_notifica
         const json body = json::parse(r.body);
         CHECK(body["channels"] == json::parse(R"([["db","a"],["db","b"],["db","always"]])"));
         CHECK(ids_of(body["notifications"].get<std::vector<json>>()) == std::vector<std::int64_t>{a2, b3, always4});
-        CHECK(body["notifications"][0] ==
-              json{{"id", a2}, {"message", {{"type", "test/a"}, {"payload", {{"i", 1}}}}}});
+        CHECK(body["notifications"][0] == json{{"id", a2}, {"message", {{"type", "test/a"}, {"payload", {{"i", 1}}}}}});
 
-        const json after = json::parse(http_request(port, "POST", "/websocket/peek_notifications",
-                                              R"({"channels":["a","b"],"last":)" + std::to_string(a2) + "}", json_type)
-                                     .body);
+        const json after =
+            json::parse(http_request(port, "POST", "/websocket/peek_notifications",
+                                     R"({"channels":["a","b"],"last":)" + std::to_string(a2) + "}", json_type)
+                            .body);
         CHECK(ids_of(after["notifications"].get<std::vector<json>>()) == std::vector<std::int64_t>{b3, always4});
 
         // The first poll sees only the 50 s window.
         h.env.clock.advance(51s);
         const auto a5 = h.send("a", 4);
-        const json first = json::parse(http_request(port, "POST", "/websocket/peek_notifications",
-                                              R"({"channels":["a","b"],"last":0,"is_first_poll":true})", json_type)
-                                     .body);
+        const json first =
+            json::parse(http_request(port, "POST", "/websocket/peek_notifications",
+                                     R"({"channels":["a","b"],"last":0,"is_first_poll":true})", json_type)
+                            .body);
         CHECK(ids_of(first["notifications"].get<std::vector<json>>()) == std::vector<std::int64_t>{a5});
         CHECK(first["channels"] == json::parse(R"([["db","a"],["db","b"],["db","always"]])"));
     }
@@ -1241,7 +1242,8 @@ TEST_CASE_TEMPLATE("HTTP routes: health, peek_notifications, has_missed_notifica
         narrow.listen("127.0.0.1", 0);
         narrow.start();
         CHECK(http_request(narrow.port(), "POST", "/websocket/peek_notifications",
-                           R"({"channels":["a","b","c"],"last":0})", json_type).status == 400);
+                           R"({"channels":["a","b","c"],"last":0})", json_type)
+                  .status == 400);
         for (auto* s : {&paged, &tiny, &narrow}) {
             s->stop();
             s->wait();
@@ -1285,11 +1287,12 @@ TEST_CASE_TEMPLATE("HTTP routes: health, peek_notifications, has_missed_notifica
         CHECK(ask(R"({"last_notification_id":9223372036854775807})") == true);
         CHECK(ask(R"({"last_notification_id":18446744073709551615})") == true);
         CHECK(ask(R"({"last_notification_id":-5})") == false);
-        CHECK(http_request(port, "POST", "/bus/has_missed_notifications", R"({"last_notification_id":1.5})", json_type).status == 400);
+        CHECK(http_request(port, "POST", "/bus/has_missed_notifications", R"({"last_notification_id":1.5})", json_type)
+                  .status == 400);
         const json rpc_true = ask(R"({"jsonrpc":"2.0","id":3,"params":{"last_notification_id":1}})");
         CHECK(rpc_true == json{{"jsonrpc", "2.0"}, {"id", 3}, {"result", true}});
-        const json rpc_false = ask(R"({"jsonrpc":"2.0","id":4,"params":{"last_notification_id":)" +
-                                   std::to_string(b3) + "}}");
+        const json rpc_false =
+            ask(R"({"jsonrpc":"2.0","id":4,"params":{"last_notification_id":)" + std::to_string(b3) + "}}");
         CHECK(rpc_false == json{{"jsonrpc", "2.0"}, {"id", 4}, {"result", false}});
         CHECK(http_request(port, "POST", "/bus/has_missed_notifications", "{}", json_type).status == 400);
         CHECK(http_request(port, "POST", "/bus/has_missed_notifications", "nope", json_type).status == 400);
@@ -1418,8 +1421,8 @@ TEST_CASE("HTTP routes answer 400 to JSON nested deeper than max_json_depth, not
     const std::string too_deep = "the body is nested deeper than " + std::to_string(IMBUS_MAX_JSON_DEPTH) + " levels";
     for (const std::string path : {"/websocket/peek_notifications", "/bus/has_missed_notifications", "/bus/send"}) {
         CAPTURE(path);
-        for (const std::string& body : {arrays(200000), R"({"jsonrpc":"2.0","id":)" + arrays(200000) + "}",
-                                        arrays(IMBUS_MAX_JSON_DEPTH + 1)}) {
+        for (const std::string& body :
+             {arrays(200000), R"({"jsonrpc":"2.0","id":)" + arrays(200000) + "}", arrays(IMBUS_MAX_JSON_DEPTH + 1)}) {
             const auto r = post(path, body);
             CHECK(r.status == 400);
             CHECK(json::parse(r.body) == json{{"error", too_deep}});
@@ -1459,9 +1462,9 @@ TEST_CASE("peek_notifications is authenticated by the server's policy and gets i
     const std::string path = "/websocket/peek_notifications";
     CHECK(http_request(srv.port(), "POST", path, body).status == 401);
     CHECK(http_request(srv.port(), "POST", path, body, {{"Authorization", "Bearer not-a-token"}}).status == 403);
-    for (const auto& auth : std::vector<imbus_test::header_list>{
-             {{"Cookie", "imbus_session=" + tokens.issue("alice", 60s)}},
-             {{"Authorization", "Bearer " + tokens.issue("alice", 60s)}}}) {
+    for (const auto& auth :
+         std::vector<imbus_test::header_list>{{{"Cookie", "imbus_session=" + tokens.issue("alice", 60s)}},
+                                              {{"Authorization", "Bearer " + tokens.issue("alice", 60s)}}}) {
         auto r = http_request(srv.port(), "POST", path, body, auth);
         REQUIRE(r.status == 200);
         const json reply = json::parse(r.body);
@@ -1477,8 +1480,8 @@ TEST_CASE("peek_notifications is authenticated by the server's policy and gets i
 
 // --- graceful stop and reconnect -----------------------------------------------------------------
 
-TEST_CASE_TEMPLATE("graceful stop: 1001 to every client, wait() returns, a new server resumes from the same store",
-                   Env, STORES) {
+TEST_CASE_TEMPLATE("graceful stop: 1001 to every client, wait() returns, a new server resumes from the same store", Env,
+                   STORES) {
     harness<Env> h;
     h.start();
     auto c = connect_client(h.url());
@@ -1546,8 +1549,8 @@ TEST_CASE("wait() from a handler throws std::logic_error; the server goes on") {
     CHECK(collect_until(*c, got, id));
 }
 
-TEST_CASE_TEMPLATE("reconnect: imbus::client comes back to a new server on the same port, no gap, no duplicate",
-                   Env, STORES) {
+TEST_CASE_TEMPLATE("reconnect: imbus::client comes back to a new server on the same port, no gap, no duplicate", Env,
+                   STORES) {
     harness<Env> h;
     h.start();
     const auto port = h.port();

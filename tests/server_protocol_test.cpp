@@ -80,8 +80,7 @@ struct test_policy {
 
 using tweak_fn = std::function<void(imbus::server_options&)>;
 
-template <class Policy = imbus::public_policy>
-struct fixture {
+template <class Policy = imbus::public_policy> struct fixture {
     imbus::manual_clock clock;
     log_capture log;
     imbus::memory_store store;
@@ -220,7 +219,7 @@ template <class F> void check_both_still_work(F& f, raw_ws& bad, imbus::client& 
     CHECK(got[0]["id"] == live);
 }
 
-} // namespace
+}  // namespace
 
 // ============================================================================================
 // Handshake
@@ -238,11 +237,13 @@ TEST_CASE("handshake: Sec-WebSocket-Version other than 13 or missing is 426 with
     fixture<> f;
     for (const std::string version : {"8", "99", ""}) {
         CAPTURE(version);
-        auto reply = raw_ws::handshake_reply(f.port(), "/websocket?version=19.0-2", {{"Sec-WebSocket-Version", version}});
+        auto reply =
+            raw_ws::handshake_reply(f.port(), "/websocket?version=19.0-2", {{"Sec-WebSocket-Version", version}});
         CHECK(reply.status == 426);
         CHECK(reply.header("sec-websocket-version") == "13");
     }
-    CHECK(raw_ws::handshake_reply(f.port(), "/websocket?version=19.0-2", {{"Sec-WebSocket-Version", "13"}}).status == 101);
+    CHECK(raw_ws::handshake_reply(f.port(), "/websocket?version=19.0-2", {{"Sec-WebSocket-Version", "13"}}).status ==
+          101);
 }
 
 TEST_CASE("handshake: Origin allow-list") {
@@ -252,8 +253,10 @@ TEST_CASE("handshake: Origin allow-list") {
     ok.send_text(subscribe_text({"a"}, 0));
     CHECK(read_frame_json(ok).size() == 1);
 
-    CHECK(raw_ws::handshake_reply(f.port(), "/websocket?version=19.0-2", {{"Origin", "https://evil.example"}}).status == 403);
-    CHECK(raw_ws::handshake_reply(f.port(), "/websocket?version=19.0-2", {{"Origin", "https://app.example.evil"}}).status == 403);
+    CHECK(raw_ws::handshake_reply(f.port(), "/websocket?version=19.0-2", {{"Origin", "https://evil.example"}}).status ==
+          403);
+    CHECK(raw_ws::handshake_reply(f.port(), "/websocket?version=19.0-2", {{"Origin", "https://app.example.evil"}})
+              .status == 403);
     CHECK(raw_ws::handshake_reply(f.port(), "/websocket?version=19.0-2").status == 403);  // no Origin
 }
 
@@ -284,7 +287,9 @@ TEST_CASE("handshake: a policy rejection answers the policy's status") {
 
 TEST_CASE("handshake probe: a plain GET of the WebSocket path answers what the handshake would get") {
     fixture<test_policy> f;
-    auto probe = [&](imbus_test::header_list headers) { return imbus_test::http_request(f.port(), "GET", "/websocket?version=19.0-2", "", headers); };
+    auto probe = [&](imbus_test::header_list headers) {
+        return imbus_test::http_request(f.port(), "GET", "/websocket?version=19.0-2", "", headers);
+    };
     const auto refused = probe({{"X-Reject", "401"}});
     CHECK(refused.status == 401);
     CHECK(json::parse(refused.body)["error"] == "who are you?");
@@ -390,7 +395,7 @@ TEST_CASE("subscribe: every subscribe dispatches at once what the store holds af
     CHECK(ids_of(c->take(2, wait_limit)) == std::vector<std::int64_t>{a1, a2});
 
     const auto b3 = f.send("b"), b4 = f.send("b");  // after the cursor, on a channel not yet followed
-    c->subscribe({"a", "b"});  // a later subscribe: they arrive without a new send
+    c->subscribe({"a", "b"});                       // a later subscribe: they arrive without a new send
     CHECK(ids_of(c->take(2, wait_limit)) == std::vector<std::int64_t>{b3, b4});
     CHECK(c->take(1, quiet_time).empty());
 }
@@ -502,7 +507,8 @@ TEST_CASE("request: a subscribe with a non-integer last is answered bus/request_
     check_both_still_work(f, ws, *other);
 }
 
-TEST_CASE("request: before a subscribe a refusal carries the last the client sent, after it the connection's position") {
+TEST_CASE(
+    "request: before a subscribe a refusal carries the last the client sent, after it the connection's position") {
     fixture<> f;
     f.send("a");
     f.send("a");
@@ -734,7 +740,8 @@ TEST_CASE("idle: a peer that never answers is dropped even when pong_timeout > i
     int pings = 0;
     const auto deadline = steady::now() + 1500ms;  // ping at ~100 ms, pong due by ~400 ms
     while (!ws.closed_by_peer() && steady::now() < deadline) {
-        auto frame = ws.read_frame(std::chrono::duration_cast<std::chrono::milliseconds>(deadline - steady::now()) + 1ms);
+        auto frame =
+            ws.read_frame(std::chrono::duration_cast<std::chrono::milliseconds>(deadline - steady::now()) + 1ms);
         if (frame && frame->opcode == raw_ws::op_ping) ++pings;
     }
     CAPTURE(pings);
@@ -859,7 +866,8 @@ TEST_CASE("close: a finished close handshake ends TCP at once, whoever began it;
     CHECK(bob.wait_close(wait_limit).code == 1000);
     CHECK(wait_until([&] { return connections() == 0; }));
     // A protocol error: the connection stays, reading, until the client ends TCP.
-    auto carol = std::make_unique<raw_ws>(raw_ws::connect(f.port(), "/websocket?version=19.0-2", {{"X-User", "carol"}}));
+    auto carol =
+        std::make_unique<raw_ws>(raw_ws::connect(f.port(), "/websocket?version=19.0-2", {{"X-User", "carol"}}));
     carol->send_frame(0x3, "x");
     CHECK(carol->wait_close(wait_limit).code == 1002);
     std::this_thread::sleep_for(quiet_time);  // a negative: the connection is not ended
@@ -893,7 +901,9 @@ TEST_CASE("close 1001: stop() closes every connected client") {
 namespace {
 struct greeting_policy {
     using identity = imbus::public_policy::identity;
-    imbus::admission<identity> authenticate(const imbus::http_request&) { return imbus::admission<identity>::accept({}); }
+    imbus::admission<identity> authenticate(const imbus::http_request&) {
+        return imbus::admission<identity>::accept({});
+    }
     std::vector<imbus::direct_message> on_subscribe(const identity&, const std::vector<imbus::channel>& granted) {
         json names = json::array();
         for (const auto& c : granted) names.push_back(c.to_json()[1]);
@@ -902,7 +912,7 @@ struct greeting_policy {
         return {{"hello", {{"channels", names}}}, {"second", 2}};
     }
 };
-} // namespace
+}  // namespace
 
 TEST_CASE("request: policy.on_subscribe's messages reach that client alone, after its history") {
     fixture<greeting_policy> f;
@@ -948,10 +958,12 @@ TEST_CASE("request: policy.on_subscribe's messages reach that client alone, afte
 namespace {
 struct odd_throw_policy {
     using identity = imbus::public_policy::identity;
-    imbus::admission<identity> authenticate(const imbus::http_request&) { return imbus::admission<identity>::accept({}); }
+    imbus::admission<identity> authenticate(const imbus::http_request&) {
+        return imbus::admission<identity>::accept({});
+    }
     void on_event(const identity&, const std::string&, const json&) { throw 42; }
 };
-} // namespace
+}  // namespace
 
 TEST_CASE("request: a non-std exception from policy.on_event is contained as well") {
     fixture<odd_throw_policy> f;
@@ -1069,7 +1081,8 @@ TEST_CASE("limits: a TCP connection that never completes a handshake is dropped 
 
 TEST_CASE("limits: a handshake with more than 16000 bytes of headers is refused") {
     fixture<> f;
-    auto reply = raw_ws::handshake_reply(f.port(), "/websocket?version=19.0-2", {{"X-Padding", std::string(17000, 'x')}});
+    auto reply =
+        raw_ws::handshake_reply(f.port(), "/websocket?version=19.0-2", {{"X-Padding", std::string(17000, 'x')}});
     CHECK(reply.status >= 400);
     CHECK(reply.status < 500);
     CHECK(raw_ws::handshake_reply(f.port(), "/websocket?version=19.0-2").status == 101);
@@ -1083,7 +1096,6 @@ double metric(const std::string& page, const std::string& sample) {
     if (at == std::string::npos) return -1;
     return std::stod(page.substr(at + sample.size() + 2));
 }
-
 
 // A POST /bus/send that would publish one row on "a" if the server read it as the sender meant.
 std::string send_request(const std::string& extra_headers, const std::string& body, bool with_length = true) {
@@ -1103,7 +1115,8 @@ TEST_CASE("http: ambiguous or malformed framing is refused before routing, logge
     const std::vector<attempt> attempts = {
         {"Content-Length and Transfer-Encoding", send_request("Transfer-Encoding: chunked\r\n", chunked), 400},
         {"two Content-Length headers", send_request("Content-Length: 5\r\n", body), 400},
-        {"two equal Content-Length headers", send_request("Content-Length: " + std::to_string(body.size()) + "\r\n", body), 400},
+        {"two equal Content-Length headers",
+         send_request("Content-Length: " + std::to_string(body.size()) + "\r\n", body), 400},
         {"Content-Length with trailing junk", send_request("Content-Length: 38abc\r\n", body, false), 400},
         {"Content-Length with a sign", send_request("Content-Length: +38\r\n", body, false), 400},
         {"negative Content-Length", send_request("Content-Length: -1\r\n", body, false), 400},
@@ -1140,14 +1153,17 @@ TEST_CASE("http: ambiguous or malformed framing is refused before routing, logge
     CHECK(ids_of(read_frame_json(ws)) == std::vector<std::int64_t>{1});
 }
 
-TEST_CASE("http: websocketpp's own refusals (headers over 16,000 bytes: 431, a body over max_http_body_bytes: 413) are counted too") {
+TEST_CASE(
+    "http: websocketpp's own refusals (headers over 16,000 bytes: 431, a body over max_http_body_bytes: 413) are "
+    "counted too") {
     fixture<> f([](imbus::server_options& o) {
         o.api_key = "k";
         o.max_http_body_bytes = 1024;
     });
     const std::string big_body(2000, 'x');
     CHECK(imbus_test::raw_http(f.port(), send_request("", big_body)).status == 413);
-    CHECK(imbus_test::raw_http(f.port(), send_request("X-Padding: " + std::string(17000, 'x') + "\r\n", "{}")).status == 431);
+    CHECK(imbus_test::raw_http(f.port(), send_request("X-Padding: " + std::string(17000, 'x') + "\r\n", "{}")).status ==
+          431);
     CHECK(wait_until([&] { return f.server.metrics().bad_requests.load() == 2; }));
     CHECK(f.store.newest_id() == 0);
 }
@@ -1213,7 +1229,8 @@ TEST_CASE("metrics: with a metrics_token, /metrics wants it; with an empty path 
     fixture<> f([](imbus::server_options& o) { o.metrics_token = "scrape"; });
     CHECK(imbus_test::http_request(f.port(), "GET", "/metrics").status == 401);
     CHECK(imbus_test::http_request(f.port(), "GET", "/metrics", "", {{"Authorization", "Bearer nope"}}).status == 401);
-    CHECK(imbus_test::http_request(f.port(), "GET", "/metrics", "", {{"Authorization", "Bearer scrape"}}).status == 200);
+    CHECK(imbus_test::http_request(f.port(), "GET", "/metrics", "", {{"Authorization", "Bearer scrape"}}).status ==
+          200);
 
     fixture<> off([](imbus::server_options& o) { o.metrics_path.clear(); });
     CHECK(imbus_test::http_request(off.port(), "GET", "/metrics").status == 404);

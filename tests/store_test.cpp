@@ -25,7 +25,6 @@ using imbus_test::temp_db;
 
 namespace {
 
-
 template <class Options> Options options_with(imbus::manual_clock& clock) {
     Options o;
     o.clock = std::ref(clock);
@@ -60,7 +59,7 @@ const channel ch_a("db", "a");
 const channel ch_b("db", "b");
 const channel ch_c("db", "res.partner", 3);
 
-} // namespace
+}  // namespace
 
 #ifdef IMBUS_TEST_POSTGRES
 #define STORE_FIXTURES memory_fixture, sqlite_memory_fixture, sqlite_file_fixture, pg_fixture
@@ -150,7 +149,7 @@ TEST_CASE_TEMPLATE("poll with a byte cap continues where it stopped", F, STORE_F
     F f;
     for (int i = 0; i < 4; ++i) f.store.append(batch_of({{ch_a, i}, {ch_b, i}}));
     const std::size_t one = f.store.poll({ch_a}, -1).at(0).message.size();  // every message has this size
-    const std::size_t cap = 2 * one + 1;  // reached by the third row
+    const std::size_t cap = 2 * one + 1;                                    // reached by the third row
     auto first = f.store.fetch({ch_a, ch_b}, -1, 0, cap);
     CHECK(ids_of(first.notifications) == std::vector<std::int64_t>{1, 2, 3});
     CHECK(first.horizon == 3);
@@ -177,7 +176,7 @@ TEST_CASE_TEMPLATE("garbage collection and has_missed", F, STORE_FIXTURES) {
     CHECK(f.store.contains(1));
     CHECK_FALSE(f.store.has_missed(1));
     CHECK_FALSE(f.store.has_missed(0));
-    f.clock.advance(1h + 1s);  // rows 1 and 2 are now older than 24 h
+    f.clock.advance(1h + 1s);               // rows 1 and 2 are now older than 24 h
     CHECK(f.store.collect_garbage() <= 2);  // the memory store may already have dropped them
     CHECK(f.store.collect_garbage() == 0);
     CHECK_FALSE(f.store.contains(1));
@@ -199,19 +198,19 @@ TEST_CASE_TEMPLATE("garbage collection and has_missed", F, STORE_FIXTURES) {
 // must not be told it missed notifications: only deleted rows of its own channels count.
 TEST_CASE_TEMPLATE("lost_after counts only the rows of the client's own channels", F, STORE_FIXTURES) {
     F f;
-    f.store.append(batch_of({{ch_a, 1}}));                          // id 1: the client's last row
+    f.store.append(batch_of({{ch_a, 1}}));                              // id 1: the client's last row
     for (int i = 0; i < 5; ++i) f.store.append(batch_of({{ch_b, i}}));  // ids 2-6: a busy channel
     f.clock.advance(25h);
     const auto kept = f.store.append(batch_of({{ch_b, 9}}))[0].id;  // id 7
     f.store.collect_garbage();
     REQUIRE(f.store.oldest_id() == kept);
-    CHECK_FALSE(f.store.lost_after({ch_a}, 1));     // a's rows after 1: none ever existed
-    CHECK(f.store.lost_after({ch_a, ch_b}, 1));     // b's 2-6 are gone
-    CHECK(f.store.lost_after({ch_b}, 5));           // 6 is gone
-    CHECK_FALSE(f.store.lost_after({ch_b}, 6));     // everything of b after 6 is there
+    CHECK_FALSE(f.store.lost_after({ch_a}, 1));  // a's rows after 1: none ever existed
+    CHECK(f.store.lost_after({ch_a, ch_b}, 1));  // b's 2-6 are gone
+    CHECK(f.store.lost_after({ch_b}, 5));        // 6 is gone
+    CHECK_FALSE(f.store.lost_after({ch_b}, 6));  // everything of b after 6 is there
     CHECK_FALSE(f.store.lost_after({ch_c}, 1));
-    CHECK_FALSE(f.store.lost_after({ch_a}, 0));     // a first poll misses nothing
-    CHECK(f.store.lost_after({ch_a}, kept + 5));    // above the newest id: the store was reset
+    CHECK_FALSE(f.store.lost_after({ch_a}, 0));   // a first poll misses nothing
+    CHECK(f.store.lost_after({ch_a}, kept + 5));  // above the newest id: the store was reset
 
     // a's own row deleted unread
     f.store.append(batch_of({{ch_a, 2}}));  // id 8

@@ -25,9 +25,10 @@ struct certificate {
         dir = tmp;
         cert = dir + "/cert.pem";
         key = dir + "/key.pem";
-        const std::string command = "openssl req -x509 -newkey rsa:2048 -nodes -sha256 -days 1 -subj /CN=imbus-test"
-                                    " -addext subjectAltName=" + alt_names + " -keyout " + key + " -out " + cert +
-                                    " > " + dir + "/openssl.log 2>&1";
+        const std::string command =
+            "openssl req -x509 -newkey rsa:2048 -nodes -sha256 -days 1 -subj /CN=imbus-test"
+            " -addext subjectAltName=" +
+            alt_names + " -keyout " + key + " -out " + cert + " > " + dir + "/openssl.log 2>&1";
         REQUIRE_MESSAGE(std::system(command.c_str()) == 0, "openssl failed: see " << dir << "/openssl.log");
     }
     ~certificate() { std::system(("rm -rf " + dir).c_str()); }
@@ -67,7 +68,7 @@ imbus::client_options trusting(const certificate& c) {
     return o;
 }
 
-} // namespace
+}  // namespace
 
 TEST_CASE("wss: a client that trusts the certificate subscribes and receives, by IP and by host name") {
     certificate cert("DNS:localhost,IP:127.0.0.1");

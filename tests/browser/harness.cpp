@@ -103,15 +103,24 @@ settings parse(int argc, char** argv) {
         if (i + 1 >= argc) usage("missing value after " + flag);
         const std::string value = argv[++i];
         try {
-            if (flag == "--port") s.port = static_cast<std::uint16_t>(std::stoul(value));
-            else if (flag == "--data") s.data = value;
-            else if (flag == "--version") s.server.version = value;
-            else if (flag == "--api-key") s.server.api_key = value;
-            else if (flag == "--root") s.root = value;
-            else if (flag == "--tls-cert") s.server.tls_certificate_chain_file = value;
-            else if (flag == "--tls-key") s.server.tls_private_key_file = value;
-            else if (flag == "--presence-away-ms") s.presence_away = std::chrono::milliseconds(std::stoll(value));
-            else usage("unknown option " + flag);
+            if (flag == "--port")
+                s.port = static_cast<std::uint16_t>(std::stoul(value));
+            else if (flag == "--data")
+                s.data = value;
+            else if (flag == "--version")
+                s.server.version = value;
+            else if (flag == "--api-key")
+                s.server.api_key = value;
+            else if (flag == "--root")
+                s.root = value;
+            else if (flag == "--tls-cert")
+                s.server.tls_certificate_chain_file = value;
+            else if (flag == "--tls-key")
+                s.server.tls_private_key_file = value;
+            else if (flag == "--presence-away-ms")
+                s.presence_away = std::chrono::milliseconds(std::stoll(value));
+            else
+                usage("unknown option " + flag);
         } catch (const std::logic_error&) {
             usage("bad value for " + flag + ": " + value);
         }
@@ -129,15 +138,16 @@ std::shared_ptr<imbus::presence_tracker> presence_for(const settings& s, imbus::
 
 template <class Transport> void serve(const settings& s, imbus::bus& bus) {
     auto seen = std::make_shared<observed>();
-    imbus::basic_server<test_policy, Transport> server(bus, test_policy{imbus::public_policy({bus.channel_for("broadcast")}), seen,
-                                                                        presence_for(s, bus)},
-                                                       s.server);
+    imbus::basic_server<test_policy, Transport> server(
+        bus, test_policy{imbus::public_policy({bus.channel_for("broadcast")}), seen, presence_for(s, bus)}, s.server);
     auto files = imbus::static_files(s.root);
     server.on_http([&server, files, seen](const imbus::http_request& request, imbus::http_response& response) {
         if (request.method == "GET" && request.path == "/test/stats") {
             std::lock_guard<std::mutex> lock(seen->mutex);
-            response.set_json(200, {{"connections", server.connection_count()}, {"handshakes", seen->handshakes},
-                                    {"probes", seen->probes}, {"subscribes", seen->subscribes}});
+            response.set_json(200, {{"connections", server.connection_count()},
+                                    {"handshakes", seen->handshakes},
+                                    {"probes", seen->probes},
+                                    {"subscribes", seen->subscribes}});
             response.headers.emplace_back("Cache-Control", "no-store");
             return true;
         }
@@ -160,14 +170,16 @@ template <class Transport> void serve(const settings& s, imbus::bus& bus) {
     signals.cancel();
 }
 
-} // namespace
+}  // namespace
 
 int main(int argc, char** argv) {
     settings s = parse(argc, argv);
     try {
         std::unique_ptr<imbus::store> store;
-        if (s.data.empty()) store = std::make_unique<imbus::memory_store>();
-        else store = std::make_unique<imbus::sqlite_store>(s.data);
+        if (s.data.empty())
+            store = std::make_unique<imbus::memory_store>();
+        else
+            store = std::make_unique<imbus::sqlite_store>(s.data);
         imbus::dispatcher dispatcher;
         imbus::bus bus(*store, dispatcher, {"imbus"});
         if (s.server.tls_certificate_chain_file.empty()) {

@@ -11,7 +11,9 @@ namespace {
 
 struct base_policy {
     using identity = std::string;
-    imbus::admission<identity> authenticate(const imbus::http_request&) { return imbus::admission<identity>::accept("u"); }
+    imbus::admission<identity> authenticate(const imbus::http_request&) {
+        return imbus::admission<identity>::accept("u");
+    }
 };
 
 // The strings the client asked for, not the channels built from them.
@@ -39,7 +41,7 @@ struct on_subscribe_near_miss : base_policy {
     imbus::json on_subscribe(const identity&, const std::vector<imbus::channel>&) { return {}; }
 };
 
-} // namespace
+}  // namespace
 
 // Naming the class is enough: its identity is checked where it is declared.
 template class imbus::basic_server<channels_near_miss>;

@@ -136,7 +136,8 @@ void fuzz_parts(std::string_view text) {
             check(four != three, "a sub-channel is another channel");
             check_made(four);
         } catch (const std::system_error& e) {
-            check(e.code() == imbus::errc::invalid_channel && !valid_utf8(sub), "with_sub throws only on invalid UTF-8");
+            check(e.code() == imbus::errc::invalid_channel && !valid_utf8(sub),
+                  "with_sub throws only on invalid UTF-8");
         }
         bool threw = false;
         try {
@@ -150,7 +151,7 @@ void fuzz_parts(std::string_view text) {
     }
 }
 
-} // namespace
+}  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
     const std::string_view text(reinterpret_cast<const char*>(data), size);

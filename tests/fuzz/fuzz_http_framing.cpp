@@ -59,7 +59,7 @@ bool iequals(std::string_view a, std::string_view b) {
            });
 }
 
-} // namespace
+}  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
     if (size == 0) return 0;

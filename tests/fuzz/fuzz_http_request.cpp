@@ -33,7 +33,7 @@ std::string lower(std::string s) {
     return s;
 }
 
-} // namespace
+}  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
     // Four fields separated by '\n': a name, a value, a Cookie header, an Authorization header.

@@ -36,12 +36,12 @@ struct fixture {
     imbus::dispatcher dispatcher;
     imbus::bus bus{store, dispatcher, {"fuzzdb", nullptr}};
     imbus::server server{bus, imbus::public_policy({imbus::channel("fuzzdb", "always")}), [] {
-        imbus::server_options o;
-        o.api_key = api_key;
-        o.gc_interval = std::chrono::seconds(0);
-        o.log = nullptr;
-        return o;
-    }()};
+                             imbus::server_options o;
+                             o.api_key = api_key;
+                             o.gc_interval = std::chrono::seconds(0);
+                             o.log = nullptr;
+                             return o;
+                         }()};
 };
 
 fixture& the_fixture() {
@@ -98,23 +98,25 @@ void check_peek(const imbus::http_response& r, const std::string& request_body) 
     }
 }
 
-} // namespace
+}  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
     if (size == 0) return 0;
     fixture& f = the_fixture();
     const unsigned pick = data[0];
-    const int route = pick & 3;         // send, peek, has_missed, send again (more weight)
-    const int auth = (pick >> 2) & 3;   // /bus/send: the key, a wrong key, none, "bearer" lowercase
-    const bool rpc = (pick >> 4) & 1;   // wrap the body in a JSON-RPC envelope
+    const int route = pick & 3;        // send, peek, has_missed, send again (more weight)
+    const int auth = (pick >> 2) & 3;  // /bus/send: the key, a wrong key, none, "bearer" lowercase
+    const bool rpc = (pick >> 4) & 1;  // wrap the body in a JSON-RPC envelope
     const std::string_view body(reinterpret_cast<const char*>(data + 1), size - 1);
 
     imbus::http_request request;
     request.method = "POST";
     request.remote = "127.0.0.1:1";
     request.headers.emplace_back("Content-Type", "application/json");
-    if (rpc) request.body = R"({"jsonrpc":"2.0","method":"call","id":7,"params":)" + std::string(body) + "}";
-    else request.body = std::string(body);
+    if (rpc)
+        request.body = R"({"jsonrpc":"2.0","method":"call","id":7,"params":)" + std::string(body) + "}";
+    else
+        request.body = std::string(body);
 
     if (route == 0 || route == 3) {
         request.path = "/bus/send";
@@ -133,7 +135,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
         request.path = "/bus/has_missed_notifications";
         const auto r = f.server.serve_http(request);
         check(r.status == 200 || r.status == 400, "has_missed_notifications: 200 or 400");
-        if (r.status == 200) check(result_of(r.body, request.body).is_boolean(), "has_missed_notifications answers a boolean");
+        if (r.status == 200)
+            check(result_of(r.body, request.body).is_boolean(), "has_missed_notifications answers a boolean");
     }
     return 0;
 }

@@ -18,7 +18,7 @@ void check(bool ok, const char* what) {
     }
 }
 
-} // namespace
+}  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
     using kind = imbus::client_request::kind;

@@ -47,8 +47,7 @@ private:
     void maybe_fail(unsigned op) {
         if (!(which_.load() & op)) return;
         int left = remaining_.load();
-        while (left != 0 && !remaining_.compare_exchange_weak(left, left > 0 ? left - 1 : left)) {
-        }
+        while (left != 0 && !remaining_.compare_exchange_weak(left, left > 0 ? left - 1 : left)) {}
         if (left == 0) return;
         ++failures_;
         throw std::system_error(std::make_error_code(std::errc::io_error), "faulty_store: injected failure");
@@ -61,4 +60,4 @@ private:
     std::atomic<int> fetches_{0};
 };
 
-} // namespace imbus_test
+}  // namespace imbus_test

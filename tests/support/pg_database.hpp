@@ -19,8 +19,9 @@ namespace imbus_test {
 inline std::string pg_base_conninfo() {
     const char* base = std::getenv("IMBUS_PG_CONNINFO");
     if (!base || !*base)
-        FAIL("IMBUS_PG_CONNINFO is not set: these tests need a PostgreSQL server (key=value conninfo, "
-             "e.g. from `eval \"$(bash scripts/pg_cluster.sh start)\"`; scripts/test.sh does it)");
+        FAIL(
+            "IMBUS_PG_CONNINFO is not set: these tests need a PostgreSQL server (key=value conninfo, "
+            "e.g. from `eval \"$(bash scripts/pg_cluster.sh start)\"`; scripts/test.sh does it)");
     return base;
 }
 
@@ -29,7 +30,8 @@ struct test_connection {
     PGconn* c = nullptr;
     explicit test_connection(const std::string& conninfo) : c(PQconnectdb(conninfo.c_str())) {
         REQUIRE_MESSAGE(PQstatus(c) == CONNECTION_OK, PQerrorMessage(c));
-        PQsetNoticeProcessor(c, [](void*, const char*) {}, nullptr);  // "does not exist, skipping"
+        PQsetNoticeProcessor(
+            c, [](void*, const char*) {}, nullptr);  // "does not exist, skipping"
     }
     ~test_connection() { PQfinish(c); }
     test_connection(const test_connection&) = delete;
@@ -67,10 +69,11 @@ struct pg_test_database {
     }
     ~pg_test_database() {
         PGconn* admin = PQconnectdb(base.c_str());
-        PQsetNoticeProcessor(admin, [](void*, const char*) {}, nullptr);
+        PQsetNoticeProcessor(
+            admin, [](void*, const char*) {}, nullptr);
         PQclear(PQexec(admin, ("DROP DATABASE IF EXISTS " + name + " WITH (FORCE)").c_str()));
         PQfinish(admin);
     }
 };
 
-} // namespace imbus_test
+}  // namespace imbus_test

@@ -38,8 +38,8 @@ inline constexpr std::chrono::milliseconds default_timeout = 5s;
 
 struct http_reply {
     int status = 0;
-    std::string reason;                         // the status line's text after the code
-    std::map<std::string, std::string> headers; // lower-case names; repeats joined by ", "
+    std::string reason;                          // the status line's text after the code
+    std::map<std::string, std::string> headers;  // lower-case names; repeats joined by ", "
     std::string body;
 
     // Value of a header given by its lower-case name, "" when absent.
@@ -59,19 +59,17 @@ inline std::string to_lower(std::string s) {
 
 inline std::string trim(std::string_view s) {
     while (!s.empty() && (s.front() == ' ' || s.front() == '\t')) s.remove_prefix(1);
-    while (!s.empty() && (s.back() == ' ' || s.back() == '\t' || s.back() == '\r'))
-        s.remove_suffix(1);
+    while (!s.empty() && (s.back() == ' ' || s.back() == '\t' || s.back() == '\r')) s.remove_suffix(1);
     return std::string(s);
 }
 
 inline std::string base64(std::string_view in) {
-    static constexpr char alphabet[] =
-        "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    static constexpr char alphabet[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     std::string out;
     std::size_t i = 0;
     for (; i + 2 < in.size(); i += 3) {
-        std::uint32_t v = std::uint32_t(std::uint8_t(in[i])) << 16 |
-                          std::uint32_t(std::uint8_t(in[i + 1])) << 8 | std::uint8_t(in[i + 2]);
+        std::uint32_t v = std::uint32_t(std::uint8_t(in[i])) << 16 | std::uint32_t(std::uint8_t(in[i + 1])) << 8 |
+                          std::uint8_t(in[i + 2]);
         out += alphabet[v >> 18 & 63];
         out += alphabet[v >> 12 & 63];
         out += alphabet[v >> 6 & 63];
@@ -103,8 +101,8 @@ inline std::string sha1(std::string_view in) {
         std::uint32_t w[80];
         for (int t = 0; t < 16; ++t) {
             const auto* p = reinterpret_cast<const unsigned char*>(msg.data() + block + 4 * t);
-            w[t] = std::uint32_t(p[0]) << 24 | std::uint32_t(p[1]) << 16 |
-                   std::uint32_t(p[2]) << 8 | std::uint32_t(p[3]);
+            w[t] =
+                std::uint32_t(p[0]) << 24 | std::uint32_t(p[1]) << 16 | std::uint32_t(p[2]) << 8 | std::uint32_t(p[3]);
         }
         for (int t = 16; t < 80; ++t) w[t] = rotl(w[t - 3] ^ w[t - 8] ^ w[t - 14] ^ w[t - 16], 1);
 
@@ -165,17 +163,17 @@ public:
 
     connection(std::uint16_t port, std::chrono::milliseconds timeout) {
         asio::ip::tcp::endpoint ep(asio::ip::make_address("127.0.0.1"), port);
-        asio::error_code ec = run([&](auto handler) {
-            socket_.async_connect(ep, [handler](asio::error_code e) mutable { handler(e, 0); });
-        }, clock::now() + timeout);
+        asio::error_code ec = run(
+            [&](auto handler) { socket_.async_connect(ep, [handler](asio::error_code e) mutable { handler(e, 0); }); },
+            clock::now() + timeout);
         if (ec) throw std::runtime_error("connect to port " + std::to_string(port) + ": " + ec.message());
     }
 
     // Writes all of `data`; throws on error or timeout.
     void write(std::string_view data, std::chrono::milliseconds timeout = default_timeout) {
-        asio::error_code ec = run([&](auto handler) {
-            asio::async_write(socket_, asio::buffer(data.data(), data.size()), handler);
-        }, clock::now() + timeout);
+        asio::error_code ec =
+            run([&](auto handler) { asio::async_write(socket_, asio::buffer(data.data(), data.size()), handler); },
+                clock::now() + timeout);
         if (ec) throw std::runtime_error("write: " + ec.message());
     }
 
@@ -183,13 +181,15 @@ public:
     bool read_more(clock::time_point deadline) {
         if (eof) return false;
         std::size_t got = 0;
-        asio::error_code ec = run([&](auto handler) {
-            socket_.async_read_some(asio::buffer(chunk_),
-                                    [handler, &got](asio::error_code e, std::size_t n) mutable {
-                                        got = n;
-                                        handler(e, n);
-                                    });
-        }, deadline);
+        asio::error_code ec = run(
+            [&](auto handler) {
+                socket_.async_read_some(asio::buffer(chunk_),
+                                        [handler, &got](asio::error_code e, std::size_t n) mutable {
+                                            got = n;
+                                            handler(e, n);
+                                        });
+            },
+            deadline);
         in.append(chunk_.data(), got);
         if (ec == asio::error::eof || ec == asio::error::connection_reset) {
             eof = true;
@@ -214,14 +214,13 @@ public:
         return true;
     }
 
-    std::string in;   // received, not yet consumed
-    bool eof = false; // the peer closed (or reset) the stream
+    std::string in;    // received, not yet consumed
+    bool eof = false;  // the peer closed (or reset) the stream
 
 private:
     // Starts one async operation via `start(handler)` and runs it until it completes or
     // `deadline` passes; then cancels it. Returns its error, asio::error::timed_out if cancelled.
-    template <class Start>
-    asio::error_code run(Start start, clock::time_point deadline) {
+    template <class Start> asio::error_code run(Start start, clock::time_point deadline) {
         bool done = false;
         asio::error_code result;
         start([&done, &result](asio::error_code e, std::size_t) {
@@ -234,7 +233,7 @@ private:
             asio::error_code ignored;
             socket_.cancel(ignored);
             io_.restart();
-            io_.run(); // the handler runs, usually with operation_aborted
+            io_.run();  // the handler runs, usually with operation_aborted
         }
         return result == asio::error::operation_aborted ? asio::error::timed_out : result;
     }
@@ -300,13 +299,12 @@ inline bool has_body(const std::string& method, int status) {
     return method != "HEAD" && status >= 200 && status != 204 && status != 304;
 }
 
-} // namespace detail
+}  // namespace detail
 
 // One HTTP/1.1 request with Host, Content-Length and Connection: close, then the reply.
 // `headers` come after those three. Throws on connection errors and timeout.
-inline http_reply http_request(std::uint16_t port, const std::string& method,
-                               const std::string& target, const std::string& body = "",
-                               header_list headers = {},
+inline http_reply http_request(std::uint16_t port, const std::string& method, const std::string& target,
+                               const std::string& body = "", header_list headers = {},
                                std::chrono::milliseconds timeout = default_timeout) {
     auto deadline = detail::connection::clock::now() + timeout;
     detail::connection c(port, timeout);
@@ -340,21 +338,25 @@ class raw_ws {
 public:
     struct frame {
         std::uint8_t opcode = 0;
-        std::string payload; // unmasked
+        std::string payload;  // unmasked
         bool fin = true;
-        std::uint8_t rsv = 0; // RSV1..3 as bits 4, 2, 1
-        bool masked = false;  // the server masked it (it must not)
+        std::uint8_t rsv = 0;  // RSV1..3 as bits 4, 2, 1
+        bool masked = false;   // the server masked it (it must not)
     };
 
     struct close_info {
-        int code = 0;        // 1005 when the close frame had no code
+        int code = 0;  // 1005 when the close frame had no code
         std::string reason;
-        bool tcp_closed_without_close_frame = false; // then code is 1006
+        bool tcp_closed_without_close_frame = false;  // then code is 1006
     };
 
-    enum : std::uint8_t { // frame opcodes
-        op_continuation = 0x0, op_text = 0x1, op_binary = 0x2,
-        op_close = 0x8, op_ping = 0x9, op_pong = 0xA,
+    enum : std::uint8_t {  // frame opcodes
+        op_continuation = 0x0,
+        op_text = 0x1,
+        op_binary = 0x2,
+        op_close = 0x8,
+        op_ping = 0x9,
+        op_pong = 0xA,
     };
 
     // Handshake (GET target, Upgrade: websocket, random key, version 13, no Origin),
@@ -367,13 +369,11 @@ public:
         std::string key = ws.send_handshake(port, target, std::move(extra_headers), user_agent);
         http_reply reply = detail::read_http_head(*ws.conn_, deadline_after(default_timeout));
         if (reply.status != 101) {
-            if (detail::has_body("GET", reply.status))
-                try {
+            if (detail::has_body("GET", reply.status)) try {
                     detail::read_http_body(*ws.conn_, reply, deadline_after(1s));
-                } catch (const std::exception&) {
-                }
-            throw std::runtime_error("WebSocket handshake refused: HTTP " + std::to_string(reply.status) +
-                                     " " + reply.body);
+                } catch (const std::exception&) {}
+            throw std::runtime_error("WebSocket handshake refused: HTTP " + std::to_string(reply.status) + " " +
+                                     reply.body);
         }
         if (reply.header("sec-websocket-accept") != detail::websocket_accept(key))
             throw std::runtime_error("bad Sec-WebSocket-Accept: '" + reply.header("sec-websocket-accept") + "'");
@@ -522,8 +522,7 @@ public:
     }
 
 private:
-    explicit raw_ws(std::uint16_t port)
-        : conn_(std::make_unique<detail::connection>(port, default_timeout)) {}
+    explicit raw_ws(std::uint16_t port) : conn_(std::make_unique<detail::connection>(port, default_timeout)) {}
 
     static detail::connection::clock::time_point deadline_after(std::chrono::milliseconds timeout) {
         return detail::connection::clock::now() + timeout;
@@ -615,4 +614,4 @@ private:
     bool close_sent_ = false;
 };
 
-} // namespace imbus_test
+}  // namespace imbus_test

@@ -41,4 +41,4 @@ inline std::vector<imbus::pending_message> batch_of(std::initializer_list<std::p
     return batch;
 }
 
-} // namespace imbus_test
+}  // namespace imbus_test

@@ -127,4 +127,4 @@ inline std::vector<std::int64_t> ids_of(const imbus::json& notifications) {
     return ids;
 }
 
-} // namespace imbus_test
+}  // namespace imbus_test
