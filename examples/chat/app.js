@@ -1,13 +1,16 @@
-// The imbus chat page: plain DOM, the bus client from /js/bus_service.js, JSON routes under /chat/.
+// The imbus chat page: plain DOM, JSON routes under /chat/, and the library's browser side:
+// the bus client (/js/bus_service.js), presence (/js/presence.js) and the main tab (/js/main_tab.js).
 import { BusService } from "/js/bus_service.js";
+import { MainTab } from "/js/main_tab.js";
+import { Presence } from "/js/presence.js";
 
-const AWAY_AFTER_MS = 60000;       // the server's rule too: away after 60 s without activity
-const PRESENCE_EVERY_MS = 30000;
-const TYPING_SHOWN_MS = 3000;
+const TYPING_SHOWN_MS = 3000;      // a "typing" not renewed within this is over (the sender may be gone)
 const TYPING_EVERY_MS = 2000;      // at most one "typing" request per 2 s
 const DEFAULT_ROOM = "general";    // the server puts every new user in it
 const ROOM_NAME = /^[A-Za-z0-9_-]{1,32}$/;  // the server's rule (valid_room in chat.cpp)
 const UNREACHABLE = "Can't reach the server. Check your connection; the chat reconnects by itself.";
+const SESSION_ENDED = "Your session has ended: sign in again.";
+const TITLE = document.title;
 
 const $ = (id) => document.getElementById(id);
 const state = {
@@ -21,9 +24,11 @@ const state = {
     presence: new Map(),           // user -> "online" | "away" | "offline"
     connected: false,              // this tab's socket is up: without it presence is unknown
     typing: new Map(),             // user -> {room, timer}
+    notified: 0,                   // new-message notices this tab showed (the main tab only)
 };
-let bus = null;
-const ACTIVITY_KEY = "imbus-chat.last_activity";  // shared by the tabs: one presence per browser
+let bus = null, presence = null, mainTab = null;  // while signed in
+// The tabs of this browser share one session cookie: signing out or in is news for all of them.
+const tabs = new BroadcastChannel("imbus-chat");
 let lastTypingSent = 0;
 let retryAction = null;            // what "Retry now" runs again
 
@@ -39,12 +44,13 @@ async function api(method, path, body) {
         throw Object.assign(new Error(UNREACHABLE), { unreachable: true });
     }
     const data = await response.json().catch(() => ({}));
+    if (response.status === 401) signOut(SESSION_ENDED);  // the cookie expired or the server forgot it
     if (!response.ok) throw Object.assign(new Error(readable(response.status, data.error)), { status: response.status });
     return data;
 }
 
 function readable(status, error) {
-    if (status === 401) return "Your session has ended: log in again.";
+    if (status === 401) return SESSION_ENDED;
     if (status >= 500 || !error) return `The server could not do that (error ${status}). Try again in a moment.`;
     return error[0].toUpperCase() + error.slice(1) + ".";  // the server's messages are lower-case phrases
 }
@@ -98,11 +104,13 @@ function save() {
     }));
 }
 
-// A message arrived (live, replayed or in a history): unread unless on screen, mine, or counted before.
+// A message arrived (live, replayed or in a history): unread unless on screen, mine, or counted
+// before. Returns whether it is newly unread.
 function account(m) {
-    if (m.room !== state.current && m.user !== state.me && m.id > (state.seen.get(m.room) || 0))
-        state.unread.set(m.room, (state.unread.get(m.room) || 0) + 1);
+    const unread = m.room !== state.current && m.user !== state.me && m.id > (state.seen.get(m.room) || 0);
+    if (unread) state.unread.set(m.room, (state.unread.get(m.room) || 0) + 1);
     if (m.id > (state.seen.get(m.room) || 0)) state.seen.set(m.room, m.id);
+    return unread;
 }
 
 // --- rendering ---------------------------------------------------------------------------------
@@ -123,6 +131,7 @@ function renderRooms() {
     }));
     $("unread-total").textContent = String(total);
     $("unread-total").hidden = total === 0;
+    document.title = total ? `(${total}) ${TITLE}` : TITLE;  // every tab
     renderDirectory();
 }
 
@@ -246,23 +255,29 @@ function removeRoom(room) {
     else renderRoom();
 }
 
-async function loadPresence() {
-    const { users } = await api("GET", "/chat/online");
-    for (const { user, status } of users) state.presence.set(user, status);
-    renderPresence();
+// A new message elsewhere: once per browser (the main tab), a notice and a short sound.
+function notify(m) {
+    if (!mainTab.isMain) return;
+    ++state.notified;
+    const notice = $("notice");
+    notice.textContent = `${m.user} in #${m.room}: ${m.text}`;
+    notice.dataset.count = String(state.notified);
+    notice.dataset.room = m.room;
+    notice.hidden = false;
+    clearTimeout(notify.timer);
+    notify.timer = setTimeout(() => { notice.hidden = true; }, 5000);
+    beep();
 }
 
-const lastActivity = () => Number(localStorage.getItem(ACTIVITY_KEY)) || 0;
-
-function reportPresence() {
-    bus.send("update_presence", { inactivity_period: Math.max(0, Date.now() - lastActivity()) });
-}
-
-function onActivity() {
-    const idle = Date.now() - lastActivity();
-    if (idle < 1000) return;  // mousemove fires often: remember it once a second
-    localStorage.setItem(ACTIVITY_KEY, String(Date.now()));
-    if (idle >= AWAY_AFTER_MS) reportPresence();  // was away: say so at once
+function beep() {
+    try {
+        const audio = beep.context ??= new AudioContext();
+        const tone = audio.createOscillator(), gain = audio.createGain();
+        gain.gain.value = 0.05;
+        tone.connect(gain).connect(audio.destination);
+        tone.start();
+        tone.stop(audio.currentTime + 0.12);
+    } catch { /* no sound: the notice is enough */ }
 }
 
 function banner(text) {
@@ -284,19 +299,28 @@ function showDrawer(open) {
 
 // --- the bus ----------------------------------------------------------------------------------
 
-function startBus() {
-    bus = new BusService({ websocketURL: "/websocket" });
+function startBus(me, awayAfter) {
+    // uid: a tab signed in as someone else reopens the browser's one socket for that user.
+    bus = new BusService({ websocketURL: "/websocket", uid: me });
+    presence = new Presence(bus, { awayAfter });  // activity, shared by the tabs, to the server
+    mainTab = new MainTab();
+    mainTab.start();
     bus.subscribe("chat/message", (m) => {
         if (!addMessage(m)) return;
+        clearTimeout(state.typing.get(m.user)?.timer);
         state.typing.delete(m.user);
-        account(m);
+        if (account(m)) notify(m);
         save();
         if (m.room === state.current) renderMessages();
         renderRooms();
         renderTyping();
     });
-    bus.subscribe("chat/presence", ({ user, status }) => {
-        state.presence.set(user, status);
+    bus.subscribe("chat/people", ({ people }) => {  // right after each subscribe, to this page alone
+        state.presence = new Map(people.map(({ user, status }) => [user, status]));
+        renderPresence();
+    });
+    bus.subscribe("chat/presence", ({ who, status }) => {  // the server's presence tracker
+        state.presence.set(who, status);
         renderPresence();
     });
     bus.subscribe("chat/typing", ({ room, user, at }) => {
@@ -309,22 +333,23 @@ function startBus() {
     });
     bus.subscribe("chat/joined", ({ room }) => addRoom(room));
     bus.subscribe("chat/left", ({ room }) => removeRoom(room));
-    bus.addEventListener("connect", () => { banner(""); setConnected(true); reportPresence(); });
+    // Each (re)connection subscribes, and chat/people follows: presence needs no reload here.
+    bus.addEventListener("connect", () => { banner(""); setConnected(true); });
     bus.addEventListener("reconnect", () => {
         banner("");
         setConnected(true);
-        reportPresence();
-        loadPresence().catch(() => {});
         loadDirectory().catch(() => {});
     });
     bus.addEventListener("reconnecting", () => { banner("Connection lost, reconnecting…"); setConnected(false); });
     bus.addEventListener("disconnect", ({ detail }) => {
         setConnected(false);
-        if (detail?.code === 4001) banner("Your session has expired: log in again.");
+        if (detail?.code === 4001) signOut(SESSION_ENDED);  // the server ended the session
+        else if (detail?.reason === "identity changed") followSession();
         else if (detail?.code !== 1000) banner("Disconnected.");
     });
+    // The handshake was refused (401/403: an expired or revoked cookie): retrying cannot help.
+    bus.addEventListener("refused", () => signOut(SESSION_ENDED));
     bus.addEventListener("missed_notifications", () => {
-        loadPresence().catch(() => {});
         if (state.current) selectRoom(state.current);
     });
     bus.addEventListener("outdated", () => {
@@ -333,20 +358,51 @@ function startBus() {
     });
     bus.addChannel("presence");
     bus.start();
-    setInterval(reportPresence, PRESENCE_EVERY_MS);
-    for (const type of ["pointerdown", "keydown", "mousemove", "focus"]) addEventListener(type, onActivity, { passive: true });
+    // A tab that joins a socket already open adds no new channel, so nothing is subscribed and
+    // no chat/people comes: subscribe again anyway (for the first tab, the open's own subscribe).
+    bus.forceUpdateChannels();
 }
 
-async function enter({ name, rooms }) {
+// This tab stops (its channels, presence and main-tab role go; the last tab closes the
+// socket) and shows the sign-in form, with `message` saying why.
+function signOut(message) {
+    if (!state.me) return;
+    state.me = null;
+    bus.stop();
+    presence.stop();
+    mainTab.stop();
+    setConnected(false);
+    $("chat").hidden = true;
+    $("connection-banner").hidden = true;
+    $("notice").hidden = true;
+    document.title = TITLE;
+    showLogin();
+    $("login-error").textContent = message;
+}
+
+// Another tab signed in (the session cookie is the browser's): show its user here too. Both
+// the other tab's message and the socket's "identity changed" ask: reload once.
+let following = false;
+async function followSession() {
+    const me = await api("GET", "/chat/me").catch(() => null);
+    if (!me || me.name === state.me || following) return;
+    following = true;
+    location.reload();
+}
+
+tabs.addEventListener("message", ({ data }) => {
+    if (data.signedOut && data.signedOut === state.me) signOut("You signed out in another tab.");
+    if (data.signedIn) followSession();
+});
+
+async function enter({ name, rooms, away_after_ms }) {
     state.me = name;
     $("me").textContent = name;
     $("login-form").hidden = true;
     $("chat").hidden = false;
-    localStorage.setItem(ACTIVITY_KEY, String(Date.now()));
     const saved = loadSaved();
-    startBus();
+    startBus(name, away_after_ms);
     rooms.forEach(addRoom);
-    loadPresence().catch((error) => showChatError(error));
     loadDirectory().catch(() => {});
     renderRoom();
     const first = [saved.current, DEFAULT_ROOM, rooms[0]].find((room) => rooms.includes(room));
@@ -371,8 +427,10 @@ function roomNameProblem(room) {
 $("login-form").addEventListener("submit", async (event) => {
     event.preventDefault();
     try {
-        await api("POST", "/chat/login", { name: $("login-name").value.trim() });
+        const { name } = await api("POST", "/chat/login", { name: $("login-name").value.trim() });
         showError("login-error", null);
+        tabs.postMessage({ signedIn: name });
+        if (bus) return location.reload();  // this page had a session: start afresh, nothing carries over
         await enter(await api("GET", "/chat/me"));
     } catch (error) {
         showError("login-error", error);
@@ -435,16 +493,21 @@ addEventListener("keydown", (event) => { if (event.key === "Escape") showDrawer(
 $("message-input").addEventListener("input", () => {
     if (!state.current || !$("message-input").value || Date.now() - lastTypingSent < TYPING_EVERY_MS) return;
     lastTypingSent = Date.now();
-    bus.send("typing", { room: state.current });
+    bus.send("typing", { room: state.current }, { key: state.current });  // offline: only the latest waits
 });
 
+// The cookie is gone for every tab of this browser: they all sign out (and the socket closes).
 $("logout").addEventListener("click", async () => {
     await api("POST", "/chat/logout").catch(() => {});
-    bus?.stop();
-    location.reload();
+    tabs.postMessage({ signedOut: state.me });
+    signOut("");
 });
 
 $("reload").addEventListener("click", () => location.reload());
+$("notice").addEventListener("click", () => {
+    $("notice").hidden = true;
+    if (state.rooms.includes($("notice").dataset.room)) selectRoom($("notice").dataset.room);
+});
 
 // Already signed in (the session cookie)? Otherwise ask for a name.
 api("GET", "/chat/me").then((me) => (me.name ? enter(me) : showLogin()), (error) => {

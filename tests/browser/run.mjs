@@ -1031,14 +1031,16 @@ test("presence_shared_activity", async ({ context }) => {
 const CHAT_SECRET = "imbus-browser-suite-chat-secret";  // >= 16 bytes; kept across restarts
 
 class ChatServer extends ServerProcess {
-    constructor({ data, port = 0 }) {
+    constructor({ data, port = 0, extra = [] }) {
         super("example_chat", port);
         this.data = data;
+        this.extra = extra;  // more flags, e.g. --presence-away-ms, or another --secret
     }
 
     start() {
         const args = ["--port", String(this.requestedPort), "--data", this.data, "--secret", CHAT_SECRET];
         if (options.root) args.push("--static", options.root);  // serves examples/chat/ at /, js/ at /js/
+        args.push(...this.extra);
         return this.launch(options.chat, args, /^imbus chat on http:\/\/127\.0\.0\.1:(\d+)\//);
     }
 }
@@ -1607,11 +1609,208 @@ test("chat_first_visit_no_console_errors", { chat: true }, async ({ newContext, 
     await page.locator(tid("login-name")).fill("alice");
     await page.locator(tid("login-submit")).click();
     await waitPresence(page, "alice", "online");  // logged in, the socket up
-    const reloaded = page.waitForNavigation();
     await page.locator(tid("logout-button")).click();
-    await reloaded;
     await waitChat(page, "the login form after logging out", () => !document.querySelector('[data-testid="login-form"]').hidden);
     checkEqual(errors, [], "errors on the page");
+});
+
+// --- the chat demo on the library's pieces: presence, on_subscribe, uid, refused, main tab ---------
+
+/** Another tab of `context`, already signed in as `name` (the session cookie): the chat view. */
+async function chatTab(context, server, name) {
+    const page = await context.newPage();
+    page.user = `${name} (tab 2)`;
+    page.setDefaultTimeout(WAIT_MS);
+    page.consoleLines = [];
+    page.on("console", (message) => page.consoleLines.push(`${message.type()}: ${message.text()}`));
+    page.on("pageerror", (error) => page.consoleLines.push(`pageerror: ${error.message}`));
+    await page.addInitScript(recordBusNotifications);
+    await page.goto(server.url("/"));
+    await waitChat(page, `the chat view for ${name}`,
+                   (n) => !document.querySelector('[data-testid="chat-view"]').hidden
+                          && document.querySelector('[data-testid="me-name"]').textContent === n, name);
+    return page;
+}
+
+/** Waits for the sign-in form (the chat hidden) saying `message`. */
+const waitSignIn = (page, message, timeout = WAIT_MS) =>
+    waitChat(page, `the sign-in form saying "${message}"`, (m) =>
+        !document.querySelector('[data-testid="login-form"]').hidden
+        && document.querySelector('[data-testid="chat-view"]').hidden
+        && document.querySelector('[data-testid="login-error"]').textContent === m, message, timeout);
+
+// The dot before a name in the presence list, as drawn.
+const dotColor = (page, user) => page.evaluate((u) =>
+    getComputedStyle(document.querySelector(`[data-testid="presence-item"][data-user="${u}"]`), "::before").backgroundColor, user);
+
+test("chat_presence_tabs_and_browsers", { chat: true }, async ({ newContext, startChat }) => {
+    // The server's presence_tracker (away after 1.5 s of inactivity here) and js/presence.js:
+    // alice has two tabs (one browser), bob another browser. bob sees alice online, then away
+    // (a yellow dot); activity in her second tab makes her online for everybody (the tabs share
+    // their activity); closing one tab keeps her online, closing her browser makes her offline.
+    const AWAY_MS = 1500;
+    const server = await startChat({ extra: ["--presence-away-ms", String(AWAY_MS)] });
+    const aliceBrowser = await newContext();
+    const alice1 = await chatLogin(aliceBrowser, server, "alice");
+    const alice2 = await chatTab(aliceBrowser, server, "alice");
+    const bob = await chatLogin(await newContext(), server, "bob");
+    await waitPresence(bob, "alice", "online");
+    await waitPresence(alice1, "bob", "online");
+    checkEqual(await dotColor(bob, "alice"), "rgb(64, 192, 87)", "online: a green dot");
+
+    await waitPresence(bob, "alice", "away");  // nobody touched alice's tabs for 1.5 s
+    checkEqual(await dotColor(bob, "alice"), "rgb(245, 159, 0)", "away: a yellow dot");
+    await waitPresence(alice1, "alice", "away");
+    await waitPresence(alice2, "alice", "away");
+    await waitPresence(alice2, "bob", "away");
+
+    await alice2.keyboard.press("Shift");  // activity in alice's second tab only
+    await waitPresence(bob, "alice", "online");
+    await waitPresence(alice1, "alice", "online");
+
+    await alice1.close();  // her other tab keeps the browser's socket
+    await bob.keyboard.press("Shift");  // bob online again: a later transition, seen by both
+    await waitPresence(alice2, "bob", "online");
+    await waitPresence(bob, "bob", "online");
+    const aliceSeenByBob = await bob.evaluate(() => window.busNotifications
+        .filter((n) => n.message?.type === "chat/presence" && n.message.payload.who === "alice").map((n) => n.message.payload.status));
+    check(!aliceSeenByBob.includes("offline"), `alice was never offline for bob: ${aliceSeenByBob}`);
+
+    await aliceBrowser.close();  // her last tab, worker and socket
+    await waitPresence(bob, "alice", "offline");
+});
+
+test("chat_people_on_subscribe", { chat: true }, async ({ newContext, startChat }) => {
+    // A fresh page knows everybody's status at once from the message the policy's on_subscribe
+    // sends it alone after its history: bob online (connected), dave offline (known, never
+    // connected, so no transition of his is on the bus), alice herself online; no HTTP call for it.
+    const server = await startChat();
+    await chatSession(server, "dave");
+    const bobSocket = await openBareSocket(server, await chatSession(server, "bob"));
+    try {
+        const context = await newContext();
+        const calls = [];
+        context.on("request", (r) => calls.push(new URL(r.url()).pathname));
+        const alice = await chatLogin(context, server, "alice");
+        await waitPresence(alice, "dave", "offline");
+        await waitPresence(alice, "bob", "online");
+        await waitPresence(alice, "alice", "online");
+        const people = await alice.evaluate(() => window.busNotifications
+            .filter((n) => n.message?.type === "chat/people").map((n) => n.message.payload.people));
+        check(people.length >= 1, "a chat/people message reached alice's page");
+        checkEqual(people[0].map(({ user, status }) => `${user}:${status}`), ["alice:online", "bob:online", "dave:offline"],
+                   "the first chat/people: everybody known, with their status");
+        const routes = calls.filter((path) => path.startsWith("/chat/"));
+        checkEqual(routes.filter((path) => !["/chat/me", "/chat/login", "/chat/rooms", "/chat/history"].includes(path)), [],
+                   `no HTTP call for presence (the page asked ${routes})`);
+    } finally {
+        bobSocket.destroy();
+    }
+});
+
+// The server's count of handshakes it refused, any status (GET /metrics).
+async function refusedHandshakes(server) {
+    const { body } = await http("GET", server.url("/metrics"));
+    return [...body.matchAll(/^imbus_handshakes_refused_total\{status="\d+"\} (\d+)$/gm)].reduce((n, m) => n + Number(m[1]), 0);
+}
+
+test("chat_session_refused", { chat: true }, async ({ newContext, startChat }) => {
+    // The server comes back with another secret: alice's session cookie is worthless. Her
+    // browser's reconnection is refused (401): the page shows the sign-in form saying why, and
+    // nothing retries; signing in again brings her back.
+    const first = await startChat();
+    const alice = await chatLogin(await newContext(), first, "alice");
+    await waitPresence(alice, "alice", "online");
+    // app.js asks for #general's history again 1 s after the start: once that is done, the
+    // socket is the first to meet the new secret (a route's 401 would sign her out as well).
+    await waitChat(alice, "#general's history asked twice", () =>
+        performance.getEntriesByType("resource").filter((e) => e.name.includes("/chat/history?room=general")).length >= 2);
+    await first.stop();
+    await waitBanner(alice, true);
+    const second = await startChat({ port: first.port, extra: ["--secret", "another-secret-for-the-chat-suite"] });
+    await waitSignIn(alice, "Your session has ended: sign in again.", RECONNECT_MS);
+    const refused = await refusedHandshakes(second);
+    check(refused >= 1, "the server refused alice's handshake");
+    await sleep(3000);  // the worker's retries would come after 1 s, then 1.5-2.5 s
+    checkEqual(await refusedHandshakes(second), refused, "no handshake since the refusal: no retry loop");
+    await waitSignIn(alice, "Your session has ended: sign in again.");
+
+    const reloaded = alice.waitForNavigation().then(() => true, () => false);
+    await alice.locator(tid("login-name")).fill("alice");
+    await alice.locator(tid("login-submit")).click();
+    check(await reloaded, "the page starts afresh for the new session");
+    await waitPresence(alice, "alice", "online");
+});
+
+test("chat_logout_signs_out_every_tab", { chat: true }, async ({ newContext, startChat }) => {
+    // Logging out in one tab ends the browser's session (its cookie): alice's other tab shows
+    // the sign-in form too, her socket closes (bob sees her offline), and no tab reconnects.
+    const server = await startChat();
+    const bob = await chatLogin(await newContext(), server, "bob");
+    const context = await newContext();
+    const tab1 = await chatLogin(context, server, "alice");
+    const tab2 = await chatTab(context, server, "alice");
+    await waitPresence(bob, "alice", "online");
+    await tab1.locator(tid("logout-button")).click();
+    await waitSignIn(tab1, "");
+    await waitSignIn(tab2, "You signed out in another tab.");
+    await waitPresence(bob, "alice", "offline");
+    checkEqual(await refusedHandshakes(server), 0, "no tab tried to reconnect without a session");
+});
+
+test("chat_identity_change_other_tab", { chat: true }, async ({ newContext, startChat }) => {
+    // alice's tab is open when the browser's cookie goes (cleared here; expired in real life) and
+    // another tab signs in as bob: the browser's one socket is reopened for bob (BusService uid),
+    // so carol sees alice offline and bob online, and alice's tab follows: it shows bob.
+    const server = await startChat();
+    const carol = await chatLogin(await newContext(), server, "carol");
+    const context = await newContext();
+    const tab1 = await chatLogin(context, server, "alice");
+    await waitPresence(carol, "alice", "online");
+    await context.clearCookies();
+    const followed = tab1.waitForNavigation().then(() => true, () => false);  // settled: never an unhandled rejection
+    await chatLogin(context, server, "bob");
+    await waitPresence(carol, "bob", "online");
+    await waitPresence(carol, "alice", "offline");
+    check(await followed, "alice's old tab reloaded");
+    await waitChat(tab1, "alice's old tab showing bob", () =>
+        !document.querySelector('[data-testid="chat-view"]').hidden
+        && document.querySelector('[data-testid="me-name"]').textContent === "bob");
+    await waitPresence(tab1, "bob", "online");
+});
+
+test("chat_main_tab_notifies", { chat: true }, async ({ newContext, startChat }) => {
+    // alice has two tabs on #general; bob writes in #lobby: both tabs count it (their titles say
+    // "(1)"), but only the browser's main tab (js/main_tab.js) shows the notice and beeps. Once
+    // that tab is closed, the other one is main and notifies the next message.
+    const server = await startChat();
+    const bob = await chatSession(server, "bob");
+    const aliceApi = await chatSession(server, "alice");
+    for (const session of [bob, aliceApi])
+        checkEqual((await chatApi(server, session, "/chat/join", { room: "lobby" })).status, 200, "joins #lobby");
+    const context = await newContext();
+    const tabs = [await chatLogin(context, server, "alice"), await chatTab(context, server, "alice")];
+    for (const tab of tabs) {
+        await waitChat(tab, "#general on screen", () => document.querySelector('[data-testid="room-title"]').textContent === "#general");
+        await waitPresence(tab, "alice", "online");  // the socket is up
+    }
+    const notices = () => Promise.all(tabs.map((tab) => tab.isClosed() ? null : tab.evaluate(() =>
+        Number(document.querySelector('[data-testid="notice"]').dataset.count ?? 0))));
+    const waitTitle = (tab, count) => waitChat(tab, `"(${count})" in the title`, (c) => document.title.startsWith(`(${c}) `), count);
+
+    await chatApi(server, bob, "/chat/send", { room: "lobby", text: "one" });
+    await waitTitle(tabs[0], 1);
+    await waitTitle(tabs[1], 1);  // both tabs handled it: each would have shown its notice by now
+    const first = await notices();
+    checkEqual([...first].sort(), [0, 1], "one notice, in one tab");
+    const main = first.indexOf(1), other = 1 - main;
+    check(!(await tabs[main].locator(tid("notice")).isHidden()), "the main tab's notice is on screen");
+    check(await tabs[other].locator(tid("notice")).isHidden(), "no notice in the other tab");
+
+    await tabs[main].close();
+    await chatApi(server, bob, "/chat/send", { room: "lobby", text: "two" });
+    await waitTitle(tabs[other], 2);
+    checkEqual((await notices())[other], 1, "the remaining tab, main now, notified the second message");
 });
 
 // --- runner ---------------------------------------------------------------------------------------
@@ -1645,8 +1844,8 @@ try {
         try {
             if (chat) {
                 // Each start is the demo on the same data file and secret; `port` 0: any.
-                const startChat = async ({ port = 0 } = {}) => {
-                    const server = new ChatServer({ data: join(dir, "chat.db"), port });
+                const startChat = async ({ port = 0, extra = [] } = {}) => {
+                    const server = new ChatServer({ data: join(dir, "chat.db"), port, extra });
                     servers.push(server);
                     return server.start();
                 };
