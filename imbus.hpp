@@ -1152,7 +1152,8 @@ private:
 //       void on_event(const identity&, const std::string& name, const json& data);  // ignored
 //       void on_open(const identity&);  void on_close(const identity&);              // nothing
 //       std::vector<direct_message> on_subscribe(const identity&, const std::vector<channel>& granted);
-//                                         // none: messages for this client alone after its history
+//                                         // none: messages for this client alone, asked for
+//                                         // once its history is read and sent right after it
 //   };
 
 /// A message for one connection only, not stored (Odoo: what _after_subscribe_data sends), e.g.
@@ -1651,6 +1652,7 @@ private:
     void catch_up(const connection_ptr& con, bool check_missed);
     void store_failed(const connection_ptr& con, const char* what);
     std::size_t catch_up_frame(const connection_ptr& con);
+    void greet(const connection_ptr& con, detail::frame_builder& frame);
     void run_catch_up_slice(shard& home);
     bool over_budget(const connection_ptr& con, std::size_t adding);
     void lag(const connection_ptr& con);
@@ -5108,15 +5110,15 @@ template <class Identity> struct session_state {
     std::size_t shard = 0;                            // the shard (event loop) that owns the connection
     std::size_t open_index = 0;                       // its place in the shard's list of open connections
     bool open = false;
-    bool policy_opened = false;                 // on_close only for connections the policy saw open
-    bool lagging = false;                       // over an outbound budget: wake-ups wait for a catch-up
-    bool catching_up = false;                   // its next catch-up frame waits for a slice; wake-ups wait too
-    bool check_missed = false;                  // that frame first says whether rows after the position are gone
-    std::vector<direct_message> after_history;  // the policy's on_subscribe answer, sent once the history is
-    bool retrying = false;                      // a store read failed: its catch-up waits for the retry timer
-    std::uint32_t store_failures = 0;           // failed store reads in a row
-    bool ping_outstanding = false;              // waiting for the pong; pong_timeout runs from ping_sent
-    detail::ledger_ticket admission;            // its place under max_connections(_per_address)
+    bool policy_opened = false;  // on_close only for connections the policy saw open
+    bool lagging = false;        // over an outbound budget: wake-ups wait for a catch-up
+    bool catching_up = false;    // its next catch-up frame waits for a slice; wake-ups wait too
+    bool check_missed = false;   // that frame first says whether rows after the position are gone
+    bool greet = false;     // the latest subscribe awaits the policy's on_subscribe, asked once its history is read
+    bool retrying = false;  // a store read failed: its catch-up waits for the retry timer
+    std::uint32_t store_failures = 0;  // failed store reads in a row
+    bool ping_outstanding = false;     // waiting for the pong; pong_timeout runs from ping_sent
+    detail::ledger_ticket admission;   // its place under max_connections(_per_address)
 };
 
 template <class Identity> struct session_slot {
@@ -6612,15 +6614,7 @@ void basic_server<AuthPolicy, Transport>::on_subscribe(const connection_ptr& con
     }
     // Subscribe before polling: whatever commits after the poll reaches us as an event.
     s.subscription.set_channels(channels);
-    if constexpr (detail::policy_has_on_subscribe<AuthPolicy>::value) {
-        try {
-            s.after_history = policy_.on_subscribe(*s.identity, channels);  // the latest subscribe's answer only
-        } catch (...) {
-            metrics_.event_errors.fetch_add(1, std::memory_order_relaxed);
-            if (options_.log)
-                options_.log(log_level::error, "server: policy.on_subscribe failed: " + detail::current_error());
-        }
-    }
+    s.greet = detail::policy_has_on_subscribe<AuthPolicy>::value;
     s.follow->set_channels(std::move(channels));
     if (s.lagging) return;  // the catch-up after the drain covers the new channels
     catch_up(con, first && last > 0);
@@ -6706,18 +6700,7 @@ std::size_t basic_server<AuthPolicy, Transport>::catch_up_frame(const connection
     s.check_missed = false;
     s.store_failures = 0;
     if (missed) metrics_.missed_signals.fetch_add(1, std::memory_order_relaxed);
-    if (!s.follow->behind()) {  // after the history, so that it cannot undo what they say
-        for (const auto& m : std::exchange(s.after_history, {})) {
-            try {
-                frame.add(detail::direct_element(s.follow->position(), m), false);
-            } catch (const std::exception& e) {
-                metrics_.event_errors.fetch_add(1, std::memory_order_relaxed);
-                if (options_.log)
-                    options_.log(log_level::error,
-                                 std::string("server: policy.on_subscribe gave a bad message: ") + e.what());
-            }
-        }
-    }
+    if (!s.follow->behind() && std::exchange(s.greet, false)) greet(con, frame);
     const std::size_t size = frame.size();
     if (!frame.empty()) {
         metrics_.count_sent(s.shard, 1, frame.rows);
@@ -6726,6 +6709,32 @@ std::size_t basic_server<AuthPolicy, Transport>::catch_up_frame(const connection
     }
     if (s.follow->behind()) catch_up(con, false);
     return size;
+}
+
+// Odoo's _after_subscribe_data: asked when the subscribe's history has been read, so what it
+// says is never older than the rows before it; its messages end the history's last frame.
+template <class AuthPolicy, class Transport>
+void basic_server<AuthPolicy, Transport>::greet(const connection_ptr& con, detail::frame_builder& frame) {
+    if constexpr (detail::policy_has_on_subscribe<AuthPolicy>::value) {
+        auto& s = con->imbus_state;
+        auto failed = [&](const std::string& what) {
+            metrics_.event_errors.fetch_add(1, std::memory_order_relaxed);
+            if (options_.log) options_.log(log_level::error, "server: policy.on_subscribe " + what);
+        };
+        std::vector<direct_message> messages;
+        try {
+            messages = policy_.on_subscribe(*s.identity, s.follow->channels());
+        } catch (...) {
+            return failed("failed: " + detail::current_error());
+        }
+        for (const auto& m : messages) {
+            try {
+                frame.add(detail::direct_element(s.follow->position(), m), false);
+            } catch (const std::exception& e) {
+                failed(std::string("gave a bad message: ") + e.what());  // the others still go
+            }
+        }
+    }
 }
 
 // One guard for every read of the store made for a connection on an I/O thread: the loop goes

@@ -952,6 +952,48 @@ TEST_CASE("request: policy.on_subscribe's messages reach that client alone, afte
     while (std::none_of(tail.begin(), tail.end(), is_live_row)) tail = read_frame_json(ws);
 }
 
+// The answer is asked for once the history has been read: a commit racing with the subscribe
+// is in the history or after the answer, never in the history and newer than the answer. The
+// policy makes the race certain by committing right after it looked at the store.
+namespace {
+struct racing_policy {
+    using identity = imbus::public_policy::identity;
+    std::shared_ptr<std::atomic<imbus::bus*>> bus = std::make_shared<std::atomic<imbus::bus*>>(nullptr);
+    imbus::admission<identity> authenticate(const imbus::http_request&) {
+        return imbus::admission<identity>::accept({});
+    }
+    std::vector<imbus::direct_message> on_subscribe(const identity&, const std::vector<imbus::channel>&) {
+        imbus::bus& b = *bus->load();
+        const auto seen = b.store().newest_id();
+        b.send("a", "test/note", {{"racing", true}});
+        return {{"snapshot", {{"seen", seen}}}};
+    }
+};
+}  // namespace
+
+TEST_CASE("request: policy.on_subscribe is asked after the history is read, so its answer is never older") {
+    fixture<racing_policy> f;
+    f.server.policy().bus->store(&f.bus);
+    const auto old1 = f.send("a"), old2 = f.send("a");
+    auto ws = raw_ws::connect(f.port());
+    ws.send_text(subscribe_text({"a"}, old1 - 1));
+    std::vector<json> got;
+    auto snapshot_at = [&] {
+        for (std::size_t i = 0; i < got.size(); ++i)
+            if (got[i]["message"]["type"] == "snapshot") return i;
+        return got.size();
+    };
+    while (snapshot_at() == got.size() || got.back()["message"]["type"] != "test/note") {
+        const json frame = read_frame_json(ws);
+        got.insert(got.end(), frame.begin(), frame.end());
+    }
+    const std::size_t at = snapshot_at();
+    const auto seen = got[at]["message"]["payload"]["seen"].get<std::int64_t>();
+    CHECK(seen == old2);
+    for (std::size_t i = 0; i < at; ++i) CHECK(got[i]["id"].get<std::int64_t>() <= seen);  // nothing newer before it
+    CHECK(got.back()["id"].get<std::int64_t>() == old2 + 1);                               // the racing row, after
+}
+
 // Exposes a bug: on_message catches std::exception only; anything else thrown by a policy hook
 // escapes into the I/O thread's io_context::run() and std::terminate()s the whole server.
 // Last in the file: when the bug is present this case aborts the process.
