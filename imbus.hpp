@@ -1281,6 +1281,10 @@ client_request parse_client_request(std::string_view text, std::size_t max_depth
 // tracker learns the others' contributions from the store's first-poll window: keep
 // 3 * refresh below the store's first_poll_window (default 50 s).
 //
+// The tracker commits its rows through the bus from its own thread and from the hooks' threads:
+// with a sqlite_store on the application's own connection, run every statement of the
+// application inside an imbus::transaction, or one may land in the tracker's transaction.
+//
 // Bound: the tracker keeps one entry per identity connected to this process, one per identity
 // connected to any process (the merged view), and one per live tracker.
 // Thread-safe: on_open, on_close, on_event and tick may be called from every I/O thread at once
