@@ -367,7 +367,7 @@ inline partner bus_channel(const user& u) { return u.p; }
 // A transaction is movable, so it may end on another thread than the one that began it. The
 // writer lock was a recursive_mutex: unlocked by a non-owner it stayed locked (glibc answers
 // EPERM) and every later begin() waited forever.
-TEST_CASE("a transaction begun on one thread may commit or roll back on another; the next begin goes through") {
+TEST_CASE("a transaction begun on one thread may commit or roll back on another, the next begin goes through") {
     for (const bool on_file : {false, true}) {
         CAPTURE(on_file);
         const std::string path = on_file ? temp_path() : ":memory:";

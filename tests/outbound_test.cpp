@@ -188,7 +188,7 @@ bool receives_up_to(imbus::client& c, std::int64_t id) {
 
 }  // namespace
 
-TEST_CASE("a client that never reads holds at most max_outbound_bytes plus one frame; the others get everything") {
+TEST_CASE("a client that never reads holds at most max_outbound_bytes plus one frame, the others get everything") {
     auto o = fixture::options();
     o.max_outbound_bytes = 64 * 1024;
     fixture f(o);
@@ -244,7 +244,7 @@ TEST_CASE("a ping flood from a client that never reads leaves at most one pong w
     CHECK(receives_up_to(*honest, id));
 }
 
-TEST_CASE("the rate limit counts pings: a flood is closed with 1013 and counted; other clients are not affected") {
+TEST_CASE("the rate limit counts pings: a flood is closed with 1013 and counted, other clients are not affected") {
     auto o = fixture::options();
     o.rate_burst = 10;
     o.rate_delay = 200ms;

@@ -1525,7 +1525,7 @@ TEST_CASE_TEMPLATE("graceful stop: 1001 to every client, wait() returns, a new s
 
 // An I/O thread cannot join itself: wait() from a handler is a clear error, not a destroyed
 // joinable std::thread (std::terminate without a word) or a hang.
-TEST_CASE("wait() from a handler throws std::logic_error; the server goes on") {
+TEST_CASE("wait() from a handler throws std::logic_error, the server goes on") {
     harness<memory_env> h;
     std::string caught;
     imbus::http_route route = [&](const imbus::http_request& r, imbus::http_response& out) {

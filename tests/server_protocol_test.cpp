@@ -704,7 +704,7 @@ TEST_CASE("close 1002: unmasked frame, reserved bits, reserved opcode") {
     check_receives(f, *other);
 }
 
-TEST_CASE("idle: a ping after idle_ping; no pong within pong_timeout drops TCP without a close frame") {
+TEST_CASE("idle: a ping after idle_ping, no pong within pong_timeout drops TCP without a close frame") {
     fixture<> f([](imbus::server_options& o) {
         o.idle_ping = 200ms;
         o.pong_timeout = 150ms;
@@ -843,7 +843,7 @@ TEST_CASE("close 4001: server.revalidate() closes connections no longer valid") 
     check_receives(f, *other);
 }
 
-TEST_CASE("close: a finished close handshake ends TCP at once, whoever began it; only a protocol-error close drains") {
+TEST_CASE("close: a finished close handshake ends TCP at once, whoever began it, only a protocol-error close drains") {
     // A drain that lasts until the peer ends TCP: only a close the peer may not have read (it
     // is still sending) waits for that; the clients here never end TCP themselves.
     fixture<test_policy> f([](imbus::server_options& o) {
@@ -1020,7 +1020,7 @@ TEST_CASE("request: a non-std exception from policy.on_event is contained as wel
 
 // A subscribe's cost is bounded by max_channels: a client asking for more is closed with 1008
 // TOO_MANY_CHANNELS (counted), and one at the limit is served.
-TEST_CASE("request: a subscribe over max_channels closes 1008 TOO_MANY_CHANNELS; one at the limit is served") {
+TEST_CASE("request: a subscribe over max_channels closes 1008 TOO_MANY_CHANNELS, one at the limit is served") {
     fixture<> f([](imbus::server_options& o) { o.max_channels = 5; });
     auto other = subscribed_other(f);
     std::vector<std::string> five{"a", "b", "c", "d", "e"}, six{"a", "b", "c", "d", "e", "f"};
@@ -1073,7 +1073,7 @@ TEST_CASE("limits: beyond max_connections_per_address a handshake from that addr
 
 // A host holding bare TCP connections (no HTTP yet) must not escape the limits: they count
 // from accept, and the connection beyond gets its 503 at once, readable before the close.
-TEST_CASE("limits: bare TCP connections count against max_connections from accept; the next one gets 503") {
+TEST_CASE("limits: bare TCP connections count against max_connections from accept, the next one gets 503") {
     fixture<> f([](imbus::server_options& o) {
         o.max_connections = 2;
         o.open_handshake_timeout = 10s;  // the bare ones stay for the whole test
@@ -1146,7 +1146,7 @@ std::string send_request(const std::string& extra_headers, const std::string& bo
            "\r\n" + body;
 }
 
-TEST_CASE("http: ambiguous or malformed framing is refused before routing, logged and counted; nothing is published") {
+TEST_CASE("http: ambiguous or malformed framing is refused before routing, logged and counted, nothing is published") {
     fixture<> f([](imbus::server_options& o) { o.api_key = "k"; });
     const std::string body = R"({"channel":"a","type":"t","payload":1})";
     const std::string chunked = "26\r\n" + body + "\r\n0\r\n\r\n";
@@ -1210,7 +1210,7 @@ TEST_CASE(
     CHECK(f.store.newest_id() == 0);
 }
 
-TEST_CASE("http: routes match the path as sent; a percent-encoded path is not the route") {
+TEST_CASE("http: routes match the path as sent, a percent-encoded path is not the route") {
     fixture<> f([](imbus::server_options& o) { o.api_key = "k"; });
     const std::string body = R"({"channel":"a","type":"t","payload":1})";
     for (const std::string path : {"/bus%2fsend", "/%62us/send", "/bus/sen%64"}) {
@@ -1267,7 +1267,7 @@ TEST_CASE("metrics: GET /metrics counts connections, subscriptions, sends, close
     CHECK(metric(page, "imbus_publish_to_send_seconds_sum") >= 0);
 }
 
-TEST_CASE("metrics: with a metrics_token, /metrics wants it; with an empty path there is no route") {
+TEST_CASE("metrics: with a metrics_token, /metrics wants it, with an empty path there is no route") {
     fixture<> f([](imbus::server_options& o) { o.metrics_token = "scrape"; });
     CHECK(imbus_test::http_request(f.port(), "GET", "/metrics").status == 401);
     CHECK(imbus_test::http_request(f.port(), "GET", "/metrics", "", {{"Authorization", "Bearer nope"}}).status == 401);

@@ -88,7 +88,7 @@ TEST_CASE("wss: a client that trusts the certificate subscribes and receives, by
     }
 }
 
-TEST_CASE("wss: an untrusted certificate or another host name fails the handshake; the server serves on") {
+TEST_CASE("wss: an untrusted certificate or another host name fails the handshake, the server serves on") {
     certificate cert("DNS:localhost,IP:127.0.0.1");
     certificate other("DNS:other.example");
     tls_fixture f(cert);

@@ -657,8 +657,8 @@ test("disconnect_once_per_outage", async ({ harness, context, restart }) => {
     await harness.stop();
     await waitEvent(page, "reconnecting");
     // each attempt is CONNECTING then DISCONNECTED: the first DISCONNECTED is the outage's start
-    await waitFor(page, "three failed attempts", () =>
-        window.log.filter((e) => e.event === "worker_state_updated" && e.detail === "DISCONNECTED").length >= 4, null, RECONNECT_MS);
+    await waitFor(page, "two failed attempts", () =>
+        window.log.filter((e) => e.event === "worker_state_updated" && e.detail === "DISCONNECTED").length >= 3, null, RECONNECT_MS);
     await restart();
     await waitEvent(page, "reconnect", 1, RECONNECT_MS);
     const log = await events(page);
