@@ -1828,10 +1828,8 @@ inline bool append_ascii_json_string(std::string& out, std::string_view s) {
             case '\r': out += "\\r"; break;
             case '\t': out += "\\t"; break;
             default:
-                if (c < 0x20 || c == 0x7f)
-                    put_u(c);
-                else
-                    out.push_back(static_cast<char>(c));
+                if (c < 0x20 || c == 0x7f) put_u(c);
+                else out.push_back(static_cast<char>(c));
             }
             ++i;
             continue;
@@ -1847,8 +1845,7 @@ inline bool append_ascii_json_string(std::string& out, std::string_view s) {
         } else if (c >= 0xf0 && c <= 0xf4) {
             len = 4;
             cp = c & 0x07;
-        } else
-            return false;
+        } else return false;
         if (i + len > s.size()) return false;
         for (std::size_t k = 1; k < len; ++k) {
             const auto b = static_cast<unsigned char>(s[i + k]);
@@ -3158,8 +3155,7 @@ inline std::vector<notification> pg_store::write_tx::commit_owned(std::vector<pe
             if (me.error) std::rethrow_exception(me.error);
             return std::move(me.stored);
         }
-        if (s.options_.group_commit)
-            group.swap(s.queued_commits_);  // every waiting batch, in line order
+        if (s.options_.group_commit) group.swap(s.queued_commits_);  // every waiting batch, in line order
         else {
             group.push_back(&me);
             s.queued_commits_.erase(std::find(s.queued_commits_.begin(), s.queued_commits_.end(), &me));
@@ -3743,10 +3739,8 @@ inline void dispatcher::notify(std::shared_ptr<const commit_event> event) {
             if (!e->on) return to_schedule.push_back(e);
             if (lanes.empty() || lanes.back().first != e->on) {  // few lanes: one per event loop
                 auto it = std::find_if(lanes.begin(), lanes.end(), [&](const auto& l) { return l.first == e->on; });
-                if (it == lanes.end())
-                    lanes.emplace_back(e->on, std::vector<std::shared_ptr<entry>>());
-                else
-                    std::iter_swap(it, lanes.end() - 1);
+                if (it == lanes.end()) lanes.emplace_back(e->on, std::vector<std::shared_ptr<entry>>());
+                else std::iter_swap(it, lanes.end() - 1);
             }
             lanes.back().second.push_back(e);
         };
@@ -4256,18 +4250,12 @@ inline bool base64url_decode(std::string_view text, std::string& out) {
     std::uint32_t acc = 0, bits = 0;
     for (char ch : text) {
         int v;
-        if (ch >= 'A' && ch <= 'Z')
-            v = ch - 'A';
-        else if (ch >= 'a' && ch <= 'z')
-            v = ch - 'a' + 26;
-        else if (ch >= '0' && ch <= '9')
-            v = ch - '0' + 52;
-        else if (ch == '-')
-            v = 62;
-        else if (ch == '_')
-            v = 63;
-        else
-            return out.clear(), false;
+        if (ch >= 'A' && ch <= 'Z') v = ch - 'A';
+        else if (ch >= 'a' && ch <= 'z') v = ch - 'a' + 26;
+        else if (ch >= '0' && ch <= '9') v = ch - '0' + 52;
+        else if (ch == '-') v = 62;
+        else if (ch == '_') v = 63;
+        else return out.clear(), false;
         acc = (acc << 6) | static_cast<std::uint32_t>(v);
         bits += 6;
         if (bits >= 8) out += static_cast<char>((acc >> (bits -= 8)) & 0xff);
@@ -4345,10 +4333,8 @@ inline bool json_nesting_within(std::string_view text, std::size_t max_depth) {
     for (std::size_t i = 0; i < text.size(); ++i) {
         const char c = text[i];
         if (in_string) {
-            if (c == '\\')
-                ++i;  // the escaped character cannot end the string
-            else if (c == '"')
-                in_string = false;
+            if (c == '\\') ++i;  // the escaped character cannot end the string
+            else if (c == '"') in_string = false;
         } else if (c == '"') {
             in_string = true;
         } else if (c == '[' || c == '{') {
@@ -4743,10 +4729,8 @@ inline void presence_tracker::apply(const notification& n, std::vector<transitio
     if (p.contains("who")) {
         const std::string who = p["who"].get<std::string>();
         const presence_status s = detail::presence_from_string(p.value("s", ""));
-        if (s == presence_status::offline)
-            c.statuses.erase(who);
-        else
-            c.statuses[who] = s;
+        if (s == presence_status::offline) c.statuses.erase(who);
+        else c.statuses[who] = s;
         touched.push_back(who);
     } else if (p.contains("all")) {
         std::unordered_map<std::string, presence_status> statuses;
@@ -4771,10 +4755,8 @@ inline void presence_tracker::apply(const notification& n, std::vector<transitio
         auto it = merged_.find(who);
         const presence_status before = it == merged_.end() ? presence_status::offline : it->second;
         if (now == before) continue;
-        if (now == presence_status::offline)
-            merged_.erase(it);
-        else
-            merged_[who] = now;
+        if (now == presence_status::offline) merged_.erase(it);
+        else merged_[who] = now;
         if (writer == id_) out.emplace_back(who, now);
     }
 }
@@ -4834,10 +4816,8 @@ inline void presence_tracker::run() {
     std::unique_lock<std::mutex> lock(tasks_mutex_);
     for (;;) {
         const auto ready = [this] { return stopping_ || !tasks_.empty(); };
-        if (ticking)
-            tasks_ready_.wait_until(lock, next_tick, ready);
-        else
-            tasks_ready_.wait(lock, ready);
+        if (ticking) tasks_ready_.wait_until(lock, next_tick, ready);
+        else tasks_ready_.wait(lock, ready);
         if (stopping_) return;
         std::function<void()> task;
         if (!tasks_.empty()) {
@@ -5201,10 +5181,8 @@ struct frame_builder {
     std::string text;
     std::size_t rows = 0;  // notifications in it (a missed marker is not one)
     void add(std::string_view wire, bool is_row = true) {
-        if (text.empty())
-            text.assign(wire_frame::header_room, '\0'), text += '[';
-        else
-            text += ',';
+        if (text.empty()) text.assign(wire_frame::header_room, '\0'), text += '[';
+        else text += ',';
         text += wire;
         rows += is_row;
     }
@@ -5341,10 +5319,8 @@ public:
         std::swap(in_flight_, queue_);
         gather_.clear();
         for (const auto& item : in_flight_) {
-            if (item.frame)
-                gather_.emplace_back(item.frame->data(), item.frame->size());
-            else
-                gather_.insert(gather_.end(), item.library.begin(), item.library.end());
+            if (item.frame) gather_.emplace_back(item.frame->data(), item.frame->size());
+            else gather_.insert(gather_.end(), item.library.begin(), item.library.end());
         }
         asio::async_write(this->get_socket(), buffer_span{gather_.data(), gather_.data() + gather_.size()},
                           write_done{std::static_pointer_cast<outbound_connection>(this->shared_from_this())});
@@ -5389,10 +5365,8 @@ private:
     }
 
     void count(std::size_t n, bool add) noexcept {
-        if (add)
-            bytes_.store(bytes_.load(std::memory_order_relaxed) + n, std::memory_order_relaxed);
-        else
-            bytes_.store(bytes_.load(std::memory_order_relaxed) - n, std::memory_order_relaxed);
+        if (add) bytes_.store(bytes_.load(std::memory_order_relaxed) + n, std::memory_order_relaxed);
+        else bytes_.store(bytes_.load(std::memory_order_relaxed) - n, std::memory_order_relaxed);
         if (meter_)
             add ? meter_->bytes.fetch_add(n, std::memory_order_relaxed)
                 : meter_->bytes.fetch_sub(n, std::memory_order_relaxed);
@@ -5435,10 +5409,8 @@ private:
         pong_at_ = npos;
         std::size_t kept = 0;
         for (std::size_t i = 0; i < queue_.size(); ++i) {
-            if (queue_[i].frame)
-                count(queue_[i].frame->size(), false);
-            else if (kept++ != i)
-                queue_[kept - 1] = std::move(queue_[i]);
+            if (queue_[i].frame) count(queue_[i].frame->size(), false);
+            else if (kept++ != i) queue_[kept - 1] = std::move(queue_[i]);
         }
         queue_.resize(kept);
     }
@@ -5554,10 +5526,8 @@ template <class Endpoint> void use_client_tls(Endpoint& endpoint, const client_o
     auto context = tls_context(asio::ssl::context::tls_client);
     if (options.tls_verify) {
         context->set_verify_mode(asio::ssl::verify_peer);
-        if (options.tls_ca_file.empty())
-            context->set_default_verify_paths();
-        else
-            context->load_verify_file(options.tls_ca_file);
+        if (options.tls_ca_file.empty()) context->set_default_verify_paths();
+        else context->load_verify_file(options.tls_ca_file);
     } else {
         context->set_verify_mode(asio::ssl::verify_none);
     }
@@ -6631,10 +6601,8 @@ std::vector<channel> basic_server<AuthPolicy, Transport>::build_channels(const i
     std::vector<channel> requested;
     requested.reserve(asked.size());
     for (const auto& name : asked) requested.emplace_back(bus_.db(), name);
-    if constexpr (detail::policy_has_channels<AuthPolicy>::value)
-        return policy_.channels(who, std::move(requested));
-    else
-        return requested;
+    if constexpr (detail::policy_has_channels<AuthPolicy>::value) return policy_.channels(who, std::move(requested));
+    else return requested;
 }
 
 // A catch-up (history on subscribe, wake-ups that do not continue, a resume after a drain)
@@ -6666,10 +6634,8 @@ template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Trans
         if (auto con = weak.lock()) bytes += catch_up_frame(con);
     }
     flush_slice(home);
-    if (home.catch_ups.empty())
-        home.catch_ups_posted = false;
-    else
-        detail::post_after_io(home.io, [this, &home] { run_catch_up_slice(home); });
+    if (home.catch_ups.empty()) home.catch_ups_posted = false;
+    else detail::post_after_io(home.io, [this, &home] { run_catch_up_slice(home); });
 }
 
 // Sends the next frame of a catch-up; returns its size.
@@ -7063,10 +7029,8 @@ void basic_server<AuthPolicy, Transport>::serve_send(const http_request& request
         std::error_code ec;
         const json& c = item["channel"];
         channel target;
-        if (c.is_string())
-            target = channel(bus_.db(), c.get<std::string>());
-        else
-            target = channel::from_json(c, ec);
+        if (c.is_string()) target = channel(bus_.db(), c.get<std::string>());
+        else target = channel::from_json(c, ec);
         if (ec || target.empty()) return bad_request("channel must be a string or a channel array");
         tx.send(target, item["type"].get<std::string>(), item.value("payload", json()), ec);
         if (ec) return bad_request(ec.message());

@@ -60,10 +60,8 @@ std::size_t value_end(std::string_view s, std::size_t i) {
     if (i >= s.size()) return i;
     if (s[i] == '"') {
         for (++i; i < s.size(); ++i) {
-            if (s[i] == '\\')
-                ++i;
-            else if (s[i] == '"')
-                return i + 1;
+            if (s[i] == '\\') ++i;
+            else if (s[i] == '"') return i + 1;
         }
         return s.size();
     }
@@ -245,10 +243,8 @@ private:
             s->writing = false;
             std::string().swap(s->handshake);
             if (ec || !s->alive) return remove(s);
-            if (s->channel.empty())
-                write(s);
-            else
-                write_own(s);
+            if (s->channel.empty()) write(s);
+            else write_own(s);
         });
         discard(s);
     }
@@ -382,12 +378,9 @@ int main(int argc, char** argv) {
             return 2;
         }
         const std::string v = argv[++i];
-        if (a == "--host")
-            host = v;
-        else if (a == "--port")
-            port = static_cast<std::uint16_t>(std::stoul(v));
-        else if (a == "--api-key")
-            key = v;
+        if (a == "--host") host = v;
+        else if (a == "--port") port = static_cast<std::uint16_t>(std::stoul(v));
+        else if (a == "--api-key") key = v;
         else {
             std::cerr << "floor_server: unknown option " << a << "\n";
             return 2;

@@ -740,9 +740,7 @@ int main(int argc, char** argv) {
     std::printf("Total time %.1f s; peak RSS %.0f MiB; load average at end %s.\n", seconds_since(run_start),
                 double(ru.ru_maxrss) / 1024.0, read_file_line("/proc/loadavg").c_str());
     std::error_code ec;
-    if (cfg.keep)
-        std::printf("SQLite files kept in %s\n", dir.string().c_str());
-    else
-        fs::remove_all(dir, ec);
+    if (cfg.keep) std::printf("SQLite files kept in %s\n", dir.string().c_str());
+    else fs::remove_all(dir, ec);
     return rc;
 }

@@ -223,102 +223,56 @@ options parse(int argc, char** argv) {
         if (i + 1 >= argc) usage("missing value after " + f);
         const std::string v = argv[++i];
         try {
-            if (f == "--host")
-                o.host = v;
+            if (f == "--host") o.host = v;
             else if (f == "--protocol") {
                 o.proto_name = v;
-                if (v == "imbus")
-                    o.proto = protocol::imbus;
-                else if (v == "floor")
-                    o.proto = protocol::floor;
-                else if (v == "ws")
-                    o.proto = protocol::ws;
-                else if (v == "socketio")
-                    o.proto = protocol::socketio;
-                else if (v == "uws")
-                    o.proto = protocol::uws;
-                else if (v == "nchan")
-                    o.proto = protocol::nchan;
-                else
-                    usage("unknown protocol " + v);
-            } else if (f == "--port")
-                o.port = std::uint16_t(std::stoul(v));
-            else if (f == "--target")
-                o.target = v;
-            else if (f == "--channel")
-                o.channel = v, o.channel_given = true;
-            else if (f == "--api-key")
-                o.api_key = v;
-            else if (f == "--label")
-                o.label = v;
-            else if (f == "--subscribers" || f == "--connections" || f == "--readers")
-                o.connections = std::stoul(v);
-            else if (f == "--seconds")
-                o.seconds = std::stod(v), o.seconds_given = true;
-            else if (f == "--rate")
-                o.rate = std::stod(v), o.rate_given = true;
+                if (v == "imbus") o.proto = protocol::imbus;
+                else if (v == "floor") o.proto = protocol::floor;
+                else if (v == "ws") o.proto = protocol::ws;
+                else if (v == "socketio") o.proto = protocol::socketio;
+                else if (v == "uws") o.proto = protocol::uws;
+                else if (v == "nchan") o.proto = protocol::nchan;
+                else usage("unknown protocol " + v);
+            } else if (f == "--port") o.port = std::uint16_t(std::stoul(v));
+            else if (f == "--target") o.target = v;
+            else if (f == "--channel") o.channel = v, o.channel_given = true;
+            else if (f == "--api-key") o.api_key = v;
+            else if (f == "--label") o.label = v;
+            else if (f == "--subscribers" || f == "--connections" || f == "--readers") o.connections = std::stoul(v);
+            else if (f == "--seconds") o.seconds = std::stod(v), o.seconds_given = true;
+            else if (f == "--rate") o.rate = std::stod(v), o.rate_given = true;
             else if (f == "--publishers")
                 o.publishers = std::max<std::size_t>(1, std::stoul(v)), o.publishers_given = true;
-            else if (f == "--payload-bytes")
-                o.payload_bytes = std::stoul(v), o.payload_given = true;
-            else if (f == "--window")
-                o.window = std::stoul(v), o.window_given = true;
-            else if (f == "--sources")
-                o.sources = std::clamp<std::size_t>(std::stoul(v), 1, 254);
-            else if (f == "--connect-concurrency")
-                o.connect_concurrency = std::max<std::size_t>(1, std::stoul(v));
-            else if (f == "--away")
-                o.away = std::max<std::size_t>(1, std::stoul(v));
-            else if (f == "--storm-concurrency")
-                o.storm_concurrency = std::stoul(v);
-            else if (f == "--probe-interval")
-                o.probe_interval = std::max(0.01, std::stod(v));
-            else if (f == "--storm-timeout")
-                o.storm_timeout = std::stod(v);
-            else if (f == "--drain")
-                o.drain = std::stod(v);
-            else if (f == "--drain-max")
-                o.drain_max = std::stod(v);
-            else if (f == "--settle")
-                o.settle = std::stod(v);
-            else if (f == "--warmup-timeout")
-                o.warmup_timeout = std::stod(v);
-            else if (f == "--server-pid")
-                o.server_pid = std::stol(v);
-            else if (f == "--trace-slow")
-                o.trace_slow_ms = std::stod(v);
-            else if (f == "--shared-rate")
-                o.shared_rate = std::stod(v);
-            else if (f == "--churn")
-                o.churn = std::stod(v);
-            else if (f == "--rst-fraction")
-                o.rst_fraction = std::stod(v);
-            else if (f == "--away-max")
-                o.away_max = std::stod(v);
-            else if (f == "--warmup")
-                o.warmup = std::stod(v);
-            else if (f == "--rss-tolerance-kib")
-                o.rss_tolerance_kib = std::stol(v);
-            else if (f == "--rss-tolerance-pct")
-                o.rss_tolerance_pct = std::stod(v);
-            else if (f == "--fd-tolerance")
-                o.fd_tolerance = std::stol(v);
-            else if (f == "--rcvbuf")
-                o.rcvbuf = std::stoi(v);
-            else if (f == "--mss")
-                o.mss = std::stoi(v);
-            else if (f == "--canary-interval-ms")
-                o.canary_interval_ms = std::max(1.0, std::stod(v));
-            else if (f == "--canary-channel")
-                o.canary_channel = v;
-            else if (f == "--rss-cap-mib")
-                o.rss_cap_mib = std::stol(v);
-            else if (f == "--metrics-path")
-                o.metrics_path = v;
-            else if (f == "--history")
-                o.history = std::stoul(v);
-            else
-                usage("unknown option " + f);
+            else if (f == "--payload-bytes") o.payload_bytes = std::stoul(v), o.payload_given = true;
+            else if (f == "--window") o.window = std::stoul(v), o.window_given = true;
+            else if (f == "--sources") o.sources = std::clamp<std::size_t>(std::stoul(v), 1, 254);
+            else if (f == "--connect-concurrency") o.connect_concurrency = std::max<std::size_t>(1, std::stoul(v));
+            else if (f == "--away") o.away = std::max<std::size_t>(1, std::stoul(v));
+            else if (f == "--storm-concurrency") o.storm_concurrency = std::stoul(v);
+            else if (f == "--probe-interval") o.probe_interval = std::max(0.01, std::stod(v));
+            else if (f == "--storm-timeout") o.storm_timeout = std::stod(v);
+            else if (f == "--drain") o.drain = std::stod(v);
+            else if (f == "--drain-max") o.drain_max = std::stod(v);
+            else if (f == "--settle") o.settle = std::stod(v);
+            else if (f == "--warmup-timeout") o.warmup_timeout = std::stod(v);
+            else if (f == "--server-pid") o.server_pid = std::stol(v);
+            else if (f == "--trace-slow") o.trace_slow_ms = std::stod(v);
+            else if (f == "--shared-rate") o.shared_rate = std::stod(v);
+            else if (f == "--churn") o.churn = std::stod(v);
+            else if (f == "--rst-fraction") o.rst_fraction = std::stod(v);
+            else if (f == "--away-max") o.away_max = std::stod(v);
+            else if (f == "--warmup") o.warmup = std::stod(v);
+            else if (f == "--rss-tolerance-kib") o.rss_tolerance_kib = std::stol(v);
+            else if (f == "--rss-tolerance-pct") o.rss_tolerance_pct = std::stod(v);
+            else if (f == "--fd-tolerance") o.fd_tolerance = std::stol(v);
+            else if (f == "--rcvbuf") o.rcvbuf = std::stoi(v);
+            else if (f == "--mss") o.mss = std::stoi(v);
+            else if (f == "--canary-interval-ms") o.canary_interval_ms = std::max(1.0, std::stod(v));
+            else if (f == "--canary-channel") o.canary_channel = v;
+            else if (f == "--rss-cap-mib") o.rss_cap_mib = std::stol(v);
+            else if (f == "--metrics-path") o.metrics_path = v;
+            else if (f == "--history") o.history = std::stoul(v);
+            else usage("unknown option " + f);
         } catch (const std::logic_error&) {
             usage("bad value for " + f + ": " + v);
         }
@@ -425,12 +379,9 @@ void raise_nofile() {
 std::string json_escape(const std::string& s) {
     std::string out;
     for (char c : s) {
-        if (c == '"' || c == '\\')
-            out += '\\', out += c;
-        else if (std::uint8_t(c) < 0x20)
-            out += ' ';
-        else
-            out += c;
+        if (c == '"' || c == '\\') out += '\\', out += c;
+        else if (std::uint8_t(c) < 0x20) out += ' ';
+        else out += c;
     }
     return out;
 }
@@ -583,20 +534,16 @@ private:
         }
         auto t = std::make_shared<asio::steady_timer>(io_, std::chrono::seconds(1));
         t->async_wait([this, t](const asio::error_code&) {
-            if (warm_subs_ < opened_ - closed_unexpected_ && warm_queue_.empty() && inflight_ == 0)
-                warm_round();
-            else if (!warm_done_)
-                warm_retry();
+            if (warm_subs_ < opened_ - closed_unexpected_ && warm_queue_.empty() && inflight_ == 0) warm_round();
+            else if (!warm_done_) warm_retry();
         });
     }
     void warm_retry() {
         auto t = std::make_shared<asio::steady_timer>(io_, std::chrono::milliseconds(200));
         t->async_wait([this, t](const asio::error_code&) {
             if (warm_done_) return;
-            if (warm_subs_ < opened_ - closed_unexpected_ && warm_queue_.empty() && inflight_ == 0)
-                warm_round();
-            else
-                warm_retry();
+            if (warm_subs_ < opened_ - closed_unexpected_ && warm_queue_.empty() && inflight_ == 0) warm_round();
+            else warm_retry();
         });
     }
     void pump_warm() {
@@ -763,10 +710,8 @@ private:
         const auto now = std::chrono::steady_clock::now();
         const auto period = std::chrono::nanoseconds(std::int64_t(1e9 / o_.rate));
         while (next_due_ <= now) {
-            if (inflight_ < o_.publishers)
-                publish(publish_request::run, 0);
-            else
-                backlog_++, late_++, max_backlog_ = std::max(max_backlog_, backlog_);
+            if (inflight_ < o_.publishers) publish(publish_request::run, 0);
+            else backlog_++, late_++, max_backlog_ = std::max(max_backlog_, backlog_);
             next_due_ += period;
         }
         pacer_.expires_at(next_due_);
@@ -1354,10 +1299,8 @@ private:
         } else {
             std::int64_t lo = min_published_, hi = max_published_;
             contiguous = published_ok_ == 0 || std::uint64_t(hi - lo + 1) == published_ok_;
-            if (server_ids(o_.proto))
-                contiguous = contiguous && (published_ok_ == 0 || lo == base_key_);
-            else
-                contiguous = contiguous && (published_ok_ == 0 || lo == 1);
+            if (server_ids(o_.proto)) contiguous = contiguous && (published_ok_ == 0 || lo == base_key_);
+            else contiguous = contiguous && (published_ok_ == 0 || lo == 1);
             for (const auto& s : subs_) {
                 if (s->state != subscriber::open) continue;
                 const bool exact =
@@ -1375,8 +1318,7 @@ private:
         if (o_.mode == "latency")
             j << ",\"rate\":" << fmt(o_.rate, 1) << ",\"late_publishes\":" << late_
               << ",\"max_backlog\":" << max_backlog_;
-        else
-            j << ",\"window\":" << o_.window;
+        else j << ",\"window\":" << o_.window;
         j << ",\"published\":" << published_ok_ << ",\"publish_errors\":" << publish_errors_
           << ",\"published_per_s\":" << fmt(double(published_ok_) / publish_s, 1) << ",\"expected\":" << expected
           << ",\"delivered\":" << delivered_run_ << ",\"deliveries_per_s\":" << fmt(dps, 1)
@@ -1411,12 +1353,9 @@ private:
         for (const auto& s : subs_) {
             if (!s->warm) continue;  // never was up
             lost += o_.away > s->run_count ? o_.away - s->run_count : 0;
-            if (s->state != subscriber::open || !s->probed)
-                not_live++;
-            else if (!s->caught_up_at)
-                not_caught_up++;  // live, but the server did not send all it missed
-            else
-                times.push_back(double(s->caught_up_at - storm_start_) / 1e9);
+            if (s->state != subscriber::open || !s->probed) not_live++;
+            else if (!s->caught_up_at) not_caught_up++;  // live, but the server did not send all it missed
+            else times.push_back(double(s->caught_up_at - storm_start_) / 1e9);
         }
         std::sort(times.begin(), times.end());
         auto pct = [&](double p) {
@@ -1633,10 +1572,8 @@ private:
                 late_++;
                 break;
             }
-            if (double(shared_requested_) < elapsed * o_.shared_rate)
-                shared_requested_++, publish(-1);
-            else
-                personal_requested_++, publish(long(rng_() % conns_.size()));
+            if (double(shared_requested_) < elapsed * o_.shared_rate) shared_requested_++, publish(-1);
+            else personal_requested_++, publish(long(rng_() % conns_.size()));
         }
         tick_.expires_after(std::chrono::milliseconds(5));
         tick_.async_wait([this](const asio::error_code&) { pace(); });
@@ -2024,10 +1961,8 @@ private:
         }
         published_++;
         newest_answered_ = std::max(newest_answered_, id);
-        if (r->target >= 0)
-            personal_ids_[std::size_t(r->target)].push_back(id);
-        else if (r->target == -1)
-            shared_ids_.push_back(id);
+        if (r->target >= 0) personal_ids_[std::size_t(r->target)].push_back(id);
+        else if (r->target == -1) shared_ids_.push_back(id);
     }
 
     // --- verification -------------------------------------------------------------------------

@@ -53,48 +53,27 @@ settings parse(int argc, char** argv) {
         if (i + 1 >= argc) usage("missing value after " + flag);
         const std::string value = argv[++i];
         try {
-            if (flag == "--host")
-                s.host = value;
-            else if (flag == "--port")
-                s.port = static_cast<std::uint16_t>(std::stoul(value));
-            else if (flag == "--store")
-                s.store = value;
-            else if (flag == "--api-key")
-                s.server.api_key = value;
-            else if (flag == "--db")
-                s.db = value;
-            else if (flag == "--version")
-                s.server.version = value;
-            else if (flag == "--threads")
-                s.server.threads = std::stoul(value);
-            else if (flag == "--origin")
-                s.server.allowed_origins.push_back(value);
-            else if (flag == "--static")
-                s.static_root = value;
-            else if (flag == "--tls-cert")
-                s.server.tls_certificate_chain_file = value;
-            else if (flag == "--tls-key")
-                s.server.tls_private_key_file = value;
-            else if (flag == "--retention")
-                s.retention_seconds = std::stol(value);
-            else if (flag == "--gc-interval")
-                s.server.gc_interval = std::chrono::seconds(std::stol(value));
-            else if (flag == "--max-outbound-bytes")
-                s.server.max_outbound_bytes = std::stoul(value);
-            else if (flag == "--max-outbound-total")
-                s.server.max_outbound_total = std::stoull(value);
-            else if (flag == "--send-buffer-bytes")
-                s.server.send_buffer_bytes = std::stoul(value);
-            else if (flag == "--max-connections")
-                s.server.max_connections = std::stoul(value);
-            else if (flag == "--max-connections-per-address")
-                s.server.max_connections_per_address = std::stoul(value);
-            else if (flag == "--max-channels")
-                s.server.max_channels = std::stoul(value);
-            else if (flag == "--metrics-token")
-                s.server.metrics_token = value;
-            else
-                usage("unknown option " + flag);
+            if (flag == "--host") s.host = value;
+            else if (flag == "--port") s.port = static_cast<std::uint16_t>(std::stoul(value));
+            else if (flag == "--store") s.store = value;
+            else if (flag == "--api-key") s.server.api_key = value;
+            else if (flag == "--db") s.db = value;
+            else if (flag == "--version") s.server.version = value;
+            else if (flag == "--threads") s.server.threads = std::stoul(value);
+            else if (flag == "--origin") s.server.allowed_origins.push_back(value);
+            else if (flag == "--static") s.static_root = value;
+            else if (flag == "--tls-cert") s.server.tls_certificate_chain_file = value;
+            else if (flag == "--tls-key") s.server.tls_private_key_file = value;
+            else if (flag == "--retention") s.retention_seconds = std::stol(value);
+            else if (flag == "--gc-interval") s.server.gc_interval = std::chrono::seconds(std::stol(value));
+            else if (flag == "--max-outbound-bytes") s.server.max_outbound_bytes = std::stoul(value);
+            else if (flag == "--max-outbound-total") s.server.max_outbound_total = std::stoull(value);
+            else if (flag == "--send-buffer-bytes") s.server.send_buffer_bytes = std::stoul(value);
+            else if (flag == "--max-connections") s.server.max_connections = std::stoul(value);
+            else if (flag == "--max-connections-per-address") s.server.max_connections_per_address = std::stoul(value);
+            else if (flag == "--max-channels") s.server.max_channels = std::stoul(value);
+            else if (flag == "--metrics-token") s.server.metrics_token = value;
+            else usage("unknown option " + flag);
         } catch (const std::logic_error&) {
             usage("bad value for " + flag + ": " + value);
         }

@@ -625,10 +625,8 @@ TEST_CASE("a handler may call set_channels or close on its own subscription") {
     int calls = 0;
     sub = d.subscribe([&](imbus::wakeup&) {
         ++calls;
-        if (calls == 1)
-            sub.set_channels({cb});
-        else
-            sub.close();
+        if (calls == 1) sub.set_channels({cb});
+        else sub.close();
     });
     sub.set_channels({ca});
     d.notify(make_event(1, {ca}));

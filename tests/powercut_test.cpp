@@ -247,10 +247,8 @@ void settle_disk(double survive, std::mt19937& rng) {
         }
         for (const op& o : ops) {
             if (survive <= 0 || !reached(rng)) continue;
-            if (o.truncate)
-                REQUIRE(::ftruncate(fd, o.offset) == 0);
-            else
-                REQUIRE(::pwrite(fd, o.after.data(), o.after.size(), o.offset) == ssize_t(o.after.size()));
+            if (o.truncate) REQUIRE(::ftruncate(fd, o.offset) == 0);
+            else REQUIRE(::pwrite(fd, o.after.data(), o.after.size(), o.offset) == ssize_t(o.after.size()));
         }
         ::close(fd);
     }

@@ -552,10 +552,8 @@ TEST_CASE_TEMPLATE("fan-out: 50 clients on one channel each get all 200 sends in
     for (std::size_t i = 0; i < clients; ++i) {
         c.push_back(connect_client(h.url()));
         // Half of them also listen to "side", the second channel of the transactions below.
-        if (i % 2)
-            c.back()->subscribe({"fan", "side"}, 0);
-        else
-            c.back()->subscribe({"fan"}, 0);
+        if (i % 2) c.back()->subscribe({"fan", "side"}, 0);
+        else c.back()->subscribe({"fan"}, 0);
     }
     REQUIRE(h.wait_subscribers("fan", clients));
     REQUIRE(h.wait_subscribers("side", clients / 2));

@@ -50,10 +50,8 @@ struct chat {
         if (sqlite3_prepare_v2(db, text, -1, &st, nullptr) != SQLITE_OK) throw std::runtime_error(sqlite3_errmsg(db));
         int i = 0, rc;
         for (const auto& p : params) {
-            if (auto n = std::get_if<std::int64_t>(&p))
-                sqlite3_bind_int64(st, ++i, *n);
-            else
-                sqlite3_bind_text(st, ++i, std::get<std::string>(p).c_str(), -1, SQLITE_TRANSIENT);
+            if (auto n = std::get_if<std::int64_t>(&p)) sqlite3_bind_int64(st, ++i, *n);
+            else sqlite3_bind_text(st, ++i, std::get<std::string>(p).c_str(), -1, SQLITE_TRANSIENT);
         }
         while ((rc = sqlite3_step(st)) == SQLITE_ROW)
             if (on_row) on_row(st);
@@ -283,22 +281,14 @@ settings parse(int argc, char** argv) {
         if (i + 1 >= argc) usage("missing value after " + flag);
         const std::string value = argv[++i];
         try {
-            if (flag == "--host")
-                s.host = value;
-            else if (flag == "--port")
-                s.port = static_cast<std::uint16_t>(std::stoul(value));
-            else if (flag == "--data")
-                s.data = value;
-            else if (flag == "--secret")
-                s.secret = value;
-            else if (flag == "--static")
-                s.static_root = value;
-            else if (flag == "--version")
-                s.server.version = value;  // the protocol version
-            else if (flag == "--presence-away-ms")
-                s.away_after = std::chrono::milliseconds(std::stoul(value));
-            else
-                usage("unknown option " + flag);
+            if (flag == "--host") s.host = value;
+            else if (flag == "--port") s.port = static_cast<std::uint16_t>(std::stoul(value));
+            else if (flag == "--data") s.data = value;
+            else if (flag == "--secret") s.secret = value;
+            else if (flag == "--static") s.static_root = value;
+            else if (flag == "--version") s.server.version = value;  // the protocol version
+            else if (flag == "--presence-away-ms") s.away_after = std::chrono::milliseconds(std::stoul(value));
+            else usage("unknown option " + flag);
         } catch (const std::logic_error&) {
             usage("bad value for " + flag + ": " + value);
         }

@@ -103,24 +103,15 @@ settings parse(int argc, char** argv) {
         if (i + 1 >= argc) usage("missing value after " + flag);
         const std::string value = argv[++i];
         try {
-            if (flag == "--port")
-                s.port = static_cast<std::uint16_t>(std::stoul(value));
-            else if (flag == "--data")
-                s.data = value;
-            else if (flag == "--version")
-                s.server.version = value;
-            else if (flag == "--api-key")
-                s.server.api_key = value;
-            else if (flag == "--root")
-                s.root = value;
-            else if (flag == "--tls-cert")
-                s.server.tls_certificate_chain_file = value;
-            else if (flag == "--tls-key")
-                s.server.tls_private_key_file = value;
-            else if (flag == "--presence-away-ms")
-                s.presence_away = std::chrono::milliseconds(std::stoll(value));
-            else
-                usage("unknown option " + flag);
+            if (flag == "--port") s.port = static_cast<std::uint16_t>(std::stoul(value));
+            else if (flag == "--data") s.data = value;
+            else if (flag == "--version") s.server.version = value;
+            else if (flag == "--api-key") s.server.api_key = value;
+            else if (flag == "--root") s.root = value;
+            else if (flag == "--tls-cert") s.server.tls_certificate_chain_file = value;
+            else if (flag == "--tls-key") s.server.tls_private_key_file = value;
+            else if (flag == "--presence-away-ms") s.presence_away = std::chrono::milliseconds(std::stoll(value));
+            else usage("unknown option " + flag);
         } catch (const std::logic_error&) {
             usage("bad value for " + flag + ": " + value);
         }
@@ -176,10 +167,8 @@ int main(int argc, char** argv) {
     settings s = parse(argc, argv);
     try {
         std::unique_ptr<imbus::store> store;
-        if (s.data.empty())
-            store = std::make_unique<imbus::memory_store>();
-        else
-            store = std::make_unique<imbus::sqlite_store>(s.data);
+        if (s.data.empty()) store = std::make_unique<imbus::memory_store>();
+        else store = std::make_unique<imbus::sqlite_store>(s.data);
         imbus::dispatcher dispatcher;
         imbus::bus bus(*store, dispatcher, {"imbus"});
         if (s.server.tls_certificate_chain_file.empty()) {

@@ -113,10 +113,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     request.method = "POST";
     request.remote = "127.0.0.1:1";
     request.headers.emplace_back("Content-Type", "application/json");
-    if (rpc)
-        request.body = R"({"jsonrpc":"2.0","method":"call","id":7,"params":)" + std::string(body) + "}";
-    else
-        request.body = std::string(body);
+    if (rpc) request.body = R"({"jsonrpc":"2.0","method":"call","id":7,"params":)" + std::string(body) + "}";
+    else request.body = std::string(body);
 
     if (route == 0 || route == 3) {
         request.path = "/bus/send";
