@@ -25,8 +25,9 @@
 //     bus::publish -> dispatcher::notify wakes each subscriber of the channels once
 //       (another process: pg_store's NOTIFY imbus -> pg_listener -> dispatcher::notify)
 //     dispatcher::lane::run -> dispatcher::drain      on the connection's I/O thread
-//     basic_server::on_wakeup -> follower::take       the rows this connection has not had
-//     basic_server::send_frame -> detail::outbound_connection::flush_outbound   one gather write
+//     detail::connection_feed::on_wakeup -> follower::take_into   the rows this connection has
+//                                        not had (the feed: what a connection is sent, and when)
+//     connection_feed::send -> detail::outbound_connection::flush_outbound   one gather write
 //     js/websocket_worker.js -> js/bus_service.js     one socket per browser, one service per tab
 //
 // Quick start (core only, no network):
@@ -990,21 +991,21 @@ public:
     /// Polls the store from the position; calls on_row(notification, wire) for each new row.
     /// With a limit, a full page leaves the follower behind(): call again.
     template <class OnRow> std::size_t catch_up(OnRow&& on_row, std::size_t limit = 0);
-    /// The same, asking stop(wire) before each row: once it says true, that row and the rest
-    /// are left for the next catch-up (a server caps its frames and queues in bytes). With
-    /// max_bytes, the store reads no more than that many bytes of messages (store::fetch).
-    template <class OnRow, class Stop>
-    std::size_t catch_up(OnRow&& on_row, std::size_t limit, Stop&& stop, std::size_t max_bytes = 0);
     /// Takes the rows of a wake-up that concern these channels; calls on_row for each new one.
     template <class OnRow> std::size_t take(const wakeup& w, OnRow&& on_row, std::size_t limit = 0);
-    /// The same, but an event whose rows all concern these channels goes whole to
-    /// on_event(const commit_event&), so a server can send one shared frame for it.
-    template <class OnRow, class OnEvent>
-    std::size_t take(const wakeup& w, OnRow&& on_row, OnEvent&& on_event, std::size_t limit = 0);
-    /// The same, asking stop() before each event: once it says true, the rest of the wake-up
-    /// is left for a later catch-up (a client whose queue is full gets no more).
-    template <class OnRow, class OnEvent, class Stop>
-    std::size_t take(const wakeup& w, OnRow&& on_row, OnEvent&& on_event, std::size_t limit, Stop&& stop);
+
+    /// The same two for a destination that takes whole events and fills up (a server's
+    /// connection: detail::connection_feed). `to` has the members
+    ///     void row(const notification& n, std::string_view wire);   a new row, as on_row
+    ///     void event(const commit_event& e);  take_into: an event all of whose rows are for
+    ///                                         these channels, whole (its frame can be shared)
+    ///     bool full();                        take_into: asked before each event
+    ///     bool full(std::string_view wire);   asked before each row a poll reads
+    /// Once full says true, that event or row and the rest wait in the store (behind()).
+    /// max_bytes: the poll reads no more than that many bytes of messages (store::fetch).
+    template <class Destination> std::size_t take_into(const wakeup& w, Destination& to, std::size_t limit = 0);
+    template <class Destination>
+    std::size_t catch_up_into(Destination& to, std::size_t limit = 0, std::size_t max_bytes = 0);
     /// The last catch-up stopped at its limit, or a take() was stopped: rows may remain
     /// before the live events, and the next take() polls first.
     bool behind() const noexcept { return behind_; }
@@ -1388,7 +1389,6 @@ private:
 };
 #endif  // IMBUS_WITH_PRESENCE
 
-#ifdef IMBUS_WITH_WEBSOCKETPP
 // --------------------------------------------------------------------------------------------
 // 11. Server (Odoo: the /websocket controller, the Websocket class and its _serve_forever loop)
 // --------------------------------------------------------------------------------------------
@@ -1505,6 +1505,8 @@ public:
     /// From the commit event's arrival at this process's dispatcher to the connection's
     /// wake-up that sends it.
     void observe_publish_to_send(std::size_t shard, std::chrono::steady_clock::duration d) noexcept;
+    /// Raises outbound_peak to `held`, one connection's bytes queued and in flight, if higher.
+    void observe_outbound(std::uint64_t held) noexcept;
     /// Each labelled counter and the histogram, in Prometheus text format.
     std::string prometheus_text() const;
     std::uint64_t closes(std::uint16_t code) const;
@@ -1529,6 +1531,84 @@ private:
 /// and its bus client load from the bus's own origin. Paths with ".." are refused.
 http_route static_files(std::string root, std::string url_prefix = "/");
 
+namespace detail {
+struct frame_builder;
+struct wire_frame;  // a frame ready for the wire, shared by its recipients
+using shared_wire_frame = std::shared_ptr<const wire_frame>;
+
+// One connection's place in the stream of notifications, kept in its connection object and
+// touched only on the thread of the shard that owns the connection.
+struct feed_state {
+    std::optional<follower> follow;    // set by the first subscribe
+    std::uint32_t store_failures = 0;  // failed store reads in a row
+    bool lagging = false;              // over an outbound budget: wake-ups wait for a catch-up
+    bool catching_up = false;          // its next catch-up frame waits for a slice; wake-ups wait too
+    bool check_missed = false;         // that frame first says whether rows after the position are gone
+    bool greet = false;     // the latest subscribe awaits the policy's on_subscribe, asked once its history is read
+    bool retrying = false;  // a store read failed: its catch-up waits for the retry timer
+};
+
+// What a connection's feed needs from the connection and from the server around it:
+// basic_server gives a websocketpp connection and its shard, tests/feed_test.cpp a list.
+class feed_link {
+public:
+    virtual bool open() const = 0;                                  // false once a close has begun
+    virtual std::size_t shard() const = 0;                          // whose per-shard counters
+    virtual std::string peer() const = 0;                           // who, for the log
+    virtual std::size_t queued_bytes() const = 0;                   // this connection's, queued and in flight
+    virtual std::uint64_t all_queued_bytes() const = 0;             // every connection's (max_outbound_total)
+    virtual bool queue(shared_wire_frame frame) = 0;                // false once closing: dropped
+    virtual void flush_after_slice() = 0;                           // its frames leave in one write
+    virtual void catch_up_in_a_slice() = 0;                         // then connection_feed::catch_up_frame
+    virtual void resume_when_drained() = 0;                         // then connection_feed::resume
+    virtual void retry_after(std::chrono::milliseconds delay) = 0;  // then connection_feed::retry
+    virtual void close(std::uint16_t code, const std::string& reason) = 0;
+    virtual bool still_valid() = 0;  // the policy's say on the session (closed 4001 when not)
+    virtual std::vector<direct_message> greeting(const std::vector<channel>& granted) = 0;  // on_subscribe's
+
+protected:
+    ~feed_link() = default;
+};
+
+// How notifications reach one connection (Odoo: Websocket._dispatch_bus_notifications, a
+// poll per socket on each wake-up). A wake-up that continues the connection's position is sent
+// as it came, an event wholly for it as the frames shared by every recipient; anything else (a
+// subscribe, a gap, a full queue, a failed read) turns into a catch-up from the store, one
+// frame per slice. No socket and no policy here: one per server, used by every shard.
+class connection_feed {
+public:
+    connection_feed(store& s, const dispatcher& d, const server_options& options, server_metrics& metrics)
+        : store_(s), dispatcher_(d), options_(options), metrics_(metrics) {}
+
+    /// A subscribe's granted channels (its dispatcher subscription is set to them first); the
+    /// first subscribe starts at `last` (0: a first poll). greet: ask link.greeting() once
+    /// the history has been read.
+    void subscribe(feed_state& s, feed_link& link, std::vector<channel> granted, std::int64_t last, bool greet);
+    /// A wake-up of the connection's dispatcher subscription.
+    void on_wakeup(feed_state& s, feed_link& link, wakeup& w);
+    /// The next frame of a catch-up, in the slice link.catch_up_in_a_slice() asked for; its size.
+    std::size_t catch_up_frame(feed_state& s, feed_link& link);
+    /// A lagging connection's queue has drained (link.resume_when_drained()).
+    void resume(feed_state& s, feed_link& link);
+    /// The delay after a failed read of the store has passed (link.retry_after()).
+    void retry(feed_state& s, feed_link& link);
+
+private:
+    void catch_up(feed_state& s, feed_link& link, bool check_missed);
+    bool over_budget(const feed_state& s, feed_link& link, std::size_t adding);
+    void lag(feed_state& s, feed_link& link);
+    void store_failed(feed_state& s, feed_link& link, const char* what);
+    void greet(feed_state& s, feed_link& link, frame_builder& frame);
+    void send(feed_link& link, shared_wire_frame frame);
+
+    store& store_;
+    const dispatcher& dispatcher_;
+    const server_options& options_;
+    server_metrics& metrics_;
+};
+}  // namespace detail
+
+#ifdef IMBUS_WITH_WEBSOCKETPP
 /// How the server and the client carry WebSocket: plain TCP (ws://), or TLS (wss://, with
 /// IMBUS_WITH_TLS and OpenSSL; CMake target imbus::tls).
 struct plain_transport {};
@@ -1538,10 +1618,7 @@ struct client_options;
 namespace detail {
 template <class Policy> struct checked_identity;  // the policy's identity, or a readable error
 template <class Policy> struct checked_hooks;     // a hook with the wrong signature: a readable error
-struct frame_builder;
-struct wire_frame;         // a frame ready for the wire, shared by its recipients
-struct connection_ledger;  // open TCP connections, overall and per address
-using shared_wire_frame = std::shared_ptr<const wire_frame>;
+struct connection_ledger;                         // open TCP connections, overall and per address
 // What one shard's connections hold in their outbound queues, on a cache line of its own.
 struct alignas(64) outbound_meter {
     std::atomic<std::uint64_t> bytes{0};
@@ -1652,14 +1729,10 @@ private:
     void on_http_request(websocketpp::connection_hdl h);
     void on_subscribe(const connection_ptr& con, const client_request& request);
     std::vector<channel> build_channels(const identity& who, const std::vector<std::string>& asked);
-    void on_wakeup(const connection_ptr& con, wakeup& w);
-    void catch_up(const connection_ptr& con, bool check_missed);
-    void store_failed(const connection_ptr& con, const char* what);
-    std::size_t catch_up_frame(const connection_ptr& con);
-    void greet(const connection_ptr& con, detail::frame_builder& frame);
+    // The feed (detail::connection_feed) sees a connection through this, made on the stack per call.
+    class connection_link;
+    void queue_catch_up(const connection_ptr& con);
     void run_catch_up_slice(shard& home);
-    bool over_budget(const connection_ptr& con, std::size_t adding);
-    void lag(const connection_ptr& con);
     void resume(const connection_ptr& con);
     void run_wakeup_slice(shard& home);
     void flush_slice(shard& home);
@@ -1706,6 +1779,7 @@ private:
     std::unordered_map<const void*, std::weak_ptr<typename endpoint_type::connection_type>> connections_;
     std::shared_ptr<detail::connection_ledger> ledger_ = std::make_shared<detail::connection_ledger>();
     server_metrics metrics_;
+    detail::connection_feed feed_{bus_.store(), dispatcher_, options_, metrics_};
 };
 }  // namespace IMBUS_ABI_NAMESPACE
 
@@ -3922,12 +3996,32 @@ inline bool follower::wants_all(const commit_event& e) const {
     return true;
 }
 
+namespace detail {
+// A plain on_row as a follower's destination: never full, an event as its rows.
+template <class OnRow> struct row_destination {
+    OnRow& on_row;
+    void row(const notification& n, std::string_view wire) { on_row(n, wire); }
+    void event(const commit_event& e) {
+        for (std::size_t i = 0; i < e.notifications.size(); ++i)
+            on_row(e.notifications[i], std::string_view(e.wire[i]));
+    }
+    bool full() const noexcept { return false; }
+    bool full(std::string_view) const noexcept { return false; }
+};
+}  // namespace detail
+
 template <class OnRow> std::size_t follower::catch_up(OnRow&& on_row, std::size_t limit) {
-    return catch_up(on_row, limit, [](std::string_view) { return false; });
+    detail::row_destination<std::remove_reference_t<OnRow>> to{on_row};
+    return catch_up_into(to, limit);
 }
 
-template <class OnRow, class Stop>
-std::size_t follower::catch_up(OnRow&& on_row, std::size_t limit, Stop&& stop, std::size_t max_bytes) {
+template <class OnRow> std::size_t follower::take(const wakeup& w, OnRow&& on_row, std::size_t limit) {
+    detail::row_destination<std::remove_reference_t<OnRow>> to{on_row};
+    return take_into(w, to, limit);
+}
+
+template <class Destination>
+std::size_t follower::catch_up_into(Destination& to, std::size_t limit, std::size_t max_bytes) {
     // The epoch is read before the poll: any gap that opens later starts a newer epoch.
     const std::uint64_t epoch_before = dispatcher_ ? dispatcher_->epoch() : 0;
     // Behind until the read succeeds: if it throws, the next take() polls from the position
@@ -3939,13 +4033,13 @@ std::size_t follower::catch_up(OnRow&& on_row, std::size_t limit, Stop&& stop, s
     std::size_t taken = 0, bytes = 0;
     for (const auto& n : found.notifications) {
         const std::string wire = n.wire();
-        if (stop(std::string_view(wire))) {  // the rest waits; a first poll stays one until a row is taken
+        if (to.full(std::string_view(wire))) {  // the rest waits; a first poll stays one until a row is taken
             if (taken) position_ = found.notifications[taken - 1].id, polled_ = true;
             behind_ = true;
             synced_epoch_ = 0;
             return taken;
         }
-        on_row(n, std::string_view(wire));
+        to.row(n, std::string_view(wire));
         ++taken;
         bytes += n.message.size();
     }
@@ -3958,28 +4052,12 @@ std::size_t follower::catch_up(OnRow&& on_row, std::size_t limit, Stop&& stop, s
     return found.notifications.size();
 }
 
-template <class OnRow> std::size_t follower::take(const wakeup& w, OnRow&& on_row, std::size_t limit) {
-    return take(
-        w, on_row,
-        [&](const commit_event& e) {
-            for (std::size_t i = 0; i < e.notifications.size(); ++i)
-                on_row(e.notifications[i], std::string_view(e.wire[i]));
-        },
-        limit);
-}
-
-template <class OnRow, class OnEvent>
-std::size_t follower::take(const wakeup& w, OnRow&& on_row, OnEvent&& on_event, std::size_t limit) {
-    return take(w, on_row, on_event, limit, [] { return false; });
-}
-
-template <class OnRow, class OnEvent, class Stop>
-std::size_t follower::take(const wakeup& w, OnRow&& on_row, OnEvent&& on_event, std::size_t limit, Stop&& stop) {
-    if (w.overflowed || behind_) return catch_up(on_row, limit);  // the events are incomplete
+template <class Destination> std::size_t follower::take_into(const wakeup& w, Destination& to, std::size_t limit) {
+    if (w.overflowed || behind_) return catch_up_into(to, limit);  // the events are incomplete
     std::size_t taken = 0;
     for (const auto& d : w.events) {
         const commit_event& event = *d.event;
-        if (stop()) {
+        if (to.full()) {
             behind_ = true;  // the rest of this wake-up comes from the store
             synced_epoch_ = 0;
             return taken;
@@ -3993,16 +4071,16 @@ std::size_t follower::take(const wakeup& w, OnRow&& on_row, OnEvent&& on_event, 
         if (!continues) {
             // Every event here was sent after its commit, so one poll now covers this event
             // and all the later ones.
-            return taken + catch_up(on_row, limit);
+            return taken + catch_up_into(to, limit);
         }
         if (wants_all(event)) {
-            on_event(event);
+            to.event(event);
             taken += event.notifications.size();
         } else {
             for (std::size_t i = 0; i < event.notifications.size(); ++i) {
                 const auto& n = event.notifications[i];
                 if (!wants(n.channel)) continue;
-                on_row(n, std::string_view(event.wire[i]));
+                to.row(n, std::string_view(event.wire[i]));
                 ++taken;
             }
         }
@@ -4861,8 +4939,497 @@ inline std::size_t presence_tracker::trackers() const {
 }
 #endif  // IMBUS_WITH_PRESENCE
 
+// --- 11. server options and metrics ----------------------------------------------------------
+
+inline void server_metrics::count_refusal(int status) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    ++refusals_[status];
+}
+
+inline void server_metrics::count_close(std::uint16_t code) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    ++closes_[code];
+}
+
+inline std::uint64_t server_metrics::closes(std::uint16_t code) const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto it = closes_.find(code);
+    return it == closes_.end() ? 0 : it->second;
+}
+
+inline std::uint64_t server_metrics::refusals(int status) const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto it = refusals_.find(status);
+    return it == refusals_.end() ? 0 : it->second;
+}
+
+inline server_metrics::server_metrics(std::size_t shards) : shards_(std::max<std::size_t>(shards, 1)) {}
+
+inline void server_metrics::count_sent(std::size_t shard, std::uint64_t frames, std::uint64_t notifications) noexcept {
+    shards_[shard].frames.fetch_add(frames, std::memory_order_relaxed);
+    shards_[shard].notifications.fetch_add(notifications, std::memory_order_relaxed);
+}
+
+inline void server_metrics::observe_outbound(std::uint64_t held) noexcept {
+    auto peak = outbound_peak.load(std::memory_order_relaxed);
+    while (held > peak && !outbound_peak.compare_exchange_weak(peak, held, std::memory_order_relaxed)) {}
+}
+
+inline std::uint64_t server_metrics::frames_sent() const noexcept {
+    std::uint64_t n = 0;
+    for (const auto& s : shards_) n += s.frames.load(std::memory_order_relaxed);
+    return n;
+}
+
+inline std::uint64_t server_metrics::notifications_sent() const noexcept {
+    std::uint64_t n = 0;
+    for (const auto& s : shards_) n += s.notifications.load(std::memory_order_relaxed);
+    return n;
+}
+
+inline void server_metrics::observe_publish_to_send(std::size_t shard, std::chrono::steady_clock::duration d) noexcept {
+    const double seconds = std::chrono::duration<double>(d).count();
+    const auto bucket =
+        std::size_t(std::lower_bound(latency_bounds.begin(), latency_bounds.end(), seconds) - latency_bounds.begin());
+    shards_[shard].latency[bucket].fetch_add(1, std::memory_order_relaxed);
+    shards_[shard].latency_sum_ns.fetch_add(
+        std::uint64_t(std::max<std::int64_t>(0, std::chrono::duration_cast<std::chrono::nanoseconds>(d).count())),
+        std::memory_order_relaxed);
+}
+
+inline std::string server_metrics::prometheus_text() const {
+    std::string out;
+    auto counter = [&](const char* name, const char* help, std::uint64_t value) {
+        out += std::string("# HELP ") + name + " " + help + "\n# TYPE " + name + " counter\n" + name + " " +
+               std::to_string(value) + "\n";
+    };
+    counter("imbus_connections_opened_total", "WebSocket handshakes completed.", connections_opened.load());
+    counter("imbus_frames_sent_total", "Frames sent to clients.", frames_sent());
+    counter("imbus_notifications_sent_total", "Notifications sent to clients (a row sent to two clients counts twice).",
+            notifications_sent());
+    counter("imbus_slow_consumer_catch_ups_total",
+            "Times a client was held back to be caught up from the store (its queue over max_outbound_bytes, or all "
+            "over max_outbound_total).",
+            slow_consumer_catch_ups.load());
+    counter("imbus_missed_notifications_signals_total", "bus/missed_notifications markers sent.",
+            missed_signals.load());
+    counter("imbus_rate_limited_total", "Connections closed with 1013 for sending frames (pings included) too fast.",
+            rate_limited.load());
+    counter("imbus_too_many_channels_total",
+            "Connections closed with 1008 for a subscribe asking for more than max_channels.",
+            too_many_channels.load());
+    counter("imbus_outbound_total_lags_total",
+            "Times a client was held back because all queues together reached max_outbound_total.",
+            outbound_total_lags.load());
+    counter("imbus_pings_received_total", "Pings received from clients.", pings_received.load());
+    counter("imbus_pongs_replaced_total",
+            "Pings answered by updating a pong not yet written instead of queueing another.", pongs_replaced.load());
+    counter("imbus_accept_pauses_total", "Times accepting paused because the process was out of file descriptors.",
+            accept_pauses.load());
+    counter("imbus_requests_refused_total",
+            "Malformed client requests (bad JSON, a subscribe with wrong types), answered with a bus/request_refused "
+            "element.",
+            requests_refused.load());
+    counter(
+        "imbus_bad_requests_total",
+        "HTTP requests refused before routing because their framing was malformed or ambiguous (400, 413, 431, 501).",
+        bad_requests.load());
+    counter("imbus_store_errors_total",
+            "Reads of the store for a connection that failed (retried, or closed with 1011).", store_errors.load());
+    counter("imbus_event_errors_total",
+            "Calls of policy.on_event or policy.on_subscribe that threw or gave a bad message (logged; the connection "
+            "stays open).",
+            event_errors.load());
+    {
+        std::lock_guard<std::mutex> lock(mutex_);
+        out +=
+            "# HELP imbus_closes_total WebSocket connections closed, by close code (1006: dropped without one).\n"
+            "# TYPE imbus_closes_total counter\n";
+        for (const auto& c : closes_)
+            out += "imbus_closes_total{code=\"" + std::to_string(c.first) + "\"} " + std::to_string(c.second) + "\n";
+        out +=
+            "# HELP imbus_handshakes_refused_total Handshakes answered with an HTTP error, by status.\n"
+            "# TYPE imbus_handshakes_refused_total counter\n";
+        for (const auto& r : refusals_)
+            out += "imbus_handshakes_refused_total{status=\"" + std::to_string(r.first) + "\"} " +
+                   std::to_string(r.second) + "\n";
+    }
+    out +=
+        "# HELP imbus_publish_to_send_seconds From a commit reaching this process to the wake-up that sends its "
+        "frame.\n"
+        "# TYPE imbus_publish_to_send_seconds histogram\n";
+    std::uint64_t cumulative = 0;
+    char bound[32];
+    std::uint64_t sum_ns = 0;
+    for (const auto& s : shards_) sum_ns += s.latency_sum_ns.load(std::memory_order_relaxed);
+    for (std::size_t i = 0; i <= latency_bounds.size(); ++i) {
+        for (const auto& s : shards_) cumulative += s.latency[i].load(std::memory_order_relaxed);
+        if (i < latency_bounds.size()) std::snprintf(bound, sizeof bound, "%g", latency_bounds[i]);
+        out += std::string("imbus_publish_to_send_seconds_bucket{le=\"") +
+               (i < latency_bounds.size() ? bound : "+Inf") + "\"} " + std::to_string(cumulative) + "\n";
+    }
+    std::snprintf(bound, sizeof bound, "%.9f", double(sum_ns) / 1e9);
+    out += std::string("imbus_publish_to_send_seconds_sum ") + bound + "\n";
+    out += "imbus_publish_to_send_seconds_count " + std::to_string(cumulative) + "\n";
+    return out;
+}
+
+inline http_route static_files(std::string root, std::string url_prefix) {
+    return [root = std::move(root), prefix = std::move(url_prefix)](const http_request& request,
+                                                                    http_response& response) {
+        if (request.method != "GET" || request.path.compare(0, prefix.size(), prefix) != 0) return false;
+        std::string relative = detail::percent_decode(std::string_view(request.path).substr(prefix.size()), false);
+        if (relative.empty() || relative.back() == '/') relative += "index.html";
+        if (relative.find("..") != std::string::npos || relative.find('\0') != std::string::npos) return false;
+        std::ifstream file(root + "/" + relative, std::ios::binary);
+        if (!file) return false;
+        static const std::pair<const char*, const char*> types[] = {{".html", "text/html; charset=utf-8"},
+                                                                    {".js", "text/javascript; charset=utf-8"},
+                                                                    {".mjs", "text/javascript; charset=utf-8"},
+                                                                    {".css", "text/css; charset=utf-8"},
+                                                                    {".json", "application/json"},
+                                                                    {".svg", "image/svg+xml"},
+                                                                    {".png", "image/png"},
+                                                                    {".ico", "image/x-icon"},
+                                                                    {".txt", "text/plain; charset=utf-8"}};
+        std::string type = "application/octet-stream";
+        for (const auto& t : types) {
+            const std::string_view ext = t.first;
+            if (relative.size() >= ext.size() && relative.compare(relative.size() - ext.size(), ext.size(), ext) == 0)
+                type = t.second;
+        }
+        response.status = 200;
+        response.headers.emplace_back("Content-Type", type);
+        response.headers.emplace_back("Cache-Control", "no-cache");
+        response.body.assign(std::istreambuf_iterator<char>(file), std::istreambuf_iterator<char>());
+        return true;
+    };
+}
+
+namespace detail {
+
+// --- 11. frames and in-band markers ----------------------------------------------------------
+
+// What a handler threw, for the log: anything may come out of an application's hook.
+inline std::string current_error() {
+    try {
+        throw;
+    } catch (const std::exception& e) {
+        return e.what();
+    } catch (...) {
+        return "an exception that is not a std::exception";
+    }
+}
+
+// An in-band signal: a frame element shaped like a notification, carrying the client's own
+// cursor as id so that clients tracking the last element's id stay put (docs/PROTOCOL.md §4).
+inline std::string marker(std::int64_t id, const char* type, const json& payload) {
+    return "{\"id\":" + std::to_string(id) + ",\"message\":{\"type\":\"" + type +
+           "\",\"payload\":" + payload.dump(-1, ' ', false, json::error_handler_t::replace) + "}}";
+}
+
+// A policy's direct message, numbered like a marker (the position it follows).
+inline std::string direct_element(std::int64_t id, const direct_message& m) {
+    return "{\"id\":" + std::to_string(id) + ",\"message\":" + make_message(m.type, m.payload) + "}";
+}
+
+// Rows after `last` were garbage-collected: the client must reload.
+inline std::string missed_marker(std::int64_t last) {
+    return marker(last, "bus/missed_notifications", {{"last", last}});
+}
+
+// A malformed request: the connection stays, as in Odoo, but the client learns why nothing happened.
+inline std::string refusal_marker(std::int64_t id, const std::string& event_name, const std::string& error) {
+    return marker(id, "bus/request_refused",
+                  {{"event_name", event_name.empty() ? json() : json(event_name)}, {"error", error}});
+}
+
+// One WebSocket frame as it goes on the wire: a commit's frame is made once and shared by
+// every recipient; a catch-up frame or a pong belongs to one connection.
+struct wire_frame {
+    static constexpr std::size_t header_room = 10;  // the longest server frame header
+    std::string bytes;                              // header_room bytes (the header fills their end), then the payload
+    std::size_t start = header_room;
+    std::size_t size() const noexcept { return bytes.size() - start; }
+    const char* data() const noexcept { return bytes.data() + start; }
+};
+
+// Writes the (unmasked, final) header into the room left before the payload: no copy.
+inline shared_wire_frame finish_frame(std::string bytes, std::uint8_t opcode) {
+    const std::uint64_t n = bytes.size() - wire_frame::header_room;
+    std::size_t start = 0;
+    if (n < 126) {
+        start = 8;
+        bytes[9] = char(n);
+    } else if (n <= 0xffff) {
+        start = 6;
+        bytes[7] = char(126);
+        bytes[8] = char(n >> 8);
+        bytes[9] = char(n & 0xff);
+    } else {
+        bytes[1] = char(127);
+        for (int i = 0; i < 8; ++i) bytes[std::size_t(2 + i)] = char((n >> (56 - 8 * i)) & 0xff);
+    }
+    bytes[start] = char(0x80 | opcode);
+    auto frame = std::make_shared<wire_frame>();
+    frame->bytes = std::move(bytes);
+    frame->start = start;
+    return frame;
+}
+
+inline shared_wire_frame control_frame(std::uint8_t opcode, std::string_view payload) {
+    std::string bytes(wire_frame::header_room, '\0');
+    bytes.append(payload.data(), std::min<std::size_t>(payload.size(), 125));  // RFC 6455 §5.5
+    return finish_frame(std::move(bytes), opcode);
+}
+
+// Builds one text frame (a JSON array) from already serialized wire forms.
+struct frame_builder {
+    std::string text;
+    std::size_t rows = 0;  // notifications in it (a missed marker is not one)
+    void add(std::string_view wire, bool is_row = true) {
+        if (text.empty()) text.assign(wire_frame::header_room, '\0'), text += '[';
+        else text += ',';
+        text += wire;
+        rows += is_row;
+    }
+    bool empty() const noexcept { return text.empty(); }
+    std::size_t size() const noexcept { return text.size(); }  // the frame's bytes, near enough
+    shared_wire_frame finish() { return finish_frame(std::move(text += ']'), 0x1); }
+};
+
+// A commit's rows as frames of at most `cap` bytes each (a single larger row alone): made once
+// per commit and shared by every recipient, like the single frame of a small commit.
+struct wire_frames {
+    std::vector<shared_wire_frame> pieces;
+    std::size_t rows = 0;
+};
+inline wire_frames frames_of(const std::vector<std::string>& wire, std::size_t cap) {
+    wire_frames out;
+    frame_builder frame;
+    for (const auto& w : wire) {
+        if (!frame.empty() && frame.size() + w.size() + 1 > cap)
+            out.pieces.push_back(frame.finish()), frame = frame_builder();
+        frame.add(w);
+    }
+    if (!frame.empty()) out.pieces.push_back(frame.finish());
+    out.rows = wire.size();
+    return out;
+}
+
+// --- 11. connection_feed: what a connection is sent, and when (no socket) -------------------
+
+inline void connection_feed::subscribe(feed_state& s, feed_link& link, std::vector<channel> granted, std::int64_t last,
+                                       bool greet) {
+    const bool first = !s.follow;
+    if (first) s.follow.emplace(store_, dispatcher_, std::vector<channel>(), last);
+    s.greet = greet;
+    s.follow->set_channels(std::move(granted));
+    if (s.lagging) return;  // the catch-up after the drain covers the new channels
+    catch_up(s, link, first && last > 0);
+}
+
+// A catch-up (history on subscribe, wake-ups that do not continue, a resume after a drain)
+// goes one frame of catch_up_bytes at a time, one frame per connection per slice, with live
+// wake-ups served between slices: a thousand clients asking for history at once wait their
+// turns, and an honest client's live frames do not wait behind them. Wake-ups meanwhile are
+// skipped: the next read of the store covers them.
+inline void connection_feed::catch_up(feed_state& s, feed_link& link, bool check_missed) {
+    s.check_missed = s.check_missed || check_missed;
+    if (s.retrying) return;                          // the retry catches up
+    if (std::exchange(s.catching_up, true)) return;  // already waiting for its slice
+    link.catch_up_in_a_slice();
+}
+
+inline std::size_t connection_feed::catch_up_frame(feed_state& s, feed_link& link) {
+    if (!link.open() || !s.follow || !std::exchange(s.catching_up, false)) return 0;
+    if (over_budget(s, link, 0)) {
+        lag(s, link);  // its resume checks for missed rows again
+        return 0;
+    }
+    // One frame sized so that the queue stays within max_outbound_bytes (a lone larger row
+    // aside); the store reads about one frame's worth: a catch-up costs what it sends.
+    struct into_frame {
+        frame_builder frame;
+        std::size_t room;
+        void row(const notification&, std::string_view wire) { frame.add(wire); }
+        bool full(std::string_view wire) const { return !frame.empty() && frame.size() + wire.size() + 1 > room; }
+    } to{frame_builder(), std::min(options_.catch_up_bytes, options_.max_outbound_bytes - link.queued_bytes())};
+    bool missed = false;
+    try {
+        missed = s.check_missed && store_.lost_after(s.follow->channels(), s.follow->position());
+        if (missed) {
+            if (options_.log)
+                options_.log(log_level::info, "server: " + link.peer() + " missed notifications after " +
+                                                  std::to_string(s.follow->position()));
+            to.frame.add(missed_marker(s.follow->position()), false);
+        }
+        s.follow->catch_up_into(to, options_.catch_up_rows, to.room);
+    } catch (const std::exception& e) {
+        store_failed(s, link, e.what());  // nothing taken: the position and check_missed stand
+        return 0;
+    }
+    s.check_missed = false;
+    s.store_failures = 0;
+    if (missed) metrics_.missed_signals.fetch_add(1, std::memory_order_relaxed);
+    if (!s.follow->behind() && std::exchange(s.greet, false)) greet(s, link, to.frame);
+    const std::size_t size = to.frame.size();
+    if (!to.frame.empty()) {
+        metrics_.count_sent(link.shard(), 1, to.frame.rows);
+        send(link, to.frame.finish());
+        link.flush_after_slice();
+    }
+    if (s.follow->behind()) catch_up(s, link, false);
+    return size;
+}
+
+// Odoo's _after_subscribe_data: asked when the subscribe's history has been read, so what it
+// says is never older than the rows before it; its messages end the history's last frame.
+inline void connection_feed::greet(feed_state& s, feed_link& link, frame_builder& frame) {
+    auto failed = [&](const std::string& what) {
+        metrics_.event_errors.fetch_add(1, std::memory_order_relaxed);
+        if (options_.log) options_.log(log_level::error, "server: policy.on_subscribe " + what);
+    };
+    std::vector<direct_message> messages;
+    try {
+        messages = link.greeting(s.follow->channels());
+    } catch (...) {
+        return failed("failed: " + current_error());
+    }
+    for (const auto& m : messages) {
+        try {
+            frame.add(direct_element(s.follow->position(), m), false);
+        } catch (const std::exception& e) {
+            failed(std::string("gave a bad message: ") + e.what());  // the others still go
+        }
+    }
+}
+
+inline void connection_feed::on_wakeup(feed_state& s, feed_link& link, wakeup& w) {
+    // A lagging client is caught up after its drain, one catching up by its next frame.
+    if (!link.open() || !s.follow || s.lagging || s.catching_up || s.retrying) return;
+    if (!link.still_valid()) return;
+    if (w.overflowed || s.follow->behind()) return catch_up(s, link, true);
+    // What follower::take_into does with the wake-up: rows of events shared only in part join
+    // the connection's own frame; an event wholly for it goes as the frames encoded once for
+    // every recipient (a big commit in pieces); a full queue stops it and the rest waits in the
+    // store. The queue bound holds per event, not per wake-up.
+    struct live_frames {
+        connection_feed& self;
+        feed_state& s;
+        feed_link& link;
+        std::chrono::steady_clock::time_point now;                    // one clock read per wake-up, not per frame
+        std::optional<std::chrono::steady_clock::time_point> oldest;  // of the events in `frame`
+        frame_builder frame;                                          // rows of events shared only in part
+        std::uint64_t frames = 0, rows = 0;                           // one update of the counters per wake-up
+        bool stopped = false;                                         // the queue filled up
+
+        void flush() {
+            if (oldest) self.metrics_.observe_publish_to_send(link.shard(), now - *oldest);
+            ++frames, rows += frame.rows;
+            self.send(link, frame.finish());
+            frame = frame_builder();
+        }
+        // No frame grows past catch_up_bytes unless one row does: clients size their frame
+        // limit on it (client_options::max_message_bytes).
+        void row(const notification&, std::string_view wire) {
+            if (!frame.empty() && frame.size() + wire.size() + 1 > self.options_.catch_up_bytes) flush();
+            frame.add(wire);
+        }
+        void event(const commit_event& e) {
+            if (!frame.empty()) flush();
+            const auto shared = e.shared_frame<wire_frames>(
+                [&] { return std::make_shared<wire_frames>(frames_of(e.wire, self.options_.catch_up_bytes)); });
+            self.metrics_.observe_publish_to_send(link.shard(), now - e.noticed_at);
+            frames += shared->pieces.size(), rows += shared->rows;
+            for (const auto& piece : shared->pieces) self.send(link, piece);
+        }
+        bool full() { return stopped = self.over_budget(s, link, frame.size()); }
+        // A poll within a wake-up (an event that does not continue) reads catch_up_rows rows,
+        // framed by row(); the queue is checked again at the next event.
+        bool full(std::string_view) const noexcept { return false; }
+    } to{*this, s, link, std::chrono::steady_clock::now(), std::nullopt, frame_builder()};
+    if (!w.events.empty() && w.events.front().event) to.oldest = w.events.front()->noticed_at;
+    std::string failure;  // a read of the store failed: what was taken before it still goes out
+    try {
+        s.follow->take_into(w, to, options_.catch_up_rows);
+    } catch (const std::exception& e) {
+        failure = e.what();
+    }
+    if (!to.frame.empty()) to.flush();
+    if (to.frames) link.flush_after_slice();  // everything of this wake-up in one write
+    metrics_.count_sent(link.shard(), to.frames, to.rows);
+    if (!failure.empty()) return store_failed(s, link, failure.c_str());
+    if (to.stopped) return lag(s, link);
+    if (s.follow->behind()) catch_up(s, link, false);
+}
+
+// A client at max_outbound_bytes waits; so does, once all queues together reach
+// max_outbound_total, every client holding catch_up_bytes or more: those that read keep
+// flowing, and the total stays within max_outbound_total plus catch_up_bytes and a frame per client.
+inline bool connection_feed::over_budget(const feed_state& s, feed_link& link, std::size_t adding) {
+    const std::size_t mine = link.queued_bytes() + adding;
+    if (mine >= options_.max_outbound_bytes) return true;
+    if (mine < options_.catch_up_bytes || link.all_queued_bytes() < options_.max_outbound_total) return false;
+    if (!s.lagging) metrics_.outbound_total_lags.fetch_add(1, std::memory_order_relaxed);
+    return true;
+}
+
+// A held-back client gets nothing live until all it holds has been written; then it is
+// caught up from the store (resume). One that never reads costs no more work meanwhile.
+inline void connection_feed::lag(feed_state& s, feed_link& link) {
+    if (!s.lagging) {
+        metrics_.slow_consumer_catch_ups.fetch_add(1, std::memory_order_relaxed);
+        if (options_.log)
+            options_.log(log_level::info, "server: " + link.peer() + " is slow; it will be caught up from the store");
+    }
+    s.lagging = true;
+    link.resume_when_drained();
+}
+
+inline void connection_feed::resume(feed_state& s, feed_link& link) {
+    if (!link.open() || !s.lagging) return;
+    s.lagging = false;
+    if (link.still_valid()) catch_up(s, link, true);
+}
+
+// One guard for every read of the store made for a connection on an I/O thread: the loop goes
+// on, the connection keeps its position and is caught up again after a backoff, and a store
+// that stays down costs each client a 1011 (it resumes from its last id), never the server.
+inline void connection_feed::store_failed(feed_state& s, feed_link& link, const char* what) {
+    metrics_.store_errors.fetch_add(1, std::memory_order_relaxed);
+    if (++s.store_failures > options_.store_retries) {
+        if (options_.log)
+            options_.log(log_level::error, "server: reading the store for " + link.peer() + " failed " +
+                                               std::to_string(s.store_failures) +
+                                               " times in a row; closing (1011): " + what);
+        return link.close(1011, "store unavailable");
+    }
+    const auto delay = std::min<std::chrono::milliseconds>(
+        options_.store_retry_delay * (1u << std::min<std::uint32_t>(s.store_failures - 1, 16)),
+        std::chrono::seconds(5));
+    if (options_.log)
+        options_.log(log_level::warning, "server: reading the store for " + link.peer() + " failed (" + what +
+                                             "); trying again in " + std::to_string(delay.count()) + " ms");
+    s.retrying = true;
+    link.retry_after(delay);
+}
+
+inline void connection_feed::retry(feed_state& s, feed_link& link) {
+    if (!std::exchange(s.retrying, false)) return;
+    if (link.open()) catch_up(s, link, false);  // a lagging one is caught up by its resume
+}
+
+// Catch-up frames are counted by catch_up_frame, live ones by on_wakeup, once per wake-up.
+inline void connection_feed::send(feed_link& link, shared_wire_frame frame) {
+    if (!link.queue(std::move(frame))) return;  // closing: the client resumes from its last id
+    metrics_.observe_outbound(link.queued_bytes());
+}
+
+}  // namespace detail
+
 #ifdef IMBUS_WITH_WEBSOCKETPP
-// --- 11. server ------------------------------------------------------------------------------
+// --- 11. server: sockets, admission, routes (websocketpp) ------------------------------------
 
 namespace detail {
 
@@ -5084,7 +5651,7 @@ template <class Connection> void release_handshake(Connection& con) {
 // and is touched only on the thread of the shard that owns the connection.
 template <class Identity> struct session_state {
     std::optional<Identity> identity;
-    std::optional<follower> follow;  // set by the first subscribe
+    feed_state feed;  // where it stands in the stream of notifications
     dispatcher::subscription subscription;
     std::vector<std::chrono::steady_clock::time_point> recent;  // the rate window, a ring
     std::size_t recent_next = 0;
@@ -5094,15 +5661,9 @@ template <class Identity> struct session_state {
     std::size_t shard = 0;                            // the shard (event loop) that owns the connection
     std::size_t open_index = 0;                       // its place in the shard's list of open connections
     bool open = false;
-    bool policy_opened = false;  // on_close only for connections the policy saw open
-    bool lagging = false;        // over an outbound budget: wake-ups wait for a catch-up
-    bool catching_up = false;    // its next catch-up frame waits for a slice; wake-ups wait too
-    bool check_missed = false;   // that frame first says whether rows after the position are gone
-    bool greet = false;     // the latest subscribe awaits the policy's on_subscribe, asked once its history is read
-    bool retrying = false;  // a store read failed: its catch-up waits for the retry timer
-    std::uint32_t store_failures = 0;  // failed store reads in a row
-    bool ping_outstanding = false;     // waiting for the pong; pong_timeout runs from ping_sent
-    detail::ledger_ticket admission;   // its place under max_connections(_per_address)
+    bool policy_opened = false;       // on_close only for connections the policy saw open
+    bool ping_outstanding = false;    // waiting for the pong; pong_timeout runs from ping_sent
+    detail::ledger_ticket admission;  // its place under max_connections(_per_address)
 };
 
 template <class Identity> struct session_slot {
@@ -5136,79 +5697,6 @@ template <> struct websocketpp_configs<tls_transport> {
 // queue: its transport calls land in outbound_connection::async_write. imbus sends the data
 // frames, pings and pongs itself (websocketpp's automatic pong is off, its ping() unused), and
 // once websocketpp writes a close frame, the data frames still waiting are dropped.
-
-// One WebSocket frame as it goes on the wire: a commit's frame is made once and shared by
-// every recipient; a catch-up frame or a pong belongs to one connection.
-struct wire_frame {
-    static constexpr std::size_t header_room = 10;  // the longest server frame header
-    std::string bytes;                              // header_room bytes (the header fills their end), then the payload
-    std::size_t start = header_room;
-    std::size_t size() const noexcept { return bytes.size() - start; }
-    const char* data() const noexcept { return bytes.data() + start; }
-};
-
-// Writes the (unmasked, final) header into the room left before the payload: no copy.
-inline shared_wire_frame finish_frame(std::string bytes, std::uint8_t opcode) {
-    const std::uint64_t n = bytes.size() - wire_frame::header_room;
-    std::size_t start = 0;
-    if (n < 126) {
-        start = 8;
-        bytes[9] = char(n);
-    } else if (n <= 0xffff) {
-        start = 6;
-        bytes[7] = char(126);
-        bytes[8] = char(n >> 8);
-        bytes[9] = char(n & 0xff);
-    } else {
-        bytes[1] = char(127);
-        for (int i = 0; i < 8; ++i) bytes[std::size_t(2 + i)] = char((n >> (56 - 8 * i)) & 0xff);
-    }
-    bytes[start] = char(0x80 | opcode);
-    auto frame = std::make_shared<wire_frame>();
-    frame->bytes = std::move(bytes);
-    frame->start = start;
-    return frame;
-}
-
-inline shared_wire_frame control_frame(std::uint8_t opcode, std::string_view payload) {
-    std::string bytes(wire_frame::header_room, '\0');
-    bytes.append(payload.data(), std::min<std::size_t>(payload.size(), 125));  // RFC 6455 §5.5
-    return finish_frame(std::move(bytes), opcode);
-}
-
-// Builds one text frame (a JSON array) from already serialized wire forms.
-struct frame_builder {
-    std::string text;
-    std::size_t rows = 0;  // notifications in it (a missed marker is not one)
-    void add(std::string_view wire, bool is_row = true) {
-        if (text.empty()) text.assign(wire_frame::header_room, '\0'), text += '[';
-        else text += ',';
-        text += wire;
-        rows += is_row;
-    }
-    bool empty() const noexcept { return text.empty(); }
-    std::size_t size() const noexcept { return text.size(); }  // the frame's bytes, near enough
-    shared_wire_frame finish() { return finish_frame(std::move(text += ']'), 0x1); }
-};
-
-// A commit's rows as frames of at most `cap` bytes each (a single larger row alone): made once
-// per commit and shared by every recipient, like the single frame of a small commit.
-struct wire_frames {
-    std::vector<shared_wire_frame> pieces;
-    std::size_t rows = 0;
-};
-inline wire_frames frames_of(const std::vector<std::string>& wire, std::size_t cap) {
-    wire_frames out;
-    frame_builder frame;
-    for (const auto& w : wire) {
-        if (!frame.empty() && frame.size() + w.size() + 1 > cap)
-            out.pieces.push_back(frame.finish()), frame = frame_builder();
-        frame.add(w);
-    }
-    if (!frame.empty()) out.pieces.push_back(frame.finish());
-    out.rows = wire.size();
-    return out;
-}
 
 // A buffer sequence over a vector that does not change while its write is in flight, so that
 // asio does not copy the vector for each write.
@@ -5555,40 +6043,6 @@ inline bool origin_allowed(const std::vector<std::string>& allowed, const http_r
     return false;
 }
 
-// What a handler threw, for the log: anything may come out of an application's hook.
-inline std::string current_error() {
-    try {
-        throw;
-    } catch (const std::exception& e) {
-        return e.what();
-    } catch (...) {
-        return "an exception that is not a std::exception";
-    }
-}
-
-// An in-band signal: a frame element shaped like a notification, carrying the client's own
-// cursor as id so that clients tracking the last element's id stay put (docs/PROTOCOL.md §4).
-inline std::string marker(std::int64_t id, const char* type, const json& payload) {
-    return "{\"id\":" + std::to_string(id) + ",\"message\":{\"type\":\"" + type +
-           "\",\"payload\":" + payload.dump(-1, ' ', false, json::error_handler_t::replace) + "}}";
-}
-
-// A policy's direct message, numbered like a marker (the position it follows).
-inline std::string direct_element(std::int64_t id, const direct_message& m) {
-    return "{\"id\":" + std::to_string(id) + ",\"message\":" + make_message(m.type, m.payload) + "}";
-}
-
-// Rows after `last` were garbage-collected: the client must reload.
-inline std::string missed_marker(std::int64_t last) {
-    return marker(last, "bus/missed_notifications", {{"last", last}});
-}
-
-// A malformed request: the connection stays, as in Odoo, but the client learns why nothing happened.
-inline std::string refusal_marker(std::int64_t id, const std::string& event_name, const std::string& error) {
-    return marker(id, "bus/request_refused",
-                  {{"event_name", event_name.empty() ? json() : json(event_name)}, {"error", error}});
-}
-
 // Which optional members a policy has (by signature, so the defaults apply otherwise).
 template <class P, class = void> struct policy_has_identity : std::false_type {};
 template <class P> struct policy_has_identity<P, std::void_t<typename P::identity>> : std::true_type {};
@@ -5733,166 +6187,6 @@ inline std::string rpc_result(const json& body, std::string result) {
 }
 
 }  // namespace detail
-
-inline void server_metrics::count_refusal(int status) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    ++refusals_[status];
-}
-
-inline void server_metrics::count_close(std::uint16_t code) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    ++closes_[code];
-}
-
-inline std::uint64_t server_metrics::closes(std::uint16_t code) const {
-    std::lock_guard<std::mutex> lock(mutex_);
-    auto it = closes_.find(code);
-    return it == closes_.end() ? 0 : it->second;
-}
-
-inline std::uint64_t server_metrics::refusals(int status) const {
-    std::lock_guard<std::mutex> lock(mutex_);
-    auto it = refusals_.find(status);
-    return it == refusals_.end() ? 0 : it->second;
-}
-
-inline server_metrics::server_metrics(std::size_t shards) : shards_(std::max<std::size_t>(shards, 1)) {}
-
-inline void server_metrics::count_sent(std::size_t shard, std::uint64_t frames, std::uint64_t notifications) noexcept {
-    shards_[shard].frames.fetch_add(frames, std::memory_order_relaxed);
-    shards_[shard].notifications.fetch_add(notifications, std::memory_order_relaxed);
-}
-
-inline std::uint64_t server_metrics::frames_sent() const noexcept {
-    std::uint64_t n = 0;
-    for (const auto& s : shards_) n += s.frames.load(std::memory_order_relaxed);
-    return n;
-}
-
-inline std::uint64_t server_metrics::notifications_sent() const noexcept {
-    std::uint64_t n = 0;
-    for (const auto& s : shards_) n += s.notifications.load(std::memory_order_relaxed);
-    return n;
-}
-
-inline void server_metrics::observe_publish_to_send(std::size_t shard, std::chrono::steady_clock::duration d) noexcept {
-    const double seconds = std::chrono::duration<double>(d).count();
-    const auto bucket =
-        std::size_t(std::lower_bound(latency_bounds.begin(), latency_bounds.end(), seconds) - latency_bounds.begin());
-    shards_[shard].latency[bucket].fetch_add(1, std::memory_order_relaxed);
-    shards_[shard].latency_sum_ns.fetch_add(
-        std::uint64_t(std::max<std::int64_t>(0, std::chrono::duration_cast<std::chrono::nanoseconds>(d).count())),
-        std::memory_order_relaxed);
-}
-
-inline std::string server_metrics::prometheus_text() const {
-    std::string out;
-    auto counter = [&](const char* name, const char* help, std::uint64_t value) {
-        out += std::string("# HELP ") + name + " " + help + "\n# TYPE " + name + " counter\n" + name + " " +
-               std::to_string(value) + "\n";
-    };
-    counter("imbus_connections_opened_total", "WebSocket handshakes completed.", connections_opened.load());
-    counter("imbus_frames_sent_total", "Frames sent to clients.", frames_sent());
-    counter("imbus_notifications_sent_total", "Notifications sent to clients (a row sent to two clients counts twice).",
-            notifications_sent());
-    counter("imbus_slow_consumer_catch_ups_total",
-            "Times a client was held back to be caught up from the store (its queue over max_outbound_bytes, or all "
-            "over max_outbound_total).",
-            slow_consumer_catch_ups.load());
-    counter("imbus_missed_notifications_signals_total", "bus/missed_notifications markers sent.",
-            missed_signals.load());
-    counter("imbus_rate_limited_total", "Connections closed with 1013 for sending frames (pings included) too fast.",
-            rate_limited.load());
-    counter("imbus_too_many_channels_total",
-            "Connections closed with 1008 for a subscribe asking for more than max_channels.",
-            too_many_channels.load());
-    counter("imbus_outbound_total_lags_total",
-            "Times a client was held back because all queues together reached max_outbound_total.",
-            outbound_total_lags.load());
-    counter("imbus_pings_received_total", "Pings received from clients.", pings_received.load());
-    counter("imbus_pongs_replaced_total",
-            "Pings answered by updating a pong not yet written instead of queueing another.", pongs_replaced.load());
-    counter("imbus_accept_pauses_total", "Times accepting paused because the process was out of file descriptors.",
-            accept_pauses.load());
-    counter("imbus_requests_refused_total",
-            "Malformed client requests (bad JSON, a subscribe with wrong types), answered with a bus/request_refused "
-            "element.",
-            requests_refused.load());
-    counter(
-        "imbus_bad_requests_total",
-        "HTTP requests refused before routing because their framing was malformed or ambiguous (400, 413, 431, 501).",
-        bad_requests.load());
-    counter("imbus_store_errors_total",
-            "Reads of the store for a connection that failed (retried, or closed with 1011).", store_errors.load());
-    counter("imbus_event_errors_total",
-            "Calls of policy.on_event or policy.on_subscribe that threw or gave a bad message (logged; the connection "
-            "stays open).",
-            event_errors.load());
-    {
-        std::lock_guard<std::mutex> lock(mutex_);
-        out +=
-            "# HELP imbus_closes_total WebSocket connections closed, by close code (1006: dropped without one).\n"
-            "# TYPE imbus_closes_total counter\n";
-        for (const auto& c : closes_)
-            out += "imbus_closes_total{code=\"" + std::to_string(c.first) + "\"} " + std::to_string(c.second) + "\n";
-        out +=
-            "# HELP imbus_handshakes_refused_total Handshakes answered with an HTTP error, by status.\n"
-            "# TYPE imbus_handshakes_refused_total counter\n";
-        for (const auto& r : refusals_)
-            out += "imbus_handshakes_refused_total{status=\"" + std::to_string(r.first) + "\"} " +
-                   std::to_string(r.second) + "\n";
-    }
-    out +=
-        "# HELP imbus_publish_to_send_seconds From a commit reaching this process to the wake-up that sends its "
-        "frame.\n"
-        "# TYPE imbus_publish_to_send_seconds histogram\n";
-    std::uint64_t cumulative = 0;
-    char bound[32];
-    std::uint64_t sum_ns = 0;
-    for (const auto& s : shards_) sum_ns += s.latency_sum_ns.load(std::memory_order_relaxed);
-    for (std::size_t i = 0; i <= latency_bounds.size(); ++i) {
-        for (const auto& s : shards_) cumulative += s.latency[i].load(std::memory_order_relaxed);
-        if (i < latency_bounds.size()) std::snprintf(bound, sizeof bound, "%g", latency_bounds[i]);
-        out += std::string("imbus_publish_to_send_seconds_bucket{le=\"") +
-               (i < latency_bounds.size() ? bound : "+Inf") + "\"} " + std::to_string(cumulative) + "\n";
-    }
-    std::snprintf(bound, sizeof bound, "%.9f", double(sum_ns) / 1e9);
-    out += std::string("imbus_publish_to_send_seconds_sum ") + bound + "\n";
-    out += "imbus_publish_to_send_seconds_count " + std::to_string(cumulative) + "\n";
-    return out;
-}
-
-inline http_route static_files(std::string root, std::string url_prefix) {
-    return [root = std::move(root), prefix = std::move(url_prefix)](const http_request& request,
-                                                                    http_response& response) {
-        if (request.method != "GET" || request.path.compare(0, prefix.size(), prefix) != 0) return false;
-        std::string relative = detail::percent_decode(std::string_view(request.path).substr(prefix.size()), false);
-        if (relative.empty() || relative.back() == '/') relative += "index.html";
-        if (relative.find("..") != std::string::npos || relative.find('\0') != std::string::npos) return false;
-        std::ifstream file(root + "/" + relative, std::ios::binary);
-        if (!file) return false;
-        static const std::pair<const char*, const char*> types[] = {{".html", "text/html; charset=utf-8"},
-                                                                    {".js", "text/javascript; charset=utf-8"},
-                                                                    {".mjs", "text/javascript; charset=utf-8"},
-                                                                    {".css", "text/css; charset=utf-8"},
-                                                                    {".json", "application/json"},
-                                                                    {".svg", "image/svg+xml"},
-                                                                    {".png", "image/png"},
-                                                                    {".ico", "image/x-icon"},
-                                                                    {".txt", "text/plain; charset=utf-8"}};
-        std::string type = "application/octet-stream";
-        for (const auto& t : types) {
-            const std::string_view ext = t.first;
-            if (relative.size() >= ext.size() && relative.compare(relative.size() - ext.size(), ext.size(), ext) == 0)
-                type = t.second;
-        }
-        response.status = 200;
-        response.headers.emplace_back("Content-Type", type);
-        response.headers.emplace_back("Cache-Control", "no-cache");
-        response.body.assign(std::istreambuf_iterator<char>(file), std::istreambuf_iterator<char>());
-        return true;
-    };
-}
 
 template <class AuthPolicy, class Transport>
 basic_server<AuthPolicy, Transport>::basic_server(imbus::bus& b, AuthPolicy policy, server_options options)
@@ -6440,8 +6734,8 @@ void basic_server<AuthPolicy, Transport>::on_close(websocketpp::connection_hdl h
     }
     if (s.open) forget_open(con);
     s.subscription.close();
-    if (s.follow) metrics_.subscribed.fetch_sub(1, std::memory_order_relaxed);
-    s.follow.reset();
+    if (s.feed.follow) metrics_.subscribed.fetch_sub(1, std::memory_order_relaxed);
+    s.feed.follow.reset();
     {
         std::lock_guard<std::mutex> lock(connections_mutex_);
         if (connections_.erase(con.get()) != 0) {  // the first code sent wins; an echo repeats it
@@ -6572,26 +6866,24 @@ void basic_server<AuthPolicy, Transport>::on_subscribe(const connection_ptr& con
                                                  std::to_string(options_.max_channels) + "); closing (1008)");
         return close(con, 1008, "TOO_MANY_CHANNELS");
     }
-    const std::int64_t last = request.last;
     std::vector<channel> channels = build_channels(*s.identity, request.channels);
-    const bool first = !s.follow;
-    if (first) {
+    if (!s.feed.follow) {
         metrics_.subscribed.fetch_add(1, std::memory_order_relaxed);
-        s.follow.emplace(bus_.store(), dispatcher_, std::vector<channel>(), last);
         std::weak_ptr<typename endpoint_type::connection_type> weak = con;
-        shard* home = shards_[s.shard].get();
         s.subscription = dispatcher_.subscribe(
             [this, weak](wakeup& w) {
-                if (auto c = weak.lock()) on_wakeup(c, w);
+                if (auto c = weak.lock()) {
+                    connection_link link(*this, c);
+                    feed_.on_wakeup(c->imbus_state.feed, link, w);
+                }
             },
-            *home->lane);
+            *shards_[s.shard]->lane);
     }
     // Subscribe before polling: whatever commits after the poll reaches us as an event.
     s.subscription.set_channels(channels);
-    s.greet = detail::policy_has_on_subscribe<AuthPolicy>::value;
-    s.follow->set_channels(std::move(channels));
-    if (s.lagging) return;  // the catch-up after the drain covers the new channels
-    catch_up(con, first && last > 0);
+    connection_link link(*this, con);
+    feed_.subscribe(s.feed, link, std::move(channels), request.last,
+                    detail::policy_has_on_subscribe<AuthPolicy>::value);
 }
 
 // Odoo's _build_bus_channel_list: the client's strings as [db, s], then the policy's say.
@@ -6605,18 +6897,10 @@ std::vector<channel> basic_server<AuthPolicy, Transport>::build_channels(const i
     else return requested;
 }
 
-// A catch-up (history on subscribe, wake-ups that do not continue, a resume after a drain)
-// goes one frame of catch_up_bytes at a time, one frame per connection per slice, with live
-// wake-ups served between slices: a thousand clients asking for history at once wait their
-// turns, and an honest client's live frames do not wait behind them. Wake-ups meanwhile are
-// skipped: the next read of the store covers them.
+// A connection's catch-up waits in its shard's queue, served a slice at a time (connection_feed::catch_up).
 template <class AuthPolicy, class Transport>
-void basic_server<AuthPolicy, Transport>::catch_up(const connection_ptr& con, bool check_missed) {
-    auto& s = con->imbus_state;
-    s.check_missed = s.check_missed || check_missed;
-    if (s.retrying) return;                          // the retry catches up
-    if (std::exchange(s.catching_up, true)) return;  // already waiting for its slice
-    shard& home = *shards_[s.shard];
+void basic_server<AuthPolicy, Transport>::queue_catch_up(const connection_ptr& con) {
+    shard& home = *shards_[con->imbus_state.shard];
     home.catch_ups.push_back(con);
     if (std::exchange(home.catch_ups_posted, true)) return;
     detail::post_after_io(home.io, [this, &home] { run_catch_up_slice(home); });
@@ -6631,123 +6915,14 @@ template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Trans
          n && bytes < detail::catch_up_slice_bytes; --n) {
         auto weak = std::move(home.catch_ups.front());
         home.catch_ups.pop_front();
-        if (auto con = weak.lock()) bytes += catch_up_frame(con);
+        if (auto con = weak.lock()) {
+            connection_link link(*this, con);
+            bytes += feed_.catch_up_frame(con->imbus_state.feed, link);
+        }
     }
     flush_slice(home);
     if (home.catch_ups.empty()) home.catch_ups_posted = false;
     else detail::post_after_io(home.io, [this, &home] { run_catch_up_slice(home); });
-}
-
-// Sends the next frame of a catch-up; returns its size.
-template <class AuthPolicy, class Transport>
-std::size_t basic_server<AuthPolicy, Transport>::catch_up_frame(const connection_ptr& con) {
-    auto& s = con->imbus_state;
-    if (!s.open || !s.follow || !std::exchange(s.catching_up, false)) return 0;
-    if (over_budget(con, 0)) {
-        lag(con);  // its resume checks for missed rows again
-        return 0;
-    }
-    // Frames sized so that the queue stays within max_outbound_bytes (a lone larger row aside).
-    const std::size_t room = std::min(options_.catch_up_bytes, options_.max_outbound_bytes - con->outbound_bytes());
-    detail::frame_builder frame;
-    bool missed = false;
-    try {
-        missed = s.check_missed && bus_.store().lost_after(s.follow->channels(), s.follow->position());
-        if (missed) {
-            if (options_.log)
-                options_.log(log_level::info, "server: " + con->get_remote_endpoint() + " missed notifications after " +
-                                                  std::to_string(s.follow->position()));
-            frame.add(detail::missed_marker(s.follow->position()), false);
-        }
-        // The store reads about one frame's worth: a catch-up costs what it sends, not what is stored.
-        s.follow->catch_up(
-            [&](const notification&, std::string_view wire) { frame.add(wire); }, options_.catch_up_rows,
-            [&](std::string_view wire) { return !frame.empty() && frame.size() + wire.size() + 1 > room; }, room);
-    } catch (const std::exception& e) {
-        store_failed(con, e.what());  // nothing taken: the position and check_missed stand
-        return 0;
-    }
-    s.check_missed = false;
-    s.store_failures = 0;
-    if (missed) metrics_.missed_signals.fetch_add(1, std::memory_order_relaxed);
-    if (!s.follow->behind() && std::exchange(s.greet, false)) greet(con, frame);
-    const std::size_t size = frame.size();
-    if (!frame.empty()) {
-        metrics_.count_sent(s.shard, 1, frame.rows);
-        send_frame(con, frame.finish());
-        shards_[s.shard]->unflushed.push_back(con);
-    }
-    if (s.follow->behind()) catch_up(con, false);
-    return size;
-}
-
-// Odoo's _after_subscribe_data: asked when the subscribe's history has been read, so what it
-// says is never older than the rows before it; its messages end the history's last frame.
-template <class AuthPolicy, class Transport>
-void basic_server<AuthPolicy, Transport>::greet(const connection_ptr& con, detail::frame_builder& frame) {
-    if constexpr (detail::policy_has_on_subscribe<AuthPolicy>::value) {
-        auto& s = con->imbus_state;
-        auto failed = [&](const std::string& what) {
-            metrics_.event_errors.fetch_add(1, std::memory_order_relaxed);
-            if (options_.log) options_.log(log_level::error, "server: policy.on_subscribe " + what);
-        };
-        std::vector<direct_message> messages;
-        try {
-            messages = policy_.on_subscribe(*s.identity, s.follow->channels());
-        } catch (...) {
-            return failed("failed: " + detail::current_error());
-        }
-        for (const auto& m : messages) {
-            try {
-                frame.add(detail::direct_element(s.follow->position(), m), false);
-            } catch (const std::exception& e) {
-                failed(std::string("gave a bad message: ") + e.what());  // the others still go
-            }
-        }
-    }
-}
-
-// One guard for every read of the store made for a connection on an I/O thread: the loop goes
-// on, the connection keeps its position and is caught up again after a backoff, and a store
-// that stays down costs each client a 1011 (it resumes from its last id), never the server.
-template <class AuthPolicy, class Transport>
-void basic_server<AuthPolicy, Transport>::store_failed(const connection_ptr& con, const char* what) {
-    auto& s = con->imbus_state;
-    metrics_.store_errors.fetch_add(1, std::memory_order_relaxed);
-    if (++s.store_failures > options_.store_retries) {
-        if (options_.log)
-            options_.log(log_level::error, "server: reading the store for " + con->get_remote_endpoint() + " failed " +
-                                               std::to_string(s.store_failures) +
-                                               " times in a row; closing (1011): " + what);
-        return close(con, 1011, "store unavailable");
-    }
-    const auto delay = std::min<std::chrono::milliseconds>(
-        options_.store_retry_delay * (1u << std::min<std::uint32_t>(s.store_failures - 1, 16)),
-        std::chrono::seconds(5));
-    if (options_.log)
-        options_.log(log_level::warning, "server: reading the store for " + con->get_remote_endpoint() + " failed (" +
-                                             what + "); trying again in " + std::to_string(delay.count()) + " ms");
-    s.retrying = true;
-    auto timer = std::make_shared<asio::steady_timer>(shards_[s.shard]->io, delay);
-    std::weak_ptr<typename endpoint_type::connection_type> weak = con;
-    timer->async_wait([this, weak, timer](const asio::error_code& ec) {
-        auto c = weak.lock();
-        if (ec || !c || !c->imbus_state.retrying) return;
-        c->imbus_state.retrying = false;
-        if (c->imbus_state.open) catch_up(c, false);  // a lagging one is caught up by its resume
-    });
-}
-
-// A client at max_outbound_bytes waits; so does, once all queues together reach
-// max_outbound_total, every client holding catch_up_bytes or more: those that read keep
-// flowing, and the total stays within max_outbound_total plus catch_up_bytes and a frame per client.
-template <class AuthPolicy, class Transport>
-bool basic_server<AuthPolicy, Transport>::over_budget(const connection_ptr& con, std::size_t adding) {
-    const std::size_t mine = con->outbound_bytes() + adding;
-    if (mine >= options_.max_outbound_bytes) return true;
-    if (mine < options_.catch_up_bytes || outbound_bytes() < options_.max_outbound_total) return false;
-    if (!con->imbus_state.lagging) metrics_.outbound_total_lags.fetch_add(1, std::memory_order_relaxed);
-    return true;
 }
 
 // The wake-ups of a shard's connections join one queue (its dispatcher lane) served a slice at
@@ -6768,85 +6943,53 @@ template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Trans
     home.unflushed.clear();
 }
 
-// A held-back client gets nothing live until all it holds has been written; then it is
-// caught up from the store (resume). One that never reads costs no more work meanwhile.
-template <class AuthPolicy, class Transport> void basic_server<AuthPolicy, Transport>::lag(const connection_ptr& con) {
-    auto& s = con->imbus_state;
-    if (!s.lagging) {
-        metrics_.slow_consumer_catch_ups.fetch_add(1, std::memory_order_relaxed);
-        if (options_.log)
-            options_.log(log_level::info,
-                         "server: " + con->get_remote_endpoint() + " is slow; it will be caught up from the store");
-    }
-    s.lagging = true;
-    if (con->outbound_bytes() != 0) return con->notify_when_drained();
-    std::weak_ptr<typename endpoint_type::connection_type> weak = con;  // nothing to wait for
-    post_to(con, [this, weak] {
-        if (auto c = weak.lock()) resume(c);
-    });
-}
-
 template <class AuthPolicy, class Transport>
 void basic_server<AuthPolicy, Transport>::resume(const connection_ptr& con) {
-    auto& s = con->imbus_state;
-    if (!s.open || !s.lagging) return;
-    s.lagging = false;
-    if (still_valid(con)) catch_up(con, true);
+    connection_link link(*this, con);
+    feed_.resume(con->imbus_state.feed, link);
 }
 
-template <class AuthPolicy, class Transport>
-void basic_server<AuthPolicy, Transport>::on_wakeup(const connection_ptr& con, wakeup& w) {
-    auto& s = con->imbus_state;
-    // A lagging client is caught up after its drain, one catching up by its next frame.
-    if (!s.open || !s.follow || s.lagging || s.catching_up || s.retrying) return;
-    if (!still_valid(con)) return;
-    if (w.overflowed || s.follow->behind()) return catch_up(con, true);
-    detail::frame_builder frame;  // rows of events shared only in part, sent as one frame
-    bool full = false;            // the queue bound holds per event, not per wake-up
-    // One clock read and one update of the shared counters per wake-up, not per frame.
-    const auto now = std::chrono::steady_clock::now();
-    std::uint64_t frames = 0, rows = 0;
-    std::optional<std::chrono::steady_clock::time_point> oldest;  // of the events in `frame`
-    if (!w.events.empty() && w.events.front().event) oldest = w.events.front()->noticed_at;
-    auto flush_frame = [&] {
-        if (oldest) metrics_.observe_publish_to_send(s.shard, now - *oldest);
-        ++frames, rows += frame.rows;
-        send_frame(con, frame.finish());
-        frame = detail::frame_builder();
-    };
-    // No frame grows past catch_up_bytes unless one row does: clients size their frame limit
-    // on it (client_options::max_message_bytes).
-    auto add_row = [&](std::string_view wire) {
-        if (!frame.empty() && frame.size() + wire.size() + 1 > options_.catch_up_bytes) flush_frame();
-        frame.add(wire);
-    };
-    // What follower::take does with the wake-up: rows of events shared only in part join the
-    // connection's own frame; an event wholly for it goes as the frame encoded once for every
-    // recipient (a big commit in pieces); a full queue stops it and the rest waits in the store.
-    auto send_row = [&](const notification&, std::string_view wire) { add_row(wire); };
-    auto send_event = [&](const commit_event& event) {
-        if (!frame.empty()) flush_frame();
-        const auto shared = event.shared_frame<detail::wire_frames>([&] {
-            return std::make_shared<detail::wire_frames>(detail::frames_of(event.wire, options_.catch_up_bytes));
+template <class AuthPolicy, class Transport> class basic_server<AuthPolicy, Transport>::connection_link final
+    : public detail::feed_link {
+public:
+    connection_link(basic_server& server, const connection_ptr& con) : server_(server), con_(con) {}
+    bool open() const override { return con_->imbus_state.open; }
+    std::size_t shard() const override { return con_->imbus_state.shard; }
+    std::string peer() const override { return con_->get_remote_endpoint(); }
+    std::size_t queued_bytes() const override { return con_->outbound_bytes(); }
+    std::uint64_t all_queued_bytes() const override { return server_.outbound_bytes(); }
+    bool queue(detail::shared_wire_frame frame) override { return con_->queue_frame(std::move(frame)); }
+    void flush_after_slice() override { server_.shards_[shard()]->unflushed.push_back(con_); }
+    void catch_up_in_a_slice() override { server_.queue_catch_up(con_); }
+    void resume_when_drained() override {
+        if (con_->outbound_bytes() != 0) return con_->notify_when_drained();  // its drained hook resumes
+        std::weak_ptr<typename endpoint_type::connection_type> weak = con_;   // nothing to wait for
+        server_.post_to(con_, [&server = server_, weak] {
+            if (auto c = weak.lock()) server.resume(c);
         });
-        metrics_.observe_publish_to_send(s.shard, now - event.noticed_at);
-        frames += shared->pieces.size(), rows += shared->rows;
-        for (const auto& piece : shared->pieces) send_frame(con, piece);
-    };
-    auto queue_full = [&] { return full = over_budget(con, frame.size()); };
-    std::string failure;  // a read of the store failed: what was taken before it still goes out
-    try {
-        s.follow->take(w, send_row, send_event, options_.catch_up_rows, queue_full);
-    } catch (const std::exception& e) {
-        failure = e.what();
     }
-    if (!frame.empty()) flush_frame();
-    if (frames) shards_[s.shard]->unflushed.push_back(con);  // everything of this wake-up in one write
-    metrics_.count_sent(s.shard, frames, rows);
-    if (!failure.empty()) return store_failed(con, failure.c_str());
-    if (full) return lag(con);
-    if (s.follow->behind()) catch_up(con, false);
-}
+    void retry_after(std::chrono::milliseconds delay) override {
+        auto timer = std::make_shared<asio::steady_timer>(server_.shards_[shard()]->io, delay);
+        std::weak_ptr<typename endpoint_type::connection_type> weak = con_;
+        timer->async_wait([&server = server_, weak, timer](const asio::error_code& ec) {
+            auto c = weak.lock();
+            if (ec || !c) return;
+            connection_link link(server, c);
+            server.feed_.retry(c->imbus_state.feed, link);
+        });
+    }
+    void close(std::uint16_t code, const std::string& reason) override { server_.close(con_, code, reason); }
+    bool still_valid() override { return server_.still_valid(con_); }
+    std::vector<direct_message> greeting(const std::vector<channel>& granted) override {
+        if constexpr (detail::policy_has_on_subscribe<AuthPolicy>::value)
+            return server_.policy_.on_subscribe(*con_->imbus_state.identity, granted);
+        else return {};
+    }
+
+private:
+    basic_server& server_;
+    const connection_ptr& con_;
+};
 
 // The answer's id is the connection's position, or before its first subscribe the `last` it
 // sent (0 if none could be read): a client tracking the last element's id stays where it was.
@@ -6855,7 +6998,7 @@ template <class AuthPolicy, class Transport>
 void basic_server<AuthPolicy, Transport>::refuse_request(const connection_ptr& con, const client_request& request) {
     auto& s = con->imbus_state;
     metrics_.requests_refused.fetch_add(1, std::memory_order_relaxed);
-    const std::int64_t id = s.follow ? s.follow->position() : request.last;
+    const std::int64_t id = s.feed.follow ? s.feed.follow->position() : request.last;
     detail::frame_builder frame;
     frame.add(detail::refusal_marker(id, request.event_name, request.error), false);
     if (con->outbound_bytes() + frame.size() >= options_.max_outbound_bytes) return;
@@ -6863,13 +7006,10 @@ void basic_server<AuthPolicy, Transport>::refuse_request(const connection_ptr& c
     con->flush_outbound();
 }
 
-// Catch-up frames are counted by catch_up; live ones by on_wakeup, once per wake-up.
+// A refusal; the notifications go through connection_feed::send.
 template <class AuthPolicy, class Transport>
 void basic_server<AuthPolicy, Transport>::send_frame(const connection_ptr& con, detail::shared_wire_frame frame) {
-    if (!con->queue_frame(std::move(frame))) return;  // closing: the client resumes from its last id
-    const std::uint64_t held = con->outbound_bytes();
-    auto peak = metrics_.outbound_peak.load(std::memory_order_relaxed);
-    while (held > peak && !metrics_.outbound_peak.compare_exchange_weak(peak, held, std::memory_order_relaxed)) {}
+    if (con->queue_frame(std::move(frame))) metrics_.observe_outbound(con->outbound_bytes());
 }
 
 template <class AuthPolicy, class Transport>
