@@ -611,7 +611,8 @@ private:
 #ifdef IMBUS_WITH_POSTGRES
 namespace detail {
 class pg_connection;
-}
+class pg_writer_pool;
+}  // namespace detail
 
 struct pg_store_options : store_options {
     /// Where poll connections and pg_listener connect (a libpq conninfo string or URI). Empty:
@@ -678,27 +679,21 @@ public:
     std::size_t waiting_commits();
 
 private:
-    class write_tx;
+    class borrowed_write_tx;
+    class owned_write_tx;
     template <class F> auto with_reader(F&& f);
     std::unique_ptr<detail::pg_connection> open_connection() const;
-    struct queued_commit;
     void create_schema();
 
     pg_store_options options_;
     std::string conninfo_;
-    std::string writer_conninfo_;  // what owned writer connections connect with
     // Held by a borrowed connection's transaction from BEGIN to its end; recursive, so a second
     // begin() on the same thread gets the "already inside a transaction" error, not a deadlock.
     detail::writer_gate writer_mutex_;
     std::unique_ptr<detail::pg_connection> writer_;  // borrowed: the application's; owned: the first
     bool borrowed_ = false;                          // the writer connection is the application's
-    // Owned writer connections: each is either idle or used by one commit, never closed early.
-    std::mutex writers_mutex_;
-    std::condition_variable writer_idle_;
-    std::vector<std::unique_ptr<detail::pg_connection>> more_writers_;  // opened under load
-    std::vector<detail::pg_connection*> idle_writers_;
-    std::size_t writers_opening_ = 0;
-    std::vector<queued_commit*> queued_commits_;  // batches waiting for a writer connection
+    // Owned writer connections only, writer_ among them; null when borrowed.
+    std::unique_ptr<detail::pg_writer_pool> writers_;
     std::mutex readers_mutex_;
     std::vector<std::unique_ptr<detail::pg_connection>> idle_readers_;
 };
@@ -2993,6 +2988,8 @@ inline notification pg_row(PGresult* r, int row, int first_column, channel c) {
 // The columns of a row as pg_row reads them: id, channel, message, create_date in microseconds.
 #define IMBUS_PG_ROW_COLUMNS "id, channel, message, (extract(epoch FROM create_date) * 1000000)::bigint"
 
+// --- pg_store: the commit pipeline -----------------------------------------------------------
+
 // The statements of a commit, by position; owned writer connections have them prepared.
 struct pg_statement {
     const char* name;
@@ -3010,36 +3007,359 @@ inline constexpr pg_statement pg_write_statements[] = {
     {"imbus_commit", "COMMIT"},
 };
 
-}  // namespace detail
+// The statements of one commit with their parameters, in the order the server answers them.
+struct pg_commit_statements {
+    struct statement {
+        pg_write_step step;
+        std::vector<std::string> params;
+    };
+    std::vector<statement> list;
+    std::size_t insert_index = std::size_t(-1);  // where the ids come back; none for an empty batch
+};
 
-// Own connections: nothing is sent before commit, which then takes an idle writer connection
-// (or waits in line for one, and may be carried by another commit's transaction: group commit)
-// and does BEGIN, lock, insert, NOTIFY and COMMIT in one round trip. Borrowed connection: BEGIN
-// at once, so the application's own writes on it join the transaction, and the writer mutex
-// is held until its end.
-class pg_store::write_tx final : public store::write_transaction {
+// [BEGIN,] lock, insert, NOTIFY..., COMMIT. The advisory lock is taken after the application's
+// own work and held only while the server runs these statements.
+inline pg_commit_statements pg_commit_statements_for(const std::vector<pending_message>& batch, bool begin,
+                                                     time_point now) {
+    pg_commit_statements out;
+    if (begin) out.list.push_back({pg_begin, {}});
+    if (!batch.empty()) {
+        std::vector<std::string_view> channels, messages;
+        std::vector<channel> touched;
+        for (const auto& m : batch) {
+            channels.push_back(m.channel.key());
+            messages.push_back(m.message);
+            touched.push_back(m.channel);
+        }
+        out.list.push_back({pg_lock, {std::to_string(pg_store::advisory_lock_key)}});
+        out.insert_index = out.list.size();
+        out.list.push_back(
+            {pg_insert, {pg_text_array(channels), pg_text_array(messages), std::to_string(to_micros(now))}});
+        // NOTIFY inside the transaction is delivered at its commit and only then: a process
+        // that dies right after committing cannot lose the wake-up.
+        for (auto& payload : notify_payloads(unique_channels(touched)))
+            out.list.push_back({pg_notify, {pg_store::notify_channel, std::move(payload)}});
+    }
+    out.list.push_back({pg_commit, {}});
+    return out;
+}
+
+// What the server's answers prove about a commit. Only a sure rollback may be retried: after
+// an unknown outcome the rows may be stored, and a retry could store them twice.
+struct pg_commit_outcome {
+    enum state_t { rolled_back, unknown, committed };
+    state_t state = rolled_back;    // nothing sent yet: surely nothing stored
+    std::vector<std::int64_t> ids;  // committed: the inserted rows' ids
+    std::string error;              // rolled_back: the failed statement and the server's message; unknown: libpq's
+};
+
+// Queues every statement and the sync point without waiting, so the commit is one round trip;
+// false if the connection failed on the way.
+inline bool pg_send_commit(PGconn* c, const pg_commit_statements& statements, bool prepared) {
+    for (const auto& st : statements.list) {
+        std::vector<const char*> values;
+        for (const auto& p : st.params) values.push_back(p.c_str());
+        const pg_statement& sql = pg_write_statements[st.step];
+        if (!(prepared
+                  ? PQsendQueryPrepared(c, sql.name, int(values.size()), values.data(), nullptr, nullptr, 0)
+                  : PQsendQueryParams(c, sql.sql, int(values.size()), nullptr, values.data(), nullptr, nullptr, 0)))
+            return false;
+    }
+    return PQpipelineSync(c) != 0;
+}
+
+// Reads the answers up to the sync point and leaves pipeline mode (unless the connection ended).
+inline pg_commit_outcome pg_read_commit(pg_connection& conn, const pg_commit_statements& statements) {
+    PGconn* c = conn.get();
+    const auto& list = statements.list;
+    // The server answers in order: its error for a statement means that statement and the
+    // rest (the COMMIT) did not run. An error libpq makes up (no SQLSTATE: the connection
+    // ended) says nothing about what the server ran before it died.
+    std::vector<std::int64_t> ids;
+    std::string error;
+    bool committed = false;
+    bool commit_failed = false;  // the error came with the COMMIT itself
+    for (std::size_t i = 0; i < list.size(); ++i) {
+        pg_result r(PQgetResult(c));
+        if (!r) break;  // the connection is gone
+        const auto status = PQresultStatus(r.get());
+        if (status == PGRES_FATAL_ERROR && !PQresultErrorField(r.get(), PG_DIAG_SQLSTATE)) break;
+        if (status == PGRES_FATAL_ERROR && error.empty()) {
+            error = std::string(pg_write_statements[list[i].step].sql) + ": " + PQresultErrorMessage(r.get());
+            commit_failed = i + 1 == list.size();
+        }
+        if (status == PGRES_TUPLES_OK && i == statements.insert_index)
+            for (int row = 0; row < PQntuples(r.get()); ++row) ids.push_back(std::stoll(PQgetvalue(r.get(), row, 0)));
+        if (i + 1 == list.size() && status == PGRES_COMMAND_OK) {
+            committed = std::string_view(PQcmdStatus(r.get())) == "COMMIT";
+            if (!committed && error.empty()) error = "COMMIT: the transaction had already failed";
+        }
+        while (pg_result(PQgetResult(c))) {}  // the NULL that ends this statement's results
+    }
+    if (!conn.broken()) {
+        for (;;) {  // up to the sync point
+            pg_result r(PQgetResult(c));
+            if (!r || PQresultStatus(r.get()) == PGRES_PIPELINE_SYNC) break;
+        }
+        PQexitPipelineMode(c);
+    }
+    if (committed) return {pg_commit_outcome::committed, std::move(ids), {}};
+    if (error.empty() || (commit_failed && conn.broken())) {
+        // No COMMIT confirmation and no earlier statement failed: the connection ended
+        // after the COMMIT left (a server dying at once may even have ended it just
+        // after committing).
+        return {pg_commit_outcome::unknown, {}, pg_error_text(c)};
+    }
+    while (!error.empty() && (error.back() == '\n' || error.back() == ' ')) error.pop_back();
+    return {pg_commit_outcome::rolled_back, {}, std::move(error)};
+}
+
+// The one place an outcome becomes the stored rows or the error the caller sees: the text
+// says whether anything may have been stored.
+inline std::vector<notification> pg_stored_or_throw(pg_commit_outcome& outcome, std::vector<pending_message>& batch,
+                                                    time_point now) {
+    if (outcome.state == pg_commit_outcome::unknown)  // retrying could store the batch twice: report it instead
+        throw_error(errc::store_failure, "postgres: connection lost during commit, outcome unknown: " + outcome.error);
+    if (outcome.state == pg_commit_outcome::rolled_back)
+        throw_error(errc::store_failure, "postgres: " + outcome.error + " (rolled back)");
+    auto& ids = outcome.ids;
+    if (ids.size() != batch.size())
+        throw_error(errc::store_failure, "postgres: the insert returned " + std::to_string(ids.size()) + " ids for " +
+                                             std::to_string(batch.size()) + " rows");
+    std::sort(ids.begin(), ids.end());  // ids were taken in batch order
+    std::vector<notification> stored;
+    stored.reserve(batch.size());
+    for (std::size_t i = 0; i < batch.size(); ++i)
+        stored.push_back(notification{ids[i], batch[i].channel, std::move(batch[i].message), now});
+    return stored;
+}
+
+// One commit in one round trip (libpq pipeline mode). An owned connection sends BEGIN too (a
+// borrowed one began when the transaction opened) and uses its prepared statements (a borrowed
+// one gets the SQL text each time: the store prepares nothing in the application's session).
+// `outcome` tells, also when this throws, whether anything may have been stored.
+inline std::vector<notification> pg_run_commit(pg_connection& conn, std::vector<pending_message>& batch, time_point now,
+                                               pg_commit_outcome& outcome) {
+    const pg_commit_statements statements = pg_commit_statements_for(batch, conn.owned(), now);
+    PGconn* c = conn.get();
+    if (!PQenterPipelineMode(c)) throw_pg(c, "cannot enter pipeline mode");
+    outcome = {pg_commit_outcome::unknown, {}, {}};  // from here on the COMMIT may reach the server
+    if (pg_send_commit(c, statements, conn.owned())) {
+        outcome = pg_read_commit(conn, statements);
+    } else {  // the connection failed while we sent, so the COMMIT may or may not have left
+        outcome.error = pg_error_text(c);
+        PQexitPipelineMode(c);
+    }
+    return pg_stored_or_throw(outcome, batch, now);
+}
+
+// After a failed commit, so the connection's next user does not find an aborted transaction.
+inline void pg_end_failed_transaction(PGconn* c, const logger& log) noexcept {
+    const auto status = PQtransactionStatus(c);
+    if (status == PQTRANS_INTRANS || status == PQTRANS_INERROR) {
+        pg_result r(PQexec(c, "ROLLBACK"));
+        if (PQresultStatus(r.get()) != PGRES_COMMAND_OK && log)
+            log(log_level::error, "postgres: ROLLBACK: " + pg_error_text(c));
+    }
+}
+
+// --- pg_store: the writer pool ---------------------------------------------------------------
+
+// The writer connections of a store that owns them, each idle or used by one commit (opened
+// under load up to options.writers, never closed early), and the batches waiting for one:
+// commits on different writers overlap their round trips, and a group commit lets the
+// waiting batches share one lock-to-commit section.
+class pg_writer_pool {
 public:
-    explicit write_tx(pg_store& s) : store_(s) {
-        if (borrowed()) {
-            lock_ = std::unique_lock<detail::writer_gate>(s.writer_mutex_);
-            conn_ = s.writer_.get();
-            if (PQtransactionStatus(conn_->get()) != PQTRANS_IDLE) {
-                conn_ = nullptr;
-                detail::throw_error(errc::store_failure,
-                                    "the PostgreSQL connection is busy or already inside a transaction: open "
-                                    "the imbus::transaction first and do the application's writes inside it");
-            }
-            conn_->exec("BEGIN");
-            open_ = true;
+    pg_writer_pool(pg_connection& first, std::string conninfo, const pg_store_options& options)
+        : options_(options), conninfo_(std::move(conninfo)) {
+        more_writers_.reserve(options_.writers);  // so neither push_back can throw
+        idle_writers_.reserve(std::max<std::size_t>(options_.writers, 1));
+        idle_writers_.push_back(&first);
+    }
+    pg_writer_pool(const pg_writer_pool&) = delete;
+    pg_writer_pool& operator=(const pg_writer_pool&) = delete;
+
+    std::vector<notification> commit(std::vector<pending_message>& batch);
+
+    std::size_t waiting_commits() {
+        std::lock_guard<std::mutex> lock(mutex_);
+        return queued_commits_.size();
+    }
+
+private:
+    // A batch waiting for a writer connection; the commit that takes it fills in the outcome.
+    struct queued_commit {
+        std::vector<pending_message>* batch;
+        bool taken = false;  // a commit carries it now
+        bool done = false;
+        std::vector<notification> stored;
+        std::exception_ptr error;
+
+        std::vector<notification> result() {
+            if (error) std::rethrow_exception(error);
+            return std::move(stored);
+        }
+    };
+
+    std::vector<queued_commit*> take_waiting(queued_commit& me);
+    pg_connection* open_writer(const std::vector<queued_commit*>& group);
+    void give_back(pg_connection* writer, const std::vector<queued_commit*>& group);
+    void commit_group(pg_connection& writer, const std::vector<queued_commit*>& group);
+    bool commit_alone(pg_connection& writer, std::vector<pending_message>& batch, std::vector<notification>& stored,
+                      std::exception_ptr& error);
+
+    const pg_store_options& options_;  // the store's: pg_connection keeps the address of its logger
+    const std::string conninfo_;       // what new writer connections connect with
+    std::mutex mutex_;
+    std::condition_variable writer_idle_;
+    std::vector<std::unique_ptr<pg_connection>> more_writers_;  // opened under load; the first is the store's
+    std::vector<pg_connection*> idle_writers_;
+    std::size_t writers_opening_ = 0;
+    std::vector<queued_commit*> queued_commits_;  // batches waiting for a writer connection, in call order
+};
+
+// Waits in line for a writer connection, unless another commit takes this batch along first.
+inline std::vector<notification> pg_writer_pool::commit(std::vector<pending_message>& batch) {
+    queued_commit me{&batch, false, false, {}, nullptr};
+    std::vector<queued_commit*> group;
+    pg_connection* writer = nullptr;
+    {
+        std::unique_lock<std::mutex> lock(mutex_);
+        const std::size_t most = std::max<std::size_t>(options_.writers, 1);
+        queued_commits_.push_back(&me);
+        writer_idle_.wait(lock, [&] {
+            return me.taken || !idle_writers_.empty() || 1 + more_writers_.size() + writers_opening_ < most;
+        });
+        if (me.taken) {  // another commit carries this batch: wait for its outcome
+            writer_idle_.wait(lock, [&] { return me.done; });
+            return me.result();
+        }
+        group = take_waiting(me);
+        if (idle_writers_.empty()) {
+            ++writers_opening_;  // connect without the mutex: other commits go on meanwhile
+        } else {
+            writer = idle_writers_.back();
+            idle_writers_.pop_back();
         }
     }
-    ~write_tx() override { rollback(); }
+    if (!writer) writer = open_writer(group);
+    if (writer) {
+        try {
+            commit_group(*writer, group);
+        } catch (...) {  // out of memory before the results were handed out: none of them were
+            for (auto* q : group)
+                if (!q->error && q->stored.empty()) q->error = std::current_exception();
+        }
+    }
+    give_back(writer, group);
+    return me.result();
+}
+
+// Under the mutex: the batches this commit carries, marked so their callers wait for it.
+inline std::vector<pg_writer_pool::queued_commit*> pg_writer_pool::take_waiting(queued_commit& me) {
+    std::vector<queued_commit*> group;
+    if (options_.group_commit) group.swap(queued_commits_);  // every waiting batch, in line order
+    else {
+        group.push_back(&me);
+        queued_commits_.erase(std::find(queued_commits_.begin(), queued_commits_.end(), &me));
+    }
+    for (auto* q : group) q->taken = true;
+    return group;
+}
+
+// A new writer connection, or null with the error handed to every batch of the group.
+inline pg_connection* pg_writer_pool::open_writer(const std::vector<queued_commit*>& group) {
+    std::unique_ptr<pg_connection> opened;
+    try {
+        opened = pg_connection::open(conninfo_, options_.log);
+    } catch (...) {
+        for (auto* q : group) q->error = std::current_exception();
+    }
+    std::lock_guard<std::mutex> lock(mutex_);
+    --writers_opening_;
+    if (!opened) return nullptr;
+    more_writers_.push_back(std::move(opened));  // reserved: cannot throw
+    return more_writers_.back().get();
+}
+
+// Wakes the group's callers with their outcomes and the next commit in line with the writer.
+inline void pg_writer_pool::give_back(pg_connection* writer, const std::vector<queued_commit*>& group) {
+    {
+        std::lock_guard<std::mutex> lock(mutex_);
+        if (writer) idle_writers_.push_back(writer);  // a broken one too: revive() reopens it next time
+        for (auto* q : group) q->done = true;
+    }
+    writer_idle_.notify_all();
+}
+
+// One transaction for the whole group; after a sure rollback, one per batch.
+inline void pg_writer_pool::commit_group(pg_connection& writer, const std::vector<queued_commit*>& group) {
+    if (group.size() == 1) {
+        commit_alone(writer, *group[0]->batch, group[0]->stored, group[0]->error);
+        return;
+    }
+    std::vector<pending_message> all;
+    for (auto* q : group)
+        for (auto& m : *q->batch) all.push_back(std::move(m));
+    std::vector<notification> stored;
+    std::exception_ptr error;
+    const bool retry_each = commit_alone(writer, all, stored, error);
+    std::size_t at = 0;
+    for (auto* q : group) {
+        const std::size_t n = q->batch->size();
+        if (!error) {
+            q->stored.assign(std::make_move_iterator(stored.begin() + std::ptrdiff_t(at)),
+                             std::make_move_iterator(stored.begin() + std::ptrdiff_t(at + n)));
+        } else if (retry_each) {  // nothing stored: each batch alone, so only a bad one fails
+            for (std::size_t i = 0; i < n; ++i) (*q->batch)[i] = std::move(all[at + i]);
+            commit_alone(writer, *q->batch, q->stored, q->error);
+        } else {
+            q->error = error;  // the outcome is unknown for every batch alike: never retried
+        }
+        at += n;
+    }
+}
+
+// One transaction on `writer`. True if it failed and surely stored nothing: only then is a
+// retry safe.
+inline bool pg_writer_pool::commit_alone(pg_connection& writer, std::vector<pending_message>& batch,
+                                         std::vector<notification>& stored, std::exception_ptr& error) {
+    pg_commit_outcome outcome;  // a sure rollback until the pipeline is sent
+    try {
+        writer.revive();
+        writer.prepare(pg_write_statements);
+        stored = pg_run_commit(writer, batch, options_.clock(), outcome);
+        return false;
+    } catch (...) {
+        error = std::current_exception();
+        pg_end_failed_transaction(writer.get(), options_.log);
+        return outcome.state == pg_commit_outcome::rolled_back;
+    }
+}
+
+}  // namespace detail
+
+// --- pg_store: the two write transactions ----------------------------------------------------
+
+// The application's connection: BEGIN at once, so the application's own writes on it join the
+// transaction, and the writer mutex is held until its end (one transaction at a time on it).
+class pg_store::borrowed_write_tx final : public store::write_transaction {
+public:
+    explicit borrowed_write_tx(pg_store& s) : store_(s), lock_(s.writer_mutex_), conn_(s.writer_.get()) {
+        if (PQtransactionStatus(conn_->get()) != PQTRANS_IDLE) {
+            detail::throw_error(errc::store_failure,
+                                "the PostgreSQL connection is busy or already inside a transaction: open "
+                                "the imbus::transaction first and do the application's writes inside it");
+        }
+        conn_->exec("BEGIN");
+    }
+    ~borrowed_write_tx() override { rollback(); }
 
     std::vector<notification> commit(std::vector<pending_message>& batch) override {
-        if (!borrowed()) return batch.empty() ? std::vector<notification>{} : commit_owned(batch);
         try {
-            auto stored = run_commit(batch);
-            open_ = false;
+            detail::pg_commit_outcome outcome;  // unused: the application's transaction is never retried
+            auto stored = detail::pg_run_commit(*conn_, batch, store_.options_.clock(), outcome);
             release();
             return stored;
         } catch (...) {
@@ -3050,284 +3370,40 @@ public:
 
     void rollback() noexcept override {
         if (!conn_) return;
-        open_ = false;
-        end_failed_transaction();
+        detail::pg_end_failed_transaction(conn_->get(), store_.options_.log);
         release();
     }
 
 private:
-    using pg_result_holder = detail::pg_result;
-    bool borrowed() const noexcept { return store_.borrowed_; }
-
-    void end_failed_transaction() noexcept {
-        PGconn* c = conn_->get();
-        const auto status = PQtransactionStatus(c);
-        if (status == PQTRANS_INTRANS || status == PQTRANS_INERROR) {
-            pg_result_holder r(PQexec(c, "ROLLBACK"));
-            if (PQresultStatus(r.get()) != PGRES_COMMAND_OK && store_.options_.log)
-                store_.options_.log(log_level::error, "postgres: ROLLBACK: " + detail::pg_error_text(c));
-        }
-    }
-
     void release() noexcept {
-        if (!conn_) return;
-        if (borrowed()) lock_.unlock();
-        conn_ = nullptr;  // an owned one goes back in commit_owned
-    }
-
-    std::vector<notification> commit_owned(std::vector<pending_message>& batch);
-    void commit_group(const std::vector<queued_commit*>& group);
-
-    // One pipeline: [BEGIN,] lock, insert, NOTIFY..., COMMIT. The advisory lock is taken after
-    // the application's own work and held only while the server runs these statements.
-    std::vector<notification> run_commit(std::vector<pending_message>& batch) {
-        PGconn* c = conn_->get();
-        struct statement {
-            detail::pg_write_step step;
-            std::vector<std::string> params;
-        };
-        std::vector<statement> statements;
-        if (!borrowed()) statements.push_back({detail::pg_begin, {}});
-        std::size_t insert_index = 0;
-        const time_point now = store_.options_.clock();
-        if (!batch.empty()) {
-            std::vector<std::string_view> channels, messages;
-            std::vector<channel> touched;
-            for (const auto& m : batch) {
-                channels.push_back(m.channel.key());
-                messages.push_back(m.message);
-                touched.push_back(m.channel);
-            }
-            statements.push_back({detail::pg_lock, {std::to_string(advisory_lock_key)}});
-            insert_index = statements.size();
-            statements.push_back({detail::pg_insert,
-                                  {detail::pg_text_array(channels), detail::pg_text_array(messages),
-                                   std::to_string(detail::to_micros(now))}});
-            // NOTIFY inside the transaction is delivered at its commit and only then: a process
-            // that dies right after committing cannot lose the wake-up.
-            for (auto& payload : detail::notify_payloads(detail::unique_channels(touched)))
-                statements.push_back({detail::pg_notify, {notify_channel, std::move(payload)}});
-        }
-        statements.push_back({detail::pg_commit, {}});
-
-        if (!PQenterPipelineMode(c)) detail::throw_pg(c, "cannot enter pipeline mode");
-        rolled_back_ = false;
-        const bool prepared = conn_->owned();  // a borrowed connection gets the SQL text each time
-        bool sent = true;
-        for (const auto& st : statements) {
-            std::vector<const char*> values;
-            for (const auto& p : st.params) values.push_back(p.c_str());
-            const detail::pg_statement& sql = detail::pg_write_statements[st.step];
-            if (!(prepared ? PQsendQueryPrepared(c, sql.name, int(values.size()), values.data(), nullptr, nullptr, 0)
-                           : PQsendQueryParams(c, sql.sql, int(values.size()), nullptr, values.data(), nullptr, nullptr,
-                                               0))) {
-                sent = false;
-                break;
-            }
-        }
-        if (sent && !PQpipelineSync(c)) sent = false;
-        if (!sent) {
-            // The connection failed while we sent, so the COMMIT may or may not have left.
-            const std::string error = detail::pg_error_text(c);
-            PQexitPipelineMode(c);
-            detail::throw_error(errc::store_failure,
-                                "postgres: connection lost during commit, outcome unknown: " + error);
-        }
-
-        // The server answers in order: its error for a statement means that statement and the
-        // rest (the COMMIT) did not run. An error libpq makes up (no SQLSTATE: the connection
-        // ended) says nothing about what the server ran before it died.
-        std::vector<std::int64_t> ids;
-        std::string error;
-        bool committed = false;
-        bool commit_failed = false;  // the error came with the COMMIT itself
-        for (std::size_t i = 0; i < statements.size(); ++i) {
-            pg_result_holder r(PQgetResult(c));
-            if (!r) break;  // the connection is gone
-            const auto status = PQresultStatus(r.get());
-            if (status == PGRES_FATAL_ERROR && !PQresultErrorField(r.get(), PG_DIAG_SQLSTATE)) break;
-            if (status == PGRES_FATAL_ERROR && error.empty()) {
-                error = std::string(detail::pg_write_statements[statements[i].step].sql) + ": " +
-                        PQresultErrorMessage(r.get());
-                commit_failed = i + 1 == statements.size();
-            }
-            if (status == PGRES_TUPLES_OK && i == insert_index && !batch.empty())
-                for (int row = 0; row < PQntuples(r.get()); ++row)
-                    ids.push_back(std::stoll(PQgetvalue(r.get(), row, 0)));
-            if (i + 1 == statements.size() && status == PGRES_COMMAND_OK) {
-                committed = std::string_view(PQcmdStatus(r.get())) == "COMMIT";
-                if (!committed && error.empty()) error = "COMMIT: the transaction had already failed";
-            }
-            while (pg_result_holder(PQgetResult(c))) {}  // the NULL that ends this statement's results
-        }
-        if (!conn_->broken()) {
-            for (;;) {  // up to the sync point
-                pg_result_holder r(PQgetResult(c));
-                if (!r || PQresultStatus(r.get()) == PGRES_PIPELINE_SYNC) break;
-            }
-            PQexitPipelineMode(c);
-        }
-        if (!committed) {
-            if (error.empty() || (commit_failed && conn_->broken())) {
-                // No COMMIT confirmation and no earlier statement failed: the connection ended
-                // after the COMMIT left (a server dying at once may even have ended it just
-                // after committing). Retrying could store the batch twice: report it instead.
-                detail::throw_error(errc::store_failure, "postgres: connection lost during commit, outcome unknown: " +
-                                                             detail::pg_error_text(c));
-            }
-            while (!error.empty() && (error.back() == '\n' || error.back() == ' ')) error.pop_back();
-            rolled_back_ = true;
-            detail::throw_error(errc::store_failure, "postgres: " + error + " (rolled back)");
-        }
-        if (ids.size() != batch.size())
-            detail::throw_error(errc::store_failure, "postgres: the insert returned " + std::to_string(ids.size()) +
-                                                         " ids for " + std::to_string(batch.size()) + " rows");
-        std::sort(ids.begin(), ids.end());  // ids were taken in batch order
-        std::vector<notification> stored;
-        stored.reserve(batch.size());
-        for (std::size_t i = 0; i < batch.size(); ++i)
-            stored.push_back(notification{ids[i], batch[i].channel, std::move(batch[i].message), now});
-        return stored;
+        lock_.unlock();
+        conn_ = nullptr;
     }
 
     pg_store& store_;
-    std::unique_lock<detail::writer_gate> lock_;  // a borrowed connection's
-    detail::pg_connection* conn_ = nullptr;       // the connection this transaction holds
-    bool open_ = false;                           // BEGIN was sent on a borrowed connection
-    bool rolled_back_ = false;                    // run_commit failed and surely stored nothing
+    std::unique_lock<detail::writer_gate> lock_;
+    detail::pg_connection* conn_;  // null once the transaction ended
 };
 
-// A batch waiting for a writer connection; the commit that takes it fills in the outcome.
-struct pg_store::queued_commit {
-    std::vector<pending_message>* batch;
-    bool taken = false;  // a commit carries it now
-    bool done = false;
-    std::vector<notification> stored;
-    std::exception_ptr error;
+// The store's own writer connections: nothing is sent before commit, which takes a writer from
+// the pool (or waits in line for one, and may be carried by another commit's transaction).
+class pg_store::owned_write_tx final : public store::write_transaction {
+public:
+    explicit owned_write_tx(detail::pg_writer_pool& writers) : writers_(writers) {}
+
+    std::vector<notification> commit(std::vector<pending_message>& batch) override {
+        return batch.empty() ? std::vector<notification>{} : writers_.commit(batch);
+    }
+    void rollback() noexcept override {}  // nothing was sent before commit
+
+private:
+    detail::pg_writer_pool& writers_;
 };
-
-inline std::size_t pg_store::waiting_commits() {
-    std::lock_guard<std::mutex> lock(writers_mutex_);
-    return queued_commits_.size();
-}
-
-// Waits in line for a writer connection, unless another commit takes this batch along first.
-inline std::vector<notification> pg_store::write_tx::commit_owned(std::vector<pending_message>& batch) {
-    pg_store& s = store_;
-    queued_commit me{&batch, false, false, {}, nullptr};
-    std::vector<queued_commit*> group;
-    bool open_new = false;
-    {
-        std::unique_lock<std::mutex> lock(s.writers_mutex_);
-        const std::size_t most = std::max<std::size_t>(s.options_.writers, 1);
-        s.queued_commits_.push_back(&me);
-        s.writer_idle_.wait(lock, [&] {
-            return me.taken || !s.idle_writers_.empty() || 1 + s.more_writers_.size() + s.writers_opening_ < most;
-        });
-        if (me.taken) {
-            s.writer_idle_.wait(lock, [&] { return me.done; });
-            if (me.error) std::rethrow_exception(me.error);
-            return std::move(me.stored);
-        }
-        if (s.options_.group_commit) group.swap(s.queued_commits_);  // every waiting batch, in line order
-        else {
-            group.push_back(&me);
-            s.queued_commits_.erase(std::find(s.queued_commits_.begin(), s.queued_commits_.end(), &me));
-        }
-        for (auto* q : group) q->taken = true;
-        if (s.idle_writers_.empty()) {
-            ++s.writers_opening_;  // connect without the mutex: other commits go on meanwhile
-            open_new = true;
-        } else {
-            conn_ = s.idle_writers_.back();
-            s.idle_writers_.pop_back();
-        }
-    }
-    std::unique_ptr<detail::pg_connection> opened;
-    if (open_new) {
-        try {
-            opened = detail::pg_connection::open(s.writer_conninfo_, s.options_.log);
-        } catch (...) {
-            for (auto* q : group) q->error = std::current_exception();
-        }
-    }
-    {
-        std::lock_guard<std::mutex> lock(s.writers_mutex_);
-        if (open_new) {
-            --s.writers_opening_;
-            if (opened) {
-                s.more_writers_.push_back(std::move(opened));  // reserved: cannot throw
-                conn_ = s.more_writers_.back().get();
-            }
-        }
-    }
-    if (conn_) {
-        try {
-            commit_group(group);
-        } catch (...) {  // out of memory before the results were handed out: none of them were
-            for (auto* q : group)
-                if (!q->error && q->stored.empty()) q->error = std::current_exception();
-        }
-    }
-    {
-        std::lock_guard<std::mutex> lock(s.writers_mutex_);
-        if (conn_) s.idle_writers_.push_back(conn_);  // a broken one too: revive() reopens it next time
-        conn_ = nullptr;
-        for (auto* q : group) q->done = true;
-    }
-    s.writer_idle_.notify_all();
-    if (me.error) std::rethrow_exception(me.error);
-    return std::move(me.stored);
-}
-
-// One transaction for the whole group; after a sure rollback, one per batch.
-inline void pg_store::write_tx::commit_group(const std::vector<queued_commit*>& group) {
-    auto commit_one = [this](std::vector<pending_message>& batch, std::vector<notification>& stored,
-                             std::exception_ptr& error) {
-        rolled_back_ = true;  // until run_commit sends something
-        try {
-            conn_->revive();
-            conn_->prepare(detail::pg_write_statements);
-            stored = run_commit(batch);
-        } catch (...) {
-            error = std::current_exception();
-            end_failed_transaction();
-        }
-    };
-    if (group.size() == 1) {
-        commit_one(*group[0]->batch, group[0]->stored, group[0]->error);
-        return;
-    }
-    std::vector<pending_message> all;
-    for (auto* q : group)
-        for (auto& m : *q->batch) all.push_back(std::move(m));
-    std::vector<notification> stored;
-    std::exception_ptr error;
-    commit_one(all, stored, error);
-    const bool retry_each = error && rolled_back_;
-    std::size_t at = 0;
-    for (auto* q : group) {
-        const std::size_t n = q->batch->size();
-        if (!error) {
-            q->stored.assign(std::make_move_iterator(stored.begin() + std::ptrdiff_t(at)),
-                             std::make_move_iterator(stored.begin() + std::ptrdiff_t(at + n)));
-        } else if (retry_each) {  // nothing stored: each batch alone, so only a bad one fails
-            for (std::size_t i = 0; i < n; ++i) (*q->batch)[i] = std::move(all[at + i]);
-            commit_one(*q->batch, q->stored, q->error);
-        } else {
-            q->error = error;  // the outcome is unknown for every batch alike: never retried
-        }
-        at += n;
-    }
-}
 
 inline pg_store::pg_store(const std::string& conninfo, pg_store_options options)
-    : options_(std::move(options)), conninfo_(options_.conninfo.empty() ? conninfo : options_.conninfo),
-      writer_conninfo_(conninfo) {
+    : options_(std::move(options)), conninfo_(options_.conninfo.empty() ? conninfo : options_.conninfo) {
     writer_ = detail::pg_connection::open(conninfo, options_.log);
-    more_writers_.reserve(options_.writers);  // so neither push_back can throw
-    idle_writers_.reserve(std::max<std::size_t>(options_.writers, 1));
-    idle_writers_.push_back(writer_.get());
+    writers_ = std::make_unique<detail::pg_writer_pool>(*writer_, conninfo, options_);
     create_schema();
 }
 
@@ -3415,7 +3491,14 @@ inline void pg_store::create_schema() {
     });
 }
 
-inline std::unique_ptr<store::write_transaction> pg_store::begin() { return std::make_unique<write_tx>(*this); }
+// Which of the two kinds: a borrowed connection's transaction must BEGIN now, so the
+// application's writes join it.
+inline std::unique_ptr<store::write_transaction> pg_store::begin() {
+    if (borrowed_) return std::make_unique<borrowed_write_tx>(*this);
+    return std::make_unique<owned_write_tx>(*writers_);
+}
+
+inline std::size_t pg_store::waiting_commits() { return writers_ ? writers_->waiting_commits() : 0; }
 
 inline poll_result pg_store::fetch(const std::vector<channel>& channels, std::int64_t last, std::size_t limit,
                                    std::size_t max_bytes) {
