@@ -20,7 +20,8 @@
 // The path of one notification (docs/ARCHITECTURE.md §2 tells each step, with Odoo's names):
 //     transaction::send                  buffers it (Odoo: _sendone)
 //     transaction::commit                pre-commit hooks, then the store writes the batch:
-//       memory_store / sqlite_store / pg_store ::write_tx::commit   ids in commit order
+//       memory_store / sqlite_store ::write_tx::commit, pg_store via detail::pg_run_commit
+//                                        ids in commit order
 //     commit_event::from_rows            the rows, encoded once for every recipient
 //     bus::publish -> dispatcher::notify wakes each subscriber of the channels once
 //       (another process: pg_store's NOTIFY imbus -> pg_listener -> dispatcher::notify)
@@ -3261,8 +3262,9 @@ inline std::vector<pg_writer_pool::queued_commit*> pg_writer_pool::take_waiting(
     std::vector<queued_commit*> group;
     if (options_.group_commit) group.swap(queued_commits_);  // every waiting batch, in line order
     else {
-        group.push_back(&me);
+        // Out of the line first: were the push to throw, no pointer to this frame's batch stays queued.
         queued_commits_.erase(std::find(queued_commits_.begin(), queued_commits_.end(), &me));
+        group.push_back(&me);
     }
     for (auto* q : group) q->taken = true;
     return group;
@@ -5511,6 +5513,89 @@ inline void connection_feed::send(feed_link& link, shared_wire_frame frame) {
 
 }  // namespace detail
 
+namespace detail {
+
+// --- 11. admission: places under the connection limits, the frame rate (no socket) ----------
+
+// Open TCP connections, overall and per peer address, counted from accept to the end of the
+// connection object, whatever ends it (a close, an HTTP answer, a handshake timeout).
+struct connection_ledger {
+    std::mutex mutex;  // guards the two below
+    std::size_t total = 0;
+    std::unordered_map<std::string, std::size_t> by_address;
+};
+
+// A connection's place in the ledger, given back by release() or with the connection.
+class ledger_ticket {
+public:
+    ledger_ticket() = default;
+    ledger_ticket(ledger_ticket&& other) noexcept = default;
+    ledger_ticket& operator=(ledger_ticket&& other) noexcept {
+        if (this != &other) release(), ledger_ = std::move(other.ledger_), address_ = std::move(other.address_);
+        return *this;
+    }
+    ~ledger_ticket() { release(); }
+
+    // A place for a connection from `address` under max_connections and
+    // max_connections_per_address (0: no limit), or an empty ticket and the reason in `why`.
+    static ledger_ticket take(const std::shared_ptr<connection_ledger>& ledger, std::string address,
+                              std::size_t max_total, std::size_t max_per_address, std::string& why) {
+        std::lock_guard<std::mutex> lock(ledger->mutex);
+        if (max_total && ledger->total >= max_total) {
+            why = "too many connections";
+            return {};
+        }
+        auto& mine = ledger->by_address[address];
+        if (max_per_address && mine >= max_per_address) {
+            if (mine == 0) ledger->by_address.erase(address);
+            why = "too many connections from " + address;
+            return {};
+        }
+        ++mine;
+        ++ledger->total;
+        return ledger_ticket(ledger, std::move(address));
+    }
+    explicit operator bool() const noexcept { return ledger_ != nullptr; }
+    const std::string& address() const noexcept { return address_; }  // the peer's, taken at accept
+    void release() noexcept {
+        if (!ledger_) return;
+        const auto ledger = std::move(ledger_);  // the last owner may be this ticket: kept past the lock
+        std::lock_guard<std::mutex> lock(ledger->mutex);
+        --ledger->total;
+        auto it = ledger->by_address.find(address_);
+        if (it != ledger->by_address.end() && --it->second == 0) ledger->by_address.erase(it);
+    }
+
+private:
+    ledger_ticket(std::shared_ptr<connection_ledger> ledger, std::string address)
+        : ledger_(std::move(ledger)), address_(std::move(address)) {}
+    std::shared_ptr<connection_ledger> ledger_;
+    std::string address_;
+};
+
+// A connection's frame rate: at most `burst` frames in any burst * delay (Odoo: 10 in 2 s),
+// pings and pongs included. The last `burst` arrival times, as a ring.
+class rate_window {
+public:
+    // Counts a frame that arrived at `now`; false when it is one too many.
+    bool admit(std::chrono::steady_clock::time_point now, std::size_t burst, std::chrono::milliseconds delay) {
+        if (recent_.size() < burst) {
+            recent_.push_back(now);
+            return true;
+        }
+        if (now - recent_[next_] < delay * burst) return false;
+        recent_[next_] = now;
+        next_ = (next_ + 1) % burst;
+        return true;
+    }
+
+private:
+    std::vector<std::chrono::steady_clock::time_point> recent_;
+    std::size_t next_ = 0;
+};
+
+}  // namespace detail
+
 #ifdef IMBUS_WITH_WEBSOCKETPP
 // --- 11. server: sockets, admission, routes (websocketpp) ------------------------------------
 
@@ -5526,41 +5611,6 @@ constexpr std::size_t catch_up_slice_bytes = 256 * 1024;
 constexpr std::chrono::milliseconds accept_pause_time{100};
 // How long a connection refused at accept may take to read its 503 before it is closed.
 constexpr std::chrono::milliseconds refusal_linger{1000};
-
-// Open TCP connections, overall and per peer address, counted from accept to the end of the
-// connection object, whatever ends it (a close, an HTTP answer, a handshake timeout).
-struct connection_ledger {
-    std::mutex mutex;  // guards the two below
-    std::size_t total = 0;
-    std::unordered_map<std::string, std::size_t> by_address;
-};
-
-// A connection's place in the ledger, given back by release() or with the connection.
-class ledger_ticket {
-public:
-    ledger_ticket() = default;
-    ledger_ticket(std::shared_ptr<connection_ledger> ledger, std::string address)
-        : ledger_(std::move(ledger)), address_(std::move(address)) {}
-    ledger_ticket(ledger_ticket&& other) noexcept = default;
-    ledger_ticket& operator=(ledger_ticket&& other) noexcept {
-        if (this != &other) release(), ledger_ = std::move(other.ledger_), address_ = std::move(other.address_);
-        return *this;
-    }
-    ~ledger_ticket() { release(); }
-    const std::string& address() const noexcept { return address_; }  // the peer's, taken at accept
-    void release() noexcept {
-        if (!ledger_) return;
-        const auto ledger = std::move(ledger_);  // the last owner may be this ticket: kept past the lock
-        std::lock_guard<std::mutex> lock(ledger->mutex);
-        --ledger->total;
-        auto it = ledger->by_address.find(address_);
-        if (it != ledger->by_address.end() && --it->second == 0) ledger->by_address.erase(it);
-    }
-
-private:
-    std::shared_ptr<connection_ledger> ledger_;
-    std::string address_;
-};
 
 // Runs `task` after the loop's next poll for I/O: posted once it would run before the I/O
 // completions that poll adds; posted twice it runs behind them, so a slice never starves I/O.
@@ -5736,8 +5786,7 @@ template <class Identity> struct session_state {
     std::optional<Identity> identity;
     feed_state feed;  // where it stands in the stream of notifications
     dispatcher::subscription subscription;
-    std::vector<std::chrono::steady_clock::time_point> recent;  // the rate window, a ring
-    std::size_t recent_next = 0;
+    rate_window rate;
     std::chrono::steady_clock::time_point last_frame;
     std::chrono::steady_clock::time_point ping_sent;  // when ping_outstanding became true
     std::chrono::steady_clock::time_point ends_at;    // the lifetime's end: close 4002
@@ -6658,21 +6707,10 @@ template <class AuthPolicy, class Transport>
 bool basic_server<AuthPolicy, Transport>::admit(const connection_ptr& con, std::string& why) {
     std::error_code ec;
     const auto peer = con->get_raw_socket().remote_endpoint(ec);
-    std::string address = ec ? std::string("?") : peer.address().to_string();
-    std::lock_guard<std::mutex> lock(ledger_->mutex);
-    if (options_.max_connections && ledger_->total >= options_.max_connections) {
-        why = "too many connections";
-        return false;
-    }
-    auto& mine = ledger_->by_address[address];
-    if (options_.max_connections_per_address && mine >= options_.max_connections_per_address) {
-        if (mine == 0) ledger_->by_address.erase(address);
-        why = "too many connections from " + address;
-        return false;
-    }
-    ++mine;
-    ++ledger_->total;
-    con->imbus_state.admission = detail::ledger_ticket(ledger_, std::move(address));
+    auto place = detail::ledger_ticket::take(ledger_, ec ? std::string("?") : peer.address().to_string(),
+                                             options_.max_connections, options_.max_connections_per_address, why);
+    if (!place) return false;
+    con->imbus_state.admission = std::move(place);
     return true;
 }
 
@@ -6857,20 +6895,12 @@ bool basic_server<AuthPolicy, Transport>::within_rate(const connection_ptr& con)
     auto& s = con->imbus_state;
     const auto now = std::chrono::steady_clock::now();
     s.last_frame = now;
-    if (s.recent.size() < options_.rate_burst) {
-        s.recent.push_back(now);
-        return true;
-    }
-    if (now - s.recent[s.recent_next] < options_.rate_delay * options_.rate_burst) {
-        if (options_.log)
-            options_.log(log_level::warning, "server: " + con->get_remote_endpoint() + " exceeded the rate limit");
-        metrics_.rate_limited.fetch_add(1, std::memory_order_relaxed);
-        close(con, 1013, "rate limit exceeded");
-        return false;
-    }
-    s.recent[s.recent_next] = now;
-    s.recent_next = (s.recent_next + 1) % options_.rate_burst;
-    return true;
+    if (s.rate.admit(now, options_.rate_burst, options_.rate_delay)) return true;
+    if (options_.log)
+        options_.log(log_level::warning, "server: " + con->get_remote_endpoint() + " exceeded the rate limit");
+    metrics_.rate_limited.fetch_add(1, std::memory_order_relaxed);
+    close(con, 1013, "rate limit exceeded");
+    return false;
 }
 
 template <class AuthPolicy, class Transport>
