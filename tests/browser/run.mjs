@@ -811,6 +811,46 @@ async function theMainTab(pages, timeout = WAIT_MS) {
     }
 }
 
+test("readme_snippets", async ({ harness, context }) => {
+    // The README's js blocks, as written, run together in one page (imports first, then the
+    // blocks in order), with the application's functions they call standing in: a notification
+    // on room:42 reaches show() and, in the main tab, ding(), and nothing fails in the page.
+    check(options.root, "--root (the source tree) is needed to read the README");
+    const readme = readFileSync(join(options.root, "README.md"), "utf8");
+    const blocks = [...readme.matchAll(/^```js\n([\s\S]*?)^```$/gm)].map((m) => m[1]);
+    check(blocks.length >= 3, `the README's js blocks (found ${blocks.length})`);
+    const lines = blocks.join("\n").split("\n");
+    const imports = lines.filter((l) => l.startsWith("import "));
+    const code = lines.filter((l) => !l.startsWith("import "));
+    const module = [...imports,
+        "window.readme = { shown: [], dings: 0, banners: [], logins: [] };",
+        "const show = (...args) => window.readme.shown.push(args);",
+        "const banner = (text) => window.readme.banners.push(text);",
+        "const reloadState = () => {};",
+        "const login = (status) => window.readme.logins.push(status);",
+        "const ding = () => ++window.readme.dings;",
+        ...code,
+        "window.readme.bus = bus; window.readme.mainTab = mainTab; window.readme.presence = presence;",
+        "bus.addEventListener(\"connect\", () => { window.readme.connected = true; });"].join("\n");
+    const page = await openPage(context, harness.url("/tests/browser/blank.html"));
+    await page.addScriptTag({ type: "module", content: module });
+    await waitFor(page, "the README's blocks to run", () => window.readme?.connected === true);
+    await waitFor(page, "the election of the only tab", () => window.readme.mainTab.isMain);
+    await harness.waitConnections(1);
+    const deadline = Date.now() + WAIT_MS;  // room:42 goes in the worker's first subscribe
+    let shown = [];
+    while (shown.length === 0) {
+        check(Date.now() < deadline, "a chat/message on room:42 never reached show()");
+        await harness.publish({ channel: "room:42", type: "chat/message", payload: { text: "hello" } });
+        await sleep(50);
+        shown = await page.evaluate(() => window.readme.shown);
+    }
+    checkEqual(shown[0], [{ text: "hello" }], "show(payload) got the message");
+    check(await page.evaluate(() => window.readme.dings) >= 1, "the main tab rang");
+    const errors = page.consoleLines.filter((l) => l.startsWith("pageerror") || l.startsWith("error"));
+    checkEqual(errors, [], "no error in the page");
+});
+
 test("main_tab_election", async ({ harness, context }) => {
     const pages = await mainTabs(harness, context, 3);
     const first = await theMainTab(pages);
