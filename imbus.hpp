@@ -968,8 +968,9 @@ private:
 /// Order of use (examples/follower.cpp): subscribe to the dispatcher with the same channels
 /// first, then catch_up() once on the executor, then take() each wake-up; a commit between the
 /// two reaches the handler, and one before is in the catch-up. `last` 0 is a first poll (the
-/// store's first_poll_window, 50 s by default), as for a browser; pass a saved position to
-/// resume. A follower does nothing by itself: without catch_up() it waits for the next commit.
+/// store's first_poll_window, 50 s by default), as for a browser; a negative `last` is every
+/// row the store still holds; pass a saved position to resume. A follower does nothing by
+/// itself: without catch_up() it waits for the next commit.
 class follower {
 public:
     follower(store& s, std::vector<channel> channels, std::int64_t last = 0);
@@ -3135,6 +3136,17 @@ inline std::vector<notification> pg_stored_or_throw(pg_commit_outcome& outcome, 
     return stored;
 }
 
+// Reads and drops what is left of a pipeline up to its sync point, then leaves pipeline mode.
+inline void pg_drop_pipeline(PGconn* c) noexcept {
+    for (int nulls = 0; nulls < 2 && PQstatus(c) == CONNECTION_OK;) {  // two NULLs in a row: nothing left
+        pg_result r(PQgetResult(c));
+        if (!r) ++nulls;
+        else if (PQresultStatus(r.get()) == PGRES_PIPELINE_SYNC) break;
+        else nulls = 0;
+    }
+    PQexitPipelineMode(c);
+}
+
 // One commit in one round trip (libpq pipeline mode). An owned connection sends BEGIN too (a
 // borrowed one began when the transaction opened) and uses its prepared statements (a borrowed
 // one gets the SQL text each time: the store prepares nothing in the application's session).
@@ -3146,7 +3158,12 @@ inline std::vector<notification> pg_run_commit(pg_connection& conn, std::vector<
     if (!PQenterPipelineMode(c)) throw_pg(c, "cannot enter pipeline mode");
     outcome = {pg_commit_outcome::unknown, {}, {}};  // from here on the COMMIT may reach the server
     if (pg_send_commit(c, statements, conn.owned())) {
-        outcome = pg_read_commit(conn, statements);
+        try {
+            outcome = pg_read_commit(conn, statements);
+        } catch (...) {           // out of memory, or an id that is not a number: the outcome stays
+            pg_drop_pipeline(c);  // unknown, and the answers not read yet must not be the next
+            throw;                // commit's on this connection
+        }
     } else {  // the connection failed while we sent, so the COMMIT may or may not have left
         outcome.error = pg_error_text(c);
         PQexitPipelineMode(c);

@@ -933,6 +933,24 @@ TEST_CASE("a follower keeps its position across set_channels") {
     CHECK(f.position() == 0);
 }
 
+TEST_CASE("a follower from a negative last reads every row the store holds, from 0 only the first-poll window") {
+    imbus::manual_clock clock;
+    imbus::memory_store store(store_options(clock));
+    store.append({message_on(ca, 1)});
+    clock.advance(std::chrono::minutes(10));  // far outside the 50 s window
+    store.append({message_on(ca, 2)});
+    std::vector<std::int64_t> ids;
+    auto collect = [&](const imbus::notification& n, std::string_view) { ids.push_back(n.id); };
+    imbus::follower everything(store, {ca}, -1);
+    CHECK(everything.catch_up(collect) == 2);
+    CHECK(ids == std::vector<std::int64_t>{1, 2});
+    CHECK(everything.position() == 2);
+    ids.clear();
+    imbus::follower recent(store, {ca}, 0);
+    CHECK(recent.catch_up(collect) == 1);
+    CHECK(ids == std::vector<std::int64_t>{2});
+}
+
 // A catch-up in bounded pages (limit) must still deliver every row: the position may only
 // move to what the page vouches for. Exposes the horizon of a page that hit the limit.
 TEST_CASE("a follower catching up with a limit never skips a row") {

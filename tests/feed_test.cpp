@@ -133,6 +133,17 @@ struct fixture {
         FAIL("the slices never went idle");
     }
 
+    // Publishes rows of `bytes` until the connection's queue is full (nobody writes): the ids.
+    std::vector<std::int64_t> fill_until_lagging(session& c, std::size_t bytes) {
+        std::vector<std::int64_t> sent;
+        while (!c.link.resume_asked) {
+            sent.push_back(send("news", {{"text", std::string(bytes, 'x')}}));
+            run_slices({&c});
+            REQUIRE(sent.size() < 100);
+        }
+        return sent;
+    }
+
     // Everything the socket held has been written: a lagging connection resumes.
     void drain(session& c) {
         c.link.queued = 0;
@@ -204,12 +215,7 @@ TEST_CASE_FIXTURE(fixture,
     subscribe(c, {"news"}, 0);
     run_slices({&c});
     const std::string text(200, 'x');
-    std::vector<std::int64_t> sent;
-    while (!c.link.resume_asked) {  // nobody writes: the queue grows to its bound
-        sent.push_back(send("news", {{"text", text}}));
-        run_slices({&c});
-        REQUIRE(sent.size() < 100);
-    }
+    std::vector<std::int64_t> sent = fill_until_lagging(c, text.size());
     CHECK(c.state.lagging);
     CHECK(metrics.slow_consumer_catch_ups.load() == 1);
     CHECK(log.contains("test peer is slow"));
@@ -358,10 +364,7 @@ TEST_CASE_FIXTURE(fixture,
     session c;
     subscribe(c, {"news"}, 0);
     run_slices({&c});
-    while (!c.link.resume_asked) {
-        send("news", {{"text", std::string(200, 'x')}});
-        run_slices({&c});
-    }
+    fill_until_lagging(c, 200);
     const std::int64_t position = c.state.follow->position();
     for (int i = 0; i < 5; ++i) send("news");
     clock.advance(std::chrono::seconds(IMBUS_RETENTION_SECONDS + 1));
