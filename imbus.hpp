@@ -93,6 +93,7 @@
 //     memory_store, sqlite_store, pg_store, pg_listener, dispatcher, bus: every member
 //     function is thread-safe.
 //     transaction, follower: one thread at a time (a transaction is the unit of one caller).
+//     task_thread: thread-safe; its tasks run on its one thread, in order (an executor).
 //     dispatcher handlers run on the subscriber's executor, never concurrently with themselves.
 //     Stores and dispatchers must outlive the buses, transactions and subscriptions using them.
 //     basic_server, basic_client: thread-safe; a server runs one shard per I/O thread (an event
@@ -1018,6 +1019,38 @@ private:
     std::uint64_t synced_epoch_ = 0;  // the dispatcher's epoch before the last complete poll
     bool behind_ = false;
     bool polled_ = false;  // after the first poll, position 0 means "nothing yet", not "first poll"
+};
+
+/// One thread that runs the tasks posted to it one at a time, in order: the executor for a
+/// dispatcher handler that must not run on the committing thread (a follower writing to a file,
+/// another database, a slow socket). A task that throws is logged; the next ones still run.
+/// The destructor runs the tasks already posted, then joins: destroy it before what they use.
+class task_thread {
+public:
+    explicit task_thread(logger log = stderr_logger());
+    ~task_thread();
+    task_thread(const task_thread&) = delete;
+    task_thread& operator=(const task_thread&) = delete;
+
+    /// Thread-safe; from a task too (it runs after the tasks posted before it).
+    void post(std::function<void()> task);
+    /// For dispatcher::subscribe(handler, worker.as_executor()): posts to this thread.
+    imbus::executor as_executor() noexcept {
+        return [this](std::function<void()> task) { post(std::move(task)); };
+    }
+    /// Tasks posted and not yet finished.
+    std::size_t pending() const;
+
+private:
+    void run();
+
+    logger log_;
+    mutable std::mutex mutex_;  // guards the three below
+    std::condition_variable ready_;
+    std::deque<std::function<void()>> tasks_;
+    std::size_t running_ = 0;
+    bool stopping_ = false;
+    std::thread thread_;  // last: starts once the rest exists
 };
 
 #ifdef IMBUS_WITH_POSTGRES
@@ -1989,6 +2022,17 @@ inline void manual_clock::advance(clock_type::duration by) noexcept { ticks_ += 
 inline void manual_clock::set(time_point to) noexcept { ticks_ = to.time_since_epoch().count(); }
 
 namespace detail {
+// What a handler threw, for the log: anything may come out of an application's hook.
+inline std::string current_error() {
+    try {
+        throw;
+    } catch (const std::exception& e) {
+        return e.what();
+    } catch (...) {
+        return "an exception that is not a std::exception";
+    }
+}
+
 class error_category_impl final : public std::error_category {
 public:
     const char* name() const noexcept override { return "imbus"; }
@@ -4191,6 +4235,51 @@ template <class Destination> std::size_t follower::take_into(const wakeup& w, De
     return taken;
 }
 
+// --- 6. task_thread --------------------------------------------------------------------------
+
+inline task_thread::task_thread(logger log) : log_(std::move(log)), thread_([this] { run(); }) {}
+
+inline task_thread::~task_thread() {
+    {
+        std::lock_guard<std::mutex> lock(mutex_);
+        stopping_ = true;
+    }
+    ready_.notify_one();
+    thread_.join();
+}
+
+inline void task_thread::post(std::function<void()> task) {
+    {
+        std::lock_guard<std::mutex> lock(mutex_);
+        tasks_.push_back(std::move(task));
+    }
+    ready_.notify_one();
+}
+
+inline std::size_t task_thread::pending() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return tasks_.size() + running_;
+}
+
+inline void task_thread::run() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    for (;;) {
+        ready_.wait(lock, [&] { return stopping_ || !tasks_.empty(); });
+        if (tasks_.empty()) return;  // stopping, and everything posted has run
+        auto task = std::move(tasks_.front());
+        tasks_.pop_front();
+        ++running_;
+        lock.unlock();
+        try {
+            if (task) task();
+        } catch (...) {
+            if (log_) log_(log_level::error, "task_thread: a task failed: " + detail::current_error());
+        }
+        lock.lock();
+        --running_;
+    }
+}
+
 #ifdef IMBUS_WITH_POSTGRES
 // --- 7. pg_listener --------------------------------------------------------------------------
 
@@ -5211,17 +5300,6 @@ inline http_route static_files(std::string root, std::string url_prefix) {
 namespace detail {
 
 // --- 11. frames and in-band markers ----------------------------------------------------------
-
-// What a handler threw, for the log: anything may come out of an application's hook.
-inline std::string current_error() {
-    try {
-        throw;
-    } catch (const std::exception& e) {
-        return e.what();
-    } catch (...) {
-        return "an exception that is not a std::exception";
-    }
-}
 
 // An in-band signal: a frame element shaped like a notification, carrying the client's own
 // cursor as id so that clients tracking the last element's id stay put (docs/PROTOCOL.md §4).

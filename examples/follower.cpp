@@ -4,33 +4,8 @@
 #include "imbus.hpp"
 
 #include <condition_variable>
-#include <deque>
 #include <future>
 #include <iostream>
-
-// The worker's thread and its queue: the dispatcher hands it wake-ups through post().
-struct worker_thread {
-    std::mutex mutex;
-    std::condition_variable ready;
-    std::deque<std::function<void()>> tasks;
-    std::thread thread{[this] {
-        for (;;) {
-            std::unique_lock<std::mutex> lock(mutex);
-            ready.wait(lock, [&] { return !tasks.empty(); });
-            auto task = std::move(tasks.front());
-            tasks.pop_front();
-            lock.unlock();
-            if (!task) return;  // the empty task ends the loop
-            task();
-        }
-    }};  // last: starts once the queue exists
-    void post(std::function<void()> task) {
-        std::lock_guard<std::mutex> lock(mutex);
-        tasks.push_back(std::move(task));
-        ready.notify_one();
-    }
-    ~worker_thread() { post({}), thread.join(); }  // after the tasks already queued
-};
 
 // The mirror: appended on the worker's thread, read by main.
 struct order_log {
@@ -75,13 +50,13 @@ int main() {
     auto mirror = [&](const imbus::notification& n, std::string_view /*wire*/) { log.append(n); };
     // Ids up to `saved` count as seen (0 would mean a first poll: the store's last 50 s only).
     imbus::follower follower(store, dispatcher, {bus.channel_for("orders")}, saved);
-    worker_thread worker;  // after the follower, before the subscription: its tasks end first
+    imbus::task_thread worker;  // after the follower, before the subscription: its tasks end first
     auto subscription = dispatcher.subscribe(
         [&](imbus::wakeup& w) {
             if (w.overflowed) fell_behind = true;  // take() then reads the store instead
             follower.take(w, mirror);
         },
-        [&](std::function<void()> task) { worker.post(std::move(task)); });
+        worker.as_executor());  // wake-ups run on the worker's thread, one at a time
     // Subscribe before reading, so a commit in between comes as an event (take() skips repeats).
     subscription.set_channels(follower.channels());
     worker.post([&] { follower.catch_up(mirror); });

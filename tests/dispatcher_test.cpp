@@ -16,6 +16,7 @@
 #include <future>
 #include <mutex>
 #include <random>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -949,6 +950,75 @@ TEST_CASE("a follower from a negative last reads every row the store holds, from
     imbus::follower recent(store, {ca}, 0);
     CHECK(recent.catch_up(collect) == 1);
     CHECK(ids == std::vector<std::int64_t>{2});
+}
+
+TEST_CASE("a task_thread runs its tasks one at a time, in order, and its destructor runs those already posted") {
+    std::vector<int> order;  // touched by the worker's thread only, until it is joined
+    std::atomic<int> running{0};
+    std::atomic<bool> overlapped{false};
+    std::promise<void> gate;
+    {
+        imbus::task_thread worker(imbus_test::quiet());
+        worker.post([done = gate.get_future().share()] { done.wait(); });  // holds the rest back
+        for (int i = 0; i < 100; ++i)
+            worker.post([&, i] {
+                if (running.fetch_add(1) != 0) overlapped = true;
+                order.push_back(i);
+                running.fetch_sub(1);
+            });
+        CHECK(worker.pending() == 101);
+        gate.set_value();
+    }  // joins after all 100
+    CHECK_FALSE(overlapped);
+    std::vector<int> expected(100);
+    for (int i = 0; i < 100; ++i) expected[std::size_t(i)] = i;
+    CHECK(order == expected);
+}
+
+TEST_CASE("a task_thread logs a task that throws and runs the next one") {
+    imbus_test::log_capture log;
+    std::atomic<bool> ran{false};
+    {
+        imbus::task_thread worker(log.logger());
+        worker.post([] { throw std::runtime_error("broken task"); });
+        worker.post([&] { ran = true; });
+    }
+    CHECK(ran);
+    CHECK(log.contains("task_thread: a task failed: broken task"));
+}
+
+TEST_CASE("a follower on a task_thread: the dispatcher posts its wake-ups there, off the committing thread") {
+    imbus::manual_clock clock;
+    imbus::memory_store store(store_options(clock));
+    imbus::dispatcher dispatcher;
+    std::mutex mutex;
+    std::vector<std::int64_t> ids;
+    std::set<std::thread::id> threads;
+    imbus::follower follower(store, dispatcher, {ca}, 0);
+    imbus::task_thread worker(imbus_test::quiet());  // before the subscription: it ends first
+    auto take = [&](const imbus::notification& n, std::string_view) {
+        std::lock_guard<std::mutex> lock(mutex);
+        ids.push_back(n.id);
+        threads.insert(std::this_thread::get_id());
+    };
+    auto subscription = dispatcher.subscribe([&](imbus::wakeup& w) { follower.take(w, take); }, worker.as_executor());
+    subscription.set_channels(follower.channels());
+    worker.post([&] { follower.catch_up(take); });
+    std::vector<std::int64_t> expected;
+    for (int i = 0; i < 20; ++i) {
+        auto stored = store.append({message_on(ca, i)});
+        dispatcher.notify(imbus::commit_event::from_rows(stored));
+        expected.push_back(stored.front().id);
+    }
+    CHECK(imbus_test::wait_until([&] {
+        std::lock_guard<std::mutex> lock(mutex);
+        return ids.size() >= expected.size();
+    }));
+    CHECK(imbus_test::wait_until([&] { return worker.pending() == 0; }));
+    std::lock_guard<std::mutex> lock(mutex);
+    CHECK(ids == expected);
+    CHECK(threads.size() == 1);
+    CHECK(threads.count(std::this_thread::get_id()) == 0);
 }
 
 // A catch-up in bounded pages (limit) must still deliver every row: the position may only
