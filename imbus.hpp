@@ -693,8 +693,7 @@ private:
     // begin() on the same thread gets the "already inside a transaction" error, not a deadlock.
     detail::writer_gate writer_mutex_;
     std::unique_ptr<detail::pg_connection> writer_;  // borrowed: the application's; owned: the first
-    bool borrowed_ = false;                          // the writer connection is the application's
-    // Owned writer connections only, writer_ among them; null when borrowed.
+    // Owned writer connections only, writer_ among them; null when writer_ is the application's.
     std::unique_ptr<detail::pg_writer_pool> writers_;
     std::mutex readers_mutex_;
     std::vector<std::unique_ptr<detail::pg_connection>> idle_readers_;
@@ -3470,8 +3469,7 @@ inline pg_store::pg_store(const std::string& conninfo, pg_store_options options)
     create_schema();
 }
 
-inline pg_store::pg_store(PGconn* application_connection, pg_store_options options)
-    : options_(std::move(options)), borrowed_(true) {
+inline pg_store::pg_store(PGconn* application_connection, pg_store_options options) : options_(std::move(options)) {
     if (!application_connection || PQstatus(application_connection) != CONNECTION_OK)
         detail::throw_error(errc::store_failure, "pg_store needs an open connection");
     writer_ = std::make_unique<detail::pg_connection>(application_connection, false);
@@ -3557,7 +3555,7 @@ inline void pg_store::create_schema() {
 // Which of the two kinds: a borrowed connection's transaction must BEGIN now, so the
 // application's writes join it.
 inline std::unique_ptr<store::write_transaction> pg_store::begin() {
-    if (borrowed_) return std::make_unique<borrowed_write_tx>(*this);
+    if (!writers_) return std::make_unique<borrowed_write_tx>(*this);
     return std::make_unique<owned_write_tx>(*writers_);
 }
 
